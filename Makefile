@@ -1,0 +1,49 @@
+# infermesh — every target does its own set-up on a fresh machine (Python 3.11 + OS packages).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PROTOS := $(wildcard protos/*.proto)
+DEMO_DIR ?= .run/demo
+DEMO_STAMP := $(DEMO_DIR)/.ready
+
+.PHONY: setup proto demo run test lint format bench clean
+
+setup: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# Generated stubs live in the shared package; tests fail when they are stale.
+proto: $(INSTALLED)
+	$(PY) -m grpc_tools.protoc -Iinfermesh/proto=protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
+# Demo feature views, synthetic data generator output and the trained `fraud` model repository.
+demo: proto $(DEMO_STAMP)
+
+$(DEMO_STAMP): $(INSTALLED) $(wildcard demo/*.py)
+	$(PY) -m demo.setup --out $(DEMO_DIR)
+	touch $@
+
+run: demo
+	$(PY) -m demo.run --demo-dir $(DEMO_DIR)
+
+test: demo
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest
+
+lint: $(INSTALLED)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(INSTALLED)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf .run .pytest_cache .ruff_cache

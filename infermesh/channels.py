@@ -1,0 +1,31 @@
+"""Client channels between services: created once per target, tuned, traced when tracing is on."""
+
+from __future__ import annotations
+
+import grpc
+
+from infermesh import telemetry
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Our own retry policy (tenacity, deadline-aware) decides; C-core's transparent retries stay on.
+        ("grpc.enable_retries", 1),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Reconnect quickly after a replica restarts.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+def insecure_channel(target: str, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(
+        target,
+        options=channel_options(max_message_bytes),
+        interceptors=telemetry.client_interceptors() or None,
+    )

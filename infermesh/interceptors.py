@@ -1,0 +1,166 @@
+"""The one place where domain exceptions become gRPC status codes, plus per-request metrics.
+
+Anything that is not a DomainError becomes INTERNAL with a generic message; the stack goes to the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from infermesh import errors, metrics
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: tuple[tuple[type[errors.DomainError], grpc.StatusCode], ...] = (
+    (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+# And back: a downstream status becomes the domain error a caller's core understands.
+ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.DomainError]] = {
+    code: error for error, code in STATUS_BY_ERROR if error is not errors.QueueFull
+}
+
+
+def status_for(error: errors.DomainError) -> grpc.StatusCode:
+    for error_type, code in STATUS_BY_ERROR:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def error_from_rpc(error: grpc.aio.AioRpcError, target: str) -> errors.DomainError:
+    """Translate a downstream failure. Details of our own services' errors are client-safe by design."""
+    error_type = ERROR_BY_STATUS.get(error.code())
+    if error_type is None:
+        if error.code() == grpc.StatusCode.CANCELLED:
+            return errors.Unavailable(f"{target} call was cancelled")
+        return errors.Unavailable(f"{target} failed")
+    return error_type(error.details() or f"{target}: {error.code().name}")
+
+
+@dataclass(slots=True)
+class RequestLabels:
+    """Metric labels a servicer fills in once it has resolved a known model (bounded cardinality)."""
+
+    model: str = ""
+    version: str = ""
+
+
+_labels: ContextVar[RequestLabels | None] = ContextVar("infermesh_request_labels", default=None)
+
+
+def label_request(model: str, version: str = "") -> None:
+    labels = _labels.get()
+    if labels is not None:
+        labels.model = model
+        labels.version = version
+
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Maps DomainError → status, counts requests by code and times them; wraps each method once."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._inflight = metrics.INFLIGHT.labels(service)
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None or method.startswith("/grpc."):
+            return handler  # health, reflection: leave as they are
+        short_name = method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, short_name),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        elif handler.stream_stream is not None:
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        else:
+            wrapped = handler
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap_unary(self, behavior: Behavior, method: str) -> Behavior:
+        service = self._service
+        inflight = self._inflight
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            labels = RequestLabels()
+            _labels.set(labels)
+            start = time.perf_counter()
+            code = "OK"
+            inflight.inc()
+            try:
+                return await behavior(request, context)
+            except errors.DomainError as error:
+                status = status_for(error)
+                code = status.name
+                await context.abort(status, str(error))
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                code = _code_name(context)
+                raise
+            except Exception:
+                code = "INTERNAL"
+                log.exception("unhandled error in %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                inflight.dec()
+                metrics.REQUESTS.labels(service, method, labels.model, labels.version, code).inc()
+                metrics.REQUEST_LATENCY.labels(service, method, labels.model).observe(
+                    time.perf_counter() - start
+                )
+
+        return wrapped
+
+    def _wrap_stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapped(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for response in behavior(request_iterator, context):
+                    yield response
+            except errors.DomainError as error:
+                await context.abort(status_for(error), str(error))
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception:
+                log.exception("unhandled error in stream")
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+        return wrapped
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "UNKNOWN"

@@ -1,0 +1,57 @@
+"""Prometheus metrics every service exposes. Names are a contract with deploy/prometheus and deploy/grafana."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+# Fine buckets at the low end: the mesh's hops are sub-millisecond.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+BUILD_INFO = Info("infermesh_build", "Service name and version.", ["service"])
+
+REQUESTS = Counter(
+    "infermesh_requests",
+    "gRPC requests served, by method, model, version and status code.",
+    ["service", "method", "model", "version", "code"],
+)
+REQUEST_LATENCY = Histogram(
+    "infermesh_request_duration_seconds",
+    "Server-side latency of gRPC requests.",
+    ["service", "method", "model"],
+    buckets=LATENCY_BUCKETS,
+)
+INFLIGHT = Gauge("infermesh_inflight_requests", "Requests being served now.", ["service"])
+ADMISSION_REJECTED = Counter(
+    "infermesh_admission_rejected",
+    "Requests refused at once because a bound was reached.",
+    ["service", "reason"],
+)
+QUEUE_DEPTH = Gauge("infermesh_queue_depth", "Requests waiting in a batching queue.", ["service", "model"])
+BATCH_SIZE = Histogram(
+    "infermesh_batch_size", "Rows per batch sent to a model.", ["service", "model"], buckets=BATCH_BUCKETS
+)
+QUEUE_WAIT = Histogram(
+    "infermesh_queue_wait_seconds", "Time a request waited for its batch.", ["service", "model"],
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+FORWARD_LATENCY = Histogram(
+    "infermesh_forward_seconds", "Model forward pass per batch.", ["model", "version", "device"],
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+FEATURE_FETCH_LATENCY = Histogram(
+    "infermesh_feature_fetch_seconds", "Router's feature fetch per coalesced batch.", ["model"],
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+FEATURE_LOOKUPS = Counter("infermesh_feature_lookups", "Entity rows looked up.", ["view"])
+FEATURE_MISSES = Counter("infermesh_feature_misses", "Entity rows not found.", ["view"])
+FEATURE_STALE = Counter("infermesh_feature_stale", "Entity rows older than the view's max_age.", ["view"])
+FEATURE_DEFAULTED = Counter(
+    "infermesh_feature_defaults_used", "Rows served with default features (policy 'default').", ["model"]
+)
+RETRIES = Counter(
+    "infermesh_retries", "Downstream calls retried, by target and status code.", ["target", "code"]
+)
+REPLICAS_UP = Gauge("infermesh_replicas_up", "Model service replicas the router considers healthy.")

@@ -1,0 +1,151 @@
+"""Lifecycle shared by every service: one grpc.aio server with health, reflection, metrics, tracing.
+
+start() binds (port 0 → a free port, reported in port_file), warms up, then reports SERVING.
+SIGTERM/SIGINT → health NOT_SERVING → stop accepting and drain in-flight calls for grace_period_s → close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from infermesh import __version__, metrics, telemetry
+from infermesh.interceptors import ServiceInterceptor
+from infermesh.logs import configure_logging
+from infermesh.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+class Service(ABC):
+    """Subclasses register their servicers and own their resources; this class runs the server."""
+
+    name: str = "service"
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.server: grpc.aio.Server | None = None
+        self.health = HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_server = None
+        self._stopping = asyncio.Event()
+
+    @abstractmethod
+    async def register(self, server: grpc.aio.Server) -> list[str]:
+        """Add servicers to the server; return their full service names (for health and reflection)."""
+
+    async def warm_up(self) -> None:
+        """Work to finish before reporting SERVING (load models, connect to Redis…)."""
+
+    async def close(self) -> None:
+        """Release resources after the server stopped."""
+
+    async def start(self) -> None:
+        settings = self.settings
+        telemetry.configure_tracing(self.name)
+        metrics.BUILD_INFO.labels(self.name).info({"version": __version__})
+        interceptors = [*telemetry.server_interceptors(), ServiceInterceptor(self.name)]
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ],
+        )
+        self.server = server
+        service_names = await self.register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service_name in service_names:
+            await self.health.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            [
+                *service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        self.port = server.add_insecure_port(f"{_host_for_bind(settings.host)}:{settings.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+        if settings.metrics_port >= 0:
+            self._metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host)
+            self.metrics_port = self._metrics_server.server_port
+        await server.start()
+        await self.warm_up()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for service_name in service_names:
+            await self.health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+        self._write_port_file()
+        log.info(
+            "serving",
+            extra={"fields": {"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}},
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.settings.grace_period_s if grace is None else grace
+        log.info("draining", extra={"fields": {"grace_s": grace}})
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        await self.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        telemetry.shutdown_tracing()
+        log.info("stopped")
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, then drain and stop."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+        await self.start()
+        await self._stopping.wait()
+        await self.stop()
+
+    def _write_port_file(self) -> None:
+        if self.settings.port_file is None:
+            return
+        path = self.settings.port_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(path.suffix + ".tmp")
+        temporary.write_text(
+            json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()})
+        )
+        temporary.replace(path)  # atomic: readers never see a half-written file
+
+
+def _host_for_bind(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def main(factory: Callable[[], Service]) -> None:
+    """Entry point of `python -m <service>`."""
+    service = factory()
+    configure_logging(service.name, service.settings.log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # uvloop is optional
+        pass
+    asyncio.run(service.run())

@@ -1,0 +1,28 @@
+"""Typed settings shared by every service; each service subclasses with its own env prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every service has. Subclasses set `model_config = SettingsConfigDict(env_prefix=...)`."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds; 0.0.0.0 to listen on all.")
+    port: int = Field(0, description="gRPC port; 0 picks a free port (written to port_file).")
+    metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus /metrics HTTP server.")
+    metrics_port: int = Field(0, description="Prometheus port; 0 picks a free one; -1 disables it.")
+    port_file: Path | None = Field(
+        None, description="If set, the bound ports are written here as JSON once the server is ready."
+    )
+    grace_period_s: float = Field(10.0, description="On SIGTERM, how long in-flight requests may drain.")
+    log_level: str = Field("INFO", description="Python log level of the JSON logs.")
+    max_message_bytes: int = Field(64 * 1024 * 1024, description="Largest gRPC message accepted or sent.")
+    model_repository: Path = Field(
+        Path("model_repository"), description="Folder of <model>/config.json (+ <version>/ weights)."
+    )

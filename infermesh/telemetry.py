@@ -1,0 +1,95 @@
+"""OpenTelemetry set-up: off unless the standard OTEL_* variables configure an exporter.
+
+When on, every server and client call carries a span and W3C `traceparent` travels in gRPC metadata.
+When off, no interceptor is installed at all, so the hot path pays nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from opentelemetry import trace
+
+_enabled = False
+_provider = None
+tracer = trace.get_tracer("infermesh")
+
+
+def tracing_requested() -> bool:
+    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter == "none" or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    return bool(
+        exporter
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def configure_tracing(service_name: str) -> bool:
+    """Install a tracer provider exporting per OTEL_*; returns whether tracing is on."""
+    global _enabled, _provider
+    if _enabled or not tracing_requested():
+        return _enabled
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    provider = TracerProvider(resource=resource)
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "console":
+        exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    _enabled = True
+    return True
+
+
+def tracing_enabled() -> bool:
+    return _enabled
+
+
+def shutdown_tracing() -> None:
+    if _provider is not None:
+        _provider.shutdown()
+
+
+def server_interceptors() -> list:
+    if not _enabled:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return [aio_server_interceptor()]
+
+
+def client_interceptors() -> list:
+    if not _enabled:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors())
+
+
+@contextmanager
+def span(name: str, **attributes: object) -> Iterator[trace.Span]:
+    """A span that always ends, also on cancellation (BaseException)."""
+    if not _enabled:
+        yield trace.INVALID_SPAN
+        return
+    with tracer.start_as_current_span(name, attributes=attributes) as current:  # type: ignore[arg-type]
+        yield current
+
+
+def record_span(name: str, start_ns: int, end_ns: int, **attributes: object) -> None:
+    """Record an already-finished interval (e.g. time spent in a batch queue) as a child span."""
+    if not _enabled:
+        return
+    recorded = tracer.start_span(name, start_time=start_ns, attributes=attributes)  # type: ignore[arg-type]
+    recorded.end(end_time=end_ns)

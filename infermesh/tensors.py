@@ -1,0 +1,201 @@
+"""Open Inference Protocol tensors ↔ numpy. Pure logic over protobuf messages; no transport.
+
+Raw contents are little-endian, row-major; BYTES raw elements are a 4-byte little-endian length followed
+by the bytes. FP16/BF16 travel raw only. BF16 has no numpy type, so it is carried as uint16 bit patterns.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from infermesh.errors import InvalidInput
+
+NUMPY_DTYPE: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BF16": np.dtype("<u2"),
+    "BYTES": np.dtype(object),
+}
+DATATYPES = frozenset(NUMPY_DTYPE)
+
+CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+DATATYPE_OF_NUMPY: dict[np.dtype, str] = {
+    np.dtype(np.bool_): "BOOL",
+    np.dtype("u1"): "UINT8",
+    np.dtype("u2"): "UINT16",
+    np.dtype("u4"): "UINT32",
+    np.dtype("u8"): "UINT64",
+    np.dtype("i1"): "INT8",
+    np.dtype("i2"): "INT16",
+    np.dtype("i4"): "INT32",
+    np.dtype("i8"): "INT64",
+    np.dtype("f2"): "FP16",
+    np.dtype("f4"): "FP32",
+    np.dtype("f8"): "FP64",
+    np.dtype(object): "BYTES",
+}
+
+_LENGTH = struct.Struct("<I")
+
+
+@dataclass(slots=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+def element_count(shape: tuple[int, ...] | list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def check_shape(name: str, shape: Any) -> tuple[int, ...]:
+    dims = tuple(int(d) for d in shape)
+    if any(d < 0 for d in dims):
+        raise InvalidInput(f"input '{name}': shape {list(dims)} has a negative dimension")
+    return dims
+
+
+def decode_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
+    """Parse length-prefixed BYTES elements; the buffer must hold exactly `count` elements."""
+    items: list[bytes] = []
+    offset = 0
+    size = len(raw)
+    view = memoryview(raw)
+    while offset < size:
+        if offset + 4 > size:
+            raise InvalidInput(f"input '{name}': truncated BYTES length prefix at offset {offset}")
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += 4
+        if offset + length > size:
+            raise InvalidInput(f"input '{name}': BYTES element {len(items)} overruns the raw content")
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    if len(items) != count:
+        raise InvalidInput(
+            f"input '{name}': raw content holds {len(items)} BYTES elements, shape needs {count}"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array
+
+
+def encode_bytes(array: np.ndarray) -> bytes:
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        value = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(_LENGTH.pack(len(value)))
+        parts.append(value)
+    return b"".join(parts)
+
+
+def decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+    count = element_count(shape)
+    if datatype == "BYTES":
+        return decode_bytes(name, raw, count).reshape(shape)
+    dtype = NUMPY_DTYPE[datatype]
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidInput(
+            f"input '{name}': raw content is {len(raw)} bytes, expected {expected} for {datatype} {list(shape)}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def decode_contents(name: str, datatype: str, shape: tuple[int, ...], contents: Any) -> np.ndarray:
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidInput(f"input '{name}': {datatype} data must be sent as raw_input_contents")
+    values = getattr(contents, field)
+    count = element_count(shape)
+    if len(values) != count:
+        raise InvalidInput(
+            f"input '{name}': {field} holds {len(values)} values, shape {list(shape)} needs {count}"
+        )
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
+    dtype = NUMPY_DTYPE[datatype]
+    try:
+        return np.array(values, dtype=dtype).reshape(shape)
+    except OverflowError as error:
+        raise InvalidInput(f"input '{name}': a value does not fit {datatype}") from error
+
+
+def decode_inputs(request: Any) -> dict[str, Tensor]:
+    """All inputs of a ModelInferRequest as numpy arrays; checks raw/typed consistency and sizes."""
+    raw_contents = request.raw_input_contents
+    if raw_contents and len(raw_contents) != len(request.inputs):
+        raise InvalidInput(
+            f"request has {len(raw_contents)} raw_input_contents for {len(request.inputs)} inputs; "
+            "send raw contents for every input or for none"
+        )
+    tensors: dict[str, Tensor] = {}
+    for index, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in tensors:
+            raise InvalidInput(f"input '{name}' appears more than once")
+        datatype = tensor.datatype
+        if datatype not in DATATYPES:
+            raise InvalidInput(f"input '{name}': unknown datatype '{datatype}'")
+        shape = check_shape(name, tensor.shape)
+        if raw_contents:
+            if tensor.HasField("contents") and _has_typed_values(tensor.contents):
+                raise InvalidInput(f"input '{name}': data given both in contents and raw_input_contents")
+            data = decode_raw(name, datatype, shape, raw_contents[index])
+        else:
+            data = decode_contents(name, datatype, shape, tensor.contents)
+        tensors[name] = Tensor(name, datatype, shape, data)
+    return tensors
+
+
+def _has_typed_values(contents: Any) -> bool:
+    return any(len(getattr(contents, field)) for field in set(CONTENTS_FIELD.values()))
+
+
+def to_raw(datatype: str, array: np.ndarray) -> bytes:
+    if datatype == "BYTES":
+        return encode_bytes(array)
+    return np.ascontiguousarray(array, dtype=NUMPY_DTYPE[datatype]).tobytes()
+
+
+def datatype_of(array: np.ndarray) -> str:
+    datatype = DATATYPE_OF_NUMPY.get(
+        array.dtype.newbyteorder("=") if array.dtype.byteorder == ">" else array.dtype
+    )
+    if datatype is None:
+        raise TypeError(f"no Open Inference Protocol datatype for numpy {array.dtype}")
+    return datatype
