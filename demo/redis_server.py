@@ -49,9 +49,7 @@ class RedisServer:
         raise RuntimeError("could not start a private redis-server on a free port")
 
     def _try_start(self, port: int, timeout_s: float) -> bool:
-        persistence = (
-            ["--save", "60 1", "--appendonly", "no"] if self.persist else ["--save", "", "--appendonly", "no"]
-        )
+        persistence = ["--save", "60 1", "--appendonly", "no"] if self.persist else ["--save", "", "--appendonly", "no"]
         process = subprocess.Popen(
             [
                 redis_binary(),
@@ -72,7 +70,7 @@ class RedisServer:
                 "warning",
                 "--logfile",
                 str(self.data_dir / "redis.log"),
-            ],  # fmt: skip
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

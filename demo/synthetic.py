@@ -103,9 +103,7 @@ def sample_transactions(world: World, n: int, seed: int = SEED + 1) -> Transacti
     merchant_index = rng.integers(0, len(world.merchants), n)
     usual = world.users[user_index, 2]
     spike = rng.random(n) < 0.1 + 0.5 * world.user_risk[user_index]
-    amount = (usual * rng.lognormal(0, 0.4, n) * np.where(spike, rng.uniform(3, 12, n), 1.0)).astype(
-        np.float32
-    )
+    amount = (usual * rng.lognormal(0, 0.4, n) * np.where(spike, rng.uniform(3, 12, n), 1.0)).astype(np.float32)
     probability = 1 / (1 + np.exp(-fraud_logit(world, user_index, merchant_index, amount)))
     label = (rng.random(n) < probability).astype(np.float32)
     return Transactions(user_index, merchant_index, amount, label)
@@ -113,6 +111,4 @@ def sample_transactions(world: World, n: int, seed: int = SEED + 1) -> Transacti
 
 def feature_matrix(world: World, user_index: np.ndarray, merchant_index: np.ndarray, amount: np.ndarray):
     """Model input rows: user features, merchant features, then the request-time amount."""
-    return np.column_stack([world.users[user_index], world.merchants[merchant_index], amount]).astype(
-        np.float32
-    )
+    return np.column_stack([world.users[user_index], world.merchants[merchant_index], amount]).astype(np.float32)

@@ -137,9 +137,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 inflight.dec()
                 metrics.REQUESTS.labels(service, method, labels.model, labels.version, code).inc()
-                metrics.REQUEST_LATENCY.labels(service, method, labels.model).observe(
-                    time.perf_counter() - start
-                )
+                metrics.REQUEST_LATENCY.labels(service, method, labels.model).observe(time.perf_counter() - start)
 
         return wrapped
 

@@ -51,7 +51,5 @@ FEATURE_STALE = Counter("infermesh_feature_stale", "Entity rows older than the v
 FEATURE_DEFAULTED = Counter(
     "infermesh_feature_defaults_used", "Rows served with default features (policy 'default').", ["model"]
 )
-RETRIES = Counter(
-    "infermesh_retries", "Downstream calls retried, by target and status code.", ["target", "code"]
-)
+RETRIES = Counter("infermesh_retries", "Downstream calls retried, by target and status code.", ["target", "code"])
 REPLICAS_UP = Gauge("infermesh_replicas_up", "Model service replicas the router considers healthy.")

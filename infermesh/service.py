@@ -128,9 +128,7 @@ class Service(ABC):
         path = self.settings.port_file
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(path.suffix + ".tmp")
-        temporary.write_text(
-            json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()})
-        )
+        temporary.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}))
         temporary.replace(path)  # atomic: readers never see a half-written file
 
 

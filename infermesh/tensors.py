@@ -104,9 +104,7 @@ def decode_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
         items.append(bytes(view[offset : offset + length]))
         offset += length
     if len(items) != count:
-        raise InvalidInput(
-            f"input '{name}': raw content holds {len(items)} BYTES elements, shape needs {count}"
-        )
+        raise InvalidInput(f"input '{name}': raw content holds {len(items)} BYTES elements, shape needs {count}")
     array = np.empty(count, dtype=object)
     array[:] = items
     return array
@@ -141,9 +139,7 @@ def decode_contents(name: str, datatype: str, shape: tuple[int, ...], contents: 
     values = getattr(contents, field)
     count = element_count(shape)
     if len(values) != count:
-        raise InvalidInput(
-            f"input '{name}': {field} holds {len(values)} values, shape {list(shape)} needs {count}"
-        )
+        raise InvalidInput(f"input '{name}': {field} holds {len(values)} values, shape {list(shape)} needs {count}")
     if datatype == "BYTES":
         array = np.empty(count, dtype=object)
         array[:] = list(values)
@@ -193,9 +189,7 @@ def to_raw(datatype: str, array: np.ndarray) -> bytes:
 
 
 def datatype_of(array: np.ndarray) -> str:
-    datatype = DATATYPE_OF_NUMPY.get(
-        array.dtype.newbyteorder("=") if array.dtype.byteorder == ">" else array.dtype
-    )
+    datatype = DATATYPE_OF_NUMPY.get(array.dtype.newbyteorder("=") if array.dtype.byteorder == ">" else array.dtype)
     if datatype is None:
         raise TypeError(f"no Open Inference Protocol datatype for numpy {array.dtype}")
     return datatype
