@@ -143,6 +143,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def wrapped(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            _labels.set(RequestLabels())
             try:
                 async for response in behavior(request_iterator, context):
                     yield response

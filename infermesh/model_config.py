@@ -8,6 +8,7 @@ batches and runs the TorchScript file of each version.
 from __future__ import annotations
 
 import json
+import logging
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,8 @@ from infermesh.errors import NotFound
 from infermesh.tensors import DATATYPES
 
 MODEL_FILE = "model.pt"
+
+log = logging.getLogger(__name__)
 
 
 class TensorSpec(BaseModel):
@@ -103,11 +106,12 @@ class ModelEntry(BaseModel):
 
     @property
     def latest(self) -> str:
-        return self.versions[-1]
+        """Newest version, or "" (the model service's choice) where this hop sees no version folders."""
+        return self.versions[-1] if self.versions else ""
 
     def resolve_version(self, requested: str) -> str:
-        if not requested:
-            return self.latest
+        if not requested or not self.versions:
+            return requested or self.latest
         if requested not in self.versions:
             raise NotFound(f"model '{self.config.name}' has no version '{requested}'")
         return requested
@@ -119,7 +123,12 @@ def load_repository(root: Path, require_weights: bool = False) -> dict[str, Mode
     if not root.is_dir():
         return models
     for config_path in sorted(root.glob("*/config.json")):
-        config = ModelConfig.model_validate(json.loads(config_path.read_text()))
+        try:
+            config = ModelConfig.model_validate(json.loads(config_path.read_text()))
+        except (OSError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+            # One broken model must not take the others down: refuse it, say why in the log.
+            log.error("invalid model config %s: %s", config_path, error)
+            continue
         folder = config_path.parent
         versions = sorted(
             (p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
@@ -127,6 +136,6 @@ def load_repository(root: Path, require_weights: bool = False) -> dict[str, Mode
         )
         if require_weights:
             versions = [v for v in versions if (folder / v / MODEL_FILE).is_file()]
-        if versions:
+        if versions or not require_weights:
             models[config.name] = ModelEntry(config=config, path=folder, versions=versions)
     return models

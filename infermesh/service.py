@@ -7,6 +7,7 @@ SIGTERM/SIGINT → health NOT_SERVING → stop accepting and drain in-flight cal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -49,6 +50,9 @@ class Service(ABC):
     async def warm_up(self) -> None:
         """Work to finish before reporting SERVING (load models, connect to Redis…)."""
 
+    async def before_drain(self) -> None:
+        """Called when shutdown starts, before in-flight calls drain (e.g. report not ready)."""
+
     async def close(self) -> None:
         """Release resources after the server stopped."""
 
@@ -88,7 +92,13 @@ class Service(ABC):
             self._metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host)
             self.metrics_port = self._metrics_server.server_port
         await server.start()
-        await self.warm_up()
+        try:
+            await self.warm_up()
+        except BaseException:
+            await server.stop(None)  # a failed start leaves no half-running server behind
+            with contextlib.suppress(Exception):
+                await self.close()
+            raise
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for service_name in service_names:
             await self.health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
@@ -102,6 +112,7 @@ class Service(ABC):
         grace = self.settings.grace_period_s if grace is None else grace
         log.info("draining", extra={"fields": {"grace_s": grace}})
         await self.health.enter_graceful_shutdown()
+        await self.before_drain()
         if self.server is not None:
             await self.server.stop(grace)
         await self.close()

@@ -6,11 +6,14 @@ When off, no interceptor is installed at all, so the hot path pays nothing.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from opentelemetry import trace
+import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Status, StatusCode
 
 _enabled = False
 _provider = None
@@ -72,9 +75,46 @@ def server_interceptors() -> list:
 def client_interceptors() -> list:
     if not _enabled:
         return []
-    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+    return [TracingClientInterceptor()]
 
-    return list(aio_client_interceptors())
+
+class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """Client span per unary call, `traceparent` injected into the metadata.
+
+    Ours rather than opentelemetry-instrumentation-grpc's aio client interceptor, which leaves the span
+    open when the call is cancelled (upstream issue #3271): here the span is a context manager around
+    the awaited call, so it ends on success, on error, on deadline and on cancellation alike.
+    """
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[override]
+        method = client_call_details.method
+        name = method.decode() if isinstance(method, bytes) else method
+        service, _, rpc = name.lstrip("/").partition("/")
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc}
+        with tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT, attributes=attributes) as current:
+            metadata = list(client_call_details.metadata or ())
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            metadata.extend(carrier.items())
+            details = grpc.aio.ClientCallDetails(
+                client_call_details.method,
+                client_call_details.timeout,
+                grpc.aio.Metadata(*metadata),
+                client_call_details.credentials,
+                client_call_details.wait_for_ready,
+            )
+            try:
+                call = await continuation(details, request)
+                response = await call
+            except grpc.aio.AioRpcError as error:
+                current.set_attribute("rpc.grpc.status_code", error.code().value[0])
+                current.set_status(Status(StatusCode.ERROR, error.code().name))
+                raise
+            except asyncio.CancelledError:
+                current.set_status(Status(StatusCode.ERROR, "CANCELLED"))
+                raise
+            current.set_attribute("rpc.grpc.status_code", 0)
+            return response
 
 
 @contextmanager

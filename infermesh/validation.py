@@ -1,0 +1,78 @@
+"""Checks a request's tensors against a model's declared signature; every error names the tensor.
+
+Pure logic: used by the gateway (public signature), the router and the model service (served one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from infermesh.errors import InvalidInput
+from infermesh.model_config import TensorSpec
+from infermesh.tensors import Tensor
+
+MAX_ENTITY_ID_BYTES = 256
+
+
+def validate_inputs(model: str, specs: Sequence[TensorSpec], max_batch_size: int, tensors: Mapping[str, Tensor]) -> int:
+    """Returns the batch size (first dimension, shared by every input)."""
+    expected = {spec.name for spec in specs}
+    unknown = [name for name in tensors if name not in expected]
+    if unknown:
+        raise InvalidInput(
+            f"input '{unknown[0]}' is not an input of model '{model}' (expected {', '.join(sorted(expected))})"
+        )
+    batch: int | None = None
+    batch_input = ""
+    for spec in specs:
+        tensor = tensors.get(spec.name)
+        if tensor is None:
+            raise InvalidInput(f"input '{spec.name}' is missing (model '{model}' needs it)")
+        if tensor.datatype != spec.datatype:
+            raise InvalidInput(f"input '{spec.name}': datatype {tensor.datatype} does not match {spec.datatype}")
+        shape = tensor.shape
+        if len(shape) != len(spec.shape) or any(
+            want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)
+        ):
+            raise InvalidInput(f"input '{spec.name}': shape {list(shape)} does not match {spec.shape}")
+        rows = shape[0] if shape else 1
+        if batch is None:
+            batch, batch_input = rows, spec.name
+        elif rows != batch:
+            raise InvalidInput(
+                f"input '{spec.name}': batch size {rows} differs from input '{batch_input}' batch size {batch}"
+            )
+    if batch is None or batch == 0:
+        raise InvalidInput(f"model '{model}': request has an empty batch")
+    if batch > max_batch_size:
+        raise InvalidInput(
+            f"input '{batch_input}': batch size {batch} exceeds the max_batch_size {max_batch_size} of model '{model}'"
+        )
+    return batch
+
+
+def entity_ids(tensor: Tensor) -> list[str]:
+    """Decode a BYTES tensor of entity ids; each must be non-empty UTF-8 of bounded length."""
+    ids: list[str] = []
+    for index, raw in enumerate(tensor.data.reshape(-1)):
+        if not raw:
+            raise InvalidInput(f"input '{tensor.name}': element {index} is an empty entity id")
+        if len(raw) > MAX_ENTITY_ID_BYTES:
+            raise InvalidInput(f"input '{tensor.name}': element {index} is longer than {MAX_ENTITY_ID_BYTES} bytes")
+        try:
+            ids.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise InvalidInput(f"input '{tensor.name}': element {index} is not valid UTF-8") from error
+    return ids
+
+
+def require_finite(tensor: Tensor) -> None:
+    data = tensor.data
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        index = int(np.flatnonzero(~np.isfinite(data.reshape(-1)))[0])
+        value = data.reshape(-1)[index]
+        kind = "NaN" if math.isnan(value) else "infinite"
+        raise InvalidInput(f"input '{tensor.name}': element {index} is {kind}")
