@@ -1,0 +1,1 @@
+"""Feature service: batched reads of fresh entity features from Redis, idempotent upserts, over gRPC."""

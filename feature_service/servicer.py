@@ -1,0 +1,115 @@
+"""gRPC servicer of infermesh.features.v1.FeatureStore: protobuf ↔ core types, nothing else."""
+
+from __future__ import annotations
+
+import grpc
+
+from feature_service.store import FeatureBlock, FeatureQuery, FeatureStore
+from infermesh.errors import Unavailable
+from infermesh.interceptors import label_request
+from infermesh.proto import feature_store_pb2 as pb
+from infermesh.proto import feature_store_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureStore"].full_name
+
+_LENGTH_DELIMITED = 2
+_VALUES_TAG = bytes([pb.ReadFeaturesResponse.VALUES_FIELD_NUMBER << 3 | _LENGTH_DELIMITED])
+_STATUSES_TAG = bytes([pb.ReadFeaturesResponse.STATUSES_FIELD_NUMBER << 3 | _LENGTH_DELIMITED])
+
+
+def _varint(number: int) -> bytes:
+    out = bytearray()
+    while number > 0x7F:
+        out.append(number & 0x7F | 0x80)
+        number >>= 7
+    out.append(number)
+    return bytes(out)
+
+
+def _packed(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload if payload else b""
+
+
+def fill_read_response(message: pb.ReadFeaturesResponse, block: FeatureBlock) -> None:
+    """Copy a block into a response.
+
+    Packed `float` is little-endian float32 and packed enum values below 128 are one byte each, so the
+    numpy buffers are already the wire format: parsing them is ~10x faster than `extend(arr.tolist())`
+    (10 x 50: ~6 µs instead of ~45 µs). Ages are varints of any length; `extend` is the fastest for them.
+    """
+    message.feature_view = block.view
+    message.feature_names.extend(block.feature_names)
+    message.MergeFromString(
+        _packed(_VALUES_TAG, block.values.astype("<f4", copy=False).tobytes())
+        + _packed(_STATUSES_TAG, block.statuses.astype("u1", copy=False).tobytes())
+    )
+    message.ages_ms.extend(block.ages_ms.ravel().tolist())
+
+
+def _query(read: pb.ReadFeaturesRequest) -> FeatureQuery:
+    # Repeated fields are sequences already; copying them to lists would only cost time.
+    return FeatureQuery(read.feature_view, read.entity_ids, read.feature_names)
+
+
+class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
+    """Serves a FeatureStore once the service has set `store` (after warm-up)."""
+
+    def __init__(self, store: FeatureStore | None = None) -> None:
+        self.store = store
+
+    def _store(self) -> FeatureStore:
+        if self.store is None:
+            raise Unavailable("feature service is starting")
+        return self.store
+
+    async def ReadFeatures(
+        self, request: pb.ReadFeaturesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReadFeaturesResponse:
+        store = self._store()
+        if request.feature_view in store.views:
+            label_request(request.feature_view)  # only known views: bounded metric labels
+        block = (await store.read_many([_query(request)]))[0]
+        response = pb.ReadFeaturesResponse()
+        fill_read_response(response, block)
+        return response
+
+    async def BatchReadFeatures(
+        self, request: pb.BatchReadFeaturesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchReadFeaturesResponse:
+        store = self._store()
+        known = sorted({read.feature_view for read in request.reads if read.feature_view in store.views})
+        if known:
+            label_request("+".join(known))  # the set of views a caller joins: one label per model, not per call
+        blocks = await store.read_many([_query(read) for read in request.reads])
+        response = pb.BatchReadFeaturesResponse()
+        for block in blocks:
+            fill_read_response(response.results.add(), block)
+        return response
+
+    async def WriteFeatures(
+        self, request: pb.WriteFeaturesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WriteFeaturesResponse:
+        store = self._store()
+        if request.feature_view in store.views:
+            label_request(request.feature_view)
+        result = await store.write(
+            request.feature_view, [(row.entity_id, row.values, row.event_time_ms) for row in request.rows]
+        )
+        return pb.WriteFeaturesResponse(written=result.written, skipped_older=result.skipped_older)
+
+    async def ListFeatureViews(
+        self, request: pb.ListFeatureViewsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListFeatureViewsResponse:
+        views = [
+            pb.FeatureView(
+                name=view.name,
+                entity_key=view.entity_key,
+                max_age_ms=view.max_age_ms,
+                features=[
+                    pb.FeatureSpec(name=feature.name, default_value=feature.default, description=feature.description)
+                    for feature in view.features
+                ],
+            )
+            for view in self._store().list_views()
+        ]
+        return pb.ListFeatureViewsResponse(views=views)

@@ -1,0 +1,463 @@
+"""Transport-free core of the feature service: entity feature vectors in Redis, read in one MGET.
+
+Layout, chosen so a read of E entities is one MGET and a numpy decode: one key per (view, entity),
+`{prefix}:fv:{view}:{entity_id}` → 8-byte little-endian int64 event_time_ms, then one little-endian float32
+per feature in the view's declared order. NaN marks a feature never written; a vector shorter than the view
+(features appended later) lacks the new features. The event time is per vector: a partial update refreshes
+the age of the features it merges with, and last-write-wins compares whole vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import operator
+import struct
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import IntEnum
+from functools import lru_cache
+from typing import NamedTuple
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from feature_service.views import FeatureView
+from infermesh import metrics, telemetry
+from infermesh.errors import InvalidInput, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<q")
+VALUE_DTYPE = np.dtype("<f4")
+NAN_BYTES = np.array([np.nan], dtype=VALUE_DTYPE).tobytes()  # the one NaN pattern we store: 00 00 c0 7f
+# Lua numbers are doubles: event times above 2**53 would compare inexactly in the upsert script.
+MAX_EVENT_TIME_MS = 2**53
+WRITE_CHUNK_ROWS = 500  # rows per script call, so one call never blocks Redis for long
+_COLUMN_CACHE_SIZE = 1024
+# Server replies that mean "try again later" rather than a bug on our side.
+_TRANSIENT_REPLIES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "OOM", "TRYAGAIN", "CLUSTERDOWN")
+
+# Upsert of a batch of rows; last write wins by event time, partial rows merge into the stored vector.
+# KEYS[i]: key of row i. ARGV[2i-1]: packed vector of row i (NaN where the row gives no value).
+# ARGV[2i]: "1" when row i is partial, i.e. has NaN slots to fill from the stored vector.
+UPSERT_SCRIPT = """
+local nan = "\\0\\0\\192\\127"
+local written, skipped = 0, 0
+for i, key in ipairs(KEYS) do
+  local new = ARGV[2 * i - 1]
+  local stored = redis.call("GET", key)
+  if stored and #stored >= 8 and struct.unpack("<i8", stored) > struct.unpack("<i8", new) then
+    skipped = skipped + 1
+  else
+    if stored and ARGV[2 * i] == "1" then
+      local parts = {string.sub(new, 1, 8)}
+      for at = 9, #new, 4 do
+        local value = string.sub(new, at, at + 3)
+        if value == nan then
+          local old = string.sub(stored, at, at + 3)
+          if #old == 4 then value = old end
+        end
+        parts[#parts + 1] = value
+      end
+      new = table.concat(parts)
+    end
+    redis.call("SET", key, new)
+    written = written + 1
+  end
+end
+return {written, skipped}
+"""
+UPSERT_SHA = hashlib.sha1(UPSERT_SCRIPT.encode()).hexdigest()
+
+
+class FeatureStatus(IntEnum):
+    """Same numbers as the proto enum `infermesh.features.v1.FeatureStatus`."""
+
+    UNSPECIFIED = 0
+    PRESENT = 1
+    NOT_FOUND = 2  # no row for the entity, or the row has no value for this feature
+    STALE = 3  # present, but older than the view's max_age_ms
+
+
+_PRESENT, _NOT_FOUND, _STALE = (
+    np.uint8(status) for status in (FeatureStatus.PRESENT, FeatureStatus.NOT_FOUND, FeatureStatus.STALE)
+)
+
+
+@dataclass(slots=True)
+class FeatureBlock:
+    """Features of E entities by F features, row-major in the order asked."""
+
+    view: str
+    feature_names: tuple[str, ...]
+    values: np.ndarray  # float32 [E, F]; NOT_FOUND values hold the feature's default
+    statuses: np.ndarray  # uint8 [E, F]; FeatureStatus codes
+    ages_ms: np.ndarray  # int64 [E, F]; -1 where NOT_FOUND
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    written: int
+    skipped_older: int  # rows ignored because a newer event was already stored
+
+
+class FeatureQuery(NamedTuple):
+    """One read of a batch: a plain `(view, entity_ids, feature_names)` tuple works as well."""
+
+    view: str
+    entity_ids: Sequence[str]
+    feature_names: Sequence[str] | None = None  # None or empty: all of the view's, in declared order
+
+
+# Pure logic: packing, unpacking and status computation (no I/O).
+
+
+def pack_vector(event_time_ms: int, values: np.ndarray) -> bytes:
+    return HEADER.pack(event_time_ms) + np.ascontiguousarray(values, dtype=VALUE_DTYPE).tobytes()
+
+
+@lru_cache(maxsize=256)
+def _row_dtype(width: int) -> np.dtype:
+    return np.dtype([("event_time_ms", "<i8"), ("values", VALUE_DTYPE, (width,))])
+
+
+@lru_cache(maxsize=256)
+def _missing_row(width: int) -> bytes:
+    return HEADER.pack(0) + NAN_BYTES * width
+
+
+def _fit(blob: bytes | None, width: int) -> bytes:
+    """One stored vector brought to the view's width: missing features NaN, extra ones dropped."""
+    if blob is None:
+        return _missing_row(width)
+    size = HEADER.size + VALUE_DTYPE.itemsize * width
+    length = len(blob)
+    if length == size:
+        return blob
+    if length < HEADER.size or (length - HEADER.size) % VALUE_DTYPE.itemsize:
+        log.warning("malformed stored feature vector ignored", extra={"fields": {"bytes": length}})
+        return _missing_row(width)
+    if length < size:
+        return blob + NAN_BYTES * ((size - length) // VALUE_DTYPE.itemsize)
+    return blob[:size]  # the view lost trailing features since this vector was written
+
+
+def unpack_vectors(blobs: Sequence[bytes | None], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stored vectors → (event_time_ms int64 [E], values float32 [E, width]); a missing row: time 0, all NaN."""
+    size = HEADER.size + VALUE_DTYPE.itemsize * width
+    # Per-entity fix-ups only when needed: the common case is one join and one frombuffer.
+    if None in blobs or set(map(len, blobs)) != {size}:  # type: ignore[arg-type]
+        blobs = [_fit(blob, width) for blob in blobs]
+    rows = np.frombuffer(b"".join(blobs), dtype=_row_dtype(width))  # type: ignore[arg-type]
+    return rows["event_time_ms"], rows["values"]
+
+
+def build_block(
+    view: FeatureView,
+    feature_names: tuple[str, ...],
+    columns: np.ndarray | None,
+    event_times: np.ndarray,
+    stored: np.ndarray,
+    now_ms: int,
+) -> tuple[FeatureBlock, int]:
+    """Select the asked columns and compute values, statuses and ages, all vectorised.
+
+    `columns` indexes the stored vector (None: all, in order); `stored` is float32 [E, view.width].
+    Returns the block and how many of its rows exist but are stale (for metrics).
+    """
+    selected = stored if columns is None else stored[:, columns]
+    missing = np.isnan(selected)
+    row_ages = now_ms - event_times
+    np.maximum(row_ages, 0, out=row_ages)  # a clock behind the writer's is not a negative age
+    stale_rows = 0
+    if view.max_age_ms > 0:
+        stale = row_ages > view.max_age_ms
+        stale &= event_times > 0  # a missing row (event time 0) is NOT_FOUND, not stale
+        stale_rows = int(np.count_nonzero(stale))
+    statuses = np.empty(selected.shape, dtype=np.uint8)
+    if stale_rows:
+        statuses[:] = np.where(stale, _STALE, _PRESENT)[:, None]
+    else:
+        statuses.fill(_PRESENT)
+    ages = np.empty(selected.shape, dtype=np.int64)
+    ages[:] = row_ages[:, None]
+    if missing.any():
+        defaults = view.defaults if columns is None else view.defaults[columns]
+        values = np.where(missing, defaults, selected)
+        statuses[missing] = _NOT_FOUND
+        ages[missing] = -1
+    else:  # the common case: every value present, and no masking to do
+        values = np.array(selected, dtype=np.float32)
+    return FeatureBlock(view.name, feature_names, values, statuses, ages), stale_rows
+
+
+def encode_row(view: FeatureView, position: int, values: Mapping[str, float], event_time_ms: int) -> tuple[bytes, bool]:
+    """A row to write → (packed vector with NaN where not given, whether it is partial)."""
+    if not values:
+        raise InvalidInput(f"write to view '{view.name}': row {position} has no feature values")
+    try:
+        event_time_ms = operator.index(event_time_ms)  # ints and numpy integers; not floats
+    except TypeError:
+        event_time_ms = 0
+    if not 0 < event_time_ms <= MAX_EVENT_TIME_MS:
+        raise InvalidInput(
+            f"write to view '{view.name}': row {position} event_time_ms must be Unix epoch milliseconds (> 0)"
+        )
+    index = view.index
+    names = list(values)
+    try:
+        columns = [index[name] for name in names]
+    except KeyError:
+        unknown = sorted(name for name in names if name not in index)
+        raise InvalidInput(f"feature view '{view.name}' has no features {_shorten(unknown)}") from None
+    given = np.array([values[name] for name in names], dtype=VALUE_DTYPE)
+    if np.isnan(given).any():
+        # NaN is how a vector marks "never written"; storing one would silently become NOT_FOUND.
+        nan_names = [name for name, value in zip(names, given, strict=True) if np.isnan(value)]
+        raise InvalidInput(f"write to view '{view.name}': row {position} has NaN for {_shorten(nan_names)}")
+    vector = np.full(view.width, np.nan, dtype=VALUE_DTYPE)
+    vector[columns] = given
+    return pack_vector(event_time_ms, vector), len(columns) < view.width
+
+
+def _shorten(names: Sequence[str], limit: int = 10) -> list[str]:
+    return list(names[:limit]) + ([f"... {len(names) - limit} more"] if len(names) > limit else [])
+
+
+def create_redis(url: str, timeout_s: float) -> aioredis.Redis:
+    """A client tuned for the hot path: bounded timeouts and a single immediate retry.
+
+    Without a retry, the first call on a pooled connection that died with a Redis restart fails; one
+    immediate retry reconnects. No backoff and no more tries, so a real outage fails fast (a refused
+    connection at once, an unresponsive server after about twice `timeout_s`).
+    """
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),
+        decode_responses=False,
+    )
+
+
+class _Columns(NamedTuple):
+    names: tuple[str, ...]
+    positions: np.ndarray | None  # None: the whole stored vector in order
+
+
+class FeatureStore:
+    """Reads and writes feature vectors of the registered views. Knows nothing of gRPC."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        views: Mapping[str, FeatureView],
+        *,
+        key_prefix: str = "im",
+        max_entities_per_read: int = 10_000,
+    ) -> None:
+        self._redis = redis
+        self._views = dict(views)
+        self._max_entities = max_entities_per_read
+        self._key_prefixes = {name: f"{key_prefix}:fv:{name}:" for name in self._views}
+        # Metric children resolved once; `.labels()` per request costs a lock and a dict lookup.
+        self._counters = {
+            name: (
+                metrics.FEATURE_LOOKUPS.labels(name),
+                metrics.FEATURE_MISSES.labels(name),
+                metrics.FEATURE_STALE.labels(name),
+            )
+            for name in self._views
+        }
+        self._columns: dict[tuple[str, tuple[str, ...]], _Columns] = {}
+
+    @classmethod
+    def connect(
+        cls,
+        redis_url: str,
+        views: Mapping[str, FeatureView],
+        *,
+        timeout_s: float = 1.0,
+        key_prefix: str = "im",
+        max_entities_per_read: int = 10_000,
+    ) -> FeatureStore:
+        """A store with its own client (no I/O yet: connections open on first use)."""
+        return cls(
+            create_redis(redis_url, timeout_s),
+            views,
+            key_prefix=key_prefix,
+            max_entities_per_read=max_entities_per_read,
+        )
+
+    @property
+    def views(self) -> Mapping[str, FeatureView]:
+        return self._views
+
+    def list_views(self) -> list[FeatureView]:
+        return list(self._views.values())
+
+    def view(self, name: str) -> FeatureView:
+        view = self._views.get(name)
+        if view is None:
+            raise NotFound(f"feature view '{name}' not found")
+        return view
+
+    def key(self, view: str, entity_id: str) -> str:
+        return self._key_prefixes[self.view(view).name] + entity_id
+
+    async def ping(self) -> None:
+        """Readiness: raises Unavailable unless Redis answers."""
+        with self._redis_errors("ping"):
+            await self._redis.ping()
+
+    async def load_scripts(self) -> None:
+        with self._redis_errors("script_load"):
+            sha = await self._redis.script_load(UPSERT_SCRIPT)
+        if sha != UPSERT_SHA:  # would mean Redis hashed a different text: EVALSHA could never succeed
+            raise RuntimeError("Redis returned an unexpected SHA for the upsert script")
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def read(
+        self, view: str, entity_ids: Sequence[str], feature_names: Sequence[str] | None = None
+    ) -> FeatureBlock:
+        return (await self.read_many([FeatureQuery(view, entity_ids, feature_names)]))[0]
+
+    async def read_many(self, queries: Sequence[FeatureQuery | tuple]) -> list[FeatureBlock]:
+        """Serve every query from one MGET round trip; blocks come back in query order."""
+        if not queries:
+            raise InvalidInput("no reads given")
+        plans: list[tuple[FeatureView, _Columns, int]] = []
+        keys: list[str] = []
+        for view_name, entity_ids, feature_names in queries:
+            view = self.view(view_name)
+            columns = self._resolve_columns(view, feature_names)
+            count = self._check_entity_ids(view, entity_ids)
+            if len(keys) + count > self._max_entities:
+                raise InvalidInput(
+                    f"too many entity ids: {len(keys) + count} in one call (at most {self._max_entities})"
+                )
+            prefix = self._key_prefixes[view.name]
+            keys.extend([prefix + entity_id for entity_id in entity_ids])
+            plans.append((view, columns, count))
+
+        with (
+            self._redis_errors("mget"),
+            telemetry.span("redis.mget", **{"db.system": "redis", "db.operation": "MGET", "keys": len(keys)}),
+        ):
+            blobs: list[bytes | None] = await self._redis.mget(keys)
+        now_ms = time.time_ns() // 1_000_000
+
+        blocks: list[FeatureBlock] = []
+        start = 0
+        for view, columns, count in plans:
+            view_blobs = blobs[start : start + count]
+            start += count
+            event_times, stored = unpack_vectors(view_blobs, view.width)
+            block, stale_rows = build_block(view, columns.names, columns.positions, event_times, stored, now_ms)
+            lookups, misses, stale = self._counters[view.name]
+            lookups.inc(count)
+            missed = view_blobs.count(None)
+            if missed:
+                misses.inc(missed)
+            if stale_rows:
+                stale.inc(stale_rows)
+            blocks.append(block)
+        return blocks
+
+    async def write(self, view: str, rows: Iterable[tuple[str, Mapping[str, float], int]]) -> WriteResult:
+        """Upsert rows `(entity_id, {feature: value}, event_time_ms)`: one pipelined round trip per call."""
+        feature_view = self.view(view)
+        rows = list(rows)
+        if not rows:
+            raise InvalidInput(f"write to view '{view}': no rows")
+        if len(rows) > self._max_entities:
+            raise InvalidInput(f"too many rows: {len(rows)} in one call (at most {self._max_entities})")
+        prefix = self._key_prefixes[feature_view.name]
+        keys: list[str] = []
+        arguments: list[bytes] = []
+        for position, (entity_id, values, event_time_ms) in enumerate(rows):
+            if not isinstance(entity_id, str) or not entity_id:
+                raise InvalidInput(f"write to view '{view}': row {position} has an empty entity id")
+            packed, partial = encode_row(feature_view, position, values, event_time_ms)
+            keys.append(prefix + entity_id)
+            arguments.append(packed)
+            arguments.append(b"1" if partial else b"0")
+
+        try:
+            results = await self._run_upserts(keys, arguments)
+        except NoScriptError:
+            # Redis restarted or its script cache was flushed since warm-up: load again, retry once.
+            # Safe to repeat: all calls of the pipeline failed alike, and equal event times re-apply.
+            await self.load_scripts()
+            results = await self._run_upserts(keys, arguments)
+        written = sum(int(result[0]) for result in results)
+        skipped = sum(int(result[1]) for result in results)
+        return WriteResult(written=written, skipped_older=skipped)
+
+    async def _run_upserts(self, keys: list[str], arguments: list[bytes]) -> list[list[int]]:
+        with (
+            self._redis_errors("upsert"),
+            telemetry.span("redis.upsert", **{"db.system": "redis", "db.operation": "EVALSHA", "keys": len(keys)}),
+        ):
+            async with self._redis.pipeline(transaction=False) as pipeline:
+                for start in range(0, len(keys), WRITE_CHUNK_ROWS):
+                    chunk_keys = keys[start : start + WRITE_CHUNK_ROWS]
+                    chunk_arguments = arguments[2 * start : 2 * (start + WRITE_CHUNK_ROWS)]
+                    pipeline.evalsha(UPSERT_SHA, len(chunk_keys), *chunk_keys, *chunk_arguments)
+                return await pipeline.execute()
+
+    def _resolve_columns(self, view: FeatureView, feature_names: Sequence[str] | None) -> _Columns:
+        if not feature_names:
+            return _Columns(view.feature_names, None)
+        names = tuple(feature_names)
+        cache_key = (view.name, names)
+        columns = self._columns.get(cache_key)
+        if columns is not None:
+            return columns
+        index = view.index
+        unknown = sorted({name for name in names if name not in index})
+        if unknown:
+            raise InvalidInput(f"feature view '{view.name}' has no features {_shorten(unknown)}")
+        positions = None if names == view.feature_names else np.array([index[name] for name in names], dtype=np.intp)
+        columns = _Columns(names, positions)
+        if len(self._columns) >= _COLUMN_CACHE_SIZE:
+            self._columns.clear()  # callers ask for a handful of layouts; a flood of new ones only resets it
+        self._columns[cache_key] = columns
+        return columns
+
+    def _check_entity_ids(self, view: FeatureView, entity_ids: Sequence[str]) -> int:
+        count = len(entity_ids)
+        if count == 0:
+            raise InvalidInput(f"read of view '{view.name}': entity_ids is empty")
+        if count > self._max_entities:
+            raise InvalidInput(f"too many entity ids: {count} in one call (at most {self._max_entities})")
+        if "" in entity_ids:
+            position = list(entity_ids).index("")
+            raise InvalidInput(f"read of view '{view.name}': entity id at index {position} is empty")
+        return count
+
+    @contextmanager
+    def _redis_errors(self, operation: str) -> Iterator[None]:
+        """Redis outages become Unavailable with a client-safe message; the log says which call failed."""
+        try:
+            yield
+        except NoScriptError:
+            raise
+        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as error:
+            log.warning("feature store unreachable", extra={"fields": {"op": operation, "error": type(error).__name__}})
+            raise Unavailable("feature store unavailable") from error
+        except ResponseError as error:
+            if str(error).startswith(_TRANSIENT_REPLIES):
+                log.warning("feature store busy", extra={"fields": {"op": operation, "error": str(error)[:80]}})
+                raise Unavailable("feature store unavailable") from error
+            raise

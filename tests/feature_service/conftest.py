@@ -1,0 +1,97 @@
+"""Fixtures of the feature service tests: views → private redis-server → store (→ process in the grpc tests)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from demo.redis_server import RedisServer
+from feature_service.store import FeatureStore
+from feature_service.views import FeatureView, parse_views
+
+USER_MAX_AGE_MS = 60_000
+WIDE_FEATURES = 50
+
+VIEWS_DOCUMENT: dict[str, Any] = {
+    "views": [
+        {
+            "name": "user",
+            "entity_key": "user_id",
+            "max_age_ms": USER_MAX_AGE_MS,
+            "features": [
+                {"name": "a", "default": 1.5, "description": "first"},
+                {"name": "b", "default": -2.0},
+                {"name": "c"},
+            ],
+        },
+        {
+            "name": "merchant",
+            "entity_key": "merchant_id",
+            "max_age_ms": 0,  # never stale
+            "features": [{"name": "x", "default": 10.0}, {"name": "y", "default": 20.0}],
+        },
+        {
+            "name": "wide",
+            "entity_key": "id",
+            "max_age_ms": USER_MAX_AGE_MS,
+            "features": [{"name": f"f{i}", "default": float(-i)} for i in range(WIDE_FEATURES)],
+        },
+    ]
+}
+
+
+@pytest.fixture(scope="session")
+def views() -> dict[str, FeatureView]:
+    return parse_views(VIEWS_DOCUMENT)
+
+
+@pytest.fixture(scope="session")
+def views_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("views") / "feature_views.json"
+    path.write_text(json.dumps(VIEWS_DOCUMENT))
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One private redis-server for the session; tests that break Redis start their own."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_admin(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """Synchronous client for set-up and inspection; every test starts from an empty db and zeroed stats."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.config_resetstat()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+async def store(
+    redis_server: RedisServer, redis_admin: redis.Redis, views: dict[str, FeatureView]
+) -> AsyncIterator[FeatureStore]:
+    feature_store = FeatureStore.connect(redis_server.url, views, timeout_s=2.0)
+    await feature_store.load_scripts()
+    yield feature_store
+    await feature_store.aclose()
+
+
+@pytest.fixture
+def command_calls(redis_admin: redis.Redis) -> Callable[[str], int]:
+    """Calls of one Redis command since the test began (INFO commandstats after CONFIG RESETSTAT)."""
+
+    def calls(command: str) -> int:
+        stats = redis_admin.info("commandstats").get(f"cmdstat_{command}")
+        return int(stats["calls"]) if stats else 0
+
+    return calls
