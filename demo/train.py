@@ -1,0 +1,249 @@
+"""Train the demo `fraud` model on synthetic transactions and write the model repository.
+
+Each model is exported as TorchScript (`<repo>/<model>/<version>/model.pt`, with a `model.pt.sha256`
+sidecar the model service verifies) next to its `<repo>/<model>/config.json`. Also writes `bench_mlp`,
+a compute-bound model with random weights for batching benchmarks.
+
+    python -m demo.train --repo .run/demo/model_repository
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from demo.synthetic import MERCHANT_FEATURES, USER_FEATURES, feature_matrix, make_world, sample_transactions
+from infermesh.model_config import MODEL_FILE, ModelConfig
+
+FEATURE_NAMES = [*USER_FEATURES, *MERCHANT_FEATURES, "amount"]
+# Counts, amounts and ages are heavy-tailed: the model sees log1p of them (rates and ratios stay as they are).
+LOG_FEATURES = {
+    "txn_count_1h",
+    "txn_count_24h",
+    "avg_amount_7d",
+    "account_age_days",
+    "distinct_merchants_24h",
+    "failed_logins_24h",
+    "avg_ticket",
+    "txn_volume_24h",
+    "merchant_age_days",
+    "amount",
+}
+TRAIN_ROWS = 200_000
+HOLDOUT_ROWS = 50_000
+EPOCHS = 4
+BATCH_ROWS = 512
+BENCH_WIDTH = 256
+BENCH_HIDDEN = 2048
+
+
+class FraudNet(nn.Module):
+    """13 features → fraud probability. Log transform and standardisation are buffers of the module."""
+
+    def __init__(self, log_mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("log_mask", log_mask)
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.net = nn.Sequential(
+            nn.Linear(len(FEATURE_NAMES), 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1)
+        )
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.where(self.log_mask, torch.log1p(torch.clamp(x, min=0.0)), x)
+        return (x - self.mean) / self.std
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalise(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 13] FP32 → [N, 1] probability."""
+        return torch.sigmoid(self.logits(x))
+
+
+class BenchMLP(nn.Module):
+    def __init__(self, width: int = BENCH_WIDTH, hidden: int = BENCH_HIDDEN) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, width)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties averaged)."""
+    labels = labels.astype(bool)
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # Average ranks over runs of equal scores.
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(scores)]])
+    for start, end in zip(starts, ends, strict=True):
+        ranks[order[start:end]] = (start + end + 1) / 2
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        raise ValueError("AUC needs both classes")
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+@contextmanager
+def _deterministic(seed: int) -> Iterator[None]:
+    """Seeded, single-threaded torch (bitwise reproducible on CPU); restores the thread count after."""
+    threads = torch.get_num_threads()
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def save_torchscript(module: nn.Module, path: Path) -> Path:
+    """Script `module`, save it to `path` and write `<path>.sha256`; returns `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module.eval()
+    with warnings.catch_warnings():
+        # TorchScript is deprecated upstream in favour of torch.export; it is still the format we serve.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(module)
+        torch.jit.save(scripted, str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
+    return path
+
+
+def write_config(repo: Path, config: dict[str, object]) -> Path:
+    """Validate against infermesh.model_config and write `<repo>/<name>/config.json`."""
+    ModelConfig.model_validate(config)
+    path = repo / str(config["name"]) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def fraud_config() -> dict[str, object]:
+    return {
+        "name": "fraud",
+        "platform": "pytorch_torchscript",
+        "max_batch_size": 1024,
+        "dynamic_batching": {"max_queue_delay_us": 200, "max_queue_size": 2048},
+        "inputs": [
+            {"name": "user_id", "datatype": "BYTES", "shape": [-1]},
+            {"name": "merchant_id", "datatype": "BYTES", "shape": [-1]},
+            {"name": "amount", "datatype": "FP32", "shape": [-1]},
+        ],
+        "outputs": [{"name": "fraud_probability", "datatype": "FP32", "shape": [-1]}],
+        "feature_spec": {
+            "entities": [
+                {"input": "user_id", "view": "user", "features": list(USER_FEATURES)},
+                {"input": "merchant_id", "view": "merchant", "features": list(MERCHANT_FEATURES)},
+            ],
+            "request_inputs": ["amount"],
+            "on_missing": "default",
+        },
+        "model_input": {"name": "features", "datatype": "FP32", "shape": [-1, len(FEATURE_NAMES)]},
+    }
+
+
+def train_fraud(seed: int = 0) -> tuple[FraudNet, float, float]:
+    """Train on the demo world (the one the feature store is seeded with); returns (model, held-out AUC, seconds)."""
+    started = time.perf_counter()
+    world = make_world()
+    train = sample_transactions(world, TRAIN_ROWS, seed=1_000 + seed)
+    holdout = sample_transactions(world, HOLDOUT_ROWS, seed=2_000 + seed)
+    x_train = torch.from_numpy(feature_matrix(world, train.user_index, train.merchant_index, train.amount))
+    y_train = torch.from_numpy(train.label.astype(np.float32)).unsqueeze(1)
+    x_holdout = torch.from_numpy(feature_matrix(world, holdout.user_index, holdout.merchant_index, holdout.amount))
+    with _deterministic(seed):
+        log_mask = torch.tensor([name in LOG_FEATURES for name in FEATURE_NAMES])
+        transformed = torch.where(log_mask, torch.log1p(torch.clamp(x_train, min=0.0)), x_train)
+        mean = transformed.mean(dim=0)
+        std = transformed.std(dim=0).clamp(min=1e-6)
+        model = FraudNet(log_mask, mean, std)
+        optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+        loss_fn = nn.BCEWithLogitsLoss()
+        generator = torch.Generator().manual_seed(seed)
+        model.train()
+        for _ in range(EPOCHS):
+            for batch in torch.randperm(len(x_train), generator=generator).split(BATCH_ROWS):
+                optimiser.zero_grad(set_to_none=True)
+                loss = loss_fn(model.logits(x_train[batch]), y_train[batch])
+                loss.backward()
+                optimiser.step()
+        model.eval()
+        with torch.inference_mode():
+            scores = model(x_holdout).squeeze(1).numpy()
+    return model, roc_auc(holdout.label, scores), time.perf_counter() - started
+
+
+def train_fraud_model(repo: Path, version: str = "1", seed: int = 0) -> Path:
+    """Train `fraud`, write `<repo>/fraud/<version>/model.pt` (+ .sha256, training.json) and the config.
+
+    Returns the path of model.pt; the held-out AUC is in `training.json` next to it.
+    """
+    model, auc, seconds = train_fraud(seed)
+    path = save_torchscript(model, repo / "fraud" / version / MODEL_FILE)
+    summary = {
+        "auc": round(auc, 4),
+        "train_rows": TRAIN_ROWS,
+        "holdout_rows": HOLDOUT_ROWS,
+        "seconds": round(seconds, 2),
+        "seed": seed,
+    }
+    (path.parent / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_config(repo, fraud_config())
+    return path
+
+
+def bench_config() -> dict[str, object]:
+    return {
+        "name": "bench_mlp",
+        "platform": "pytorch_torchscript",
+        "max_batch_size": 256,
+        "dynamic_batching": {"max_queue_delay_us": 1000, "max_queue_size": 1024},
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, BENCH_WIDTH]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, BENCH_WIDTH]}],
+    }
+
+
+def write_bench_model(repo: Path, version: str = "1", seed: int = 0) -> Path:
+    """`bench_mlp`: 256 → 2048 → 2048 → 256 with random (seeded) weights; returns the path of model.pt."""
+    with _deterministic(seed):
+        model = BenchMLP()
+    path = save_torchscript(model, repo / "bench_mlp" / version / MODEL_FILE)
+    write_config(repo, bench_config())
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo", type=Path, required=True, help="Model repository folder to write.")
+    parser.add_argument("--version", default="1", help="Version folder of the fraud model.")
+    parser.add_argument("--seed", type=int, default=0, help="Training seed.")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    fraud = train_fraud_model(args.repo, args.version, args.seed)
+    summary = json.loads((fraud.parent / "training.json").read_text())
+    print(f"fraud: held-out AUC {summary['auc']:.4f}, trained in {summary['seconds']:.1f}s → {fraud}")
+    bench = write_bench_model(args.repo)
+    print(f"bench_mlp → {bench}")
+    print(f"done in {time.perf_counter() - started:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Dynamic batching of one model version: a bounded queue in front of one forward-pass thread.
+
+Requests wait until `max_batch_size` rows are queued or `max_queue_delay_us` has passed since the first
+of them arrived; then one forward pass runs over their concatenated rows in a dedicated worker thread
+(torch releases the GIL, so the event loop keeps accepting meanwhile) and the outputs are split back.
+A full queue refuses at once (QueueFull → RESOURCE_EXHAUSTED); a request whose deadline passed while it
+queued is dropped before compute (DeadlineExceeded); a cancelled caller is simply left out of its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from infermesh import metrics, telemetry
+from infermesh.errors import DeadlineExceeded, DomainError, QueueFull, Unavailable
+from infermesh.model_config import DynamicBatching
+
+log = logging.getLogger(__name__)
+
+SERVICE = "model_service"
+
+Arrays = dict[str, np.ndarray]
+RunBatch = Callable[[Arrays], Arrays]
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    inputs: Arrays
+    rows: int
+    deadline: float | None
+    future: asyncio.Future[Arrays]
+    enqueued_at: float  # loop.time(): the batching window is measured on the loop's clock
+    enqueued_ns: int  # wall clock, for spans
+    signature: tuple[tuple[str, tuple[int, ...]], ...]
+    dispatched_ns: int = 0
+    forward_start_ns: int = 0
+    forward_end_ns: int = 0
+    batch_rows: int = 0
+    taken: bool = False  # off the queue (in a batch, dropped or failed)
+
+
+def _signature(inputs: Arrays) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Requests join a batch only if their non-batch dimensions agree (variable dims may differ)."""
+    return tuple((name, array.shape[1:]) for name, array in inputs.items())
+
+
+class Batcher:
+    """Queue + batching loop + worker thread of one model version."""
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        run_batch: RunBatch,
+        max_batch_size: int,
+        batching: DynamicBatching,
+        *,
+        device: str = "cpu",
+        inject_delay_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        thread_initializer: Callable[[], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.version = version
+        self._run_batch = run_batch
+        self._max_rows = max_batch_size
+        self._enabled = batching.enabled
+        self._delay_s = batching.max_queue_delay_us / 1e6
+        self._max_queue = batching.max_queue_size
+        self._inject_delay_s = inject_delay_s
+        self._clock = clock  # deadlines are absolute times on this clock (time.monotonic by default)
+        self._pending: deque[_Request] = deque()
+        self._pending_rows = 0
+        self._running: list[_Request] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        # One thread: forward passes of a model version never overlap, so batches do not fight for cores.
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"forward-{model}-{version}", initializer=thread_initializer
+        )
+        self._queue_depth = metrics.QUEUE_DEPTH.labels(SERVICE, model)
+        self._batch_size = metrics.BATCH_SIZE.labels(SERVICE, model)
+        self._queue_wait = metrics.QUEUE_WAIT.labels(SERVICE, model)
+        self._forward_latency = metrics.FORWARD_LATENCY.labels(model, version, device)
+        self._rejected = metrics.ADMISSION_REJECTED.labels(SERVICE, "queue_full")
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch (the bounded quantity)."""
+        return len(self._pending)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.model}")
+
+    async def submit(self, inputs: Arrays, rows: int, deadline: float | None = None) -> Arrays:
+        """Queue `rows` rows ([rows, ...] arrays) and wait for their outputs. Raises QueueFull at once if full."""
+        if self._closed:
+            raise Unavailable(f"model '{self.model}' is shutting down")
+        if deadline is not None and deadline <= self._clock():
+            raise DeadlineExceeded(f"model '{self.model}': deadline passed before the request was queued")
+        if len(self._pending) >= self._max_queue:
+            self._rejected.inc()
+            raise QueueFull(f"model '{self.model}' queue is full")
+        self.start()
+        loop = asyncio.get_running_loop()
+        request = _Request(
+            inputs=inputs,
+            rows=rows,
+            deadline=deadline,
+            future=loop.create_future(),
+            enqueued_at=loop.time(),
+            enqueued_ns=time.time_ns(),
+            signature=_signature(inputs),
+        )
+        self._pending.append(request)
+        self._pending_rows += rows
+        self._queue_depth.set(len(self._pending))
+        self._notify()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            if not request.taken:  # free its queue slot now rather than when the loop reaches it
+                self._pending.remove(request)
+                self._pending_rows -= rows
+                self._queue_depth.set(len(self._pending))
+            raise
+        finally:
+            self._record_spans(request)
+
+    def _record_spans(self, request: _Request) -> None:
+        # From the caller's coroutine, so that the spans parent under its server span.
+        if not request.dispatched_ns:
+            return
+        attributes = {"batch_size": request.batch_rows, "model": self.model, "version": self.version}
+        telemetry.record_span("batch.queue_wait", request.enqueued_ns, request.dispatched_ns, **attributes)
+        if request.forward_end_ns:
+            telemetry.record_span("model.forward", request.forward_start_ns, request.forward_end_ns, **attributes)
+
+    def _notify(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self, at_most_s: float | None) -> None:
+        """Until a request arrives (or `at_most_s` seconds pass); a future + timer is cheaper than wait_for."""
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(at_most_s, self._notify) if at_most_s is not None else None
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                await self._wait(None)
+            if self._enabled:
+                # Let the batch grow until it is full or the first request has waited max_queue_delay.
+                close_at = self._pending[0].enqueued_at + self._delay_s
+                while self._pending and self._pending_rows < self._max_rows:
+                    remaining = close_at - loop.time()
+                    if remaining <= 0:
+                        break
+                    await self._wait(remaining)
+            batch = self._take()
+            if batch:
+                await self._execute(batch)
+
+    def _take(self) -> list[_Request]:
+        """Pop the next batch off the queue, failing requests whose deadline already passed."""
+        batch: list[_Request] = []
+        rows = 0
+        now = self._clock()
+        while self._pending:
+            request = self._pending[0]
+            expired = request.deadline is not None and request.deadline <= now
+            if not expired and batch:
+                full = not self._enabled or rows + request.rows > self._max_rows
+                if full or request.signature != batch[0].signature:
+                    break
+            self._pending.popleft()
+            self._pending_rows -= request.rows
+            request.taken = True
+            if request.future.done():
+                continue
+            if expired:
+                request.future.set_exception(
+                    DeadlineExceeded(f"model '{self.model}': deadline passed while the request was queued")
+                )
+                continue
+            batch.append(request)
+            rows += request.rows
+        self._queue_depth.set(len(self._pending))
+        return batch
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        rows = sum(request.rows for request in batch)
+        dispatched_ns = time.time_ns()
+        for request in batch:
+            request.dispatched_ns = dispatched_ns
+            request.batch_rows = rows
+            self._queue_wait.observe((dispatched_ns - request.enqueued_ns) / 1e9)
+        self._batch_size.observe(rows)
+        self._running = batch
+        loop = asyncio.get_running_loop()
+        try:
+            parts = [request.inputs for request in batch]
+            start_ns, end_ns, outputs = await loop.run_in_executor(self._executor, self._forward, parts)
+        except asyncio.CancelledError:
+            self._fail(batch, Unavailable(f"model '{self.model}' is shutting down"))
+            raise
+        except DomainError as error:
+            self._fail(batch, error)
+            return
+        except Exception as error:
+            log.exception("forward pass failed", extra={"fields": {"model": self.model, "version": self.version}})
+            self._fail(batch, error)
+            return
+        finally:
+            self._running = []
+        try:
+            self._split(batch, rows, outputs, start_ns, end_ns)
+        except Exception as error:
+            log.exception("model output does not split", extra={"fields": {"model": self.model}})
+            self._fail(batch, error)
+
+    def _forward(self, parts: list[Arrays]) -> tuple[int, int, Arrays]:
+        """In the worker thread: concatenation too, so that large batches do not hold up the event loop."""
+        start_ns = time.time_ns()
+        started = time.perf_counter()
+        if len(parts) == 1:
+            inputs = parts[0]
+        else:
+            inputs = {name: np.concatenate([part[name] for part in parts], axis=0) for name in parts[0]}
+        if self._inject_delay_s:
+            time.sleep(self._inject_delay_s)  # simulated slow replica: part of the forward pass on purpose
+        outputs = self._run_batch(inputs)
+        self._forward_latency.observe(time.perf_counter() - started)
+        return start_ns, time.time_ns(), outputs
+
+    def _split(self, batch: list[_Request], rows: int, outputs: Arrays, start_ns: int, end_ns: int) -> None:
+        for name, array in outputs.items():
+            if array.shape[:1] != (rows,):
+                raise RuntimeError(f"output '{name}' has shape {list(array.shape)} for a batch of {rows} rows")
+        offset = 0
+        for request in batch:
+            request.forward_start_ns = start_ns
+            request.forward_end_ns = end_ns
+            if not request.future.done():  # a caller cancelled mid-forward just does not get its rows
+                request.future.set_result(
+                    {name: array[offset : offset + request.rows] for name, array in outputs.items()}
+                )
+            offset += request.rows
+
+    @staticmethod
+    def _fail(batch: list[_Request], error: BaseException) -> None:
+        for request in batch:
+            if not request.future.done():
+                request.future.set_exception(error)
+
+    async def close(self) -> None:
+        """Stop the loop; every queued or computing request fails with Unavailable so nothing hangs."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        error = Unavailable(f"model '{self.model}' is shutting down")
+        self._fail(self._running, error)
+        for request in self._pending:
+            request.taken = True
+        self._fail(list(self._pending), error)
+        self._pending.clear()
+        self._pending_rows = 0
+        self._queue_depth.set(0)
+        self._executor.shutdown(wait=False, cancel_futures=True)

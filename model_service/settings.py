@@ -1,0 +1,25 @@
+"""Typed settings of the model service (env prefix MODEL_SERVICE_)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from infermesh.settings import ServiceSettings
+
+
+class ModelServiceSettings(ServiceSettings):
+    """Settings of one model service replica; `model_repository` is inherited."""
+
+    model_config = SettingsConfigDict(env_prefix="MODEL_SERVICE_", extra="ignore")
+
+    port: int = Field(8031, description="gRPC port; 0 picks a free one (written to port_file).")
+    device: str = Field(
+        "auto", description="Torch device for every model: auto (cuda if available, else cpu), cpu, cuda, cuda:N."
+    )
+    torch_threads: int = Field(1, ge=1, description="Intra-op threads torch may use for one forward pass.")
+    amp: bool = Field(False, description="Run forward passes under torch.autocast (float16); only applies on CUDA.")
+    replica_id: str = Field("", description="Name of this replica, reported in infer response parameters and metadata.")
+    inject_delay_ms: float = Field(
+        0.0, ge=0.0, description="Test/bench only: extra delay per batch, to simulate a slow replica."
+    )

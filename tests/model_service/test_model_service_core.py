@@ -1,0 +1,151 @@
+"""Unit tests of ModelServiceCore: served signature, validation messages, inference, shutdown. No network."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from infermesh.errors import InvalidInput, NotFound, Unavailable
+from infermesh.tensors import Tensor
+from model_service.core import SERVER_NAME, ModelServiceCore
+from model_service.settings import ModelServiceSettings
+from tests.model_service.models import tiny_fraud_module
+
+
+@pytest.fixture
+async def core(small_repo: Path) -> AsyncIterator[ModelServiceCore]:
+    settings = ModelServiceSettings(model_repository=small_repo, device="cpu", replica_id="replica-7")
+    core = ModelServiceCore(settings)
+    assert not core.server_ready()
+    await core.load()
+    yield core
+    await core.close()
+
+
+def tensor(name: str, array: np.ndarray, datatype: str = "FP32") -> Tensor:
+    return Tensor(name, datatype, tuple(array.shape), array)
+
+
+def features(rows: int, width: int = 13) -> dict[str, Tensor]:
+    return {"features": tensor("features", np.random.default_rng(rows).random((rows, width), dtype=np.float32))}
+
+
+def pair(rows_a: int = 2, rows_b: int = 2) -> dict[str, Tensor]:
+    return {
+        "a": tensor("a", np.ones((rows_a, 3), dtype=np.float32)),
+        "b": tensor("b", np.arange(rows_b, dtype=np.float32)),
+    }
+
+
+async def test_health_and_metadata_report_the_served_signature(core: ModelServiceCore) -> None:
+    assert core.server_live() and core.server_ready()
+    assert core.model_ready("tiny_fraud") and core.model_ready("tiny_fraud", "1")
+    assert not core.model_ready("tiny_fraud", "2") and not core.model_ready("nope")
+    server = core.server_metadata()
+    assert server.name == SERVER_NAME and server.replica_id == "replica-7"
+
+    fraud = core.model_metadata("tiny_fraud")
+    # The public inputs are user_id/merchant_id/amount; this hop serves the joined feature tensor.
+    assert [(s.name, s.datatype, s.shape) for s in fraud.inputs] == [("features", "FP32", [-1, 13])]
+    assert [(s.name, s.datatype, s.shape) for s in fraud.outputs] == [("fraud_probability", "FP32", [-1])]
+    assert fraud.versions == ["1"] and fraud.platform == "pytorch_torchscript"
+    assert [s.name for s in core.model_metadata("pair").inputs] == ["a", "b"]
+    with pytest.raises(NotFound):
+        core.model_metadata("nope")
+    with pytest.raises(NotFound):
+        core.model_metadata("pair", "9")
+
+
+async def test_infer_returns_the_models_outputs(core: ModelServiceCore) -> None:
+    inputs = features(3)
+    version, outputs = await core.infer("tiny_fraud", "", inputs)
+    assert version == "1"
+    expected = tiny_fraud_module()(torch.from_numpy(inputs["features"].data)).detach().numpy().reshape(3)
+    np.testing.assert_allclose(outputs["fraud_probability"], expected, rtol=1e-6)
+
+    _, both = await core.infer("pair", "1", pair())
+    assert list(both) == ["total", "doubled"]
+    np.testing.assert_array_equal(both["total"], [3.0, 4.0])
+    _, only = await core.infer("pair", "1", pair(), outputs=["doubled"])
+    assert list(only) == ["doubled"]
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "message"),
+    [
+        pytest.param(
+            "tiny_fraud",
+            {"features": tensor("features", np.zeros((2, 13), dtype=np.float64), "FP64")},
+            "input 'features': datatype FP64 does not match FP32",
+            id="wrong-datatype",
+        ),
+        pytest.param(
+            "tiny_fraud", features(2, width=12), "input 'features': shape [2, 12] does not match [-1, 13]", id="width"
+        ),
+        pytest.param(
+            "tiny_fraud",
+            {"features": tensor("features", np.zeros(13, dtype=np.float32))},
+            "input 'features': shape [13] does not match [-1, 13]",
+            id="rank",
+        ),
+        pytest.param(
+            "tiny_fraud",
+            features(5),
+            "input 'features': batch size 5 exceeds the max_batch_size 4 of model 'tiny_fraud'",
+            id="oversized",
+        ),
+        pytest.param("tiny_fraud", features(0), "model 'tiny_fraud': request has an empty batch", id="empty"),
+        pytest.param("pair", {"a": pair()["a"]}, "input 'b' is missing (model 'pair' needs it)", id="missing"),
+        pytest.param(
+            "tiny_fraud",
+            {**features(2), "extra": tensor("extra", np.zeros(2, dtype=np.float32))},
+            "input 'extra' is not an input of model 'tiny_fraud'",
+            id="unknown-input",
+        ),
+        pytest.param(
+            "pair", pair(2, 3), "input 'b': batch size 3 differs from input 'a' batch size 2", id="batch-mismatch"
+        ),
+    ],
+)
+async def test_invalid_inputs_name_the_tensor_and_the_problem(
+    core: ModelServiceCore, model: str, inputs: dict[str, Tensor], message: str
+) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        await core.infer(model, "", inputs)
+    assert str(caught.value).startswith(message)
+
+
+async def test_unknown_output_is_invalid(core: ModelServiceCore) -> None:
+    with pytest.raises(InvalidInput, match="unknown output 'nope'"):
+        await core.infer("pair", "", pair(), outputs=["total", "nope"])
+
+
+async def test_unknown_model_or_version_is_not_found(core: ModelServiceCore) -> None:
+    with pytest.raises(NotFound, match="unknown model 'nope'"):
+        await core.infer("nope", "", features(1))
+    with pytest.raises(NotFound, match="model 'tiny_fraud' has no version '2'"):
+        await core.infer("tiny_fraud", "2", features(1))
+
+
+async def test_repository_index_lists_refused_versions_with_the_reason(small_repo: Path) -> None:
+    (small_repo / "pair" / "1" / "model.pt.sha256").write_text("0" * 64)
+    core = ModelServiceCore(ModelServiceSettings(model_repository=small_repo, device="cpu"))
+    await core.load()
+    index = {(e.name, e.version): e for e in core.repository_index()}
+    assert index[("tiny_fraud", "1")].state == "READY"
+    assert index[("pair", "1")].state == "UNAVAILABLE"
+    assert "SHA-256 mismatch" in index[("pair", "1")].reason
+    assert [e.name for e in core.repository_index(ready_only=True)] == ["tiny_fraud"]
+    assert core.server_ready() and not core.model_ready("pair")
+    await core.close()
+
+
+async def test_closed_core_is_not_ready_and_refuses(core: ModelServiceCore) -> None:
+    await core.close()
+    assert not core.server_ready() and not core.model_ready("tiny_fraud")
+    with pytest.raises(Unavailable):
+        await core.infer("tiny_fraud", "", features(1))

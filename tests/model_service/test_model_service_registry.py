@@ -1,0 +1,116 @@
+"""Unit tests of the model registry: checksum verification, loading, warm-up, forward passes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from infermesh.errors import FailedPrecondition, NotFound
+from model_service.registry import ModelRegistry, resolve_device
+from tests.model_service.models import PairModel, pair_config, tiny_fraud_module, write_model
+
+
+def load(repo: Path) -> ModelRegistry:
+    registry = ModelRegistry(repo, device="cpu")
+    registry.load_all()
+    return registry
+
+
+def test_loads_and_predicts_every_output_in_declared_shape(small_repo: Path) -> None:
+    registry = load(small_repo)
+    assert registry.is_ready("pair") and registry.is_ready("tiny_fraud")
+    a = np.arange(12, dtype=np.float32).reshape(4, 3)
+    b = np.array([1, 2, 3, 4], dtype=np.float32)
+    outputs = registry.get("pair").predict({"a": a, "b": b})
+    assert set(outputs) == {"total", "doubled"}
+    assert outputs["total"].shape == (4,)  # the model answers [N, 1]; the config declares [-1]
+    np.testing.assert_array_equal(outputs["total"], a.sum(axis=1) + b)
+    np.testing.assert_array_equal(outputs["doubled"], a * 2)
+    assert outputs["total"].dtype == np.float32
+
+
+def test_feature_spec_model_takes_the_joined_tensor(small_repo: Path) -> None:
+    registry = load(small_repo)
+    model = registry.get("tiny_fraud")
+    assert [spec.name for spec in model.input_specs] == ["features"]
+    features = np.random.default_rng(0).random((3, 13), dtype=np.float32)
+    readonly = np.frombuffer(features.tobytes(), dtype=np.float32).reshape(3, 13)  # as decoded from raw bytes
+    probability = model.predict({"features": readonly})["fraud_probability"]
+    expected = tiny_fraud_module()(torch.from_numpy(features)).detach().numpy().reshape(3)
+    np.testing.assert_allclose(probability, expected, rtol=1e-6)
+
+
+def test_checksum_mismatch_is_refused_and_other_models_still_load(small_repo: Path) -> None:
+    sidecar = small_repo / "pair" / "1" / "model.pt.sha256"
+    sidecar.write_text("0" * 64 + "  model.pt\n")
+    registry = load(small_repo)
+    assert not registry.is_ready("pair")
+    assert "SHA-256 mismatch" in registry.failures[("pair", "1")]
+    with pytest.raises(FailedPrecondition, match="'pair' version '1' is not ready"):
+        registry.get("pair")
+    assert registry.is_ready("tiny_fraud")
+
+
+def test_tampered_weights_are_refused(small_repo: Path) -> None:
+    weights = small_repo / "tiny_fraud" / "1" / "model.pt"
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    registry = load(small_repo)
+    assert not registry.is_ready("tiny_fraud")
+    assert registry.is_ready("pair")
+
+
+def test_missing_checksum_is_refused(small_repo: Path) -> None:
+    (small_repo / "pair" / "1" / "model.pt.sha256").unlink()
+    registry = load(small_repo)
+    assert not registry.is_ready("pair")
+    assert "missing checksum" in registry.failures[("pair", "1")]
+
+
+class WrongWidth(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return b, a[:, :2]  # `doubled` is declared [-1, 3]
+
+
+def test_model_not_matching_its_config_is_refused_at_warm_up(tmp_path: Path) -> None:
+    write_model(tmp_path, pair_config(), WrongWidth())
+    registry = load(tmp_path)
+    assert not registry.is_ready("pair")
+    assert "doubled" in registry.failures[("pair", "1")]
+
+
+def test_version_resolution(tmp_path: Path) -> None:
+    write_model(tmp_path, pair_config(), PairModel(), version="1")
+    write_model(tmp_path, pair_config(), PairModel(), version="2")
+    write_model(tmp_path, pair_config(), PairModel(), version="10")
+    (tmp_path / "pair" / "10" / "model.pt.sha256").write_text("bad\n")
+    registry = load(tmp_path)
+    assert registry.get("pair").version == "2"  # latest READY version: 10 was refused
+    assert registry.get("pair", "1").version == "1"
+    assert registry.ready_versions("pair") == ["1", "2"]
+    with pytest.raises(NotFound, match="model 'pair' has no version '3'"):
+        registry.get("pair", "3")
+    with pytest.raises(FailedPrecondition):
+        registry.get("pair", "10")
+    with pytest.raises(NotFound, match="unknown model 'nope'"):
+        registry.get("nope")
+
+
+def test_auto_device_picks_cuda_only_when_available() -> None:
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_with_autocast_answers_the_declared_fp32(small_repo: Path) -> None:
+    cpu = load(small_repo)
+    registry = ModelRegistry(small_repo, device="cuda", amp=True)
+    registry.load_all()
+    features = np.random.default_rng(1).random((4, 13), dtype=np.float32)
+    on_gpu = registry.get("tiny_fraud").predict({"features": features})["fraud_probability"]
+    assert on_gpu.dtype == np.float32 and on_gpu.shape == (4,)
+    expected = cpu.get("tiny_fraud").predict({"features": features})["fraud_probability"]
+    np.testing.assert_allclose(on_gpu, expected, atol=1e-2)  # float16 compute
