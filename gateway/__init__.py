@@ -1,0 +1,1 @@
+"""Gateway: the public Open Inference Protocol endpoint. Authenticates, admits, validates, forwards."""

@@ -1,0 +1,5 @@
+from gateway.server import GatewayService
+from gateway.settings import GatewaySettings
+from infermesh.service import main
+
+main(lambda: GatewayService(GatewaySettings()))

@@ -1,0 +1,26 @@
+"""Gateway settings (env prefix GATEWAY_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from infermesh.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    port: int = Field(8001, description="gRPC port clients call (Triton's default gRPC port).")
+    router_address: str = Field(
+        "127.0.0.1:8011", description="Router target; a dns:/// name balances over several routers."
+    )
+    api_keys_path: Path = Field(
+        Path("api_keys.json"), description="JSON file of SHA-256 API key hashes, each with tenant and models."
+    )
+    max_inflight: int = Field(512, ge=1, description="Concurrent requests admitted; beyond it RESOURCE_EXHAUSTED.")
+    max_message_bytes: int = Field(16 * 1024 * 1024, description="Largest request accepted.")
+    default_timeout_s: float = Field(10.0, description="Deadline applied when a client sets none.")
+    router_attempts: int = Field(2, ge=1, description="Attempts per router call when the router is unavailable.")

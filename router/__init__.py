@@ -1,0 +1,1 @@
+"""Router: joins fresh features into model tensors, coalesces concurrent requests, balances replicas."""

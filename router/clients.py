@@ -1,0 +1,91 @@
+"""gRPC adapters behind the router core's client protocols: feature service and model replicas."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from infermesh.channels import insecure_channel
+from infermesh.interceptors import error_from_rpc
+from infermesh.proto import feature_store_pb2, feature_store_pb2_grpc, inference_pb2, inference_pb2_grpc
+from infermesh.tensors import Tensor, decode_raw, to_raw
+from router.core import FeatureBlock, FeatureQuery
+
+
+class FeatureServiceClient:
+    def __init__(self, address: str, max_message_bytes: int) -> None:
+        self.channel = insecure_channel(address, max_message_bytes)
+        self._stub = feature_store_pb2_grpc.FeatureStoreStub(self.channel)
+
+    async def read(self, queries: Sequence[FeatureQuery], timeout_s: float) -> list[FeatureBlock]:
+        request = feature_store_pb2.BatchReadFeaturesRequest(
+            reads=[
+                feature_store_pb2.ReadFeaturesRequest(
+                    feature_view=q.view, entity_ids=q.entity_ids, feature_names=q.feature_names
+                )
+                for q in queries
+            ]
+        )
+        try:
+            response = await self._stub.BatchReadFeatures(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, "feature service") from None
+        blocks = []
+        for query, result in zip(queries, response.results, strict=True):
+            shape = (len(query.entity_ids), len(result.feature_names))
+            blocks.append(
+                FeatureBlock(
+                    np.asarray(result.values, dtype=np.float32).reshape(shape),
+                    np.asarray(result.statuses, dtype=np.uint8).reshape(shape),
+                )
+            )
+        return blocks
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class ModelServiceClient:
+    """One replica. Inputs travel raw; outputs are read from raw_output_contents."""
+
+    def __init__(self, address: str, max_message_bytes: int) -> None:
+        self.address = address
+        self.channel = insecure_channel(address, max_message_bytes)
+        self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def infer(
+        self, model: str, version: str, inputs: Sequence[Tensor], timeout_s: float
+    ) -> tuple[str, dict[str, Tensor]]:
+        request = inference_pb2.ModelInferRequest(
+            model_name=model,
+            model_version=version,
+            inputs=[
+                inference_pb2.ModelInferRequest.InferInputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
+                for t in inputs
+            ],
+            raw_input_contents=[to_raw(t.datatype, t.data) for t in inputs],
+        )
+        try:
+            response = await self._stub.ModelInfer(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, "model service") from None
+        outputs: dict[str, Tensor] = {}
+        for index, output in enumerate(response.outputs):
+            shape = tuple(output.shape)
+            data = decode_raw(output.name, output.datatype, shape, response.raw_output_contents[index])
+            outputs[output.name] = Tensor(output.name, output.datatype, shape, data)
+        return response.model_version, outputs
+
+    async def health_check(self, timeout_s: float) -> bool:
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,327 @@
+"""The router's transport-free core: model lookup, feature join, coalescing, retries across replicas.
+
+Downstream services are reached through two small client protocols (implemented over gRPC in
+`router.clients`), so this module imports no transport.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from infermesh import metrics, telemetry
+from infermesh.errors import DomainError, InvalidInput, NotFound, Overloaded, Unavailable
+from infermesh.model_config import ModelEntry, TensorSpec, load_repository
+from infermesh.retry import retrying
+from infermesh.tensors import Tensor
+from infermesh.validation import entity_ids, require_finite, validate_inputs
+from router.coalescer import Coalescer, Pending
+from router.replicas import Replica, ReplicaSet
+
+log = logging.getLogger(__name__)
+
+# Mirrors infermesh.features.v1.FeatureStatus.
+PRESENT, NOT_FOUND, STALE = 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureQuery:
+    view: str
+    entity_ids: list[str]
+    feature_names: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureBlock:
+    values: np.ndarray  # float32 [entities, features]; defaults where NOT_FOUND
+    statuses: np.ndarray  # uint8 [entities, features]
+
+
+class FeatureReader(Protocol):
+    async def read(self, queries: Sequence[FeatureQuery], timeout_s: float) -> list[FeatureBlock]: ...
+
+
+class ModelClient(Protocol):
+    async def infer(
+        self, model: str, version: str, inputs: Sequence[Tensor], timeout_s: float
+    ) -> tuple[str, dict[str, Tensor]]: ...
+
+
+@dataclass(slots=True)
+class InferResult:
+    model: str
+    version: str
+    outputs: list[Tensor]
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    backoff_initial_s: float = 0.002
+    backoff_max_s: float = 0.05
+
+
+@dataclass(slots=True)
+class _FeatureRequest:
+    """A feature-joined request inside a coalesced batch."""
+
+    tensors: dict[str, Tensor]
+    ids: dict[str, list[str]]
+
+
+class RouterCore:
+    def __init__(
+        self,
+        models: dict[str, ModelEntry],
+        replicas: ReplicaSet,
+        features: FeatureReader,
+        retry: RetryPolicy,
+        default_timeout_s: float = 10.0,
+        max_batch_rows: int = 1024,
+        max_inflight_batches: int = 4,
+        max_pending_requests: int = 4096,
+    ) -> None:
+        self.models = models
+        self.replicas = replicas
+        self.features = features
+        self.retry = retry
+        self.default_timeout_s = default_timeout_s
+        self._max_batch_rows = max_batch_rows
+        self._max_inflight_batches = max_inflight_batches
+        self._max_pending_requests = max_pending_requests
+        # One coalescer per (model, version): only requests for the same model version share a batch.
+        self._coalescers: dict[tuple[str, str], Coalescer] = {}
+
+    @classmethod
+    def from_repository(cls, root: Path, **kwargs: object) -> RouterCore:
+        return cls(load_repository(root), **kwargs)  # type: ignore[arg-type]
+
+    # -- lookups ---------------------------------------------------------------------------------
+    def model(self, name: str) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            raise NotFound(f"model '{name}' not found")
+        return entry
+
+    def model_ready(self, name: str, version: str) -> bool:
+        entry = self.models.get(name)
+        if entry is None:
+            return False
+        if version and entry.versions and version not in entry.versions:
+            return False
+        return self.replicas.up_count > 0
+
+    def ready(self) -> bool:
+        return self.replicas.up_count > 0
+
+    def deadline(self, time_remaining_s: float | None) -> float:
+        budget = self.default_timeout_s if time_remaining_s is None else min(time_remaining_s, self.default_timeout_s)
+        return time.monotonic() + budget
+
+    # -- inference -------------------------------------------------------------------------------
+    async def infer(
+        self,
+        name: str,
+        version: str,
+        tensors: dict[str, Tensor],
+        requested_outputs: Sequence[str],
+        deadline: float,
+    ) -> InferResult:
+        entry = self.model(name)
+        config = entry.config
+        version = entry.resolve_version(version)
+        output_specs = _select_outputs(config.name, config.outputs, requested_outputs)
+        rows = validate_inputs(config.name, config.inputs, config.max_batch_size, tensors)
+        spec = config.feature_spec
+        if spec is None:
+            served, outputs = await self.call_model(name, version, list(tensors.values()), deadline)
+            return InferResult(name, served, [outputs[s.name] for s in output_specs if s.name in outputs])
+        ids = {entity.input: entity_ids(tensors[entity.input]) for entity in spec.entities}
+        for request_input in spec.request_inputs:
+            require_finite(tensors[request_input])
+        coalescer = self._coalescers.get((name, version))
+        if coalescer is None:
+            coalescer = self._coalescers[(name, version)] = Coalescer(
+                name,
+                self._batch_runner(entry, version),
+                max_rows=min(self._max_batch_rows, config.max_batch_size),
+                max_inflight=self._max_inflight_batches,
+                max_pending=self._max_pending_requests,
+            )
+        pending = Pending(_FeatureRequest(tensors, ids), rows, deadline)
+        served, outputs, parameters = await coalescer.submit(pending)
+        return InferResult(name, served, [outputs[s.name] for s in output_specs], parameters)
+
+    def _batch_runner(self, entry: ModelEntry, version: str):
+        config = entry.config
+        spec = config.feature_spec
+        assert spec is not None and config.model_input is not None
+        model_input = config.model_input
+        on_missing_reject = spec.on_missing == "reject"
+        defaulted_counter = metrics.FEATURE_DEFAULTED.labels(config.name)
+        fetch_latency = metrics.FEATURE_FETCH_LATENCY.labels(config.name)
+
+        async def run(batch: list[Pending]) -> None:
+            batch = [p for p in batch if not p.future.done()]
+            if not batch:
+                return
+            deadline = max(p.deadline for p in batch)
+            requests: list[_FeatureRequest] = [p.payload for p in batch]
+            queries: list[FeatureQuery] = []
+            row_index: list[np.ndarray] = []
+            for entity in spec.entities:
+                all_ids = [entity_id for request in requests for entity_id in request.ids[entity.input]]
+                unique = list(dict.fromkeys(all_ids))
+                position = {entity_id: i for i, entity_id in enumerate(unique)}
+                row_index.append(np.fromiter((position[i] for i in all_ids), dtype=np.intp, count=len(all_ids)))
+                queries.append(FeatureQuery(entity.view, unique, entity.features))
+            started = time.perf_counter()
+            with telemetry.span("router.feature_fetch", model=config.name, entities=len(row_index[0])):
+                blocks = await self.fetch_features(queries, deadline)
+            fetch_latency.observe(time.perf_counter() - started)
+
+            columns: list[np.ndarray] = []
+            missing_rows = np.zeros(len(row_index[0]), dtype=bool)
+            stale_rows = np.zeros_like(missing_rows)
+            missing_by_entity: list[np.ndarray] = []
+            for block, index in zip(blocks, row_index, strict=True):
+                columns.append(block.values[index])
+                missing = (block.statuses == NOT_FOUND).any(axis=1)[index]
+                missing_by_entity.append(missing)
+                missing_rows |= missing
+                stale_rows |= (block.statuses == STALE).any(axis=1)[index]
+            for request_input in spec.request_inputs:
+                columns.append(
+                    np.concatenate([r.tensors[request_input].data.reshape(-1, 1) for r in requests]).astype(
+                        np.float32, copy=False
+                    )
+                )
+            joined = np.concatenate(columns, axis=1)
+
+            # Per-request bookkeeping: row offsets, unknown entities (reject / flag), stale flags.
+            offsets = np.cumsum([0] + [p.rows for p in batch])
+            keep = np.ones(len(joined), dtype=bool)
+            parameters: list[dict[str, str]] = [{} for _ in batch]
+            if missing_rows.any() or stale_rows.any():
+                for i, (pending, request) in enumerate(zip(batch, requests, strict=True)):
+                    lo, hi = offsets[i], offsets[i + 1]
+                    unknown = _describe(spec.entities, request.ids, missing_by_entity, lo, hi)
+                    if unknown and on_missing_reject:
+                        keep[lo:hi] = False
+                        if not pending.future.done():
+                            pending.future.set_exception(NotFound(f"unknown entity {unknown[0]}"))
+                        continue
+                    if unknown:
+                        defaulted_counter.inc()
+                        parameters[i]["infermesh_defaulted_entities"] = ",".join(unknown)
+                    if stale_rows[lo:hi].any():
+                        parameters[i]["infermesh_stale_rows"] = ",".join(
+                            str(r - lo) for r in range(lo, hi) if stale_rows[r]
+                        )
+            if not keep.all():
+                live = [i for i in range(len(batch)) if keep[offsets[i]]]
+                if not live:
+                    return
+                joined = joined[keep]
+                batch = [batch[i] for i in live]
+                parameters = [parameters[i] for i in live]
+                offsets = np.cumsum([0] + [p.rows for p in batch])
+            features = Tensor(model_input.name, "FP32", (len(joined), joined.shape[1]), joined)
+            served, outputs = await self.call_model(config.name, version, [features], deadline)
+            for i, pending in enumerate(batch):
+                if pending.future.done():
+                    continue
+                lo, hi = offsets[i], offsets[i + 1]
+                sliced = {
+                    name: Tensor(name, t.datatype, (hi - lo, *t.shape[1:]), t.data[lo:hi])
+                    for name, t in outputs.items()
+                }
+                pending.future.set_result((served, sliced, parameters[i]))
+
+        return run
+
+    async def fetch_features(self, queries: Sequence[FeatureQuery], deadline: float) -> list[FeatureBlock]:
+        async for attempt in retrying(
+            deadline, self.retry.max_attempts, self.retry.backoff_initial_s, self.retry.backoff_max_s
+        ):
+            with attempt:
+                try:
+                    blocks = await self.features.read(queries, _remaining(deadline))
+                except (Unavailable, Overloaded) as error:
+                    metrics.RETRIES.labels("feature_service", type(error).__name__).inc()
+                    raise
+        return blocks
+
+    async def call_model(
+        self, name: str, version: str, inputs: Sequence[Tensor], deadline: float
+    ) -> tuple[str, dict[str, Tensor]]:
+        tried: set[str] = set()
+        async for attempt in retrying(
+            deadline, self.retry.max_attempts, self.retry.backoff_initial_s, self.retry.backoff_max_s
+        ):
+            with attempt:
+                # Prefer a replica not tried yet; once all were, any (after backoff) beats failing early.
+                untried = len(tried) < len(self.replicas.replicas)
+                replica = self.replicas.choose(tried if untried else frozenset())
+                tried.add(replica.address)
+                result = await self._call_replica(replica, name, version, inputs, deadline)
+        return result
+
+    async def _call_replica(
+        self, replica: Replica, name: str, version: str, inputs: Sequence[Tensor], deadline: float
+    ) -> tuple[str, dict[str, Tensor]]:
+        replica.inflight += 1
+        try:
+            result = await replica.client.infer(name, version, inputs, _remaining(deadline))
+        except Unavailable:
+            self.replicas.report_failure(replica)
+            metrics.RETRIES.labels("model_service", "UNAVAILABLE").inc()
+            raise
+        except Overloaded:
+            metrics.RETRIES.labels("model_service", "RESOURCE_EXHAUSTED").inc()
+            raise
+        finally:
+            replica.inflight -= 1
+        self.replicas.report_success(replica)
+        return result
+
+    async def close(self) -> None:
+        for coalescer in self._coalescers.values():
+            await coalescer.close()
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _select_outputs(model: str, outputs: list[TensorSpec], requested: Sequence[str]) -> list[TensorSpec]:
+    if not requested:
+        return outputs
+    by_name = {spec.name: spec for spec in outputs}
+    selected = []
+    for name in requested:
+        if name not in by_name:
+            raise InvalidInput(f"requested output '{name}' is not an output of model '{model}'")
+        selected.append(by_name[name])
+    return selected
+
+
+def _describe(entities, ids: dict[str, list[str]], missing_by_entity, lo: int, hi: int) -> list[str]:
+    """Names of this request's unknown entities, e.g. "user_id=u123" (ids are the client's own data)."""
+    found: list[str] = []
+    for entity, missing in zip(entities, missing_by_entity, strict=True):
+        request_ids = ids[entity.input]
+        for row in range(lo, hi):
+            if missing[row]:
+                found.append(f"{entity.input}={request_ids[row - lo]}")
+    return list(dict.fromkeys(found))
+
+
+__all__ = ["DomainError", "FeatureBlock", "FeatureQuery", "InferResult", "RetryPolicy", "RouterCore"]

@@ -1,0 +1,84 @@
+"""Model service replicas: least-loaded of two random choices, ejection after failures. Pure logic."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from infermesh import metrics
+from infermesh.errors import Unavailable
+
+
+@dataclass(eq=False)
+class Replica:
+    address: str
+    client: Any
+    inflight: int = 0
+    healthy: bool = True
+    ejected_until: float = 0.0
+    failures: int = field(default=0)
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.ejected_until
+
+
+class ReplicaSet:
+    def __init__(self, client_factory: Callable[[str], Any], eject_s: float = 2.0, seed: int | None = None) -> None:
+        self._client_factory = client_factory
+        self._eject_s = eject_s
+        self._random = random.Random(seed)
+        self.replicas: dict[str, Replica] = {}
+
+    def update(self, addresses: Iterable[str]) -> list[Replica]:
+        """Make the set match `addresses`; returns the removed replicas (their clients need closing)."""
+        wanted = list(dict.fromkeys(a for a in addresses if a))
+        removed = [r for a, r in self.replicas.items() if a not in wanted]
+        for replica in removed:
+            del self.replicas[replica.address]
+        for address in wanted:
+            if address not in self.replicas:
+                self.replicas[address] = Replica(address, self._client_factory(address))
+        self._publish()
+        return removed
+
+    def choose(self, exclude: set[str] | frozenset[str] = frozenset()) -> Replica:
+        now = time.monotonic()
+        candidates = [r for r in self.replicas.values() if r.address not in exclude and r.available(now)]
+        if not candidates:
+            # Every replica is ejected or already tried: an ejected one is better than failing outright.
+            candidates = [r for r in self.replicas.values() if r.address not in exclude]
+        if not candidates:
+            raise Unavailable("no model service replica is available")
+        if len(candidates) == 1:
+            return candidates[0]
+        first, second = self._random.sample(candidates, 2)
+        return first if first.inflight <= second.inflight else second
+
+    def report_failure(self, replica: Replica) -> None:
+        replica.failures += 1
+        replica.ejected_until = time.monotonic() + self._eject_s
+        self._publish()
+
+    def report_success(self, replica: Replica) -> None:
+        if replica.failures:
+            replica.failures = 0
+            replica.ejected_until = 0.0
+            self._publish()
+
+    def set_health(self, replica: Replica, healthy: bool) -> None:
+        if replica.healthy != healthy:
+            replica.healthy = healthy
+            if healthy:
+                replica.ejected_until = 0.0
+            self._publish()
+
+    @property
+    def up_count(self) -> int:
+        now = time.monotonic()
+        return sum(1 for r in self.replicas.values() if r.available(now))
+
+    def _publish(self) -> None:
+        metrics.REPLICAS_UP.set(self.up_count)

@@ -1,0 +1,109 @@
+"""Router process: OIP server, replica discovery (static list or headless-Service DNS) and health probes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import grpc
+
+from infermesh.model_config import load_repository
+from infermesh.proto import inference_pb2_grpc
+from infermesh.service import Service
+from router.clients import FeatureServiceClient, ModelServiceClient
+from router.core import RetryPolicy, RouterCore
+from router.replicas import ReplicaSet
+from router.servicer import RouterServicer, full_service_name
+from router.settings import RouterSettings
+
+log = logging.getLogger(__name__)
+
+
+class RouterService(Service):
+    name = "router"
+    settings: RouterSettings
+
+    def __init__(self, settings: RouterSettings) -> None:
+        super().__init__(settings)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def register(self, server: grpc.aio.Server) -> list[str]:
+        settings = self.settings
+        self.features = FeatureServiceClient(settings.feature_service_address, settings.max_message_bytes)
+        self.replicas = ReplicaSet(
+            lambda address: ModelServiceClient(address, settings.max_message_bytes), eject_s=settings.eject_s
+        )
+        self.core = RouterCore(
+            load_repository(settings.model_repository),
+            self.replicas,
+            self.features,
+            RetryPolicy(settings.max_attempts, settings.backoff_initial_ms / 1000, settings.backoff_max_ms / 1000),
+            default_timeout_s=settings.default_timeout_s,
+            max_batch_rows=settings.max_batch_rows,
+            max_inflight_batches=settings.max_inflight_batches,
+            max_pending_requests=settings.max_pending_requests,
+        )
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(RouterServicer(self.core), server)
+        return [full_service_name()]
+
+    async def warm_up(self) -> None:
+        if not self.core.models:
+            log.warning("no models in repository", extra={"fields": {"path": str(self.settings.model_repository)}})
+        await self._discover()
+        await self._probe_health()
+        self._tasks.append(asyncio.create_task(self._health_loop()))
+        if self.settings.model_service_dns:
+            self._tasks.append(asyncio.create_task(self._discovery_loop()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.core.close()
+        await self.features.close()
+        for replica in list(self.replicas.replicas.values()):
+            await replica.client.close()
+
+    async def _discover(self) -> None:
+        settings = self.settings
+        if settings.model_service_dns:
+            addresses = await _resolve(settings.model_service_dns)
+        else:
+            addresses = [a.strip() for a in settings.model_replicas.split(",") if a.strip()]
+        for removed in self.replicas.update(addresses):
+            await removed.client.close()
+
+    async def _discovery_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.discovery_interval_s)
+            try:
+                await self._discover()
+            except OSError:
+                log.warning("model service DNS lookup failed; keeping the current replicas")
+
+    async def _probe_health(self) -> None:
+        replicas = list(self.replicas.replicas.values())
+        timeout = max(0.1, self.settings.health_interval_s)
+        results = await asyncio.gather(*(r.client.health_check(timeout) for r in replicas))
+        for replica, healthy in zip(replicas, results, strict=True):
+            self.replicas.set_health(replica, healthy)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            await self._probe_health()
+
+
+async def _resolve(host_port: str) -> list[str]:
+    """All addresses behind a (headless Service) DNS name, as host:port."""
+    host, _, port = host_port.rpartition(":")
+    infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    addresses = []
+    for family, _type, _proto, _name, sockaddr in infos:
+        ip = sockaddr[0]
+        addresses.append(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+    return sorted(set(addresses))

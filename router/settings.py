@@ -1,0 +1,33 @@
+"""Router settings (env prefix ROUTER_)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from infermesh.settings import ServiceSettings
+
+
+class RouterSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="ROUTER_", extra="ignore")
+
+    port: int = Field(8011, description="gRPC port; 0 picks a free one (written to port_file).")
+    feature_service_address: str = Field("127.0.0.1:8021", description="host:port of the feature service.")
+    model_replicas: str = Field("", description="Comma-separated host:port of model service replicas.")
+    model_service_dns: str = Field(
+        "",
+        description="host:port of a headless Service; re-resolved every discovery_interval_s (Kubernetes). "
+        "Used instead of model_replicas when set.",
+    )
+    discovery_interval_s: float = Field(5.0, description="How often model_service_dns is re-resolved.")
+    health_interval_s: float = Field(1.0, description="How often each replica's gRPC health is checked.")
+    eject_s: float = Field(2.0, description="How long a replica that failed a call is avoided.")
+    max_attempts: int = Field(3, ge=1, description="Attempts per downstream call (first try included).")
+    backoff_initial_ms: float = Field(2.0, description="First retry backoff (exponential, full jitter).")
+    backoff_max_ms: float = Field(50.0, description="Largest retry backoff.")
+    default_timeout_s: float = Field(10.0, description="Deadline applied when a client sets none.")
+    max_batch_rows: int = Field(1024, ge=1, description="Most rows coalesced into one feature read + model call.")
+    max_inflight_batches: int = Field(4, ge=1, description="Coalesced batches in flight per model at once.")
+    max_pending_requests: int = Field(
+        4096, ge=1, description="Requests waiting to be coalesced per model; beyond it RESOURCE_EXHAUSTED."
+    )

@@ -1,0 +1,249 @@
+"""Router core with in-memory stand-ins for its two client protocols (pure logic, no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from infermesh.errors import DeadlineExceeded, InvalidInput, NotFound, Overloaded, Unavailable
+from infermesh.model_config import ModelConfig, ModelEntry
+from infermesh.tensors import Tensor
+from router.coalescer import Coalescer, Pending
+from router.core import NOT_FOUND, PRESENT, STALE, FeatureBlock, FeatureQuery, RetryPolicy, RouterCore
+from router.replicas import ReplicaSet
+
+USERS = {"u1": [1.0, 2.0], "u2": [3.0, 4.0], "u3": [5.0, 6.0]}
+MERCHANTS = {"m1": [10.0]}
+DEFAULTS = {"user": [-1.0, -1.0], "merchant": [-9.0]}
+
+
+def config(on_missing: str = "default") -> ModelConfig:
+    return ModelConfig.model_validate(
+        {
+            "name": "fraud",
+            "max_batch_size": 64,
+            "inputs": [
+                {"name": "user_id", "datatype": "BYTES", "shape": [-1]},
+                {"name": "merchant_id", "datatype": "BYTES", "shape": [-1]},
+                {"name": "amount", "datatype": "FP32", "shape": [-1]},
+            ],
+            "outputs": [{"name": "score", "datatype": "FP32", "shape": [-1]}],
+            "feature_spec": {
+                "entities": [
+                    {"input": "user_id", "view": "user", "features": ["a", "b"]},
+                    {"input": "merchant_id", "view": "merchant", "features": ["c"]},
+                ],
+                "request_inputs": ["amount"],
+                "on_missing": on_missing,
+            },
+            "model_input": {"name": "features", "datatype": "FP32", "shape": [-1, 4]},
+        }
+    )
+
+
+class Features:
+    def __init__(self, stale: set[str] | None = None) -> None:
+        self.calls: list[list[FeatureQuery]] = []
+        self.stale = stale or set()
+        self.fail_times = 0
+
+    async def read(self, queries: Sequence[FeatureQuery], timeout_s: float) -> list[FeatureBlock]:
+        self.calls.append(list(queries))
+        if self.fail_times:
+            self.fail_times -= 1
+            raise Unavailable("feature store unavailable")
+        blocks = []
+        for query in queries:
+            table = USERS if query.view == "user" else MERCHANTS
+            values, statuses = [], []
+            for entity_id in query.entity_ids:
+                found = table.get(entity_id)
+                values.append(found or DEFAULTS[query.view])
+                status = (STALE if entity_id in self.stale else PRESENT) if found else NOT_FOUND
+                statuses.append([status] * len(query.feature_names))
+            blocks.append(FeatureBlock(np.array(values, np.float32), np.array(statuses, np.uint8)))
+        return blocks
+
+
+class Model:
+    """Scores a row as the sum of its features; can fail or stall on demand."""
+
+    def __init__(self, name: str, fail_with: Exception | None = None, gate: asyncio.Event | None = None) -> None:
+        self.name = name
+        self.fail_with = fail_with
+        self.gate = gate
+        self.batches: list[int] = []
+
+    async def infer(self, model: str, version: str, inputs: Sequence[Tensor], timeout_s: float):
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        features = inputs[0].data
+        self.batches.append(len(features))
+        score = features.sum(axis=1).astype(np.float32)
+        return "1", {"score": Tensor("score", "FP32", score.shape, score)}
+
+    async def close(self) -> None:
+        pass
+
+
+def make_core(replicas: dict[str, Model], features: Features, on_missing: str = "default", **kwargs) -> RouterCore:
+    replica_set = ReplicaSet(lambda address: replicas[address], eject_s=60, seed=1)
+    replica_set.update(replicas)
+    entry = ModelEntry(config=config(on_missing), path=".", versions=["1"])
+    return RouterCore({"fraud": entry}, replica_set, features, RetryPolicy(3, 0.0001, 0.001), **kwargs)
+
+
+def request(users: list[str], merchants: list[str], amounts: list[float]) -> dict[str, Tensor]:
+    ids = np.array([u.encode() for u in users], dtype=object)
+    merchant_ids = np.array([m.encode() for m in merchants], dtype=object)
+    amount = np.array(amounts, np.float32)
+    return {
+        "user_id": Tensor("user_id", "BYTES", ids.shape, ids),
+        "merchant_id": Tensor("merchant_id", "BYTES", merchant_ids.shape, merchant_ids),
+        "amount": Tensor("amount", "FP32", amount.shape, amount),
+    }
+
+
+def deadline(seconds: float = 5.0) -> float:
+    return time.monotonic() + seconds
+
+
+async def test_joins_features_in_declared_order() -> None:
+    model = Model("a")
+    core = make_core({"a": model}, Features())
+    result = await core.infer("fraud", "", request(["u2", "u1"], ["m1", "m1"], [0.5, 100.0]), [], deadline())
+    # u2: 3+4, m1: 10, amount 0.5 → 17.5 ; u1: 1+2+10+100
+    assert result.outputs[0].data.tolist() == [17.5, 113.0]
+    assert result.version == "1"
+    assert result.parameters == {}
+
+
+async def test_concurrent_requests_share_one_feature_read_and_model_call() -> None:
+    gate = asyncio.Event()
+    model = Model("a", gate=gate)
+    features = Features()
+    core = make_core({"a": model}, features, max_inflight_batches=1)
+    first = asyncio.create_task(core.infer("fraud", "", request(["u1"], ["m1"], [1]), [], deadline()))
+    await asyncio.sleep(0)  # let the first batch leave and block on the gate
+    rest = [
+        asyncio.create_task(core.infer("fraud", "", request([u], ["m1"], [i]), [], deadline()))
+        for i, u in enumerate(["u1", "u2", "u3", "u2"])
+    ]
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(first, *rest)
+    assert model.batches == [1, 4]  # the four waiting requests left together
+    assert len(features.calls) == 2
+    assert features.calls[1][0].entity_ids == ["u1", "u2", "u3"]  # de-duplicated ids, one read
+    assert [r.outputs[0].data.tolist() for r in results] == [[14.0], [13.0], [18.0], [23.0], [20.0]]
+
+
+async def test_unknown_entity_default_policy_flags_response() -> None:
+    core = make_core({"a": Model("a")}, Features())
+    result = await core.infer("fraud", "", request(["u1", "nobody"], ["m1", "m1"], [0, 0]), [], deadline())
+    assert result.outputs[0].data.tolist() == [13.0, 8.0]  # defaults -1 -1 for the unknown user
+    assert result.parameters["infermesh_defaulted_entities"] == "user_id=nobody"
+
+
+async def test_unknown_entity_reject_policy_names_entity_and_spares_others() -> None:
+    core = make_core({"a": Model("a")}, Features(), on_missing="reject", max_inflight_batches=1)
+    bad = core.infer("fraud", "", request(["ghost"], ["m1"], [0]), [], deadline())
+    good = core.infer("fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
+    outcomes = await asyncio.gather(bad, good, return_exceptions=True)
+    assert isinstance(outcomes[0], NotFound) and "user_id=ghost" in str(outcomes[0])
+    assert outcomes[1].outputs[0].data.tolist() == [13.0]
+
+
+async def test_stale_rows_are_flagged() -> None:
+    core = make_core({"a": Model("a")}, Features(stale={"u2"}))
+    result = await core.infer("fraud", "", request(["u1", "u2"], ["m1", "m1"], [0, 0]), [], deadline())
+    assert result.parameters["infermesh_stale_rows"] == "1"
+
+
+async def test_unavailable_replica_is_retried_on_another_and_ejected() -> None:
+    dead, alive = Model("dead", fail_with=Unavailable("gone")), Model("alive")
+    core = make_core({"dead": dead, "alive": alive}, Features())
+    for _ in range(6):
+        result = await core.infer("fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
+        assert result.outputs[0].data.tolist() == [13.0]
+    assert core.replicas.replicas["dead"].failures >= 1
+    assert core.replicas.up_count == 1
+
+
+async def test_queue_full_replica_is_retried_elsewhere() -> None:
+    full, free = Model("full", fail_with=Overloaded("queue is full")), Model("free")
+    core = make_core({"full": full, "free": free}, Features())
+    for _ in range(4):
+        await core.infer("fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
+    assert sum(free.batches) == 4
+
+
+async def test_feature_read_retried_then_succeeds() -> None:
+    features = Features()
+    features.fail_times = 1
+    core = make_core({"a": Model("a")}, features)
+    result = await core.infer("fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
+    assert result.outputs[0].data.tolist() == [13.0]
+    assert len(features.calls) == 2
+
+
+async def test_all_replicas_down_gives_unavailable_within_deadline() -> None:
+    core = make_core(
+        {"a": Model("a", fail_with=Unavailable("x")), "b": Model("b", fail_with=Unavailable("y"))}, Features()
+    )
+    with pytest.raises(Unavailable):
+        await core.infer("fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
+
+
+async def test_deadline_expires_while_model_is_stuck() -> None:
+    core = make_core({"a": Model("a", gate=asyncio.Event())}, Features())
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        await core.infer("fraud", "", request(["u1"], ["m1"], [0]), [], deadline(0.05))
+    assert time.monotonic() - started < 1.0
+
+
+async def test_validation_and_lookup_errors() -> None:
+    core = make_core({"a": Model("a")}, Features())
+    with pytest.raises(NotFound, match="model 'nope' not found"):
+        await core.infer("nope", "", request(["u1"], ["m1"], [0]), [], deadline())
+    with pytest.raises(NotFound, match="no version '7'"):
+        await core.infer("fraud", "7", request(["u1"], ["m1"], [0]), [], deadline())
+    with pytest.raises(InvalidInput, match="requested output 'x'"):
+        await core.infer("fraud", "", request(["u1"], ["m1"], [0]), ["x"], deadline())
+    with pytest.raises(InvalidInput, match="input 'amount': element 0 is NaN"):
+        await core.infer("fraud", "", request(["u1"], ["m1"], [float("nan")]), [], deadline())
+
+
+async def test_coalescer_refuses_at_once_when_queue_is_full() -> None:
+    gate = asyncio.Event()
+
+    async def stuck(batch: list[Pending]) -> None:
+        await gate.wait()
+        for pending in batch:
+            pending.future.set_result("ok")
+
+    coalescer = Coalescer("m", stuck, max_rows=10, max_inflight=1, max_pending=2)
+    running = [asyncio.create_task(coalescer.submit(Pending(None, 1, deadline()))) for _ in range(3)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await coalescer.submit(Pending(None, 1, deadline()))
+    gate.set()
+    assert await asyncio.gather(*running) == ["ok", "ok", "ok"]
+
+
+def test_power_of_two_choices_prefers_less_loaded() -> None:
+    replicas = ReplicaSet(lambda address: None, seed=3)
+    replicas.update(["a", "b"])
+    replicas.replicas["a"].inflight = 5
+    assert {replicas.choose().address for _ in range(20)} == {"b"}
+    replicas.set_health(replicas.replicas["b"], False)
+    assert replicas.choose().address == "a"
+    with pytest.raises(Unavailable):
+        replicas.choose(exclude={"a", "b"})
