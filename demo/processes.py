@@ -44,7 +44,8 @@ class ServiceProcess:
         self.port_file.unlink(missing_ok=True)
         prefix = ENV_PREFIX[self.module]
         env = dict(os.environ)
-        env.update({f"{prefix}{key.upper()}": str(value) for key, value in self.settings.items()})
+        settings = {"port": 0, "metrics_port": 0, **self.settings}  # free ports unless told otherwise
+        env.update({f"{prefix}{key.upper()}": str(value) for key, value in settings.items()})
         env[f"{prefix}PORT_FILE"] = str(self.port_file)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update(extra_env or {})

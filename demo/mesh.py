@@ -1,0 +1,171 @@
+"""The whole mesh on one machine as real processes: private Redis, feature service, model replicas,
+router, gateway. Used by `make run`, the end-to-end tests and the benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from demo.processes import ServiceProcess
+from demo.redis_server import RedisServer
+from gateway.auth import hash_key
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    key: str
+    tenant: str
+    models: Sequence[str]
+
+
+@dataclass
+class MeshOptions:
+    demo_dir: Path
+    run_dir: Path
+    api_keys: Sequence[ApiKey]
+    gateway_port: int = 0
+    gateway_host: str = "127.0.0.1"
+    replicas: int = 2
+    redis_url: str | None = None  # None: start a private redis-server
+    persist_redis: bool = False
+    seed_features: bool = True
+    gateway: dict[str, object] = field(default_factory=dict)
+    router: dict[str, object] = field(default_factory=dict)
+    feature_service: dict[str, object] = field(default_factory=dict)
+    model_service: dict[str, object] = field(default_factory=dict)
+    per_replica: dict[int, dict[str, object]] = field(default_factory=dict)  # e.g. a slow replica
+    model_repository: Path | None = None  # default: <demo_dir>/model_repository
+
+
+class LocalMesh:
+    def __init__(self, options: MeshOptions) -> None:
+        self.options = options
+        self.redis: RedisServer | None = None
+        self.redis_url = options.redis_url or ""
+        self.feature_service: ServiceProcess | None = None
+        self.model_services: list[ServiceProcess] = []
+        self.router: ServiceProcess | None = None
+        self.gateway: ServiceProcess | None = None
+
+    @property
+    def repository(self) -> Path:
+        return self.options.model_repository or self.options.demo_dir / "model_repository"
+
+    @property
+    def views_path(self) -> Path:
+        return self.options.demo_dir / "feature_views.json"
+
+    @property
+    def gateway_address(self) -> str:
+        assert self.gateway is not None
+        return f"{self.options.gateway_host}:{self.gateway.port}"
+
+    def processes(self) -> list[ServiceProcess]:
+        found = [self.gateway, self.router, *self.model_services, self.feature_service]
+        return [p for p in found if p is not None]
+
+    def start(self) -> LocalMesh:
+        options = self.options
+        run_dir = options.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if not self.redis_url:
+                self.redis = RedisServer(run_dir / "redis", persist=options.persist_redis)
+                self.redis_url = self.redis.start()
+            if options.seed_features:
+                from demo.seed import seed_demo_features
+
+                asyncio.run(seed_demo_features(self.redis_url, self.views_path))
+            keys_path = run_dir / "api_keys.json"
+            keys_path.write_text(
+                json.dumps(
+                    {
+                        "keys": [
+                            {"sha256": hash_key(k.key), "tenant": k.tenant, "models": list(k.models)}
+                            for k in options.api_keys
+                        ]
+                    },
+                    indent=2,
+                )
+            )
+            self.feature_service = ServiceProcess(
+                "feature_service",
+                "feature_service",
+                run_dir,
+                {"redis_url": self.redis_url, "views_path": self.views_path, **options.feature_service},
+            )
+            self.feature_service.start()
+            for index in range(options.replicas):
+                replica = ServiceProcess(
+                    "model_service",
+                    f"model_service_{index}",
+                    run_dir,
+                    {
+                        "model_repository": self.repository,
+                        "replica_id": str(index),
+                        **options.model_service,
+                        **options.per_replica.get(index, {}),
+                    },
+                )
+                replica.start()
+                self.model_services.append(replica)
+            for process in [self.feature_service, *self.model_services]:
+                process.wait_ready(timeout_s=120)
+            self.router = ServiceProcess(
+                "router",
+                "router",
+                run_dir,
+                {
+                    "model_repository": self.repository,
+                    "feature_service_address": self.feature_service.address,
+                    "model_replicas": ",".join(r.address for r in self.model_services),
+                    **options.router,
+                },
+            )
+            self.router.start()
+            self.router.wait_ready()
+            self.gateway = ServiceProcess(
+                "gateway",
+                "gateway",
+                run_dir,
+                {
+                    "host": options.gateway_host,
+                    "port": options.gateway_port,
+                    "model_repository": self.repository,
+                    "router_address": self.router.address,
+                    "api_keys_path": keys_path,
+                    **options.gateway,
+                },
+            )
+            self.gateway.start()
+            self.gateway.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def restart_model_service(self, index: int) -> ServiceProcess:
+        """Start replica `index` again on its old port (after a kill), so the router finds it."""
+        old = self.model_services[index]
+        settings = dict(old.settings)
+        settings["port"] = old.port
+        replica = ServiceProcess("model_service", old.name, old.run_dir, settings)
+        replica.start()
+        replica.wait_ready(timeout_s=120)
+        self.model_services[index] = replica
+        return replica
+
+    def stop(self) -> None:
+        for process in self.processes():
+            process.stop()
+        if self.redis is not None:
+            self.redis.stop()
+
+    def __enter__(self) -> LocalMesh:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

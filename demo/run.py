@@ -1,0 +1,73 @@
+"""`make run`: the whole mesh on this machine until Ctrl-C.
+
+Uses the Redis at $REDIS_URL when set, else starts a private redis-server with its data under .run/.
+The demo API key comes from $INFERMESH_DEMO_API_KEY, else a new one is generated and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+from pathlib import Path
+
+from demo.mesh import ApiKey, LocalMesh, MeshOptions
+from gateway.auth import new_api_key
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--demo-dir", type=Path, default=Path(".run/demo"))
+    parser.add_argument("--run-dir", type=Path, default=Path(".run/mesh"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8001")))
+    parser.add_argument("--replicas", type=int, default=2)
+    args = parser.parse_args()
+
+    api_key = os.environ.get("INFERMESH_DEMO_API_KEY") or new_api_key()
+    options = MeshOptions(
+        demo_dir=args.demo_dir,
+        run_dir=args.run_dir,
+        api_keys=[ApiKey(api_key, "demo", ["fraud", "bench_mlp"])],
+        gateway_port=args.port,
+        replicas=args.replicas,
+        redis_url=os.environ.get("REDIS_URL") or None,
+        persist_redis=True,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    print("starting redis, feature service, 2 model replicas, router and gateway…", flush=True)
+    with LocalMesh(options) as mesh:
+        endpoint = mesh.gateway_address
+        print(
+            f"""
+infermesh is serving the Open Inference Protocol on {endpoint}
+  API key (tenant 'demo'): {api_key}
+  logs: {args.run_dir}/*.log   redis: {mesh.redis_url}
+
+Score a transaction (tritonclient):
+  INFERMESH_API_KEY={api_key} .venv/bin/python -m examples.score --url {endpoint} \\
+    --user u42 --merchant m7 --amount 129.99
+
+With grpcurl (server reflection is on):
+  grpcurl -plaintext -H 'authorization: Bearer {api_key}' -d '{{"model_name":"fraud","inputs":[
+    {{"name":"user_id","datatype":"BYTES","shape":[1],"contents":{{"bytes_contents":["dTQy"]}}}},
+    {{"name":"merchant_id","datatype":"BYTES","shape":[1],"contents":{{"bytes_contents":["bTc="]}}}},
+    {{"name":"amount","datatype":"FP32","shape":[1],"contents":{{"fp32_contents":[129.99]}}}}]}}' \\
+    {endpoint} inference.GRPCInferenceService/ModelInfer
+
+Ctrl-C stops everything.""",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            dead = [p.name for p in mesh.processes() if not p.alive]
+            if dead:
+                print(f"stopping: {', '.join(dead)} exited (see {args.run_dir})", flush=True)
+                break
+        print("stopping…", flush=True)
+    print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Helpers to start the whole mesh as real processes for the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from demo.mesh import ApiKey, LocalMesh, MeshOptions
+
+DEMO_KEY = "test-demo-key-0123456789"
+LIMITED_KEY = "test-limited-key-0123456789"
+
+
+def auth(key: str = DEMO_KEY) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def repository_with_strict_variant(demo_dir: Path, target: Path, **fraud_overrides: object) -> Path:
+    """Copy of the demo repository plus `fraud_strict`: the same model with on_missing=reject."""
+    repository = target / "model_repository"
+    shutil.copytree(demo_dir / "model_repository", repository)
+    config_path = repository / "fraud" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(fraud_overrides)
+    config_path.write_text(json.dumps(config))
+    strict = repository / "fraud_strict"
+    shutil.copytree(repository / "fraud", strict)
+    config["name"] = "fraud_strict"
+    config["feature_spec"]["on_missing"] = "reject"
+    (strict / "config.json").write_text(json.dumps(config))
+    return repository
+
+
+def start_mesh(demo_dir: Path, run_dir: Path, **options: object) -> LocalMesh:
+    repository = options.pop("model_repository", None) or repository_with_strict_variant(demo_dir, run_dir)
+    mesh_options = MeshOptions(
+        demo_dir=demo_dir,
+        run_dir=run_dir,
+        api_keys=[
+            ApiKey(DEMO_KEY, "demo", ["fraud", "fraud_strict", "bench_mlp"]),
+            ApiKey(LIMITED_KEY, "limited", ["bench_mlp"]),
+        ],
+        model_repository=repository,
+        **options,  # type: ignore[arg-type]
+    )
+    return LocalMesh(mesh_options).start()

@@ -1,0 +1,137 @@
+"""Faults under load: a replica killed mid-stream loses nothing; overload is refused at once; SIGTERM drains."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException
+
+from demo.mesh import LocalMesh
+from tests.e2e.meshes import auth, start_mesh
+
+
+def inputs(i: int) -> list[aioclient.InferInput]:
+    tensors = [
+        aioclient.InferInput("user_id", [2], "BYTES"),
+        aioclient.InferInput("merchant_id", [2], "BYTES"),
+        aioclient.InferInput("amount", [2], "FP32"),
+    ]
+    tensors[0].set_data_from_numpy(np.array([f"u{i % 10000}".encode(), f"u{(i * 7) % 10000}".encode()], dtype=object))
+    tensors[1].set_data_from_numpy(np.array([f"m{i % 1000}".encode(), b"m3"], dtype=object))
+    tensors[2].set_data_from_numpy(np.array([i % 500, 12.5], dtype=np.float32))
+    return tensors
+
+
+def metric(port: int, name: str, labels: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and labels in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def inflight_reaches(metrics_port: int, count: int, timeout_s: float = 10.0) -> None:
+    """Readiness poll of another process's state (its in-flight gauge); fails rather than hangs."""
+    deadline = time.monotonic() + timeout_s
+    while metric(metrics_port, "infermesh_inflight_requests", 'service="gateway"') < count:
+        assert time.monotonic() < deadline, f"gateway never reached {count} in-flight requests"
+        await asyncio.sleep(0.01)
+
+
+async def test_killing_a_replica_under_load_loses_no_request(demo_dir: Path, tmp_path: Path) -> None:
+    mesh = await asyncio.to_thread(start_mesh, demo_dir, tmp_path)
+    try:
+        outcomes: list[str] = []
+        progress = asyncio.Condition()
+        stop = asyncio.Event()
+
+        async def reached(count: int) -> None:
+            async with progress:
+                await progress.wait_for(lambda: len(outcomes) >= count)
+
+        async def worker(client: aioclient.InferenceServerClient, offset: int) -> None:
+            i = offset
+            while not stop.is_set():
+                try:
+                    result = await client.infer("fraud", inputs(i), headers=auth(), client_timeout=10)
+                    assert result.as_numpy("fraud_probability").shape == (2,)
+                    outcomes.append("ok")
+                except InferenceServerException as error:
+                    outcomes.append(f"{error.status()}: {error.message()}")
+                async with progress:
+                    progress.notify_all()
+                i += 16
+
+        async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+            workers = [asyncio.create_task(worker(client, k)) for k in range(16)]
+            await reached(200)  # steady load established on both replicas
+            victim = mesh.model_services[0]
+            victim.kill()  # SIGKILL: no drain, connections drop mid-request
+            killed_at = len(outcomes)
+            await reached(killed_at + 600)
+            replica = await asyncio.to_thread(mesh.restart_model_service, 0)
+            # The router finds the restarted replica again (health probe + reconnect) and sends it traffic.
+            give_up = time.monotonic() + 20
+            while metric(replica.metrics_port, "infermesh_requests_total", 'method="ModelInfer"') == 0:
+                assert time.monotonic() < give_up, "restarted replica never received traffic"
+                await reached(len(outcomes) + 50)
+            stop.set()
+            await asyncio.gather(*workers)
+        failures = [o for o in outcomes if o != "ok"]
+        assert failures == []
+        assert len(outcomes) >= 800
+    finally:
+        await asyncio.to_thread(mesh.stop)
+
+
+async def test_overload_is_refused_at_once(demo_dir: Path, tmp_path: Path) -> None:
+    mesh = await asyncio.to_thread(
+        start_mesh,
+        demo_dir,
+        tmp_path,
+        replicas=1,
+        gateway={"max_inflight": 2},
+        model_service={"inject_delay_ms": 1500},
+    )
+    try:
+        async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+            slow = [
+                asyncio.create_task(client.infer("fraud", inputs(i), headers=auth(), client_timeout=20))
+                for i in range(2)
+            ]
+            assert mesh.gateway is not None
+            await inflight_reaches(mesh.gateway.metrics_port, 2)  # both admitted requests are in flight
+            started = time.monotonic()
+            with pytest.raises(InferenceServerException) as caught:
+                await client.infer("fraud", inputs(3), headers=auth(), client_timeout=20)
+            refused_after = time.monotonic() - started
+            assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+            assert refused_after < 0.5  # at once, not after the 1.5 s the admitted ones take
+            results = await asyncio.gather(*slow)
+            assert all(r.as_numpy("fraud_probability").shape == (2,) for r in results)
+    finally:
+        await asyncio.to_thread(mesh.stop)
+
+
+async def test_sigterm_drains_in_flight_requests(demo_dir: Path, tmp_path: Path) -> None:
+    mesh: LocalMesh = await asyncio.to_thread(
+        start_mesh, demo_dir, tmp_path, replicas=1, model_service={"inject_delay_ms": 800}
+    )
+    try:
+        async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+            pending = asyncio.create_task(client.infer("fraud", inputs(1), headers=auth(), client_timeout=20))
+            assert mesh.gateway is not None
+            await inflight_reaches(mesh.gateway.metrics_port, 1)
+            exit_codes = await asyncio.to_thread(lambda: [p.stop() for p in mesh.processes()])
+            result = await pending
+            assert result.as_numpy("fraud_probability").shape == (2,)
+            assert exit_codes == [0] * len(exit_codes)
+    finally:
+        await asyncio.to_thread(mesh.stop)
