@@ -44,6 +44,13 @@ class FeatureServiceClient:
             )
         return blocks
 
+    async def defaults(self, timeout_s: float) -> dict[str, dict[str, float]]:
+        try:
+            response = await self._stub.ListFeatureViews(feature_store_pb2.ListFeatureViewsRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, "feature service") from None
+        return {view.name: {f.name: f.default_value for f in view.features} for view in response.views}
+
     async def close(self) -> None:
         await self.channel.close()
 

@@ -46,6 +46,10 @@ class FeatureBlock:
 class FeatureReader(Protocol):
     async def read(self, queries: Sequence[FeatureQuery], timeout_s: float) -> list[FeatureBlock]: ...
 
+    async def defaults(self, timeout_s: float) -> dict[str, dict[str, float]]:
+        """Each view's default value per feature (from the feature registry)."""
+        ...
+
 
 class ModelClient(Protocol):
     async def infer(
@@ -93,6 +97,8 @@ class RouterCore:
         self.features = features
         self.retry = retry
         self.default_timeout_s = default_timeout_s
+        # view → feature → default, for serving policy-'default' models while the feature store is down.
+        self.feature_defaults: dict[str, dict[str, float]] = {}
         self._max_batch_rows = max_batch_rows
         self._max_inflight_batches = max_inflight_batches
         self._max_pending_requests = max_pending_requests
@@ -183,8 +189,17 @@ class RouterCore:
                 row_index.append(np.fromiter((position[i] for i in all_ids), dtype=np.intp, count=len(all_ids)))
                 queries.append(FeatureQuery(entity.view, unique, entity.features))
             started = time.perf_counter()
+            features_unavailable = False
             with telemetry.span("router.feature_fetch", model=config.name, entities=len(row_index[0])):
-                blocks = await self.fetch_features(queries, deadline)
+                try:
+                    blocks = await self.fetch_features(queries, deadline)
+                except Unavailable:
+                    # Policy 'default' keeps answering (flagged) through a feature store outage;
+                    # 'reject' fails fast.
+                    fallback = None if on_missing_reject else self.default_blocks(queries)
+                    if fallback is None:
+                        raise
+                    blocks, features_unavailable = fallback, True
             fetch_latency.observe(time.perf_counter() - started)
 
             columns: list[np.ndarray] = []
@@ -221,6 +236,8 @@ class RouterCore:
                     if unknown:
                         defaulted_counter.inc()
                         parameters[i]["infermesh_defaulted_entities"] = ",".join(unknown)
+                    if features_unavailable:
+                        parameters[i]["infermesh_features_unavailable"] = "true"
                     if stale_rows[lo:hi].any():
                         parameters[i]["infermesh_stale_rows"] = ",".join(
                             str(r - lo) for r in range(lo, hi) if stale_rows[r]
@@ -246,6 +263,26 @@ class RouterCore:
                 pending.future.set_result((served, sliced, parameters[i]))
 
         return run
+
+    def default_blocks(self, queries: Sequence[FeatureQuery]) -> list[FeatureBlock] | None:
+        """Every entity NOT_FOUND with the views' defaults; None when a default is unknown."""
+        blocks = []
+        for query in queries:
+            view_defaults = self.feature_defaults.get(query.view)
+            if view_defaults is None or any(name not in view_defaults for name in query.feature_names):
+                return None
+            row = np.array([view_defaults[name] for name in query.feature_names], dtype=np.float32)
+            shape = (len(query.entity_ids), len(row))
+            blocks.append(FeatureBlock(np.broadcast_to(row, shape), np.full(shape, NOT_FOUND, dtype=np.uint8)))
+        return blocks
+
+    async def load_feature_defaults(self, timeout_s: float = 2.0) -> bool:
+        try:
+            self.feature_defaults = await self.features.defaults(timeout_s)
+        except (Unavailable, Overloaded, DomainError):
+            log.warning("feature defaults not loaded yet; will retry")
+            return False
+        return True
 
     async def fetch_features(self, queries: Sequence[FeatureQuery], deadline: float) -> list[FeatureBlock]:
         async for attempt in retrying(

@@ -53,6 +53,8 @@ class RouterService(Service):
             log.warning("no models in repository", extra={"fields": {"path": str(self.settings.model_repository)}})
         await self._discover()
         await self._probe_health()
+        if not await self.core.load_feature_defaults():
+            self._tasks.append(asyncio.create_task(self._feature_defaults_loop()))
         self._tasks.append(asyncio.create_task(self._health_loop()))
         if self.settings.model_service_dns:
             self._tasks.append(asyncio.create_task(self._discovery_loop()))
@@ -84,6 +86,12 @@ class RouterService(Service):
                 await self._discover()
             except OSError:
                 log.warning("model service DNS lookup failed; keeping the current replicas")
+
+    async def _feature_defaults_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)  # periodic retry until loaded
+            if await self.core.load_feature_defaults():
+                return
 
     async def _probe_health(self) -> None:
         replicas = list(self.replicas.replicas.values())

@@ -135,3 +135,34 @@ async def test_sigterm_drains_in_flight_requests(demo_dir: Path, tmp_path: Path)
             assert exit_codes == [0] * len(exit_codes)
     finally:
         await asyncio.to_thread(mesh.stop)
+
+
+async def test_feature_store_outage_default_answers_flagged_reject_fails_fast(demo_dir: Path, tmp_path: Path) -> None:
+    from demo.seed import seed_demo_features
+
+    mesh = await asyncio.to_thread(start_mesh, demo_dir, tmp_path, replicas=1)
+    try:
+        assert mesh.redis is not None
+        async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+            healthy = await client.infer("fraud", inputs(1), headers=auth())
+            assert "infermesh_features_unavailable" not in healthy.get_response().parameters
+            await asyncio.to_thread(mesh.redis.kill)
+
+            degraded = await client.infer("fraud", inputs(1), headers=auth(), client_timeout=5)
+            parameters = degraded.get_response().parameters
+            assert parameters["infermesh_features_unavailable"].string_param == "true"
+            assert "user_id=u1" in parameters["infermesh_defaulted_entities"].string_param
+            assert degraded.as_numpy("fraud_probability").shape == (2,)
+
+            started = time.monotonic()
+            with pytest.raises(InferenceServerException) as caught:
+                await client.infer("fraud_strict", inputs(1), headers=auth(), client_timeout=5)
+            assert caught.value.status() == "StatusCode.UNAVAILABLE"
+            assert time.monotonic() - started < 1.0  # fails fast, does not wait out the deadline
+
+            await asyncio.to_thread(mesh.redis.restart_same_port)
+            await seed_demo_features(mesh.redis_url, mesh.views_path)
+            recovered = await client.infer("fraud_strict", inputs(1), headers=auth(), client_timeout=5)
+            assert "infermesh_features_unavailable" not in recovered.get_response().parameters
+    finally:
+        await asyncio.to_thread(mesh.stop)

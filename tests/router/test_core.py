@@ -51,6 +51,9 @@ class Features:
         self.stale = stale or set()
         self.fail_times = 0
 
+    async def defaults(self, timeout_s: float) -> dict[str, dict[str, float]]:
+        return {"user": {"a": -1.0, "b": -1.0}, "merchant": {"c": -9.0}}
+
     async def read(self, queries: Sequence[FeatureQuery], timeout_s: float) -> list[FeatureBlock]:
         self.calls.append(list(queries))
         if self.fail_times:
@@ -191,6 +194,29 @@ async def test_feature_read_retried_then_succeeds() -> None:
     result = await core.infer("fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
     assert result.outputs[0].data.tolist() == [13.0]
     assert len(features.calls) == 2
+
+
+async def test_feature_store_outage_default_policy_answers_flagged() -> None:
+    features = Features()
+    core = make_core({"a": Model("a")}, features)
+    assert await core.load_feature_defaults()
+    features.fail_times = 100
+    result = await core.infer("fraud", "", request(["u1"], ["m1"], [2.0]), [], deadline())
+    assert result.outputs[0].data.tolist() == [-9.0]  # -1 -1 -9 defaults + amount 2
+    assert result.parameters["infermesh_features_unavailable"] == "true"
+    assert result.parameters["infermesh_defaulted_entities"] == "user_id=u1,merchant_id=m1"
+
+
+async def test_feature_store_outage_reject_policy_fails_fast() -> None:
+    features = Features()
+    core = make_core({"a": Model("a")}, features, on_missing="reject")
+    assert await core.load_feature_defaults()
+    features.fail_times = 100
+    started = time.monotonic()
+    with pytest.raises(Unavailable):
+        await core.infer("fraud", "", request(["u1"], ["m1"], [2.0]), [], deadline())
+    assert time.monotonic() - started < 0.5
+    assert len(features.calls) == 3  # max_attempts, then give up
 
 
 async def test_all_replicas_down_gives_unavailable_within_deadline() -> None:

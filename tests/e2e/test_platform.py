@@ -1,0 +1,96 @@
+"""What every service offers besides inference: health, reflection, metrics, the streaming RPC."""
+
+from __future__ import annotations
+
+import queue
+import urllib.request
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from demo.mesh import LocalMesh
+from tests.e2e.meshes import auth
+
+EXPECTED_SERVICES = {
+    "gateway": "inference.GRPCInferenceService",
+    "router": "inference.GRPCInferenceService",
+    "model_service_0": "inference.GRPCInferenceService",
+    "feature_service": "infermesh.features.v1.FeatureStore",
+}
+
+
+def test_every_service_serves_health_and_reflection(mesh: LocalMesh) -> None:
+    for process in mesh.processes():
+        with grpc.insecure_channel(process.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING, process.name
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
+            services = {s.name for reply in replies for s in reply.list_services_response.service}
+        expected = EXPECTED_SERVICES.get(process.name, "inference.GRPCInferenceService")
+        assert {expected, "grpc.health.v1.Health"} <= services, (process.name, services)
+
+
+def scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def test_metrics_count_requests_batches_and_feature_lookups(mesh: LocalMesh) -> None:
+    client = grpcclient.InferenceServerClient(mesh.gateway_address)
+    inputs = [
+        grpcclient.InferInput("user_id", [2], "BYTES"),
+        grpcclient.InferInput("merchant_id", [2], "BYTES"),
+        grpcclient.InferInput("amount", [2], "FP32"),
+    ]
+    inputs[0].set_data_from_numpy(np.array([b"u3", b"no-such-user"], dtype=object))
+    inputs[1].set_data_from_numpy(np.array([b"m3", b"m4"], dtype=object))
+    inputs[2].set_data_from_numpy(np.array([3.0, 4.0], dtype=np.float32))
+    client.infer("fraud", inputs, headers=auth())
+    assert mesh.gateway and mesh.router and mesh.feature_service
+    gateway = scrape(mesh.gateway.metrics_port)
+    assert (
+        'infermesh_requests_total{code="OK",method="ModelInfer",model="fraud",service="gateway",version=""}' in gateway
+    )
+    assert "infermesh_request_duration_seconds_bucket" in gateway
+    router = scrape(mesh.router.metrics_port)
+    assert 'infermesh_batch_size_count{model="fraud",service="router"}' in router
+    assert "infermesh_feature_defaults_used_total" in router
+    assert "infermesh_replicas_up 2.0" in router
+    features = scrape(mesh.feature_service.metrics_port)
+    assert 'infermesh_feature_misses_total{view="user"}' in features
+    replicas = "".join(scrape(r.metrics_port) for r in mesh.model_services)
+    assert 'infermesh_batch_size_count{model="fraud",service="model_service"}' in replicas
+    assert "infermesh_forward_seconds_bucket" in replicas
+
+
+def test_stream_infer_through_the_gateway(mesh: LocalMesh) -> None:
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(mesh.gateway_address)
+    client.start_stream(callback=lambda result, error: results.put((result, error)), headers=auth())
+    try:
+        for i, user in enumerate(["u1", "u2"]):
+            inputs = [
+                grpcclient.InferInput("user_id", [1], "BYTES"),
+                grpcclient.InferInput("merchant_id", [1], "BYTES"),
+                grpcclient.InferInput("amount", [1], "FP32"),
+            ]
+            inputs[0].set_data_from_numpy(np.array([user.encode()], dtype=object))
+            inputs[1].set_data_from_numpy(np.array([b"m1"], dtype=object))
+            inputs[2].set_data_from_numpy(np.array([10.0], dtype=np.float32))
+            client.async_stream_infer("fraud", inputs, request_id=str(i))
+        bad = grpcclient.InferInput("amount", [1], "FP32")
+        bad.set_data_from_numpy(np.array([1.0], dtype=np.float32))
+        client.async_stream_infer("fraud", [bad], request_id="bad")
+        answers = [results.get(timeout=10) for _ in range(3)]
+    finally:
+        client.stop_stream()
+    good = [r for r, e in answers if e is None]
+    errors = [e for r, e in answers if e is not None]
+    assert sorted(r.get_response().id for r in good) == ["0", "1"]
+    assert all(r.as_numpy("fraud_probability").shape == (1,) for r in good)
+    assert len(errors) == 1 and "input 'user_id' is missing" in str(errors[0])
