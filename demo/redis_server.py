@@ -30,7 +30,7 @@ def redis_binary() -> str:
 
 class RedisServer:
     def __init__(self, data_dir: Path, persist: bool = False) -> None:
-        self.data_dir = data_dir
+        self.data_dir = data_dir.resolve()  # redis chdirs to --dir before opening the log file
         self.persist = persist
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
