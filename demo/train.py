@@ -141,7 +141,7 @@ def fraud_config() -> dict[str, object]:
         "name": "fraud",
         "platform": "pytorch_torchscript",
         "max_batch_size": 1024,
-        "dynamic_batching": {"max_queue_delay_us": 200, "max_queue_size": 2048},
+        "dynamic_batching": {"max_queue_delay_us": 0, "max_queue_size": 2048},
         "inputs": [
             {"name": "user_id", "datatype": "BYTES", "shape": [-1]},
             {"name": "merchant_id", "datatype": "BYTES", "shape": [-1]},
