@@ -54,6 +54,16 @@ class ServiceProcess:
                 [sys.executable, "-m", self.module], env=env, stdout=log, stderr=subprocess.STDOUT
             )
 
+    def launch(self, timeout_s: float = 60.0) -> ServiceProcess:
+        """start() and wait_ready(); a process that never gets ready is killed, not left behind."""
+        self.start()
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Ready = port file written (after warm-up) and gRPC health SERVING."""
         deadline = time.monotonic() + timeout_s

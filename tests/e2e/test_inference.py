@@ -225,7 +225,7 @@ def _aio_inputs(user: str, merchant: str, amount: float) -> list[aioclient.Infer
     return inputs
 
 
-def test_oversized_message_is_refused_by_size(client) -> None:  # noqa: ANN001
+def test_oversized_message_is_refused_by_size(client) -> None:
     n = 1000
     inputs = fraud_inputs(["u" + "9" * 20_000] * n, ["m1"] * n, [1.0] * n)  # ~20 MB, over the 16 MiB limit
     status = status_of(lambda: client.infer("fraud", inputs, headers=auth()))

@@ -36,13 +36,7 @@ def start_service(run_dir: Path, redis_url: str, views_file: Path, **settings: o
         run_dir,
         {"redis_url": redis_url, "views_path": views_file, **settings},
     )
-    process.start()
-    try:
-        process.wait_ready()
-    except BaseException:
-        process.kill()
-        raise
-    return process
+    return process.launch()
 
 
 @pytest.fixture(scope="module")

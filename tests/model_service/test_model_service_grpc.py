@@ -38,13 +38,7 @@ def start_service(run_dir: Path, repo: Path, **settings: object) -> ServiceProce
     process = ServiceProcess(
         "model_service", "model_service", run_dir, {"model_repository": repo, "torch_threads": 1, **settings}
     )
-    process.start()
-    try:
-        process.wait_ready()
-    except BaseException:
-        process.kill()
-        raise
-    return process
+    return process.launch()
 
 
 @pytest.fixture(scope="module")
