@@ -67,6 +67,12 @@ class GatewayServicer:
         config = entry.config
         return oip.model_metadata(config.name, entry.versions, config.platform, config.inputs, config.outputs)
 
+    async def ModelConfig(self, request, context):
+        self._authorize(context, request.name)
+        entry = self.core.model(request.name, request.version)
+        label_request(request.name, request.version)
+        return oip.model_config(entry.config)
+
     async def RepositoryIndex(self, request, context):
         tenant = self.core.keys.authenticate(_authorization(context))
         ready = await self.router.ready()
@@ -132,6 +138,7 @@ def add_to_server(servicer: GatewayServicer, server: grpc.aio.Server) -> None:
         "ModelReady": _unary(servicer.ModelReady, pb.ModelReadyRequest),
         "ModelMetadata": _unary(servicer.ModelMetadata, pb.ModelMetadataRequest),
         "RepositoryIndex": _unary(servicer.RepositoryIndex, pb.RepositoryIndexRequest),
+        "ModelConfig": _unary(servicer.ModelConfig, pb.ModelConfigRequest),
         # Bytes out as they came from the router: no re-serialisation on the hot path.
         "ModelInfer": _unary(servicer.ModelInfer, ParsedInfer.parse, response_serializer=bytes),
         "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(

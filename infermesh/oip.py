@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from infermesh.model_config import TensorSpec
+from infermesh.model_config import ModelConfig, TensorSpec
 from infermesh.proto import inference_pb2
 from infermesh.tensors import Tensor, to_raw
 
@@ -28,6 +28,36 @@ def model_metadata(
         platform=platform,
         inputs=tensor_metadata(inputs),
         outputs=tensor_metadata(outputs),
+    )
+
+
+def model_config(config: ModelConfig) -> inference_pb2.ModelConfigResponse:
+    """Triton's ModelConfig view of a model's public signature (dims exclude the batch dimension)."""
+
+    def data_type(datatype: str) -> int:
+        return inference_pb2.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+
+    batching = config.dynamic_batching
+    return inference_pb2.ModelConfigResponse(
+        config=inference_pb2.ModelConfig(
+            name=config.name,
+            platform=config.platform,
+            backend="pytorch",
+            max_batch_size=config.max_batch_size,
+            input=[
+                inference_pb2.ModelInput(name=s.name, data_type=data_type(s.datatype), dims=s.shape[1:])
+                for s in config.inputs
+            ],
+            output=[
+                inference_pb2.ModelOutput(name=s.name, data_type=data_type(s.datatype), dims=s.shape[1:])
+                for s in config.outputs
+            ],
+            dynamic_batching=inference_pb2.ModelDynamicBatching(
+                max_queue_delay_microseconds=batching.max_queue_delay_us
+            )
+            if batching.enabled
+            else None,
+        )
     )
 
 

@@ -230,3 +230,18 @@ def test_oversized_message_is_refused_by_size(client) -> None:
     inputs = fraud_inputs(["u" + "9" * 20_000] * n, ["m1"] * n, [1.0] * n)  # ~20 MB, over the 16 MiB limit
     status = status_of(lambda: client.infer("fraud", inputs, headers=auth()))
     assert status == "StatusCode.RESOURCE_EXHAUSTED"
+
+
+def test_model_config_for_perf_analyzer(client) -> None:
+    config = client.get_model_config("fraud", headers=auth(), as_json=True)["config"]
+    assert config["name"] == "fraud"
+    assert config["max_batch_size"] == 1024
+    assert [(i["name"], i["data_type"]) for i in config["input"]] == [
+        ("user_id", "TYPE_STRING"),
+        ("merchant_id", "TYPE_STRING"),
+        ("amount", "TYPE_FP32"),
+    ]
+    assert config["output"][0]["name"] == "fraud_probability"
+    assert (
+        status_of(lambda: client.get_model_config("fraud", headers=auth(LIMITED_KEY))) == "StatusCode.PERMISSION_DENIED"
+    )
