@@ -91,16 +91,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith("/grpc."):
             return handler  # health, reflection: leave as they are
         short_name = method.rsplit("/", 1)[-1]
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, short_name),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         elif handler.stream_stream is not None:
             wrapped = grpc.stream_stream_rpc_method_handler(
                 self._wrap_stream(handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         else:
@@ -119,6 +120,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             code = "OK"
             inflight.inc()
             try:
+                if request is MALFORMED:
+                    raise errors.InvalidInput("malformed request: the message could not be parsed")
                 return await behavior(request, context)
             except errors.DomainError as error:
                 status = status_for(error)
@@ -145,7 +148,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         async def wrapped(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
             _labels.set(RequestLabels())
             try:
-                async for response in behavior(request_iterator, context):
+                async for response in behavior(_checked(request_iterator), context):
                     yield response
             except errors.DomainError as error:
                 await context.abort(status_for(error), str(error))
@@ -156,6 +159,34 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
         return wrapped
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse (the handler answers INVALID_ARGUMENT)."""
+
+
+MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that never raises: grpc would answer UNKNOWN with the exception's text."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            return MALFORMED
+
+    return deserialize
+
+
+async def _checked(request_iterator: Any) -> Any:
+    async for request in request_iterator:
+        if request is MALFORMED:
+            raise errors.InvalidInput("malformed request: a message could not be parsed")
+        yield request
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str:

@@ -94,3 +94,21 @@ def test_stream_infer_through_the_gateway(mesh: LocalMesh) -> None:
     assert sorted(r.get_response().id for r in good) == ["0", "1"]
     assert all(r.as_numpy("fraud_probability").shape == (1,) for r in good)
     assert len(errors) == 1 and "input 'user_id' is missing" in str(errors[0])
+
+
+def test_malformed_messages_are_invalid_argument_everywhere(mesh: LocalMesh) -> None:
+    methods = {
+        "feature_service": "/infermesh.features.v1.FeatureStore/BatchReadFeatures",
+    }
+    for process in mesh.processes():
+        method = methods.get(process.name, "/inference.GRPCInferenceService/ModelInfer")
+        with grpc.insecure_channel(process.address) as channel:
+            call = channel.unary_unary(method)
+            try:
+                call(b"\x0a\xff\xff\xff\xff\x0f", timeout=5, metadata=list(auth().items()))
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, process.name
+                assert "malformed request" in error.details()
+                assert "DecodeError" not in error.details()
+            else:
+                raise AssertionError(f"{process.name} accepted a malformed message")
