@@ -47,22 +47,6 @@ CONTENTS_FIELD: dict[str, str] = {
     "BYTES": "bytes_contents",
 }
 
-DATATYPE_OF_NUMPY: dict[np.dtype, str] = {
-    np.dtype(np.bool_): "BOOL",
-    np.dtype("u1"): "UINT8",
-    np.dtype("u2"): "UINT16",
-    np.dtype("u4"): "UINT32",
-    np.dtype("u8"): "UINT64",
-    np.dtype("i1"): "INT8",
-    np.dtype("i2"): "INT16",
-    np.dtype("i4"): "INT32",
-    np.dtype("i8"): "INT64",
-    np.dtype("f2"): "FP16",
-    np.dtype("f4"): "FP32",
-    np.dtype("f8"): "FP64",
-    np.dtype(object): "BYTES",
-}
-
 _LENGTH = struct.Struct("<I")
 
 
@@ -186,10 +170,3 @@ def to_raw(datatype: str, array: np.ndarray) -> bytes:
     if datatype == "BYTES":
         return encode_bytes(array)
     return np.ascontiguousarray(array, dtype=NUMPY_DTYPE[datatype]).tobytes()
-
-
-def datatype_of(array: np.ndarray) -> str:
-    datatype = DATATYPE_OF_NUMPY.get(array.dtype.newbyteorder("=") if array.dtype.byteorder == ">" else array.dtype)
-    if datatype is None:
-        raise TypeError(f"no Open Inference Protocol datatype for numpy {array.dtype}")
-    return datatype

@@ -10,14 +10,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from infermesh import metrics, telemetry
 from infermesh.errors import DomainError, InvalidInput, NotFound, Overloaded, Unavailable
-from infermesh.model_config import ModelEntry, TensorSpec, load_repository
+from infermesh.model_config import ModelEntry, TensorSpec
 from infermesh.retry import retrying
 from infermesh.tensors import Tensor
 from infermesh.validation import entity_ids, require_finite, validate_inputs
@@ -104,10 +103,6 @@ class RouterCore:
         self._max_pending_requests = max_pending_requests
         # One coalescer per (model, version): only requests for the same model version share a batch.
         self._coalescers: dict[tuple[str, str], Coalescer] = {}
-
-    @classmethod
-    def from_repository(cls, root: Path, **kwargs: object) -> RouterCore:
-        return cls(load_repository(root), **kwargs)  # type: ignore[arg-type]
 
     # -- lookups ---------------------------------------------------------------------------------
     def model(self, name: str) -> ModelEntry:
@@ -359,6 +354,3 @@ def _describe(entities, ids: dict[str, list[str]], missing_by_entity, lo: int, h
             if missing[row]:
                 found.append(f"{entity.input}={request_ids[row - lo]}")
     return list(dict.fromkeys(found))
-
-
-__all__ = ["DomainError", "FeatureBlock", "FeatureQuery", "InferResult", "RetryPolicy", "RouterCore"]
