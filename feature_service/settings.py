@@ -13,6 +13,7 @@ from infermesh.settings import ServiceSettings
 class FeatureServiceSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FEATURE_SERVICE_", extra="ignore")
 
+    port: int = Field(8021, description="gRPC port; 0 picks a free one (written to port_file).")
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0", description="Redis holding the feature vectors (redis:// or rediss:// URL)."
     )

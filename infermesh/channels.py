@@ -13,6 +13,9 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
         ("grpc.max_receive_message_length", max_message_bytes),
         # Our own retry policy (tenacity, deadline-aware) decides; C-core's transparent retries stay on.
         ("grpc.enable_retries", 1),
+        # A dns:/// target with several addresses (e.g. a headless Service of routers) is balanced per
+        # call; the default pick_first would send everything to the first address.
+        ("grpc.lb_policy_name", "round_robin"),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 
 import grpc
 
@@ -14,6 +13,7 @@ from infermesh.proto import inference_pb2_grpc
 from infermesh.service import Service
 from router.clients import FeatureServiceClient, ModelServiceClient
 from router.core import RetryPolicy, RouterCore
+from router.discovery import resolve
 from router.replicas import ReplicaSet
 from router.servicer import RouterServicer, full_service_name
 from router.settings import RouterSettings
@@ -51,7 +51,11 @@ class RouterService(Service):
     async def warm_up(self) -> None:
         if not self.core.models:
             log.warning("no models in repository", extra={"fields": {"path": str(self.settings.model_repository)}})
-        await self._discover()
+        try:
+            await self._discover()
+        except OSError:
+            # Kubernetes: the headless Service has no ready pod yet. Start with none; discovery retries.
+            log.warning("model service DNS lookup failed at start; retrying every discovery_interval_s")
         await self._probe_health()
         if not await self.core.load_feature_defaults():
             self._tasks.append(asyncio.create_task(self._feature_defaults_loop()))
@@ -73,7 +77,7 @@ class RouterService(Service):
     async def _discover(self) -> None:
         settings = self.settings
         if settings.model_service_dns:
-            addresses = await _resolve(settings.model_service_dns)
+            addresses = await resolve(settings.model_service_dns)
         else:
             addresses = [a.strip() for a in settings.model_replicas.split(",") if a.strip()]
         for removed in self.replicas.update(addresses):
@@ -104,14 +108,3 @@ class RouterService(Service):
         while True:
             await asyncio.sleep(self.settings.health_interval_s)
             await self._probe_health()
-
-
-async def _resolve(host_port: str) -> list[str]:
-    """All addresses behind a (headless Service) DNS name, as host:port."""
-    host, _, port = host_port.rpartition(":")
-    infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    addresses = []
-    for family, _type, _proto, _name, sockaddr in infos:
-        ip = sockaddr[0]
-        addresses.append(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
-    return sorted(set(addresses))
