@@ -1,11 +1,15 @@
-"""Shared fixtures: the demo data (as `make demo` builds it) and free-port private services."""
+"""Shared fixtures: the demo data (as `make demo` builds it), free-port private services, and the whole mesh
+(used by the end-to-end tests and the benchmark smoke test)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from demo.mesh import LocalMesh
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,3 +25,13 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     built = tmp_path_factory.mktemp("demo")
     prepare(built)
     return built
+
+
+@pytest.fixture(scope="session")
+def mesh(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    """The whole mesh as real processes (private redis-server, 2 model replicas, router, gateway)."""
+    from tests.e2e.meshes import start_mesh
+
+    running = start_mesh(demo_dir, tmp_path_factory.mktemp("mesh"))
+    yield running
+    running.stop()

@@ -1,0 +1,1 @@
+"""Static checks of the deployment files (Dockerfile, compose, Kubernetes, Prometheus, Grafana)."""

@@ -1,0 +1,237 @@
+"""docker-compose.yml (+ the GPU override): valid Compose, and wired to the services' real settings."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from importlib import resources
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from gateway.auth import KeyStore, hash_key
+from tests.deploy.artifacts import (
+    DEPLOY,
+    ROOT,
+    SERVICES,
+    compose,
+    compose_env,
+    compose_raw,
+    compose_services,
+    host_port,
+    service_settings,
+)
+
+DEMO_KEY = "im_demo_change_me"  # documented in docker-compose.yml and README "Deploy"
+UIS = {"grafana": 3000, "jaeger": 16686, "prometheus": 9090}
+
+
+def compose_schema() -> dict[str, Any]:
+    """The Compose Specification's JSON schema, as vendored by the check-jsonschema package."""
+    vendor = resources.files("check_jsonschema.builtin_schemas.vendor")
+    return json.loads((vendor / "compose-spec.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.gpu.yml"])
+def test_valid_against_the_compose_spec(name: str) -> None:
+    schema = compose_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = sorted(validator.iter_errors(compose_raw(name)), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+
+
+def test_schema_rejects_a_broken_file() -> None:
+    """The check above can fail: an unknown key and a wrong type are reported."""
+    schema = compose_schema()
+    broken = yaml.safe_load("services: {gateway: {image: x, helthcheck: {}, ports: {a: 1}}}")
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    assert len(list(validator.iter_errors(broken))) >= 2
+
+
+def test_every_service_runs_once_with_the_image_entrypoint() -> None:
+    services = compose_services()
+    assert set(services) == set(SERVICES)
+    for module, (name, _service) in services.items():
+        assert name == SERVICES[module].compose_name
+
+
+@pytest.mark.parametrize("module", sorted(SERVICES))
+def test_env_is_the_services_settings(module: str) -> None:
+    name, service = compose_services()[module]
+    settings = service_settings(module, compose_env(service))
+    assert settings.host == "0.0.0.0", f"{name} must listen on all interfaces in its container"
+    assert settings.metrics_host == "0.0.0.0"
+    assert settings.port > 0 and settings.metrics_port > 0, "fixed ports: health checks and scrapes use them"
+    healthcheck = service["healthcheck"]["test"]
+    assert healthcheck == ["CMD", "grpc-health-check", f"127.0.0.1:{settings.port}"]
+    assert "ports" not in service or module == "gateway", f"{name} must not be published to the host"
+    assert service["image"].startswith("infermesh:")
+
+
+def test_service_addresses_point_at_the_right_services() -> None:
+    services = compose_services()
+    settings = {module: service_settings(module, compose_env(s)) for module, (_, s) in services.items()}
+    names = {module: name for module, (name, _) in services.items()}
+
+    def assert_points_at(address: str, module: str) -> None:
+        assert host_port(address) == (names[module], settings[module].port), f"{address} is not {module}"
+
+    assert_points_at(settings["router"].feature_service_address, "feature_service")
+    assert_points_at(settings["router"].model_service_dns, "model_service")  # DNS: one address per replica
+    assert settings["router"].model_replicas == ""
+    assert_points_at(settings["gateway"].router_address, "router")
+    assert settings["feature_service"].redis_url == "redis://redis:6379/0"
+
+
+def test_model_repository_and_views_come_from_the_init_volume() -> None:
+    services = compose()["services"]
+    init = services["init"]
+    assert init["volumes"] == ["demo:/demo"]
+    command = init["command"][0]
+    assert "python -m demo.setup --out /demo" in command
+    assert "python -m demo.seed --redis-url redis://redis:6379/0 --views /demo/feature_views.json" in command
+    for module, (_name, service) in compose_services().items():
+        assert "demo:/demo:ro" in service["volumes"]
+        settings = service_settings(module, compose_env(service))
+        if module == "feature_service":
+            assert str(settings.views_path) == "/demo/feature_views.json"
+        else:
+            assert str(settings.model_repository) == "/demo/model_repository"
+        assert service["depends_on"].get("init", {"condition": "service_completed_successfully"}) == {
+            "condition": "service_completed_successfully"
+        }
+    assert "demo" in compose()["volumes"]
+
+
+@pytest.mark.parametrize(("module", "flags"), [("demo.setup", ["--out"]), ("demo.seed", ["--redis-url", "--views"])])
+def test_init_uses_real_cli_flags(module: str, flags: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60, check=True, cwd=ROOT
+    )
+    for flag in flags:
+        assert flag in result.stdout
+
+
+def test_start_order_follows_health() -> None:
+    services = compose()["services"]
+    for name, service in services.items():
+        for dependency, condition in service.get("depends_on", {}).items():
+            target = services[dependency]
+            if "healthcheck" in target:
+                assert condition["condition"] == "service_healthy", f"{name} → {dependency}"
+            elif dependency == "init":
+                assert condition["condition"] == "service_completed_successfully"
+            else:
+                assert condition["condition"] == "service_started"
+    # The chain the mesh needs: redis → init → feature/model services → router → gateway.
+    assert set(services["router"]["depends_on"]) >= {"feature-service", "model-service"}
+    assert "router" in services["gateway"]["depends_on"]
+    assert "redis" in services["feature-service"]["depends_on"]
+
+
+def test_only_the_gateway_and_the_uis_are_published() -> None:
+    services = compose()["services"]
+    published = {name: service["ports"] for name, service in services.items() if "ports" in service}
+    assert published.pop("gateway") == ["8001:8001"]
+    assert published == {name: [f"127.0.0.1:{port}:{port}"] for name, port in UIS.items()}, "UIs on loopback only"
+
+
+def test_containers_are_hardened() -> None:
+    services = compose()["services"]
+    for name in [name for name, _ in compose_services().values()] + ["init"]:
+        service = services[name]
+        assert service["read_only"] is True, name
+        assert service["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+        assert service["tmpfs"] == ["/tmp"], name
+
+
+def test_two_model_replicas() -> None:
+    assert compose()["services"]["model-service"]["deploy"]["replicas"] == 2
+
+
+def test_api_keys_come_from_a_secret_file_of_hashes() -> None:
+    document = compose()
+    assert document["services"]["gateway"]["secrets"] == ["api_keys"]
+    settings = service_settings("gateway", compose_env(document["services"]["gateway"]))
+    assert str(settings.api_keys_path) == "/run/secrets/api_keys"
+    assert compose_raw()["secrets"]["api_keys"]["file"] == (
+        "${INFERMESH_API_KEYS_FILE:-./deploy/compose/api_keys.demo.json}"
+    ), "overridable from the environment"
+    path = ROOT / document["secrets"]["api_keys"]["file"]
+    keys = json.loads(path.read_text())["keys"]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) for entry in keys), "hashes only"
+    assert DEMO_KEY not in path.read_text()
+    store = KeyStore.load(path)
+    assert store.authenticate(f"Bearer {DEMO_KEY}").allows("fraud"), "the documented demo key works"
+    assert hash_key(DEMO_KEY) == keys[0]["sha256"]
+
+
+def test_redis_persistence_and_health() -> None:
+    redis = compose()["services"]["redis"]
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command and "--appendfsync everysec" in command
+    assert "--maxmemory-policy noeviction" in command
+    assert redis["volumes"] == ["redis-data:/data"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "ports" not in redis
+
+
+def test_tracing_goes_to_the_collector_and_on_to_jaeger() -> None:
+    document = compose()
+    collector = yaml.safe_load((DEPLOY / "otel" / "collector.yaml").read_text())
+    receiver = collector["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+    for _module, (name, service) in compose_services().items():
+        endpoint = compose_env(service)["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        assert endpoint == f"http://otel-collector:{receiver.rsplit(':', 1)[1]}", name
+    pipeline = collector["service"]["pipelines"]["traces"]
+    for kind in ("receivers", "processors", "exporters"):
+        for component in pipeline[kind]:
+            assert component in collector[kind], f"pipeline uses undefined {kind[:-1]} {component}"
+    exporter = collector["exporters"][pipeline["exporters"][0]]
+    assert exporter["endpoint"] == "jaeger:4317" and "jaeger" in document["services"]
+    assert document["services"]["otel-collector"]["volumes"] == [
+        "./deploy/otel/collector.yaml:/etc/otelcol/config.yaml:ro"
+    ]
+
+
+def test_prometheus_scrapes_every_service_on_its_metrics_port() -> None:
+    document = compose()
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    for module, (name, service) in compose_services().items():
+        settings = service_settings(module, compose_env(service))
+        assert name in jobs, f"Prometheus does not scrape {name}"
+        (target,) = jobs[name]["dns_sd_configs"]
+        assert target == {"names": [name], "type": "A", "port": settings.metrics_port, "refresh_interval": "15s"}
+    assert "./deploy/prometheus:/etc/prometheus:ro" in document["services"]["prometheus"]["volumes"]
+    assert config["rule_files"] == ["rules/*.yml"] and list((DEPLOY / "prometheus" / "rules").glob("*.yml"))
+
+
+def test_grafana_provisioning_is_mounted() -> None:
+    grafana = compose()["services"]["grafana"]
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    assert "./deploy/grafana/dashboards:/etc/grafana/dashboards:ro" in grafana["volumes"]
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/infermesh.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/etc/grafana/dashboards"
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (DEPLOY / "grafana/dashboards" / home.rsplit("/", 1)[1]).exists()
+    for mount in grafana["volumes"]:
+        source = mount.split(":")[0]
+        assert not source.startswith("./") or (ROOT / source).exists(), mount
+
+
+def test_gpu_override_gives_the_model_service_the_nvidia_device() -> None:
+    override = compose("docker-compose.gpu.yml")["services"]
+    assert set(override) == {"model-service"}, "only the model service changes"
+    model = override["model-service"]
+    assert model["build"]["args"] == {"VARIANT": "cuda"}
+    assert model["image"].endswith("-cuda")
+    (device,) = model["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    merged_env = {**compose_env(compose()["services"]["model-service"]), **compose_env(model)}
+    assert service_settings("model_service", merged_env).device == "cuda"

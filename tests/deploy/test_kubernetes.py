@@ -1,0 +1,315 @@
+"""deploy/k8s: each overlay, built by the real kustomize (kubectl's), is valid Kubernetes and matches the
+services' settings, ports, probes and the observability config."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+import infermesh
+from demo.seed import demo_views
+from gateway.auth import KeyStore
+from tests.deploy.artifacts import (
+    DEPLOY,
+    SERVICES,
+    by_kind,
+    compose_env,
+    compose_services,
+    configmap_or_secret_data,
+    container_env,
+    deployment_module,
+    host_port,
+    kustomize_build,
+    selects,
+    service_settings,
+)
+from tests.deploy.promql import selectors
+
+OVERLAYS = ["overlays/cpu", "overlays/gpu"]
+# The oldest Kubernetes we support (native gRPC probes are GA since 1.27) and the newest schema we have.
+K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
+NAMESPACE = "infermesh"
+Docs = tuple[dict[str, Any], ...]
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    return workload["spec"]["template"]["spec"]
+
+
+def main_container(deployment: dict[str, Any]) -> dict[str, Any]:
+    return pod_spec(deployment)["containers"][0]
+
+
+def services_of(docs: Docs) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """module → (Deployment, settings of its main container) for the four infermesh services."""
+    found = {}
+    for deployment in by_kind(docs, "Deployment").values():
+        module = deployment_module(deployment)
+        if module:
+            found[module] = (deployment, service_settings(module, container_env(docs, main_container(deployment))))
+    return found
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def docs(request: pytest.FixtureRequest) -> Docs:
+    return kustomize_build(request.param)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", ["base", *OVERLAYS])
+def test_valid_against_the_kubernetes_schemas(path: str, version: str) -> None:
+    for doc in kustomize_build(path):
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{path} {doc['kind']}/{doc['metadata']['name']} (k8s {version}): {error.message}")
+
+
+def test_the_schema_check_can_fail() -> None:
+    deployment = copy.deepcopy(next(d for d in kustomize_build("overlays/cpu") if d["kind"] == "Deployment"))
+    main_container(deployment)["readinessProbe"]["grcp"] = {"port": 8001}  # a typo: strict mode rejects it
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
+
+
+def test_all_four_services_and_redis_are_deployed(docs: Docs) -> None:
+    modules = services_of(docs)
+    assert set(modules) == set(SERVICES)
+    for module, (deployment, _) in modules.items():
+        assert deployment["metadata"]["name"] == SERVICES[module].compose_name
+    assert "redis" in by_kind(docs, "Deployment")
+    assert "demo-seed" in by_kind(docs, "Job")
+
+
+def test_everything_is_in_the_namespace(docs: Docs) -> None:
+    assert by_kind(docs, "Namespace")[NAMESPACE]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == (
+        "restricted"
+    )
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == NAMESPACE, f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+def test_settings_ports_and_probes(docs: Docs) -> None:
+    for module, (deployment, settings) in services_of(docs).items():
+        container = main_container(deployment)
+        assert container["args"] == [module], "the image's entrypoint is `python -m`"
+        assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0"
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}, module
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": settings.port}, f"{module} {probe}: native gRPC probe"
+        template = deployment["spec"]["template"]
+        assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        assert pod_spec(deployment)["terminationGracePeriodSeconds"] > settings.grace_period_s + 5
+
+
+def test_same_ports_as_compose(docs: Docs) -> None:
+    composed_services = compose_services()
+    for module, (_, settings) in services_of(docs).items():
+        composed = service_settings(module, compose_env(composed_services[module][1]))
+        assert (settings.port, settings.metrics_port) == (composed.port, composed.metrics_port), module
+
+
+def test_pods_are_hardened(docs: Docs) -> None:
+    workloads = [*by_kind(docs, "Deployment").values(), *by_kind(docs, "Job").values()]
+    for workload in workloads:
+        name = workload["metadata"]["name"]
+        spec = pod_spec(workload)
+        assert spec["automountServiceAccountToken"] is False, name
+        # Service links would inject e.g. GATEWAY_PORT=tcp://10.0.0.1:8001 — the name of a gateway setting.
+        assert spec["enableServiceLinks"] is False, name
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] > 0, name
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            where = f"{name}/{container['name']}"
+            assert container["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+            }, where
+            resources = container["resources"]
+            assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(resources["limits"])
+            mounts = {mount["mountPath"] for mount in container.get("volumeMounts", [])}
+            if container["image"] != "redis:7.4.2-alpine":
+                assert "/tmp" in mounts, f"{where}: read-only root needs a writable /tmp"
+
+
+def test_every_deployment_has_a_disruption_budget_and_service(docs: Docs) -> None:
+    budgets = by_kind(docs, "PodDisruptionBudget").values()
+    services = by_kind(docs, "Service").values()
+    for module, (deployment, settings) in services_of(docs).items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert [b for b in budgets if selects(b["spec"]["selector"]["matchLabels"], labels)], f"{module}: no PDB"
+        matching = [s for s in services if selects(s["spec"]["selector"], labels)]
+        assert len(matching) == 1, f"{module}: expected one Service"
+        (port,) = matching[0]["spec"]["ports"]
+        assert port["port"] == settings.port and port["targetPort"] == "grpc"
+
+
+def headless(docs: Docs, name: str) -> dict[str, Any]:
+    service = by_kind(docs, "Service")[name]
+    assert service["spec"]["clusterIP"] == "None", f"{name} must be headless: DNS lists every pod"
+    return service
+
+
+def test_router_discovers_model_replicas_through_dns(docs: Docs) -> None:
+    modules = services_of(docs)
+    router = modules["router"][1]
+    assert router.model_replicas == "", "no fixed replica list in Kubernetes"
+    host, port = host_port(router.model_service_dns)
+    service = headless(docs, host)
+    model_deployment, model_settings = modules["model_service"]
+    assert selects(service["spec"]["selector"], model_deployment["spec"]["template"]["metadata"]["labels"])
+    assert port == model_settings.port
+    assert service["spec"]["publishNotReadyAddresses"] is False, "only ready pods get traffic"
+
+
+def test_gateway_balances_over_router_pods(docs: Docs) -> None:
+    modules = services_of(docs)
+    address = modules["gateway"][1].router_address
+    assert address.startswith("dns:///"), "gRPC's DNS resolver sees every router pod"
+    host, port = host_port(address)
+    service = headless(docs, host)
+    assert selects(service["spec"]["selector"], modules["router"][0]["spec"]["template"]["metadata"]["labels"])
+    assert port == modules["router"][1].port
+
+
+def test_router_reaches_the_feature_service(docs: Docs) -> None:
+    modules = services_of(docs)
+    host, port = host_port(modules["router"][1].feature_service_address)
+    service = by_kind(docs, "Service")[host]
+    assert selects(service["spec"]["selector"], modules["feature_service"][0]["spec"]["template"]["metadata"]["labels"])
+    assert port == modules["feature_service"][1].port
+
+
+def test_feature_service_uses_the_demo_redis_and_the_views_configmap(docs: Docs) -> None:
+    deployment, settings = services_of(docs)["feature_service"]
+    redis_host, redis_port = host_port(settings.redis_url.removeprefix("redis://").split("/")[0])
+    redis_service = by_kind(docs, "Service")[redis_host]
+    assert redis_service["spec"]["ports"][0]["port"] == redis_port
+    assert any("secretRef" in source for source in main_container(deployment)["envFrom"]), "Redis URL is a Secret"
+    mount = next(m for m in main_container(deployment)["volumeMounts"] if m["name"] == "feature-views")
+    volume = next(v for v in pod_spec(deployment)["volumes"] if v["name"] == "feature-views")
+    views = configmap_or_secret_data(docs, "ConfigMap", volume["configMap"]["name"])
+    assert str(settings.views_path) == f"{mount['mountPath']}/feature_views.json"
+    assert json.loads(views["feature_views.json"]) == demo_views(), "the demo's views, as demo/seed.py writes them"
+
+
+def test_redis_is_persistent(docs: Docs) -> None:
+    redis = by_kind(docs, "Deployment")["redis"]
+    args = " ".join(main_container(redis)["args"])
+    assert "--appendonly yes" in args and "--appendfsync everysec" in args and "noeviction" in args
+    assert redis["spec"]["strategy"]["type"] == "Recreate"
+    (volume,) = pod_spec(redis)["volumes"]
+    claim = by_kind(docs, "PersistentVolumeClaim")[volume["persistentVolumeClaim"]["claimName"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_demo_init_steps(docs: Docs) -> None:
+    modules = services_of(docs)
+    for module in ("gateway", "router", "model_service"):
+        deployment, settings = modules[module]
+        (init,) = pod_spec(deployment)["initContainers"]
+        assert init["args"] == ["demo.setup", "--out", "/demo"]
+        assert init["image"] == main_container(deployment)["image"]
+        assert str(settings.model_repository) == "/demo/model_repository"
+        mounts = {m["name"]: m for m in main_container(deployment)["volumeMounts"]}
+        assert mounts["demo"]["mountPath"] == "/demo" and mounts["demo"]["readOnly"] is True
+    seed = main_container(by_kind(docs, "Job")["demo-seed"])
+    assert seed["args"][:3] == ["demo.seed", "--redis-url", "$(FEATURE_SERVICE_REDIS_URL)"]
+    assert "FEATURE_SERVICE_REDIS_URL" in container_env(docs, seed)
+
+
+def test_api_keys_are_hashes_in_a_secret(docs: Docs) -> None:
+    deployment, settings = services_of(docs)["gateway"]
+    mount = next(m for m in main_container(deployment)["volumeMounts"] if m["name"] == "api-keys")
+    volume = next(v for v in pod_spec(deployment)["volumes"] if v["name"] == "api-keys")
+    assert str(settings.api_keys_path) == f"{mount['mountPath']}/api_keys.json"
+    data = configmap_or_secret_data(docs, "Secret", volume["secret"]["secretName"])
+    keys = json.loads(data["api_keys.json"])["keys"]
+    assert keys and all(re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) for entry in keys)
+    compose_keys = (DEPLOY / "compose" / "api_keys.demo.json").read_text()
+    assert json.loads(compose_keys) == json.loads(data["api_keys.json"]), "the same demo key as compose"
+    assert KeyStore.load(DEPLOY / "compose" / "api_keys.demo.json").authenticate("Bearer im_demo_change_me")
+
+
+def test_hpa_scales_the_model_service_on_the_adapter_metric(docs: Docs) -> None:
+    (hpa,) = by_kind(docs, "HorizontalPodAutoscaler").values()
+    target = hpa["spec"]["scaleTargetRef"]
+    model_deployment = services_of(docs)["model_service"][0]
+    assert (target["kind"], target["name"]) == ("Deployment", model_deployment["metadata"]["name"])
+    assert "replicas" not in model_deployment["spec"], "the HPA owns the replica count (apply must not reset it)"
+    assert hpa["spec"]["minReplicas"] >= 2
+    pods_metrics = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    adapter = yaml.safe_load((DEPLOY / "k8s" / "prometheus-adapter" / "values.yaml").read_text())
+    served = {rule["name"]["as"]: rule for rule in adapter["rules"]["custom"]}
+    assert pods_metrics == ["infermesh_model_service_inflight"]
+    rule = served[pods_metrics[0]]
+    (series,) = selectors(rule["seriesQuery"])
+    assert series.name == "infermesh_inflight_requests"
+    assert ("service", "=", "model_service") in series.matchers
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+def test_kubernetes_scrape_config_gives_the_labels_the_adapter_and_rules_need(docs: Docs) -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-kubernetes.yml").read_text())
+    (job,) = config["scrape_configs"]
+    targets = {r["target_label"]: r["source_labels"] for r in job["relabel_configs"] if "target_label" in r}
+    assert targets["namespace"] == ["__meta_kubernetes_namespace"]
+    assert targets["pod"] == ["__meta_kubernetes_pod_name"]
+    assert targets["job"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_name"]
+    compose_jobs = {j["job_name"] for j in yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())[
+        "scrape_configs"]}  # fmt: skip
+    scraped = {
+        d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] for d, _ in services_of(docs).values()
+    }
+    assert scraped == compose_jobs, "job names are the same in compose and Kubernetes (rules use them)"
+    keep_port = next(
+        r for r in job["relabel_configs"] if r["source_labels"] == ["__meta_kubernetes_pod_container_port_name"]
+    )
+    assert keep_port["regex"] == "metrics"
+
+
+def test_images_are_pinned_to_the_release(docs: Docs) -> None:
+    version = infermesh.__version__
+    for workload in [*by_kind(docs, "Deployment").values(), *by_kind(docs, "Job").values()]:
+        spec = pod_spec(workload)
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            image = container["image"]
+            assert ":" in image and not image.endswith(":latest"), image
+            if image.startswith("infermesh"):
+                assert image.split(":")[1] in (version, f"{version}-cuda"), image
+
+
+def test_cpu_overlay_uses_no_gpu() -> None:
+    docs = kustomize_build("overlays/cpu")
+    deployment, settings = services_of(docs)["model_service"]
+    assert "nvidia.com/gpu" not in json.dumps(deployment)
+    assert main_container(deployment)["image"] == f"infermesh:{infermesh.__version__}"
+    assert settings.device == "auto"
+
+
+def test_gpu_overlay() -> None:
+    docs = kustomize_build("overlays/gpu")
+    modules = services_of(docs)
+    deployment, settings = modules["model_service"]
+    container = main_container(deployment)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod_spec(deployment)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(deployment)[
+        "tolerations"
+    ]
+    assert container["image"] == f"infermesh:{infermesh.__version__}-cuda"
+    assert settings.device == "cuda"
+    for module in ("gateway", "router", "feature_service"):
+        other = modules[module][0]
+        assert "nvidia.com/gpu" not in json.dumps(other), f"{module} needs no GPU"
+        assert main_container(other)["image"] == f"infermesh:{infermesh.__version__}"
