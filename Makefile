@@ -15,7 +15,7 @@ setup: $(INSTALLED)
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	touch $@
 
 # Generated stubs live in the shared package; tests fail when they are stale.
@@ -36,6 +36,10 @@ test: demo
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
+
+# Latency, throughput and fault figures of the local mesh (BENCHMARKS.md); e.g. BENCH_ARGS=--quick.
+bench: demo
+	$(PY) -m bench --demo-dir $(DEMO_DIR) $(BENCH_ARGS)
 
 lint: $(INSTALLED)
 	$(PY) -m ruff check .

@@ -1,0 +1,1 @@
+"""Benchmarks of the mesh: load generator, scenarios, reports (`python -m bench`)."""

@@ -1,0 +1,504 @@
+"""Results of a bench run as JSON, a Markdown summary (BENCHMARKS.md) and a PNG of latency vs throughput."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+SWEEPS = ("overhead", "features", "batching", "slow")
+
+
+def _clean(value: Any) -> Any:
+    """NaN is not JSON: null instead."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _errors(errors: dict[str, int] | None) -> str:
+    if not errors:
+        return "0"
+    return ", ".join(f"{count} {code}" for code, count in errors.items())
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_f(cell) if not isinstance(cell, str) else cell for cell in row) + " |" for row in rows]
+    return lines
+
+
+# Per scenario ----------------------------------------------------------------------------------------------
+
+
+def _overhead(s: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            r["load"],
+            r["direct"]["p50_ms"],
+            r["direct"]["p99_ms"],
+            r["direct"]["throughput_rps"],
+            r["gateway"]["p50_ms"],
+            r["gateway"]["p99_ms"],
+            r["gateway"]["throughput_rps"],
+            r["added_p50_ms"],
+            r["added_p99_ms"],
+        ]
+        for r in s["summary"]["rows"]
+    ]
+    header = ["load", "direct p50 ms", "direct p99 ms", "direct req/s", "gateway p50 ms", "gateway p99 ms"]
+    header += ["gateway req/s", "added p50 ms", "added p99 ms"]
+    return [
+        "`fraud`, one transaction per request: (a) straight to one model service replica with the assembled",
+        "FP32 [1, 13] tensor; (b) through the gateway with `user_id`/`merchant_id`/`amount` (auth, validation,",
+        "router, feature fetch from Redis, join, model call). The open-loop row offers both paths the same",
+        "Poisson rate (half the gateway path's best closed-loop throughput).",
+        "",
+        *_table(header, rows),
+    ]
+
+
+def _features(s: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            r["entities"],
+            r["features"],
+            f"c={r['concurrency_low']}",
+            r["low"]["p50_ms"],
+            r["low"]["p99_ms"],
+            f"c={r['best_concurrency']}",
+            r["best"]["throughput_rps"],
+            r["best"]["p99_ms"],
+            float(r["entities_per_s"]),
+        ]
+        for r in s["summary"]["rows"]
+    ]
+    header = ["entities", "features", "low load", "p50 ms", "p99 ms", "best at", "reads/s", "p99 ms", "entity rows/s"]
+    return [
+        "`BatchReadFeatures` straight to a feature service (one MGET per call), views of 10 and 50 FP32 features,",
+        f"random entities out of {s['summary']['population']:,}.",
+        "",
+        *_table(header, rows),
+    ]
+
+
+def _batching(s: dict[str, Any]) -> list[str]:
+    summary = s["summary"]
+    budget = summary["p99_budget_ms"]
+    rows = []
+    for mode, m in summary["modes"].items():
+        at, within = m["at"], m["within_budget"] or {}
+        rows.append(
+            [
+                mode,
+                at["throughput_rps"],
+                at["p99_ms"],
+                at["mean_batch_rows"],
+                f"c={m['within_budget_concurrency']}" if m["within_budget_concurrency"] else "none",
+                within.get("throughput_rps"),
+                within.get("p99_ms"),
+                within.get("mean_batch_rows"),
+            ]
+        )
+    c = next(iter(summary["modes"].values()))["at_concurrency"]
+    header = [
+        "mode",
+        f"req/s at c={c}",
+        f"p99 ms at c={c}",
+        "rows/batch",
+        f"highest c with p99 ≤ {budget:g} ms",
+        "req/s",
+        "p99 ms",
+        "rows/batch",
+    ]
+    on = summary["configs"]["batching on"]["dynamic_batching"]
+    lines = [
+        "`bench_mlp` (256 → 2048 → 2048 → 256, FP32, one torch thread) straight to one model service on "
+        f"device `{summary['device']}`;",
+        f"batching on = `max_batch_size` {summary['configs']['batching on']['max_batch_size']}, "
+        f"`max_queue_delay_us` {on.get('max_queue_delay_us')}; off = `dynamic_batching.enabled: false`.",
+        "",
+        *_table(header, rows),
+        "",
+        f"Batching on vs off: {_f(summary.get('speedup_at_concurrency'))}x the throughput at c={c}",
+    ]
+    if "speedup_within_budget" in summary:
+        lines[-1] += f", {_f(summary['speedup_within_budget'])}x within the same p99 budget of {budget:g} ms."
+    else:
+        lines[-1] += "."
+    return lines
+
+
+def _failover(s: dict[str, Any]) -> list[str]:
+    summary = s["summary"]
+    events = summary["events_s"]
+    rows = [
+        [
+            name,
+            f"{p['from_s']:.1f}-{p['to_s']:.1f} s",
+            p["requests"],
+            _errors(p["errors"]),
+            p["throughput_rps"],
+            p["p50_ms"],
+            p["p99_ms"],
+        ]
+        for name, p in summary["phases"].items()
+    ]
+    return [
+        f"`fraud` through the gateway, closed loop c={summary['concurrency']}, two replicas. Replica 0 SIGKILLed at "
+        f"t={events['kill']:.1f} s, started again at t={events['restart']:.1f} s (ready at t={events['ready']:.1f} s).",
+        "",
+        *_table(["phase", "window", "requests", "failed", "req/s", "p50 ms", "p99 ms"], rows),
+        "",
+        f"**Failed requests: {summary['failed']}** of {summary['requests']}. The restarted replica answered "
+        f"{summary['restarted_replica_served']:.0f} model calls before the end of the run.",
+    ]
+
+
+def _outage(s: dict[str, Any]) -> list[str]:
+    summary = s["summary"]
+    events = summary["events_s"]
+    rows = []
+    for policy, p in summary["policies"].items():
+        for phase, f in p["phases"].items():
+            flagged = f["tags"].get("features_unavailable", 0)
+            defaulted = f["tags"].get("defaulted", 0)
+            rows.append(
+                [
+                    f"{policy} (`{p['model']}`)",
+                    phase,
+                    f["requests"],
+                    f["ok"],
+                    f"{flagged} / {defaulted}",
+                    _errors(f["errors"]),
+                    f["p99_ms"],
+                    f["failed_p99_ms"],
+                ]
+            )
+    recovery = "; ".join(
+        f"{policy}: {_f(p['recovery_s'])} s (first clean answer {_f(p['first_clean_after_s'])} s after)"
+        for policy, p in summary["policies"].items()
+    )
+    header = ["policy", "phase", "requests", "ok", "flagged unavailable / defaulted", "errors", "p99 ok ms"]
+    header += ["p99 failed ms"]
+    return [
+        f"`fraud` (on_missing `default`) and `fraud_strict` (`reject`) through the gateway side by side, closed loop "
+        f"c={summary['concurrency_per_policy']} each. Redis saved, then SIGKILLed at t={events['kill']:.1f} s, started "
+        f"again at t={events['restart']:.1f} s and answering at t={events['back']:.1f} s.",
+        "",
+        *_table(header, rows),
+        "",
+        f"Recovery (Redis answering → last failed or flagged answer): {recovery}.",
+    ]
+
+
+def _slow(s: dict[str, Any]) -> list[str]:
+    summary = s["summary"]
+    rows = [
+        [
+            f"c={r['concurrency']}",
+            r["healthy"]["p50_ms"],
+            r["healthy"]["p99_ms"],
+            r["healthy"]["throughput_rps"],
+            r["slow"]["p50_ms"],
+            r["slow"]["p99_ms"],
+            r["slow"]["throughput_rps"],
+            f"{100 * r['share_to_slow_replica']:.1f} %" if r["share_to_slow_replica"] is not None else "-",
+        ]
+        for r in summary["rows"]
+    ]
+    header = ["load", "healthy p50 ms", "healthy p99 ms", "healthy req/s", "slow p50 ms", "slow p99 ms"]
+    header += ["slow req/s", "model calls to slow replica"]
+    return [
+        f"`fraud` through the gateway; replica 1 given `MODEL_SERVICE_INJECT_DELAY_MS={summary['delay_ms']:g}` (every "
+        "batch it runs takes that much longer) vs both replicas healthy. The router picks the less loaded of two "
+        "random replicas (in-flight calls).",
+        "",
+        *_table(header, rows),
+    ]
+
+
+def _overload(s: dict[str, Any]) -> list[str]:
+    summary = s["summary"]
+    rounds = summary["rounds"]
+    round_rows = [
+        [
+            str(r["round"]),
+            r["offered_rps"],
+            r["requests"],
+            r["accepted_ok"],
+            r["shed"],
+            f"{100 * r['shed_fraction']:.1f} %" if r["shed_fraction"] is not None else "-",
+            _errors(r["other_errors"]),
+            r["accepted_throughput_rps"],
+            r["accepted_p50_ms"],
+            r["accepted_p99_ms"],
+            r["accepted_p99_from_send_ms"],
+            r["generator_lag_p99_ms"],
+        ]
+        for r in rounds
+    ]
+    memory_rows = [
+        [
+            name,
+            m["idle_before_mib"],
+            m["peak_sampled_mib"],
+            " → ".join(_f(v, 1) for v in m["idle_after_rounds_mib"]),
+            m["vmhwm_mib"],
+        ]
+        for name, m in summary["memory"].items()
+    ]
+    header = ["round", "offered req/s", "requests", "accepted", "shed (RESOURCE_EXHAUSTED)", "shed fraction"]
+    header += ["other errors", "accepted req/s", "accepted p50 ms", "accepted p99 ms", "p99 from actual send ms"]
+    header += ["generator lag p99 ms"]
+    return [
+        f"`fraud` through the gateway, open loop (Poisson) at {_f(summary['target_rps'])} req/s = "
+        f"{summary['factor']:g} x the capacity measured just before ({_f(summary['capacity_rps'])} req/s, closed "
+        f"loop c={summary['probe_concurrency']}), {len(rounds)} round(s) of {s['runs'][1]['duration_s']:g} s with "
+        f"{summary['idle_s']:g} s idle after each. Latency counts from the scheduled arrival; the generator's lag "
+        "(how late it sent, on the same 2 cores) is in the last column.",
+        "",
+        *_table(header, round_rows),
+        "",
+        "Resident memory (MiB) of each process from /proc/<pid>/status: VmRSS sampled every 0.25 s under load, "
+        "VmRSS when idle after each round, and VmHWM (the peak over the process's life):",
+        "",
+        *_table(["process", "idle before", "peak under overload", "idle after each round", "VmHWM"], memory_rows),
+    ]
+
+
+RENDER = {
+    "overhead": _overhead,
+    "features": _features,
+    "batching": _batching,
+    "failover": _failover,
+    "outage": _outage,
+    "slow": _slow,
+    "overload": _overload,
+}
+
+
+def runs_table(scenario: dict[str, Any]) -> list[str]:
+    rows = []
+    for r in scenario["runs"]:
+        load = f"c={r['concurrency']}" if r["mode"] == "closed" else f"{r['rate_rps']:.0f}/s open"
+        lat = r["latency_ms"]
+        rows.append(
+            [r["series"], load, r["requests"], _errors(r["errors"]), r["throughput_rps"]]
+            + [lat[p] for p in ("p50", "p90", "p95", "p99")]
+        )
+    header = ["series", "load", "requests", "errors", "req/s", "p50 ms", "p90 ms", "p95 ms", "p99 ms"]
+    return _table(header, rows)
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    gpu = machine["gpu"] if machine.get("cuda") else "no CUDA GPU"
+    return (
+        f"{machine['nproc']} cores ({machine['cpu']}), {machine['memory_gib']} GiB RAM, {machine['os']}; "
+        f"Python {machine['python']}, torch {machine['torch']}, grpcio {machine['grpcio']}, "
+        f"tritonclient {machine['tritonclient']}, {machine['redis_server'].split(' sha=')[0]}; {gpu}"
+    )
+
+
+def markdown(data: dict[str, Any], *, plot_path: str | None, full: bool, gpu: dict[str, Any] | None = None) -> str:
+    """BENCHMARKS.md. `gpu`: results of scenario 3 taken on a CUDA machine (bench/gpu_results.json), if any."""
+    options = data["options"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Figures from `make bench` (`python -m bench`): the local mesh as `make run` starts it (private Redis, feature "
+        "service, two model replicas, router, gateway, each its own process), driven by the project's load "
+        "generator with `tritonclient.grpc.aio` as the client. Raw results of every run: `bench/results/` "
+        "(git-ignored).",
+        "",
+        f"**Machine**: {machine_line(data['machine'])}. The load generator runs on the same machine and shares its "
+        "cores with all the services and Redis: the figures are for the whole system on that machine, client "
+        "included, not for a service alone.",
+        "",
+        f"Taken {data['started']} in {data['seconds']:.0f} s"
+        + ("" if full else " (a partial or `--quick` run: figures are indicative only)")
+        + f". Each sweep point: {options['warmup_s']:g} s warm-up (discarded), then {options['duration_s']:g} s "
+        "measured.",
+        "",
+        "**Method** (as perf_analyzer): closed loop = N concurrent requests, each sent as soon as the previous one "
+        "answered; open loop = Poisson arrivals at a fixed rate, latency from the scheduled arrival. Latency "
+        "percentiles are nearest-rank over successful requests sent in the measurement window (every one awaited, "
+        "so no failure escapes the counts); throughput = successful answers that arrived within the window / "
+        "window; errors counted by gRPC status code.",
+    ]
+    if plot_path:
+        lines += ["", f"![latency percentiles vs throughput per scenario]({plot_path})"]
+    defects = [d for s in data["scenarios"] for d in s.get("defects", [])]
+    defects += [f"scenario {c['name']} did not finish: {c['error'].splitlines()[-1]}" for c in data.get("crashed", [])]
+    lines += ["", "## Defects seen", ""]
+    lines += [f"- {d}" for d in defects] if defects else ["None in this run."]
+    findings = [f for s in data["scenarios"] for f in s.get("findings", [])]
+    if findings:
+        lines += ["", "Other findings:", "", *[f"- {f}" for f in findings]]
+    for scenario in data["scenarios"]:
+        lines += ["", f"## {scenario['title']}", ""]
+        lines += RENDER[scenario["name"]](scenario)
+    if not data["machine"].get("cuda"):
+        lines += ["", "## GPU", ""]
+        gpu_batching = next((s for s in (gpu or {}).get("scenarios", []) if s["name"] == "batching"), None)
+        if gpu_batching is None:
+            lines += [
+                "No CUDA GPU on the bench machine: scenario 3 ran on CPU only. On a machine with one, "
+                "`make bench BENCH_ARGS='--scenarios batching --device cuda'` runs it there."
+            ]
+        else:
+            assert gpu is not None
+            lines += [
+                "No CUDA GPU on the bench machine. Scenario 3 was run on its own on a lent GPU machine "
+                f"({gpu['started']}; `python -m bench --scenarios batching --device cuda`, client on the same "
+                "machine; results in bench/gpu_results.json):",
+                "",
+                f"**GPU machine**: {machine_line(gpu['machine'])}. Not comparable with the CPU figures above: "
+                "other CPU, 16 cores.",
+                "",
+                *_batching(gpu_batching),
+            ]
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        "make bench                                   # everything, ≈ 10 minutes on the machine above",
+        "make bench BENCH_ARGS=--quick                # every scenario, short, under a minute",
+        "make bench BENCH_ARGS='--scenarios overhead,failover --duration 10 --concurrency 1,16,64'",
+        "make bench BENCH_ARGS='--scenarios features --concurrency 128,256'   # feature reads past 100 at once",
+        "make bench BENCH_ARGS='--scenarios overload'                          # shedding at 3 x capacity",
+        "make bench BENCH_ARGS='--scenarios batching --device cuda'           # scenario 3 on a GPU",
+        "```",
+        "",
+        "BENCHMARKS.md and bench/latency_vs_throughput.png are rewritten by a full run of every scenario "
+        "(or with `--write-markdown`); every run writes `bench/results/<time>/results.json`, `summary.md` and "
+        "`latency_vs_throughput.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def console_summary(data: dict[str, Any]) -> str:
+    """Defects and each scenario's table, for the terminal at the end of a run."""
+    text = markdown(data, plot_path=None, full=True)
+    return "## Defects seen" + text.split("## Defects seen", 1)[1].split("## Reproduce", 1)[0]
+
+
+def summary_markdown(data: dict[str, Any]) -> str:
+    """Everything of one run, every run of every scenario included (written next to results.json)."""
+    text = markdown(data, plot_path="latency_vs_throughput.png", full=True)
+    lines = [text, "## Every run", ""]
+    for scenario in data["scenarios"]:
+        lines += [f"### {scenario['title']}", "", *runs_table(scenario), ""]
+    return "\n".join(lines)
+
+
+# Plot ------------------------------------------------------------------------------------------------------
+
+
+def plot(data: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    scenarios = data["scenarios"]
+    if not scenarios:
+        return None
+    columns = 2
+    rows = math.ceil(len(scenarios) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(13, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(scenarios) :]:
+        ax.set_visible(False)
+    for ax, scenario in zip(axes.flat, scenarios, strict=False):
+        if scenario["name"] in SWEEPS or scenario["name"] == "overload":
+            _plot_sweep(ax, scenario)
+        else:
+            _plot_timeline(ax, scenario)
+        ax.set_title(scenario["title"], fontsize=11)
+    figure.suptitle(f"infermesh · {machine_line(data['machine'])[:110]}", fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def _plot_sweep(ax: Any, scenario: dict[str, Any]) -> None:
+    series: dict[str, list[dict[str, Any]]] = {}
+    for run in scenario["runs"]:
+        if run["mode"] == "closed" or scenario["name"] == "overload":
+            series.setdefault(run["series"], []).append(run)
+    colors = iter(["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"])
+    for name, runs in series.items():
+        runs.sort(key=lambda r: r["throughput_rps"])
+        color = next(colors)
+        x = [r["throughput_rps"] for r in runs]
+        p50 = [r["latency_ms"]["p50"] for r in runs]
+        p99 = [r["latency_ms"]["p99"] for r in runs]
+        ax.plot(x, p99, "o-", color=color, label=f"{name} p99")
+        ax.plot(x, p50, "o--", color=color, alpha=0.6, label=f"{name} p50")
+        for r, y in zip(runs, p99, strict=True):
+            if "concurrency" in r:
+                ax.annotate(f"c={r['concurrency']}", (r["throughput_rps"], y), fontsize=6, alpha=0.7)
+    opened = [r for r in scenario["runs"] if r["mode"] == "open" and scenario["name"] != "overload"]
+    for k, run in enumerate(opened):
+        label = "open loop (Poisson) p99" if k == 0 else None
+        ax.plot(run["throughput_rps"], run["latency_ms"]["p99"], "x", color="black", markersize=8, label=label)
+    ax.set_xlabel("throughput (successful req/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6 if len(series) > 3 else 7, ncol=2 if len(series) > 3 else 1)
+
+
+def _plot_timeline(ax: Any, scenario: dict[str, Any]) -> None:
+    twin = ax.twinx()
+    colors = iter(["C0", "C1", "C2"])
+    for name, rows in scenario.get("timelines", {}).items():
+        color = next(colors)
+        t = [r["t_s"] for r in rows]
+        bucket = (t[1] - t[0]) if len(t) > 1 else 1.0
+        ax.plot(t, [r["p99_ms"] for r in rows], "-", color=color, label=f"{name} p99 (ms)")
+        twin.plot(t, [r["ok"] / bucket for r in rows], ":", color=color, alpha=0.6, label=f"{name} ok/s")
+        failed = [(r["t_s"], r["failed"] / bucket) for r in rows if r["failed"]]
+        if failed:
+            twin.plot(*zip(*failed, strict=True), "x", color="red", label=f"{name} failed/s")
+        flagged = [(r["t_s"], r["tagged"] / bucket) for r in rows if r["tagged"]]
+        if flagged:
+            twin.plot(*zip(*flagged, strict=True), "+", color="purple", label=f"{name} flagged/s")
+    for what, at in scenario["summary"].get("events_s", {}).items():
+        ax.axvline(at, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(at, 0.98, f" {what}", transform=ax.get_xaxis_transform(), fontsize=7, rotation=90, va="top")
+    ax.set_xlabel("time since the measurement started (s)")
+    ax.set_ylabel("p99 latency (ms), per 0.5 s")
+    twin.set_ylabel("answers per second")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    lines = ax.get_legend_handles_labels()
+    lines2 = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=6, loc="upper left")

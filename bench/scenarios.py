@@ -1,0 +1,837 @@
+"""The benchmark scenarios. Each is `async def scenario(ctx) -> dict` (JSON-ready): its runs, a summary of the
+figures that answer its question, and any defect it saw (a failed request where none should fail, memory that
+keeps growing, a hang).
+
+Scenarios share one mesh (`ctx.mesh()`, started on first use, as `make run` starts it) unless they need a
+differently configured one; the shared mesh is left as it was found (a killed replica or Redis is back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import redis
+import tritonclient.grpc.aio as aioclient
+
+from bench import environment as env
+from bench.loadgen import (
+    OK,
+    LoadRun,
+    NoProgress,
+    ProgressSink,
+    Recording,
+    Sample,
+    closed_loop,
+    nearest_rank,
+    open_loop,
+    result,
+    summarize,
+    timeline,
+)
+from bench.workloads import BenchMLPDirect, FeatureRead, FraudDirect, FraudViaGateway
+from demo.mesh import LocalMesh
+from gateway.auth import new_api_key
+
+FEATURE_SHAPES = ((1, 10), (10, 10), (100, 10), (1, 50), (10, 50), (100, 50))  # (entities, features)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    duration_s: float = 5.0  # measurement window of each sweep point
+    warmup_s: float = 1.0
+    concurrency: tuple[int, ...] = (1, 8, 32, 128)
+    feature_concurrency: tuple[int, ...] | None = None  # default: `concurrency`
+    open_loop_fraction: float = 0.5  # open-loop rate as a share of the capacity measured in the sweep
+    fault_duration_s: float = 24.0  # failover / outage runs (the fault happens inside)
+    fault_concurrency: int = 16
+    slow_delay_ms: float = 25.0  # scenario 6: extra time per batch on the slow replica
+    slow_concurrency: tuple[int, ...] = (1, 8, 32)
+    p99_budget_ms: float = 50.0  # scenario 3: throughput compared at the highest concurrency within this p99
+    batching_concurrency: int = 32
+    batching_sweep: tuple[int, ...] = (1, 4, 8, 16, 32, 64, 128)
+    feature_population: int = env.WIDE_POPULATION  # scenario 2: entities per bench view
+    mesh_warmup_s: float = 3.0  # load through a freshly started mesh before measuring anything on it
+    overload_factor: float = 3.0
+    overload_duration_s: float = 10.0
+    overload_rounds: int = 3  # rounds after idle pauses: memory that grows after every round would be a leak
+    device: str = "auto"  # scenario 3's model service device (cpu / cuda / auto)
+    quick: bool = False
+
+    @classmethod
+    def quick_mode(cls) -> BenchOptions:
+        return cls(
+            duration_s=0.7,
+            warmup_s=0.15,
+            concurrency=(1, 32),
+            feature_concurrency=(8,),
+            fault_duration_s=5.5,
+            slow_concurrency=(8,),
+            batching_sweep=(32,),
+            overload_duration_s=1.0,
+            overload_rounds=1,
+            mesh_warmup_s=0.5,
+            feature_population=2_000,
+            quick=True,
+        )
+
+
+@dataclass
+class Context:
+    """What a scenario needs: options, folders, the shared mesh, progress reporting and a log."""
+
+    demo_dir: Path
+    run_dir: Path
+    options: BenchOptions = field(default_factory=BenchOptions)
+    progress: ProgressSink = field(default_factory=NoProgress)
+    log: Callable[[str], None] = lambda message: None
+    api_key: str = field(default_factory=new_api_key)
+    shared_mesh: LocalMesh | None = None  # given (tests) or started on first use
+    _owns_mesh: bool = False
+
+    async def mesh(self) -> LocalMesh:
+        if self.shared_mesh is None:
+            self.log("starting the mesh: private redis, feature service, 2 model replicas, router, gateway")
+            self.shared_mesh = await asyncio.to_thread(
+                env.start_mesh, self.demo_dir, self.run_dir / "mesh", self.api_key
+            )
+            self._owns_mesh = True
+            await self.warm(self.shared_mesh)
+        return self.shared_mesh
+
+    async def warm(self, mesh: LocalMesh) -> None:
+        """A fresh mesh is slower for its first seconds (connections, caches, allocators): load it first."""
+        if self.options.mesh_warmup_s <= 0:
+            return
+        async with _client(mesh.gateway_address) as client:
+            await closed_loop(FraudViaGateway(client, self.api_key), 8, self.options.mesh_warmup_s, 0.0)
+
+    @contextlib.asynccontextmanager
+    async def dedicated_mesh(self, name: str, **options: Any):
+        self.log(f"starting a dedicated mesh ({name})")
+        mesh = await asyncio.to_thread(env.start_mesh, self.demo_dir, self.run_dir / name, self.api_key, **options)
+        try:
+            await self.warm(mesh)
+            yield mesh
+        finally:
+            await asyncio.to_thread(env.stop_mesh, mesh)
+
+    async def close(self) -> None:
+        if self._owns_mesh and self.shared_mesh is not None:
+            await asyncio.to_thread(env.stop_mesh, self.shared_mesh)
+            self.shared_mesh = None
+            self._owns_mesh = False
+
+    async def closed(self, send, concurrency: int, label: str, **kwargs: Any) -> Recording:
+        options = self.options
+        kwargs.setdefault("duration_s", options.duration_s)
+        kwargs.setdefault("warmup_s", options.warmup_s)
+        return await closed_loop(send, concurrency, label=label, progress=self.progress, **kwargs)
+
+    async def open(self, send, rate_rps: float, label: str, **kwargs: Any) -> Recording:
+        options = self.options
+        kwargs.setdefault("duration_s", options.duration_s)
+        kwargs.setdefault("warmup_s", options.warmup_s)
+        return await open_loop(send, rate_rps, label=label, progress=self.progress, **kwargs)
+
+
+def _run(recording: Recording, series: str, **extra: Any) -> dict[str, Any]:
+    out = result(recording)
+    out["series"] = series
+    out.update(extra)
+    return out
+
+
+def _client(address: str) -> aioclient.InferenceServerClient:
+    return aioclient.InferenceServerClient(address)
+
+
+def _capacity(runs: list[dict[str, Any]], series: str) -> float:
+    return max((r["throughput_rps"] for r in runs if r["series"] == series and r["mode"] == "closed"), default=0.0)
+
+
+def _point(run: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a run that go into a summary table."""
+    latency = run["latency_ms"]
+    return {
+        "throughput_rps": run["throughput_rps"],
+        "p50_ms": latency["p50"],
+        "p90_ms": latency["p90"],
+        "p99_ms": latency["p99"],
+        "errors": sum(run["errors"].values()),
+    }
+
+
+def _unexpected_errors(runs: list[dict[str, Any]], allowed: tuple[str, ...] = ()) -> str:
+    """Which runs failed requests they should not have, with the servers' messages ("" when none did)."""
+    found = []
+    for run in runs:
+        errors = {code: count for code, count in run["errors"].items() if code not in allowed}
+        if errors:
+            examples = {code: run.get("error_examples", {}).get(code) for code in errors}
+            found.append(f"{run['label']}: {errors} of {run['requests']} (messages {examples})")
+    return "; ".join(found)
+
+
+def _phases(samples: list[Sample], fault: float, back: float, end: float) -> dict[str, list[Sample]]:
+    """before: answered before the fault; during: answered after the fault began and sent before things were
+    back; after: sent once things were back. Every request lands in exactly one."""
+    return {
+        "before": [s for s in samples if s.end < fault],
+        "during": [s for s in samples if s.end >= fault and s.start < back],
+        "after": [s for s in samples if s.start >= back],
+    }
+
+
+def _phase(chosen: list[Sample], start: float, end: float) -> dict[str, Any]:
+    out = summarize(chosen, (start, max(end, start)))
+    out["from_s"], out["to_s"] = round(start, 3), round(end, 3)
+    failed = sorted((s.end - s.start) * 1000 for s in chosen if s.code != OK)
+    out["failed_latency_ms"] = {"p50": _r(nearest_rank(failed, 50)), "p99": _r(nearest_rank(failed, 99))}
+    return out
+
+
+def _r(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 3)
+
+
+def _logged_errors(log_path: Path) -> dict[str, int]:
+    """Warnings and errors in a service's JSON log, counted by message and error type."""
+    found: dict[str, int] = {}
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("level") in ("WARNING", "ERROR", "CRITICAL"):
+            key = f"{entry.get('msg')} ({entry.get('error', entry.get('level'))})"
+            found[key] = found.get(key, 0) + 1
+    return found
+
+
+# 1. Mesh overhead ----------------------------------------------------------------------------------------
+
+
+async def mesh_overhead(ctx: Context) -> dict[str, Any]:
+    """`fraud` straight to one replica with the assembled [1, 13] tensor vs through the gateway with ids."""
+    mesh = await ctx.mesh()
+    options = ctx.options
+    runs: list[dict[str, Any]] = []
+    async with _client(mesh.model_services[0].address) as direct_client, _client(mesh.gateway_address) as gw_client:
+        direct = FraudDirect(direct_client)
+        gateway = FraudViaGateway(gw_client, ctx.api_key)
+        for concurrency in options.concurrency:
+            for series, send in (("direct to replica", direct), ("through gateway", gateway)):
+                recording = await ctx.closed(send, concurrency, f"overhead · {series} · c={concurrency}")
+                runs.append(_run(recording, series))
+        # Open loop at one fixed rate for both paths: the gateway path's measured capacity x fraction.
+        rate = max(1.0, _capacity(runs, "through gateway") * options.open_loop_fraction)
+        for series, send in (("direct to replica", direct), ("through gateway", gateway)):
+            recording = await ctx.open(send, rate, f"overhead · {series} · {rate:.0f} req/s Poisson")
+            runs.append(_run(recording, series))
+
+    def by(series: str, mode: str, concurrency: int | None = None) -> dict[str, Any]:
+        return next(
+            r
+            for r in runs
+            if r["series"] == series
+            and r["mode"] == mode
+            and (concurrency is None or r.get("concurrency") == concurrency)
+        )
+
+    rows = []
+    for concurrency in [*options.concurrency, None]:
+        mode = "closed" if concurrency is not None else "open"
+        a, b = by("direct to replica", mode, concurrency), by("through gateway", mode, concurrency)
+        pa, pb = _point(a), _point(b)
+        rows.append(
+            {
+                "load": f"c={concurrency}" if concurrency is not None else f"{a['rate_rps']:.0f} req/s open",
+                "direct": pa,
+                "gateway": pb,
+                "added_p50_ms": _sub(pb["p50_ms"], pa["p50_ms"]),
+                "added_p99_ms": _sub(pb["p99_ms"], pa["p99_ms"]),
+            }
+        )
+    unexpected = _unexpected_errors(runs)
+    return {
+        "runs": runs,
+        "summary": {"rows": rows},
+        "defects": [f"failed requests without any fault: {unexpected}"] if unexpected else [],
+    }
+
+
+def _sub(a: float, b: float) -> float | None:
+    if a is None or b is None or math.isnan(a) or math.isnan(b):
+        return None
+    return round(a - b, 3)
+
+
+# 2. Feature fetch alone ----------------------------------------------------------------------------------
+
+
+async def feature_fetch(ctx: Context) -> dict[str, Any]:
+    """BatchReadFeatures of 1/10/100 entities x 10/50 features against a feature service on the mesh's Redis."""
+    mesh = await ctx.mesh()
+    options = ctx.options
+    folder = ctx.run_dir / "features"
+    views_path = env.write_wide_views(folder / "feature_views.json")
+    written = await env.seed_wide_views(mesh.redis_url, views_path, population=options.feature_population)
+    ctx.log(f"seeded {written} rows of the bench feature views")
+    service = env.start_service(
+        "feature_service", "feature_service_bench", folder, {"redis_url": mesh.redis_url, "views_path": views_path}
+    )
+    runs: list[dict[str, Any]] = []
+    try:
+        await env.wait_ready(service)
+        concurrencies = options.feature_concurrency or options.concurrency
+        async with grpc.aio.insecure_channel(service.address) as channel:
+            for entities, width in FEATURE_SHAPES:
+                view = f"bench{width}"
+                send = FeatureRead(
+                    channel,
+                    view,
+                    env.wide_feature_names(view),
+                    entities,
+                    population=options.feature_population,
+                    id_prefix="e",
+                )
+                series = f"{entities} entities x {width} features"
+                for concurrency in concurrencies:
+                    recording = await ctx.closed(send, concurrency, f"features · {series} · c={concurrency}")
+                    runs.append(_run(recording, series, entities=entities, features=width))
+    finally:
+        await asyncio.to_thread(service.stop)
+    rows = []
+    for entities, width in FEATURE_SHAPES:
+        mine = [r for r in runs if r["entities"] == entities and r["features"] == width]
+        lowest = min(mine, key=lambda r: r["concurrency"])
+        best = max(mine, key=lambda r: r["throughput_rps"])
+        rows.append(
+            {
+                "entities": entities,
+                "features": width,
+                "concurrency_low": lowest["concurrency"],
+                "low": _point(lowest),
+                "best_concurrency": best["concurrency"],
+                "best": _point(best),
+                "entities_per_s": round(best["throughput_rps"] * entities),
+            }
+        )
+    not_found = sum(r["tags"].get("not_found", 0) for r in runs)
+    defects = []
+    unexpected = _unexpected_errors(runs)
+    if unexpected:
+        causes = _logged_errors(service.log_path)
+        defects.append(f"failed feature reads without any fault: {unexpected}; the feature service logged {causes}")
+    if not_found:
+        defects.append(f"{not_found} reads answered NOT_FOUND for seeded entities")
+    return {"runs": runs, "summary": {"population": options.feature_population, "rows": rows}, "defects": defects}
+
+
+# 3. Dynamic batching -------------------------------------------------------------------------------------
+
+
+async def _batch_stats(process) -> tuple[float, float]:
+    try:
+        text = await asyncio.to_thread(env.scrape, process.metrics_port)
+    except OSError:
+        return math.nan, math.nan
+    return (
+        env.metric_sum(text, "infermesh_batch_size_sum", model="bench_mlp"),
+        env.metric_sum(text, "infermesh_batch_size_count", model="bench_mlp"),
+    )
+
+
+async def dynamic_batching(ctx: Context) -> dict[str, Any]:
+    """`bench_mlp` straight to one model service: batching off vs on, concurrency sweep, same p99 budget."""
+    options = ctx.options
+    folder = ctx.run_dir / "batching"
+    services = {}
+    configs = {}
+    for mode, enabled in (("batching off", False), ("batching on", True)):
+        target = folder / ("on" if enabled else "off")
+        repository = env.bench_repository(ctx.demo_dir, target, bench_mlp_batching=enabled)
+        configs[mode] = env.bench_mlp_settings(repository)
+        services[mode] = env.start_service(
+            "model_service",
+            f"model_service_{'on' if enabled else 'off'}",
+            target,
+            {"model_repository": repository, "device": options.device, "replica_id": mode.replace(" ", "_")},
+        )
+    runs: list[dict[str, Any]] = []
+    try:
+        await env.wait_ready(*services.values())
+        concurrencies = sorted({*options.batching_sweep, options.batching_concurrency})
+        for mode, service in services.items():
+            async with _client(service.address) as client:
+                send = BenchMLPDirect(client)
+                for concurrency in concurrencies:
+                    before = await _batch_stats(service)
+                    recording = await ctx.closed(send, concurrency, f"batching · {mode} · c={concurrency}")
+                    after = await _batch_stats(service)
+                    rows = after[0] - before[0]
+                    batches = after[1] - before[1]
+                    mean_batch = round(rows / batches, 2) if batches else None
+                    runs.append(_run(recording, mode, mean_batch_rows=mean_batch))
+    finally:
+        await asyncio.to_thread(env.stop_all, list(services.values()))
+    budget = options.p99_budget_ms
+    summary: dict[str, Any] = {"p99_budget_ms": budget, "device": options.device, "configs": configs, "modes": {}}
+    for mode in services:
+        mine = sorted((r for r in runs if r["series"] == mode), key=lambda r: r["concurrency"])
+        at_c = next(r for r in mine if r["concurrency"] == options.batching_concurrency)
+        within = [r for r in mine if not math.isnan(r["latency_ms"]["p99"]) and r["latency_ms"]["p99"] <= budget]
+        best = max(within, key=lambda r: r["concurrency"]) if within else None
+        summary["modes"][mode] = {
+            "at_concurrency": options.batching_concurrency,
+            "at": {**_point(at_c), "mean_batch_rows": at_c["mean_batch_rows"]},
+            "within_budget_concurrency": best["concurrency"] if best else None,
+            "within_budget": {**_point(best), "mean_batch_rows": best["mean_batch_rows"]} if best else None,
+        }
+    off, on = summary["modes"]["batching off"], summary["modes"]["batching on"]
+    if off["within_budget"] and on["within_budget"]:
+        summary["speedup_within_budget"] = round(
+            on["within_budget"]["throughput_rps"] / max(off["within_budget"]["throughput_rps"], 1e-9), 2
+        )
+    summary["speedup_at_concurrency"] = round(on["at"]["throughput_rps"] / max(off["at"]["throughput_rps"], 1e-9), 2)
+    unexpected = _unexpected_errors(runs)
+    return {
+        "runs": runs,
+        "summary": summary,
+        "defects": [f"failed requests without any fault: {unexpected}"] if unexpected else [],
+    }
+
+
+# 4. Failover ---------------------------------------------------------------------------------------------
+
+
+class _Timed:
+    """Runs a load and a fault script side by side; the script's events land on the load's clock."""
+
+    def __init__(self) -> None:
+        self.runs: list[LoadRun] = []
+        self.ready = asyncio.Event()
+
+    def started(self, run: LoadRun) -> None:
+        self.runs.append(run)
+        self.ready.set()
+
+    async def at(self, t: float) -> None:
+        """Sleep until `t` seconds after the first load's window start."""
+        await self.ready.wait()
+        delay = t - self.runs[0].now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def mark(self, what: str) -> float:
+        for run in self.runs:
+            run.mark(what)
+        return self.runs[0].now()
+
+
+async def failover(ctx: Context) -> dict[str, Any]:
+    """Two replicas under steady load through the gateway; SIGKILL one mid-run, start it again later."""
+    mesh = await ctx.mesh()
+    options = ctx.options
+    duration = options.fault_duration_s
+    clock = _Timed()
+    times: dict[str, float] = {}
+    served_after_restart: dict[str, float] = {}
+
+    async def script() -> None:
+        await clock.at(duration * 0.2)
+        mesh.model_services[0].kill()
+        times["kill"] = clock.mark("SIGKILL replica 0")
+        ctx.log(f"failover: replica 0 SIGKILLed at t={times['kill']:.2f}s")
+        await clock.at(duration * 0.35)
+        times["restart"] = clock.mark("restart replica 0")
+        replica = await asyncio.to_thread(mesh.restart_model_service, 0)
+        times["ready"] = clock.mark("replica 0 ready")
+        ctx.log(f"failover: replica 0 ready again at t={times['ready']:.2f}s")
+        served_after_restart["start"] = await env.served_infers(replica)
+
+    async with _client(mesh.gateway_address) as client:
+        send = FraudViaGateway(client, ctx.api_key)
+        fault = asyncio.create_task(script())
+        recording = await ctx.closed(
+            send,
+            options.fault_concurrency,
+            f"failover · c={options.fault_concurrency}",
+            duration_s=duration,
+            started=clock.started,
+        )
+        await fault
+    served_after_restart["end"] = await env.served_infers(mesh.model_services[0])
+    samples = recording.measured()
+    split = _phases(samples, times["kill"], times["ready"], duration)
+    phases = {
+        "before": _phase(split["before"], 0.0, times["kill"]),
+        "fault": _phase(split["during"], times["kill"], times["ready"]),
+        "after": _phase(split["after"], times["ready"], duration),
+    }
+    total = summarize(samples, (0.0, duration))
+    restarted_served = served_after_restart["end"] - served_after_restart["start"]
+    run = _run(recording, "gateway under failover")
+    defects = []
+    if total["errors"]:
+        failed = [s for s in samples if s.code != OK]
+        first, last = min(s.end for s in failed), max(s.end for s in failed)
+        defects.append(
+            f"failover: {sum(total['errors'].values())} of {total['requests']} requests failed "
+            f"{total['errors']} between t={first:.2f}s and t={last:.2f}s (replica 0 SIGKILLed at "
+            f"t={times['kill']:.2f}s, back at t={times['ready']:.2f}s)"
+        )
+    # The router finds a restarted replica by its health probe (every 1 s) once its ejection (2 s) is over.
+    if not restarted_served > 0 and duration - times["ready"] >= 4.0:
+        defects.append(
+            f"failover: the restarted replica received no traffic in the {duration - times['ready']:.1f} s "
+            "between its restart and the end of the run"
+        )
+    return {
+        "runs": [run],
+        "summary": {
+            "concurrency": options.fault_concurrency,
+            "events_s": {k: round(v, 3) for k, v in times.items()},
+            "failed": sum(total["errors"].values()),
+            "errors": total["errors"],
+            "requests": total["requests"],
+            "phases": {name: _phase_point(phase) for name, phase in phases.items()},
+            "restarted_replica_served": restarted_served,
+        },
+        "timelines": {"gateway under failover": timeline(recording)},
+        "defects": defects,
+    }
+
+
+def _phase_point(phase: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "from_s": phase["from_s"],
+        "to_s": phase["to_s"],
+        "requests": phase["requests"],
+        "ok": phase["ok"],
+        "errors": phase["errors"],
+        "tags": phase["tags"],
+        "throughput_rps": phase["throughput_rps"],
+        "p50_ms": phase["latency_ms"]["p50"],
+        "p99_ms": phase["latency_ms"]["p99"],
+        "failed_p50_ms": phase["failed_latency_ms"]["p50"],
+        "failed_p99_ms": phase["failed_latency_ms"]["p99"],
+    }
+
+
+# 5. Feature store outage ---------------------------------------------------------------------------------
+
+
+async def feature_store_outage(ctx: Context) -> dict[str, Any]:
+    """Redis SIGKILLed mid-run and started again (its data saved first, as RDB persistence would have):
+    `fraud` (on_missing=default) and `fraud_strict` (on_missing=reject) under load side by side."""
+    mesh = await ctx.mesh()
+    assert mesh.redis is not None, "the outage scenario needs the mesh's private redis-server"
+    options = ctx.options
+    duration = options.fault_duration_s
+    clock = _Timed()
+    times: dict[str, float] = {}
+    per_policy = max(1, options.fault_concurrency // 2)
+
+    async def script() -> None:
+        await clock.at(duration * 0.25)
+        admin = redis.Redis.from_url(mesh.redis_url)
+        try:
+            await asyncio.to_thread(admin.save)  # what is on disk comes back after the restart
+        finally:
+            admin.close()
+        mesh.redis.kill()
+        times["kill"] = clock.mark("SIGKILL redis")
+        ctx.log(f"outage: redis SIGKILLed at t={times['kill']:.2f}s")
+        await clock.at(duration * 0.5)
+        times["restart"] = clock.mark("restart redis")
+        await asyncio.to_thread(mesh.redis.restart_same_port)
+        times["back"] = clock.mark("redis back")
+        ctx.log(f"outage: redis answering again at t={times['back']:.2f}s")
+
+    async with _client(mesh.gateway_address) as client:
+        loads = {
+            "default": FraudViaGateway(client, ctx.api_key, "fraud", seed=1),
+            "reject": FraudViaGateway(client, ctx.api_key, "fraud_strict", seed=2),
+        }
+        fault = asyncio.create_task(script())
+        recordings = await asyncio.gather(
+            *(
+                ctx.closed(
+                    send, per_policy, f"outage · {policy} · c={per_policy}", duration_s=duration, started=clock.started
+                )
+                for policy, send in loads.items()
+            )
+        )
+        await fault
+    policies: dict[str, Any] = {}
+    runs = []
+    timelines = {}
+    defects = []
+    for policy, recording in zip(loads, recordings, strict=True):
+        # Events were marked on the first load's clock; both loads started together (within microseconds).
+        offset = recording.origin - clock.runs[0].origin
+        kill, back = times["kill"] - offset, times["back"] - offset
+        samples = recording.measured()
+        bad = [s for s in samples if s.code != OK or s.tag == "features_unavailable"]
+        after_back_bad = [s for s in bad if s.end >= back]
+        clean_after = [s for s in samples if s.start >= back and s.code == OK and s.tag is None]
+        split = _phases(samples, kill, back, duration)
+        policies[policy] = {
+            "model": loads[policy].model,
+            "phases": {
+                "before": _phase_point(_phase(split["before"], 0.0, kill)),
+                "outage": _phase_point(_phase(split["during"], kill, back)),
+                "after": _phase_point(_phase(split["after"], back, duration)),
+            },
+            # Recovery: from Redis answering again until the last failed or flagged answer (0: none after it).
+            "recovery_s": round(max(0.0, max((s.end for s in after_back_bad), default=back) - back), 3),
+            "first_clean_after_s": round(min(s.end for s in clean_after) - back, 3) if clean_after else None,
+        }
+        runs.append(_run(recording, f"policy {policy}"))
+        timelines[f"policy {policy}"] = timeline(recording)
+        before = policies[policy]["phases"]["before"]
+        if before["errors"]:
+            defects.append(f"outage/{policy}: {before['errors']} failed before the fault")
+        after = policies[policy]["phases"]["after"]
+        if after["errors"] or after["tags"].get("features_unavailable"):
+            defects.append(
+                f"outage/{policy}: after Redis was back, {after['errors']} failed and "
+                f"{after['tags'].get('features_unavailable', 0)} were flagged unavailable; "
+                f"recovery took {policies[policy]['recovery_s']}s"
+            )
+    outage_default = policies["default"]["phases"]["outage"]
+    if outage_default["errors"]:
+        defects.append(
+            "outage/default: policy `default` failed "
+            f"{sum(outage_default['errors'].values())} requests {outage_default['errors']} while Redis was down "
+            "instead of answering with the views' defaults flagged `infermesh_features_unavailable`"
+        )
+    outage_reject = policies["reject"]["phases"]["outage"]
+    if outage_reject["ok"] and not outage_reject["errors"]:
+        defects.append("outage/reject: policy `reject` kept answering while Redis was down")
+    slow_fail = outage_reject["failed_p99_ms"]
+    if slow_fail is not None and slow_fail > 250:
+        defects.append(f"outage/reject: failures are not fast (p99 {slow_fail} ms)")
+    return {
+        "runs": runs,
+        "summary": {
+            "concurrency_per_policy": per_policy,
+            "events_s": {k: round(v, 3) for k, v in times.items()},
+            "policies": policies,
+        },
+        "timelines": timelines,
+        "defects": defects,
+    }
+
+
+# 6. Slow replica -----------------------------------------------------------------------------------------
+
+
+async def slow_replica(ctx: Context) -> dict[str, Any]:
+    """Replica 1 made slow (MODEL_SERVICE_INJECT_DELAY_MS per batch) vs the healthy mesh, same load."""
+    options = ctx.options
+    delay = options.slow_delay_ms
+    runs: list[dict[str, Any]] = []
+
+    async def sweep(mesh: LocalMesh, series: str) -> None:
+        async with _client(mesh.gateway_address) as client:
+            send = FraudViaGateway(client, ctx.api_key)
+            for concurrency in options.slow_concurrency:
+                before = [await env.served_infers(p) for p in mesh.model_services]
+                recording = await ctx.closed(send, concurrency, f"slow replica · {series} · c={concurrency}")
+                after = [await env.served_infers(p) for p in mesh.model_services]
+                served = [a - b for a, b in zip(after, before, strict=True)]
+                share = round(served[1] / sum(served), 3) if sum(served) > 0 else None
+                runs.append(_run(recording, series, replica_calls=served, share_to_replica_1=share))
+
+    await sweep(await ctx.mesh(), "both replicas healthy")
+    async with ctx.dedicated_mesh("slow", per_replica={1: {"inject_delay_ms": delay}}) as slow_mesh:
+        await sweep(slow_mesh, f"replica 1 +{delay:g} ms")
+    rows = []
+    for concurrency in options.slow_concurrency:
+        healthy = next(r for r in runs if r["series"] == "both replicas healthy" and r["concurrency"] == concurrency)
+        slow = next(r for r in runs if r["series"] != "both replicas healthy" and r["concurrency"] == concurrency)
+        rows.append(
+            {
+                "concurrency": concurrency,
+                "healthy": _point(healthy),
+                "slow": _point(slow),
+                "share_to_slow_replica": slow["share_to_replica_1"],
+                "added_p50_ms": _sub(slow["latency_ms"]["p50"], healthy["latency_ms"]["p50"]),
+                "added_p99_ms": _sub(slow["latency_ms"]["p99"], healthy["latency_ms"]["p99"]),
+            }
+        )
+    unexpected = _unexpected_errors(runs)
+    findings = [
+        f"slow replica: at c={row['concurrency']} one replica {delay:g} ms slower raised p99 from "
+        f"{row['healthy']['p99_ms']:.0f} to {row['slow']['p99_ms']:.0f} ms "
+        f"({100 * (row['share_to_slow_replica'] or 0):.0f} % of model calls still went to it)"
+        for row in rows
+        if row["slow"]["p99_ms"] > 2 * row["healthy"]["p99_ms"]
+        and row["slow"]["p99_ms"] - row["healthy"]["p99_ms"] > delay
+    ]
+    return {
+        "runs": runs,
+        "findings": findings,
+        "summary": {"delay_ms": delay, "rows": rows},
+        "defects": [f"failed requests with a slow replica: {unexpected}"] if unexpected else [],
+    }
+
+
+# 7. Overload ---------------------------------------------------------------------------------------------
+
+
+async def _sample_memory(pids: dict[str, int], peaks: dict[str, float], stop: asyncio.Event) -> None:
+    """VmRSS of every process every 0.25 s until `stop`; keeps the highest seen in `peaks`."""
+    while not stop.is_set():
+        for name, pid in pids.items():
+            peaks[name] = max(peaks[name], env.memory_mib(pid).get("VmRSS", 0.0))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.25)
+
+
+async def overload(ctx: Context) -> dict[str, Any]:
+    """Open-loop load at `overload_factor` x the measured capacity, in rounds with an idle pause between them:
+    shed fraction, p99 of the accepted requests, and the RSS of every process (peak, and idle after each
+    round: memory that keeps growing round after round would be a leak)."""
+    mesh = await ctx.mesh()
+    options = ctx.options
+    pids = env.mesh_pids(mesh)
+    runs: list[dict[str, Any]] = []
+    idle_s = 2.0 if options.overload_rounds > 1 else 1.0
+    peaks: dict[str, float] = {name: 0.0 for name in pids}
+    idle_after: list[dict[str, dict[str, float]]] = []
+    async with _client(mesh.gateway_address) as client:
+        send = FraudViaGateway(client, ctx.api_key, seed=3)
+        probe_concurrency = max(options.concurrency)
+        probe = await ctx.closed(send, probe_concurrency, f"overload · capacity probe · c={probe_concurrency}")
+        runs.append(_run(probe, "capacity probe"))
+        capacity = runs[0]["throughput_rps"]
+        rate = max(1.0, capacity * options.overload_factor)
+        idle_before = {name: env.memory_mib(pid) for name, pid in pids.items()}
+        for round_ in range(1, options.overload_rounds + 1):
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(_sample_memory(pids, peaks, stop))
+            try:
+                recording = await ctx.open(
+                    send,
+                    rate,
+                    f"overload · round {round_} · {options.overload_factor:g}x capacity ≈ {rate:.0f} req/s",
+                    duration_s=options.overload_duration_s,
+                    seed=round_,
+                )
+            finally:
+                stop.set()
+                await sampler
+            runs.append(_run(recording, "overload", round=round_))
+            await asyncio.sleep(idle_s)  # idle again: does memory come back down?
+            idle_after.append({name: env.memory_mib(pid) for name, pid in pids.items()})
+    main = runs[1]
+    rounds = runs[1:]
+    memory = {
+        name: {
+            "idle_before_mib": idle_before[name].get("VmRSS"),
+            "peak_sampled_mib": peaks[name],
+            "idle_after_rounds_mib": [after[name].get("VmRSS") for after in idle_after],
+            "vmhwm_mib": idle_after[-1][name].get("VmHWM"),
+        }
+        for name in pids
+    }
+    per_round = []
+    for run in rounds:
+        shed = run["errors"].get("RESOURCE_EXHAUSTED", 0)
+        per_round.append(
+            {
+                "round": run["round"],
+                "offered_rps": run["offered_rps"],
+                "requests": run["requests"],
+                "accepted_ok": run["ok"],
+                "shed": shed,
+                "shed_fraction": round(shed / run["requests"], 4) if run["requests"] else None,
+                "other_errors": {k: v for k, v in run["errors"].items() if k != "RESOURCE_EXHAUSTED"},
+                "error_examples": run.get("error_examples", {}),
+                "accepted_throughput_rps": run["throughput_rps"],
+                "accepted_p50_ms": run["latency_ms"]["p50"],
+                "accepted_p99_ms": run["latency_ms"]["p99"],
+                "accepted_p99_from_send_ms": run["latency_from_send_ms"]["p99"],
+                "generator_lag_p99_ms": run["send_lag_ms_p99"],
+            }
+        )
+    defects = []
+    findings = []
+    others = [r for r in per_round if r["other_errors"]]
+    if others:
+        total = sum(r["requests"] for r in per_round)
+        codes: dict[str, int] = {}
+        for r in others:
+            for code, count in r["other_errors"].items():
+                codes[code] = codes.get(code, 0) + count
+        defects.append(
+            f"overload: {sum(codes.values())} of {total} requests at {options.overload_factor:g}x capacity ended "
+            f"{codes} instead of a RESOURCE_EXHAUSTED shed (messages: "
+            f"{ {code: r['error_examples'].get(code) for r in others for code in r['other_errors']} }); "
+            "the gateway's own request counter does not count them, so they never reached its handler"
+        )
+    slowest = max(r["accepted_p99_ms"] or 0 for r in per_round)
+    if slowest > 1000:
+        findings.append(
+            f"overload: accepted requests waited up to p99 {slowest / 1000:.1f} s at {options.overload_factor:g}x "
+            f"capacity ({capacity:.0f} req/s): shedding at the gateway's in-flight bound does not bound latency"
+        )
+    for name, figures in memory.items():
+        series = [v for v in figures["idle_after_rounds_mib"] if v is not None]
+        steps = [b - a for a, b in itertools.pairwise(series)]
+        if len(series) >= 3 and all(step > 5.0 for step in steps) and series[-1] - series[0] > 20.0:
+            defects.append(f"overload: {name} idle RSS grew after every round: {series} MiB")
+    return {
+        "runs": runs,
+        "summary": {
+            "capacity_rps": capacity,
+            "probe_concurrency": probe_concurrency,
+            "factor": options.overload_factor,
+            "target_rps": round(rate, 1),
+            "offered_rps": main["offered_rps"],
+            "rounds": per_round,
+            "idle_s": idle_s,
+            "memory": memory,
+        },
+        "defects": defects,
+        "findings": findings,
+    }
+
+
+Scenario = Callable[[Context], Awaitable[dict[str, Any]]]
+SCENARIOS: dict[str, tuple[str, Scenario]] = {
+    "overhead": ("1. Mesh overhead", mesh_overhead),
+    "features": ("2. Feature fetch alone", feature_fetch),
+    "batching": ("3. Dynamic batching", dynamic_batching),
+    "failover": ("4. Failover", failover),
+    "outage": ("5. Feature store outage", feature_store_outage),
+    "slow": ("6. Slow replica", slow_replica),
+    "overload": ("7. Overload", overload),
+}
+
+
+async def run_scenario(ctx: Context, name: str) -> dict[str, Any]:
+    title, scenario = SCENARIOS[name]
+    started = time.perf_counter()
+    outcome = await scenario(ctx)
+    return {"name": name, "title": title, "seconds": round(time.perf_counter() - started, 1), **outcome}
+
+
+__all__ = ["SCENARIOS", "BenchOptions", "Context", "run_scenario"]
