@@ -39,6 +39,7 @@ class FeatureService(Service):
             timeout_s=settings.redis_timeout_s,
             key_prefix=settings.key_prefix,
             max_entities_per_read=settings.max_entities_per_read,
+            max_connections=settings.redis_max_connections,
         )
         self.store = store  # assigned first so close() releases the client even if Redis is down now
         await store.ping()

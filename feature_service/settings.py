@@ -21,6 +21,9 @@ class FeatureServiceSettings(ServiceSettings):
     redis_timeout_s: float = Field(
         1.0, gt=0, description="Connect and per-command timeout for Redis; past it a call fails as UNAVAILABLE."
     )
+    redis_max_connections: int = Field(
+        64, ge=1, description="Redis connections in the pool; more concurrent reads wait (up to redis_timeout_s)."
+    )
     max_entities_per_read: int = Field(
         10_000, ge=1, description="Most entity keys one call may read (summed over a batch) or rows it may write."
     )

@@ -232,20 +232,25 @@ def _shorten(names: Sequence[str], limit: int = 10) -> list[str]:
     return list(names[:limit]) + ([f"... {len(names) - limit} more"] if len(names) > limit else [])
 
 
-def create_redis(url: str, timeout_s: float) -> aioredis.Redis:
-    """A client tuned for the hot path: bounded timeouts and a single immediate retry.
+def create_redis(url: str, timeout_s: float, max_connections: int = 64) -> aioredis.Redis:
+    """A client tuned for the hot path: bounded timeouts, a bounded pool and a single immediate retry.
 
     Without a retry, the first call on a pooled connection that died with a Redis restart fails; one
     immediate retry reconnects. No backoff and no more tries, so a real outage fails fast (a refused
-    connection at once, an unresponsive server after about twice `timeout_s`).
+    connection at once, an unresponsive server after about twice `timeout_s`). The pool blocks (up to
+    `timeout_s`) when every connection is busy instead of failing with MaxConnectionsError, which
+    made bursts of concurrent reads answer UNAVAILABLE while Redis was healthy.
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 1),
         decode_responses=False,
     )
+    return aioredis.Redis.from_pool(pool)  # from_pool: closing the client closes the pool too
 
 
 class _Columns(NamedTuple):
@@ -288,10 +293,11 @@ class FeatureStore:
         timeout_s: float = 1.0,
         key_prefix: str = "im",
         max_entities_per_read: int = 10_000,
+        max_connections: int = 64,
     ) -> FeatureStore:
         """A store with its own client (no I/O yet: connections open on first use)."""
         return cls(
-            create_redis(redis_url, timeout_s),
+            create_redis(redis_url, timeout_s, max_connections),
             views,
             key_prefix=key_prefix,
             max_entities_per_read=max_entities_per_read,

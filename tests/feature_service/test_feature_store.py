@@ -301,3 +301,14 @@ async def test_seed_demo_features_writes_the_synthetic_world(
     assert (users.statuses[:2] == P).all() and (users.statuses[2] == N).all()
     np.testing.assert_array_equal(merchants.values, world.merchants[[0, 999]])
     assert (merchants.statuses == P).all()
+
+
+async def test_more_concurrent_reads_than_connections_wait_instead_of_failing(
+    redis_server: RedisServer, views: dict
+) -> None:
+    small_pool = FeatureStore.connect(redis_server.url, views, max_connections=4)
+    try:
+        blocks = await asyncio.gather(*(small_pool.read("user", [f"u{i}"]) for i in range(150)))
+    finally:
+        await small_pool.aclose()
+    assert len(blocks) == 150  # none raised Unavailable (MaxConnectionsError before the blocking pool)
