@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from infermesh.settings import ServiceSettings
@@ -20,7 +20,15 @@ class GatewaySettings(ServiceSettings):
     api_keys_path: Path = Field(
         Path("api_keys.json"), description="JSON file of SHA-256 API key hashes, each with tenant and models."
     )
-    max_inflight: int = Field(512, ge=1, description="Concurrent requests admitted; beyond it RESOURCE_EXHAUSTED.")
+    max_inflight: int = Field(256, ge=1, description="Concurrent requests admitted; beyond it RESOURCE_EXHAUSTED.")
     max_message_bytes: int = Field(16 * 1024 * 1024, description="Largest request accepted.")
     default_timeout_s: float = Field(10.0, description="Deadline applied when a client sets none.")
     router_attempts: int = Field(2, ge=1, description="Attempts per router call when the router is unavailable.")
+
+    @model_validator(mode="after")
+    def _bound_grpc_backlog(self) -> GatewaySettings:
+        # Calls gRPC queues before Python sees them are bounded too: max_inflight plus room for health
+        # checks and metadata calls. Without it, overload built a multi-second backlog inside gRPC.
+        if self.max_concurrent_rpcs is None:
+            self.max_concurrent_rpcs = self.max_inflight + 32
+        return self

@@ -63,6 +63,7 @@ class Service(ABC):
         interceptors = [*telemetry.server_interceptors(), ServiceInterceptor(self.name)]
         server = grpc.aio.server(
             interceptors=interceptors,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.max_receive_message_length", settings.max_message_bytes),

@@ -23,6 +23,12 @@ class ServiceSettings(BaseSettings):
     grace_period_s: float = Field(10.0, description="On SIGTERM, how long in-flight requests may drain.")
     log_level: str = Field("INFO", description="Python log level of the JSON logs.")
     max_message_bytes: int = Field(64 * 1024 * 1024, description="Largest gRPC message accepted or sent.")
+    max_concurrent_rpcs: int | None = Field(
+        None,
+        ge=1,
+        description="RPCs gRPC itself admits at once (health checks included); beyond it RESOURCE_EXHAUSTED "
+        "before any Python runs, so a saturated event loop cannot build an unbounded backlog. None: no limit.",
+    )
     model_repository: Path = Field(
         Path("model_repository"), description="Folder of <model>/config.json (+ <version>/ weights)."
     )
