@@ -232,8 +232,8 @@ def _slow(s: dict[str, Any]) -> list[str]:
     header += ["slow req/s", "model calls to slow replica"]
     return [
         f"`fraud` through the gateway; replica 1 given `MODEL_SERVICE_INJECT_DELAY_MS={summary['delay_ms']:g}` (every "
-        "batch it runs takes that much longer) vs both replicas healthy. The router picks the less loaded of two "
-        "random replicas (in-flight calls).",
+        "batch it runs takes that much longer) vs both replicas healthy. The router picks the cheaper of two "
+        "random replicas, cost = peak-EWMA latency x (in-flight calls + 1).",
         "",
         *_table(header, rows),
     ]

@@ -310,6 +310,7 @@ class RouterCore:
         self, replica: Replica, name: str, version: str, inputs: Sequence[Tensor], deadline: float
     ) -> tuple[str, dict[str, Tensor]]:
         replica.inflight += 1
+        started = time.monotonic()
         try:
             result = await replica.client.infer(name, version, inputs, _remaining(deadline))
         except Unavailable:
@@ -321,7 +322,7 @@ class RouterCore:
             raise
         finally:
             replica.inflight -= 1
-        self.replicas.report_success(replica)
+        self.replicas.report_success(replica, time.monotonic() - started)
         return result
 
     async def close(self) -> None:

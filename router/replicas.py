@@ -1,7 +1,14 @@
-"""Model service replicas: least-loaded of two random choices, ejection after failures. Pure logic."""
+"""Model service replicas: least-loaded of two random choices, ejection after failures. Pure logic.
+
+"Load" is peak-EWMA cost (as in Finagle and Linkerd): the replica's recent latency times its in-flight
+calls + 1. In-flight counts alone cannot tell a slow replica from a fast one at low concurrency; the
+latency term can. The latency estimate decays while a replica is not chosen, so a replica that was slow
+is tried again later and its estimate refreshed.
+"""
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -20,15 +27,36 @@ class Replica:
     healthy: bool = True
     ejected_until: float = 0.0
     failures: int = field(default=0)
+    latency_s: float = 0.0  # peak-EWMA of call latency
+    latency_at: float = 0.0  # when latency_s was last updated (monotonic)
 
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.ejected_until
 
+    def cost(self, now: float, decay_s: float) -> float:
+        latency = self.latency_s * math.exp(-(now - self.latency_at) / decay_s) if self.latency_s else 0.0
+        return latency * (self.inflight + 1)
+
+    def observe(self, latency_s: float, now: float, decay_s: float) -> None:
+        if latency_s >= self.latency_s:
+            self.latency_s = latency_s  # peak: react to a slowdown at once
+        else:
+            weight = math.exp(-(now - self.latency_at) / decay_s)
+            self.latency_s = self.latency_s * weight + latency_s * (1 - weight)
+        self.latency_at = now
+
 
 class ReplicaSet:
-    def __init__(self, client_factory: Callable[[str], Any], eject_s: float = 2.0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        client_factory: Callable[[str], Any],
+        eject_s: float = 2.0,
+        seed: int | None = None,
+        latency_decay_s: float = 5.0,
+    ) -> None:
         self._client_factory = client_factory
         self._eject_s = eject_s
+        self._decay_s = latency_decay_s
         self._random = random.Random(seed)
         self.replicas: dict[str, Replica] = {}
 
@@ -55,14 +83,18 @@ class ReplicaSet:
         if len(candidates) == 1:
             return candidates[0]
         first, second = self._random.sample(candidates, 2)
-        return first if first.inflight <= second.inflight else second
+        if first.cost(now, self._decay_s) == second.cost(now, self._decay_s):
+            return first if first.inflight <= second.inflight else second
+        return first if first.cost(now, self._decay_s) < second.cost(now, self._decay_s) else second
 
     def report_failure(self, replica: Replica) -> None:
         replica.failures += 1
         replica.ejected_until = time.monotonic() + self._eject_s
         self._publish()
 
-    def report_success(self, replica: Replica) -> None:
+    def report_success(self, replica: Replica, latency_s: float | None = None) -> None:
+        if latency_s is not None:
+            replica.observe(latency_s, time.monotonic(), self._decay_s)
         if replica.failures:
             replica.failures = 0
             replica.ejected_until = 0.0

@@ -273,3 +273,24 @@ def test_power_of_two_choices_prefers_less_loaded() -> None:
     assert replicas.choose().address == "a"
     with pytest.raises(Unavailable):
         replicas.choose(exclude={"a", "b"})
+
+
+def test_latency_aware_choice_avoids_a_slow_replica_at_low_load() -> None:
+    replicas = ReplicaSet(lambda address: None, seed=5, latency_decay_s=60)
+    replicas.update(["fast", "slow"])
+    replicas.report_success(replicas.replicas["fast"], 0.001)
+    replicas.report_success(replicas.replicas["slow"], 0.025)
+    # Both idle (in-flight 0): in-flight counts alone would split traffic evenly.
+    assert {replicas.choose().address for _ in range(20)} == {"fast"}
+    # Load still counts: the fast replica with many calls in flight costs more than the idle slow one.
+    replicas.replicas["fast"].inflight = 40
+    assert replicas.choose().address == "slow"
+
+
+def test_a_slow_estimate_decays_so_the_replica_is_tried_again() -> None:
+    replicas = ReplicaSet(lambda address: None, seed=5, latency_decay_s=0.01)
+    replicas.update(["a", "b"])
+    replicas.report_success(replicas.replicas["a"], 0.5)
+    slow = replicas.replicas["a"]
+    slow.latency_at -= 1.0  # a second ago: 100 decay constants
+    assert slow.cost(time.monotonic(), 0.01) < 1e-9
