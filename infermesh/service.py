@@ -61,6 +61,14 @@ class Service(ABC):
         telemetry.configure_tracing(self.name)
         metrics.BUILD_INFO.labels(self.name).info({"version": __version__})
         interceptors = [*telemetry.server_interceptors(), ServiceInterceptor(self.name)]
+        backlog = (
+            [
+                ("grpc.server.max_pending_requests", settings.max_pending_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_rpcs),
+            ]
+            if settings.max_pending_rpcs
+            else []
+        )
         server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
@@ -70,6 +78,7 @@ class Service(ABC):
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                *backlog,
             ],
         )
         self.server = server

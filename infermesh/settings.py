@@ -23,6 +23,13 @@ class ServiceSettings(BaseSettings):
     grace_period_s: float = Field(10.0, description="On SIGTERM, how long in-flight requests may drain.")
     log_level: str = Field("INFO", description="Python log level of the JSON logs.")
     max_message_bytes: int = Field(64 * 1024 * 1024, description="Largest gRPC message accepted or sent.")
+    max_pending_rpcs: int | None = Field(
+        None,
+        ge=1,
+        description="Calls gRPC core may hold for Python to pick up (soft limit; twice that is the hard "
+        "limit). Past it core refuses calls (CANCELLED) without running any Python: the only shedding that "
+        "still works when the event loop itself is saturated. None: gRPC's default (1000 / 3000).",
+    )
     max_concurrent_rpcs: int | None = Field(
         None,
         ge=1,
