@@ -405,8 +405,8 @@ def markdown(data: dict[str, Any], *, plot_path: str | None, full: bool, gpu: di
 FIXED_DEFECTS = (
     "Overload at 3x capacity: accepted requests waited 5-8 s in gRPC core's backlog of calls the saturated event "
     "loop had not picked up (default 1000 soft / 3000 hard), and core refused the overflow as CANCELLED. Fix: "
-    "the gateway bounds that backlog (`max_pending_rpcs` 64, hard 128), its gRPC concurrency "
-    "(`max_concurrent_rpcs` = `max_inflight` + 32) and `max_inflight` (512 → 256). The overflow is still "
+    "the gateway bounds that backlog (`max_pending_rpcs` = `max_inflight`, hard limit twice that), its gRPC "
+    "concurrency (`max_concurrent_rpcs` = `max_inflight` + 32) and `max_inflight` (512 → 256). The overflow is still "
     "refused by gRPC core with CANCELLED (before any Python runs; gRPC offers no other status there), now "
     "counted as shed.",
     "Feature service answered UNAVAILABLE while Redis was healthy when more than the Redis pool's connections "

@@ -32,7 +32,8 @@ class GatewaySettings(ServiceSettings):
         if self.max_concurrent_rpcs is None:
             self.max_concurrent_rpcs = self.max_inflight + 32
         # And calls gRPC core holds while the event loop is too busy to pick them up: at 3x capacity the
-        # default 1000 made accepted requests wait 5 s; 64 keeps that wait near 1 s on two cores.
+        # default 1000 made accepted requests wait 5 s. 64 refused legitimate bursts at c=128 (random
+        # early drop starts at the soft limit); max_inflight keeps the closed-loop backlog under it.
         if self.max_pending_rpcs is None:
-            self.max_pending_rpcs = 64
+            self.max_pending_rpcs = self.max_inflight
         return self
