@@ -6,6 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+from tritonclient.grpc import InferInput  # the same class tritonclient.grpc.aio uses
+
 from demo.mesh import ApiKey, LocalMesh, MeshOptions
 
 DEMO_KEY = "test-demo-key-0123456789"
@@ -45,3 +48,16 @@ def start_mesh(demo_dir: Path, run_dir: Path, **options: object) -> LocalMesh:
         **options,  # type: ignore[arg-type]
     )
     return LocalMesh(mesh_options).start()
+
+
+def fraud_inputs(users: list[str], merchants: list[str], amounts: list[float]) -> list[InferInput]:
+    """The `fraud` model's public inputs, raw, for tritonclient.grpc and tritonclient.grpc.aio alike."""
+    inputs = [
+        InferInput("user_id", [len(users)], "BYTES"),
+        InferInput("merchant_id", [len(merchants)], "BYTES"),
+        InferInput("amount", [len(amounts)], "FP32"),
+    ]
+    inputs[0].set_data_from_numpy(np.array([u.encode() for u in users], dtype=object))
+    inputs[1].set_data_from_numpy(np.array([m.encode() for m in merchants], dtype=object))
+    inputs[2].set_data_from_numpy(np.array(amounts, dtype=np.float32))
+    return inputs

@@ -11,7 +11,6 @@ from __future__ import annotations
 import urllib.request
 from collections import defaultdict
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from prometheus_client.metrics import MetricWrapperBase
@@ -20,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from demo.mesh import LocalMesh
 from infermesh import metrics
 from tests.deploy.promql import raw_selectors
-from tests.e2e.meshes import auth
+from tests.e2e.meshes import auth, fraud_inputs
 
 # Labels Prometheus attaches to every scraped series (target labels), see deploy/prometheus/*.yml.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "node"}
@@ -50,15 +49,7 @@ def declared_labels() -> dict[str, set[str]]:
 def exposed(mesh: LocalMesh) -> dict[str, dict[str, set[str]]]:
     """Sample name → label → values seen, over every process of the mesh (after one fraud inference)."""
     client = grpcclient.InferenceServerClient(mesh.gateway_address)
-    inputs = [
-        grpcclient.InferInput("user_id", [1], "BYTES"),
-        grpcclient.InferInput("merchant_id", [1], "BYTES"),
-        grpcclient.InferInput("amount", [1], "FP32"),
-    ]
-    inputs[0].set_data_from_numpy(np.array([b"u42"], dtype=object))
-    inputs[1].set_data_from_numpy(np.array([b"m7"], dtype=object))
-    inputs[2].set_data_from_numpy(np.array([12.5], dtype=np.float32))
-    client.infer("fraud", inputs, headers=auth(), client_timeout=10.0)
+    client.infer("fraud", fraud_inputs(["u42"], ["m7"], [12.5]), headers=auth(), client_timeout=10.0)
     client.close()
 
     samples: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))

@@ -13,24 +13,12 @@ from tritonclient.utils import InferenceServerException
 
 from demo import synthetic
 from demo.mesh import LocalMesh
-from tests.e2e.meshes import DEMO_KEY, LIMITED_KEY, auth
+from tests.e2e.meshes import DEMO_KEY, LIMITED_KEY, auth, fraud_inputs
 
 
 @pytest.fixture(scope="module")
 def client(mesh: LocalMesh) -> grpcclient.InferenceServerClient:
     return grpcclient.InferenceServerClient(mesh.gateway_address)
-
-
-def fraud_inputs(users: list[str], merchants: list[str], amounts: list[float]) -> list[grpcclient.InferInput]:
-    inputs = [
-        grpcclient.InferInput("user_id", [len(users)], "BYTES"),
-        grpcclient.InferInput("merchant_id", [len(merchants)], "BYTES"),
-        grpcclient.InferInput("amount", [len(amounts)], "FP32"),
-    ]
-    inputs[0].set_data_from_numpy(np.array([u.encode() for u in users], dtype=object))
-    inputs[1].set_data_from_numpy(np.array([m.encode() for m in merchants], dtype=object))
-    inputs[2].set_data_from_numpy(np.array(amounts, dtype=np.float32))
-    return inputs
 
 
 def expected_probabilities(mesh: LocalMesh, users: list[int], merchants: list[int], amounts: list[float]):
@@ -208,21 +196,12 @@ async def test_aio_client_concurrent_requests(mesh: LocalMesh) -> None:
 
     async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
         results = await asyncio.gather(
-            *(client.infer("fraud", _aio_inputs(f"u{i}", f"m{i % 1000}", float(i)), headers=auth()) for i in range(64))
+            *(
+                client.infer("fraud", fraud_inputs([f"u{i}"], [f"m{i % 1000}"], [float(i)]), headers=auth())
+                for i in range(64)
+            )
         )
     assert all(r.as_numpy("fraud_probability").shape == (1,) for r in results)
-
-
-def _aio_inputs(user: str, merchant: str, amount: float) -> list[aioclient.InferInput]:
-    inputs = [
-        aioclient.InferInput("user_id", [1], "BYTES"),
-        aioclient.InferInput("merchant_id", [1], "BYTES"),
-        aioclient.InferInput("amount", [1], "FP32"),
-    ]
-    inputs[0].set_data_from_numpy(np.array([user.encode()], dtype=object))
-    inputs[1].set_data_from_numpy(np.array([merchant.encode()], dtype=object))
-    inputs[2].set_data_from_numpy(np.array([amount], dtype=np.float32))
-    return inputs
 
 
 def test_oversized_message_is_refused_by_size(client) -> None:

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from demo.mesh import LocalMesh
-from tests.e2e.meshes import auth
+from tests.e2e.meshes import auth, fraud_inputs
 
 EXPECTED_SERVICES = {
     "gateway": "inference.GRPCInferenceService",
@@ -42,15 +42,7 @@ def scrape(port: int) -> str:
 
 def test_metrics_count_requests_batches_and_feature_lookups(mesh: LocalMesh) -> None:
     client = grpcclient.InferenceServerClient(mesh.gateway_address)
-    inputs = [
-        grpcclient.InferInput("user_id", [2], "BYTES"),
-        grpcclient.InferInput("merchant_id", [2], "BYTES"),
-        grpcclient.InferInput("amount", [2], "FP32"),
-    ]
-    inputs[0].set_data_from_numpy(np.array([b"u3", b"no-such-user"], dtype=object))
-    inputs[1].set_data_from_numpy(np.array([b"m3", b"m4"], dtype=object))
-    inputs[2].set_data_from_numpy(np.array([3.0, 4.0], dtype=np.float32))
-    client.infer("fraud", inputs, headers=auth())
+    client.infer("fraud", fraud_inputs(["u3", "no-such-user"], ["m3", "m4"], [3.0, 4.0]), headers=auth())
     assert mesh.gateway and mesh.router and mesh.feature_service
     gateway = scrape(mesh.gateway.metrics_port)
     assert (
@@ -74,15 +66,7 @@ def test_stream_infer_through_the_gateway(mesh: LocalMesh) -> None:
     client.start_stream(callback=lambda result, error: results.put((result, error)), headers=auth())
     try:
         for i, user in enumerate(["u1", "u2"]):
-            inputs = [
-                grpcclient.InferInput("user_id", [1], "BYTES"),
-                grpcclient.InferInput("merchant_id", [1], "BYTES"),
-                grpcclient.InferInput("amount", [1], "FP32"),
-            ]
-            inputs[0].set_data_from_numpy(np.array([user.encode()], dtype=object))
-            inputs[1].set_data_from_numpy(np.array([b"m1"], dtype=object))
-            inputs[2].set_data_from_numpy(np.array([10.0], dtype=np.float32))
-            client.async_stream_infer("fraud", inputs, request_id=str(i))
+            client.async_stream_infer("fraud", fraud_inputs([user], ["m1"], [10.0]), request_id=str(i))
         bad = grpcclient.InferInput("amount", [1], "FP32")
         bad.set_data_from_numpy(np.array([1.0], dtype=np.float32))
         client.async_stream_infer("fraud", [bad], request_id="bad")

@@ -7,25 +7,16 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from demo.mesh import LocalMesh
-from tests.e2e.meshes import auth, start_mesh
+from tests.e2e.meshes import auth, fraud_inputs, start_mesh
 
 
-def inputs(i: int) -> list[aioclient.InferInput]:
-    tensors = [
-        aioclient.InferInput("user_id", [2], "BYTES"),
-        aioclient.InferInput("merchant_id", [2], "BYTES"),
-        aioclient.InferInput("amount", [2], "FP32"),
-    ]
-    tensors[0].set_data_from_numpy(np.array([f"u{i % 10000}".encode(), f"u{(i * 7) % 10000}".encode()], dtype=object))
-    tensors[1].set_data_from_numpy(np.array([f"m{i % 1000}".encode(), b"m3"], dtype=object))
-    tensors[2].set_data_from_numpy(np.array([i % 500, 12.5], dtype=np.float32))
-    return tensors
+def inputs(i: int) -> list:
+    return fraud_inputs([f"u{i % 10000}", f"u{(i * 7) % 10000}"], [f"m{i % 1000}", "m3"], [float(i % 500), 12.5])
 
 
 def metric(port: int, name: str, labels: str) -> float:

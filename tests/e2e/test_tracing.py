@@ -14,14 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import tritonclient.grpc.aio as aioclient
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from demo.mesh import LocalMesh
-from tests.e2e.meshes import auth, start_mesh
+from tests.e2e.meshes import auth, fraud_inputs, start_mesh
 
 SERVICES = {"gateway", "router", "feature_service", "model_service"}
 SERVER, CLIENT = 2, 3  # OTLP SpanKind
@@ -106,16 +105,8 @@ def collector_and_mesh(
     loop.call_soon_threadsafe(loop.stop)
 
 
-def fraud_inputs() -> list[aioclient.InferInput]:
-    tensors = [
-        aioclient.InferInput("user_id", [1], "BYTES"),
-        aioclient.InferInput("merchant_id", [1], "BYTES"),
-        aioclient.InferInput("amount", [1], "FP32"),
-    ]
-    tensors[0].set_data_from_numpy(np.array([b"u5"], dtype=object))
-    tensors[1].set_data_from_numpy(np.array([b"m5"], dtype=object))
-    tensors[2].set_data_from_numpy(np.array([42.0], dtype=np.float32))
-    return tensors
+def one_transaction() -> list:
+    return fraud_inputs(["u5"], ["m5"], [42.0])
 
 
 def traceparent() -> tuple[str, dict[str, str]]:
@@ -127,7 +118,7 @@ async def test_one_trace_spans_all_four_services(collector_and_mesh) -> None:
     collector, mesh = collector_and_mesh
     trace_id, header = traceparent()
     async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
-        result = await client.infer("fraud", fraud_inputs(), headers={**auth(), **header})
+        result = await client.infer("fraud", one_transaction(), headers={**auth(), **header})
     assert result.as_numpy("fraud_probability").shape == (1,)
 
     wanted = {"redis.mget", "batch.queue_wait", "model.forward", "router.feature_fetch"}
@@ -150,7 +141,7 @@ async def test_spans_end_when_the_deadline_expires(collector_and_mesh) -> None:
     trace_id, header = traceparent()
     async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
         with pytest.raises(InferenceServerException) as caught:
-            await client.infer("fraud", fraud_inputs(), headers={**auth(), **header}, client_timeout=0.15)
+            await client.infer("fraud", one_transaction(), headers={**auth(), **header}, client_timeout=0.15)
     assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
     method = "/inference.GRPCInferenceService/ModelInfer"
     expected = {
