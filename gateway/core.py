@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gateway.auth import KeyStore, Tenant
+from gateway.auth import KeyStore
 from infermesh import metrics
 from infermesh.errors import NotFound, Overloaded
 from infermesh.model_config import ModelEntry
@@ -36,18 +36,18 @@ class GatewayCore:
         self.keys = keys
         self.admission = Admission(max_inflight)
 
-    def authorize(self, authorization: str | None, model: str) -> Tenant:
+    def authorized_model(self, authorization: str | None, name: str, version: str = "") -> ModelEntry:
+        """The model a caller may use: UNAUTHENTICATED, then NOT_FOUND (unknown model or version, told only
+        to an authenticated caller), then PERMISSION_DENIED."""
         tenant = self.keys.authenticate(authorization)
-        self.keys.authorize(tenant, model)
-        return tenant
-
-    def model(self, name: str, version: str = "") -> ModelEntry:
         entry = self.models.get(name)
         if entry is None:
             raise NotFound(f"model '{name}' not found")
+        self.keys.authorize(tenant, name)
         entry.resolve_version(version)
         return entry
 
-    def validate(self, name: str, version: str, tensors: Mapping[str, Tensor]) -> int:
-        config = self.model(name, version).config
+    @staticmethod
+    def validate(entry: ModelEntry, tensors: Mapping[str, Tensor]) -> int:
+        config = entry.config
         return validate_inputs(config.name, config.inputs, config.max_batch_size, tensors)

@@ -56,20 +56,17 @@ class GatewayServicer:
         return pb.ServerMetadataResponse(name=oip.SERVER_NAME, version=__version__, extensions=oip.EXTENSIONS)
 
     async def ModelReady(self, request, context):
-        self._authorize(context, request.name)
-        self.core.model(request.name, request.version)
+        self.core.authorized_model(_authorization(context), request.name, request.version)
         return pb.ModelReadyResponse(ready=await self.router.model_ready(request.name, request.version))
 
     async def ModelMetadata(self, request, context):
-        self._authorize(context, request.name)
-        entry = self.core.model(request.name, request.version)
+        entry = self.core.authorized_model(_authorization(context), request.name, request.version)
         label_request(request.name, request.version)
         config = entry.config
         return oip.model_metadata(config.name, entry.versions, config.platform, config.inputs, config.outputs)
 
     async def ModelConfig(self, request, context):
-        self._authorize(context, request.name)
-        entry = self.core.model(request.name, request.version)
+        entry = self.core.authorized_model(_authorization(context), request.name, request.version)
         label_request(request.name, request.version)
         return oip.model_config(entry.config)
 
@@ -104,22 +101,11 @@ class GatewayServicer:
 
     async def _infer(self, request: ParsedInfer, authorization: str | None, timeout_s: float) -> bytes:
         message = request.message
-        self._check_auth(authorization, message.model_name)
-        entry = self.core.model(message.model_name, message.model_version)
+        entry = self.core.authorized_model(authorization, message.model_name, message.model_version)
         label_request(entry.config.name, message.model_version)
         with self.core.admission:
-            self.core.validate(message.model_name, message.model_version, decode_inputs(message))
+            self.core.validate(entry, decode_inputs(message))
             return await self.router.infer(request.raw, timeout_s)
-
-    def _authorize(self, context: grpc.aio.ServicerContext, model: str) -> None:
-        self._check_auth(_authorization(context), model)
-
-    def _check_auth(self, authorization: str | None, model: str) -> None:
-        tenant = self.core.keys.authenticate(authorization)
-        if model in self.core.models:
-            self.core.keys.authorize(tenant, model)
-        else:
-            self.core.model(model)  # NOT_FOUND for an authenticated caller
 
 
 def _unary(behavior, request_type, response_serializer=None) -> grpc.RpcMethodHandler:

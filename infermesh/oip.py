@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 
 from infermesh.model_config import ModelConfig, TensorSpec
 from infermesh.proto import inference_pb2
-from infermesh.tensors import Tensor, to_raw
+from infermesh.tensors import Tensor, decode_raw, to_raw
 
 SERVER_NAME = "infermesh"
 EXTENSIONS = ["model_repository", "infermesh_features"]
@@ -83,6 +83,31 @@ def infer_response(
     for key, value in (parameters or {}).items():
         response.parameters[key].string_param = value
     return response
+
+
+def infer_request(model: str, version: str, inputs: Iterable[Tensor]) -> inference_pb2.ModelInferRequest:
+    """A request between services: every input travels raw."""
+    inputs = list(inputs)
+    return inference_pb2.ModelInferRequest(
+        model_name=model,
+        model_version=version,
+        inputs=[
+            inference_pb2.ModelInferRequest.InferInputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
+            for t in inputs
+        ],
+        raw_input_contents=[to_raw(t.datatype, t.data) for t in inputs],
+    )
+
+
+def response_outputs(response: inference_pb2.ModelInferResponse) -> dict[str, Tensor]:
+    """The raw outputs of a response (as infer_response writes them), by name."""
+    outputs: dict[str, Tensor] = {}
+    for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        shape = tuple(output.shape)
+        outputs[output.name] = Tensor(
+            output.name, output.datatype, shape, decode_raw(output.name, output.datatype, shape, raw)
+        )
+    return outputs
 
 
 def requested_outputs(request: inference_pb2.ModelInferRequest) -> list[str]:

@@ -8,10 +8,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from infermesh import oip
 from infermesh.channels import insecure_channel
 from infermesh.interceptors import error_from_rpc
-from infermesh.proto import feature_store_pb2, feature_store_pb2_grpc, inference_pb2, inference_pb2_grpc
-from infermesh.tensors import Tensor, decode_raw, to_raw
+from infermesh.proto import feature_store_pb2, feature_store_pb2_grpc, inference_pb2_grpc
+from infermesh.tensors import Tensor
 from router.core import FeatureBlock, FeatureQuery
 
 
@@ -67,25 +68,11 @@ class ModelServiceClient:
     async def infer(
         self, model: str, version: str, inputs: Sequence[Tensor], timeout_s: float
     ) -> tuple[str, dict[str, Tensor]]:
-        request = inference_pb2.ModelInferRequest(
-            model_name=model,
-            model_version=version,
-            inputs=[
-                inference_pb2.ModelInferRequest.InferInputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
-                for t in inputs
-            ],
-            raw_input_contents=[to_raw(t.datatype, t.data) for t in inputs],
-        )
         try:
-            response = await self._stub.ModelInfer(request, timeout=timeout_s)
+            response = await self._stub.ModelInfer(oip.infer_request(model, version, inputs), timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, "model service") from None
-        outputs: dict[str, Tensor] = {}
-        for index, output in enumerate(response.outputs):
-            shape = tuple(output.shape)
-            data = decode_raw(output.name, output.datatype, shape, response.raw_output_contents[index])
-            outputs[output.name] = Tensor(output.name, output.datatype, shape, data)
-        return response.model_version, outputs
+        return response.model_version, oip.response_outputs(response)
 
     async def health_check(self, timeout_s: float) -> bool:
         try:
