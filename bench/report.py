@@ -289,7 +289,38 @@ def _overload(s: dict[str, Any]) -> list[str]:
     ]
 
 
+def _floor(s: dict[str, Any]) -> list[str]:
+    rows = [
+        [r["series"], f"c={r['concurrency']}", r["throughput_rps"], r["p50_ms"], r["p99_ms"]]
+        for r in s["summary"]["rows"]
+    ]
+    return [
+        "Empty grpc.aio servers (uvloop, one process each, like the services) wired as the mesh is: client → edge",
+        "→ hub → leaf, then hub → second leaf, in sequence (`bench/floor.py`); and one hop, client → leaf. No auth,",
+        "validation, Redis or model: this is what the transport alone costs here, the floor under scenario 1.",
+        "",
+        *_table(["path", "load", "req/s", "p50 ms", "p99 ms"], rows),
+    ]
+
+
+def _soak(s: dict[str, Any]) -> list[str]:
+    summary = s["summary"]
+    point = summary["point"]
+    first, last, growth = summary["rss_first_mib"], summary["rss_last_mib"], summary["growth_pct"]
+    rows = [[name, first[name], last[name], f"{growth.get(name, 0):+.1f} %"] for name in first]
+    run = s["runs"][0]
+    return [
+        f"`fraud` through the gateway at c={run['concurrency']} for {run['duration_s']:g} s: "
+        f"{_f(point['throughput_rps'])} req/s, p50 {_f(point['p50_ms'])} ms, p99 {_f(point['p99_ms'])} ms, "
+        f"{point['errors']} errors. Resident memory (VmRSS, MiB) of each process after {summary['settle_s']:g} s "
+        "of load and at the end:",
+        "",
+        *_table(["process", "after ramp-up", "at the end", "change"], rows),
+    ]
+
+
 RENDER = {
+    "floor": _floor,
     "overhead": _overhead,
     "features": _features,
     "batching": _batching,
@@ -297,7 +328,95 @@ RENDER = {
     "outage": _outage,
     "slow": _slow,
     "overload": _overload,
+    "soak": _soak,
 }
+
+
+def targets(data: dict[str, Any]) -> list[str]:
+    """The issue's targets against this run's figures (rows only for the scenarios that ran)."""
+    by_name = {scenario["name"]: scenario for scenario in data["scenarios"]}
+    rows: list[list[Any]] = []
+
+    def met(ok: bool | None) -> str:
+        return "-" if ok is None else ("met" if ok else "**not met**")
+
+    if "overhead" in by_name:
+        lines_ = {r["load"]: r for r in by_name["overhead"]["summary"]["rows"]}
+        c1 = lines_.get("c=1")
+        if c1:
+            p50 = c1["gateway"]["p50_ms"]
+            rows.append(["`fraud` via gateway, p50 at c=1", "≤ 2.5 ms", f"{_f(p50)} ms", met(p50 <= 2.5)])
+            added = c1["added_p50_ms"]
+            rows.append(["mesh overhead over a direct call, p50 at c=1", "≤ 1 ms", f"{_f(added)} ms", met(added <= 1)])
+        c64 = lines_.get("c=64")
+        if c64:
+            gw = c64["gateway"]
+            ok = gw["throughput_rps"] >= 2500 and gw["p99_ms"] <= 50 and gw["errors"] == 0
+            rows.append(
+                [
+                    "`fraud` via gateway at c=64",
+                    "≥ 2,500 inferences/s, p99 ≤ 50 ms, 0 errors",
+                    f"{_f(gw['throughput_rps'])}/s, p99 {_f(gw['p99_ms'])} ms, {gw['errors']} errors",
+                    met(ok),
+                ]
+            )
+    if "features" in by_name:
+        for entities, budget in ((10, 1.0), (100, 5.0)):
+            row = next(
+                (
+                    r
+                    for r in by_name["features"]["summary"]["rows"]
+                    if r["entities"] == entities and r["features"] == 50
+                ),
+                None,
+            )
+            if row:
+                p99 = row["low"]["p99_ms"]
+                rows.append(
+                    [
+                        f"feature read {entities} x 50 through the service, p99 at c={row['concurrency_low']}",
+                        f"≤ {budget:g} ms",
+                        f"{_f(p99)} ms",
+                        met(p99 <= budget),
+                    ]
+                )
+    if "batching" in by_name:
+        speedup = by_name["batching"]["summary"].get("speedup_within_budget")
+        rows.append(["dynamic batching vs off at equal p99", "≥ 3x", f"{_f(speedup)}x", met(speedup and speedup >= 3)])
+    if "soak" in by_name:
+        growth = by_name["soak"]["summary"]["growth_pct"]
+        worst = max(growth.values(), default=0.0)
+        run = by_name["soak"]["runs"][0]
+        rows.append(
+            [
+                f"RSS over {run['duration_s']:g} s at c={run['concurrency']}",
+                "flat within 10 %",
+                f"largest change {worst:+.1f} %",
+                met(worst <= 10 and (run["duration_s"] >= 300 or None)),
+            ]
+        )
+    if "floor" in by_name:
+        floor = {(r["series"], r["concurrency"]): r for r in by_name["floor"]["summary"]["rows"]}
+        mesh_floor = floor.get(("mesh topology", 1))
+        if mesh_floor:
+            rows.append(
+                ["(floor) empty servers in the mesh's topology, p50 at c=1", "-", f"{_f(mesh_floor['p50_ms'])} ms", "-"]
+            )
+        best = max(
+            (r for r in by_name["floor"]["summary"]["rows"] if r["series"] == "mesh topology"),
+            key=lambda r: r["throughput_rps"],
+            default=None,
+        )
+        if best:
+            rows.append(
+                [
+                    "(floor) empty servers in the mesh's topology, best throughput",
+                    "-",
+                    f"{_f(best['throughput_rps'])}/s at c={best['concurrency']}",
+                    "-",
+                ]
+            )
+    return _table(["target", "wanted", "this run", ""], rows)
 
 
 def runs_table(scenario: dict[str, Any]) -> list[str]:
@@ -358,6 +477,7 @@ def markdown(data: dict[str, Any], *, plot_path: str | None, full: bool, gpu: di
     findings = [f for s in data["scenarios"] for f in s.get("findings", [])]
     if findings:
         lines += ["", "Other findings:", "", *[f"- {f}" for f in findings]]
+    lines += ["", "## Targets", "", *targets(data)]
     for scenario in data["scenarios"]:
         lines += ["", f"## {scenario['title']}", ""]
         lines += RENDER[scenario["name"]](scenario)
@@ -386,7 +506,7 @@ def markdown(data: dict[str, Any], *, plot_path: str | None, full: bool, gpu: di
         "## Reproduce",
         "",
         "```bash",
-        "make bench                                   # everything, ≈ 10 minutes on the machine above",
+        "make bench                                   # everything, ≈ 15 minutes on the machine above",
         "make bench BENCH_ARGS=--quick                # every scenario, short, under a minute",
         "make bench BENCH_ARGS='--scenarios overhead,failover --duration 10 --concurrency 1,16,64'",
         "make bench BENCH_ARGS='--scenarios features --concurrency 128,256'   # feature reads past 100 at once",

@@ -49,7 +49,7 @@ FEATURE_SHAPES = ((1, 10), (10, 10), (100, 10), (1, 50), (10, 50), (100, 50))  #
 class BenchOptions:
     duration_s: float = 5.0  # measurement window of each sweep point
     warmup_s: float = 1.0
-    concurrency: tuple[int, ...] = (1, 8, 32, 128)
+    concurrency: tuple[int, ...] = (1, 8, 32, 64, 128)
     feature_concurrency: tuple[int, ...] | None = None  # default: `concurrency`
     open_loop_fraction: float = 0.5  # open-loop rate as a share of the capacity measured in the sweep
     fault_duration_s: float = 24.0  # failover / outage runs (the fault happens inside)
@@ -65,6 +65,8 @@ class BenchOptions:
     overload_duration_s: float = 10.0
     overload_rounds: int = 3  # rounds after idle pauses: memory that grows after every round would be a leak
     device: str = "auto"  # scenario 3's model service device (cpu / cuda / auto)
+    soak_s: float = 300.0  # scenario 8: how long `fraud` runs through the gateway at soak_concurrency
+    soak_concurrency: int = 64
     quick: bool = False
 
     @classmethod
@@ -81,6 +83,7 @@ class BenchOptions:
             overload_rounds=1,
             mesh_warmup_s=0.5,
             feature_population=2_000,
+            soak_s=4.0,
             quick=True,
         )
 
@@ -821,8 +824,101 @@ async def overload(ctx: Context) -> dict[str, Any]:
     }
 
 
+# 0. The transport floor ------------------------------------------------------------------------------------
+
+
+async def transport_floor(ctx: Context) -> dict[str, Any]:
+    """Empty grpc.aio servers wired as the mesh is (bench.floor): what the hops alone cost on this machine."""
+    from bench.floor import METHOD, FloorMesh
+
+    floor = await asyncio.to_thread(FloorMesh().start)
+    runs: list[dict[str, Any]] = []
+    try:
+        payload = bytes(120)  # about the size of a one-row `fraud` request
+        for series, address in (("one hop", floor.leaf), ("mesh topology", floor.edge)):
+            async with grpc.aio.insecure_channel(address) as channel:
+                call = channel.unary_unary(METHOD)
+
+                async def send(i: int, call=call) -> None:
+                    await call(payload, timeout=10)
+
+                for concurrency in ctx.options.concurrency:
+                    recording = await ctx.closed(send, concurrency, f"floor · {series} · c={concurrency}")
+                    runs.append(_run(recording, series))
+    finally:
+        await asyncio.to_thread(floor.stop)
+    rows = [
+        {"series": r["series"], "concurrency": r["concurrency"], **_point(r)} for r in runs if r["mode"] == "closed"
+    ]
+    unexpected = _unexpected_errors(runs)
+    return {
+        "runs": runs,
+        "summary": {"rows": rows},
+        "defects": [f"failed requests without any fault: {unexpected}"] if unexpected else [],
+    }
+
+
+# 8. Soak -------------------------------------------------------------------------------------------------
+
+
+async def soak(ctx: Context) -> dict[str, Any]:
+    """`fraud` through the gateway at soak_concurrency for soak_s: throughput and each process's RSS over time
+    (flat within 10 % between the first and the last sample is the target)."""
+    mesh = await ctx.mesh()
+    options = ctx.options
+    pids = env.mesh_pids(mesh)
+    samples: list[dict[str, Any]] = []
+    interval_s = max(0.5, options.soak_s / 30)
+
+    async def sample(stop: asyncio.Event) -> None:
+        started = time.monotonic()
+        while not stop.is_set():
+            rss = {name: env.memory_mib(pid).get("VmRSS") for name, pid in pids.items()}
+            samples.append({"t_s": round(time.monotonic() - started, 1), "rss_mib": rss})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+
+    async with _client(mesh.gateway_address) as client:
+        send = FraudViaGateway(client, ctx.api_key, seed=8)
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(sample(stop))
+        try:
+            recording = await ctx.closed(
+                send,
+                options.soak_concurrency,
+                f"soak · c={options.soak_concurrency} · {options.soak_s:g} s",
+                duration_s=options.soak_s,
+            )
+        finally:
+            stop.set()
+            await sampler
+    run = _run(recording, "soak")
+    # Baseline: a sample once the load has ramped up (connections, pools and allocator arenas in use).
+    settle_s = min(30.0, options.soak_s / 10)
+    first = next((x for x in samples if x["t_s"] >= settle_s), samples[0])["rss_mib"]
+    last = samples[-1]["rss_mib"]
+    growth = {name: round(100 * (last[name] - first[name]) / first[name], 1) for name in pids if first[name]}
+    defects = [f"{name} RSS grew {g:.1f} % over the soak" for name, g in growth.items() if g > 10]
+    unexpected = _unexpected_errors([run])
+    if unexpected:
+        defects.append(f"failed requests without any fault: {unexpected}")
+    return {
+        "runs": [run],
+        "summary": {
+            "point": _point(run),
+            "settle_s": settle_s,
+            "rss_first_mib": first,
+            "rss_last_mib": last,
+            "growth_pct": growth,
+        },
+        "samples": samples,
+        "defects": defects,
+    }
+
+
 Scenario = Callable[[Context], Awaitable[dict[str, Any]]]
 SCENARIOS: dict[str, tuple[str, Scenario]] = {
+    "floor": ("0. Transport floor", transport_floor),
     "overhead": ("1. Mesh overhead", mesh_overhead),
     "features": ("2. Feature fetch alone", feature_fetch),
     "batching": ("3. Dynamic batching", dynamic_batching),
@@ -830,6 +926,7 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "outage": ("5. Feature store outage", feature_store_outage),
     "slow": ("6. Slow replica", slow_replica),
     "overload": ("7. Overload", overload),
+    "soak": ("8. Soak", soak),
 }
 
 

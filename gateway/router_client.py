@@ -10,7 +10,7 @@ from infermesh.channels import insecure_channel
 from infermesh.errors import Unavailable
 from infermesh.interceptors import error_from_rpc
 from infermesh.proto import inference_pb2 as pb
-from infermesh.retry import retrying
+from infermesh.retry import with_retries
 
 _INFER = "/inference.GRPCInferenceService/ModelInfer"
 READY_CACHE_S = 1.0
@@ -37,13 +37,14 @@ class RouterClient:
 
     async def infer(self, raw_request: bytes, timeout_s: float) -> bytes:
         deadline = time.monotonic() + timeout_s
-        async for attempt in retrying(deadline, self._attempts, 0.002, 0.05, retry_on=(Unavailable,)):
-            with attempt:
-                try:
-                    response = await self._infer(raw_request, timeout=max(0.0, deadline - time.monotonic()))
-                except grpc.aio.AioRpcError as error:
-                    raise error_from_rpc(error, "router") from None
-        return response
+
+        async def call() -> bytes:
+            try:
+                return await self._infer(raw_request, timeout=max(0.0, deadline - time.monotonic()))
+            except grpc.aio.AioRpcError as error:
+                raise error_from_rpc(error, "router") from None
+
+        return await with_retries(call, deadline, self._attempts, 0.002, 0.05, retry_on=(Unavailable,))
 
     async def ready(self) -> bool:
         now = time.monotonic()

@@ -6,6 +6,7 @@ import grpc
 
 from gateway.auth import KeyStore
 from gateway.core import GatewayCore
+from gateway.router_calls import RouterCalls
 from gateway.router_client import RouterClient
 from gateway.servicer import SERVICE, GatewayServicer, add_to_server
 from gateway.settings import GatewaySettings
@@ -23,8 +24,12 @@ class GatewayService(Service):
             load_repository(settings.model_repository), KeyStore.load(settings.api_keys_path), settings.max_inflight
         )
         self.router = RouterClient(settings.router_address, settings.max_message_bytes, settings.router_attempts)
-        add_to_server(GatewayServicer(self.core, self.router, settings.default_timeout_s), server)
+        self.router_calls = RouterCalls(
+            self.router, settings.coalesce_max_inflight_batches, settings.max_inflight, settings.coalesce
+        )
+        add_to_server(GatewayServicer(self.core, self.router, self.router_calls, settings.default_timeout_s), server)
         return [SERVICE]
 
     async def close(self) -> None:
+        await self.router_calls.close()
         await self.router.close()

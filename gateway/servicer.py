@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from gateway.core import GatewayCore
+from gateway.router_calls import RouterCalls
 from gateway.router_client import RouterClient
 from infermesh import __version__, oip
 from infermesh.errors import DomainError
@@ -37,9 +38,12 @@ def _authorization(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class GatewayServicer:
-    def __init__(self, core: GatewayCore, router: RouterClient, default_timeout_s: float) -> None:
+    def __init__(
+        self, core: GatewayCore, router: RouterClient, router_calls: RouterCalls, default_timeout_s: float
+    ) -> None:
         self.core = core
         self.router = router
+        self.router_calls = router_calls
         self.default_timeout_s = default_timeout_s
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
@@ -104,8 +108,9 @@ class GatewayServicer:
         entry = self.core.authorized_model(authorization, message.model_name, message.model_version)
         label_request(entry.config.name, message.model_version)
         with self.core.admission:
-            self.core.validate(entry, decode_inputs(message))
-            return await self.router.infer(request.raw, timeout_s)
+            tensors = decode_inputs(message)
+            rows = self.core.validate(entry, tensors)
+            return await self.router_calls.infer(entry, message, request.raw, tensors, rows, timeout_s)
 
 
 def _unary(behavior, request_type, response_serializer=None) -> grpc.RpcMethodHandler:

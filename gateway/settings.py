@@ -24,6 +24,14 @@ class GatewaySettings(ServiceSettings):
     max_message_bytes: int = Field(16 * 1024 * 1024, description="Largest request accepted.")
     default_timeout_s: float = Field(10.0, description="Deadline applied when a client sets none.")
     router_attempts: int = Field(2, ge=1, description="Attempts per router call when the router is unavailable.")
+    coalesce: bool = Field(
+        True, description="Merge concurrent requests for one model into one router call (each keeps its answer)."
+    )
+    # 1 measured best on two cores (docs/performance.md): fewer, larger router calls leave more CPU for the
+    # rest of the mesh. Raise it when the gateway talks to several routers.
+    coalesce_max_inflight_batches: int = Field(
+        1, ge=1, description="Router calls in flight per model before arriving requests wait to share the next."
+    )
 
     @model_validator(mode="after")
     def _bound_grpc_backlog(self) -> GatewaySettings:

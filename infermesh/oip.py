@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
+
+from infermesh import errors, segments
 from infermesh.model_config import ModelConfig, TensorSpec
 from infermesh.proto import inference_pb2
-from infermesh.tensors import Tensor, decode_raw, to_raw
+from infermesh.proto import inference_pb2 as pb
+from infermesh.segments import SEGMENTS, SegmentResult
+from infermesh.tensors import NUMPY_DTYPE, Tensor, decode_raw, element_count, to_raw
 
 SERVER_NAME = "infermesh"
 EXTENSIONS = ["model_repository", "infermesh_features"]
@@ -112,3 +117,101 @@ def response_outputs(response: inference_pb2.ModelInferResponse) -> dict[str, Te
 
 def requested_outputs(request: inference_pb2.ModelInferRequest) -> list[str]:
     return [output.name for output in request.outputs]
+
+
+# Segmented ModelInfer between gateway and router (infermesh.segments) --------------------------------
+
+
+def merge_requests(
+    model: str,
+    version: str,
+    requests: Sequence[pb.ModelInferRequest],
+    tensors: Sequence[Mapping[str, Tensor]],
+    rows: Sequence[int],
+) -> pb.ModelInferRequest:
+    """One request carrying every request's rows in order. The requests were validated one by one (their
+    decoded inputs are `tensors`) and have the same inputs (name, datatype, shape after the batch
+    dimension) and requested outputs. Raw inputs are joined as they came; typed ones are encoded once."""
+    first = requests[0]
+    merged = pb.ModelInferRequest(model_name=model, model_version=version)
+    merged.parameters[SEGMENTS].string_param = ",".join(str(r) for r in rows)
+    for output in first.outputs:
+        merged.outputs.add(name=output.name)
+    raws = [_raw_inputs(request, decoded) for request, decoded in zip(requests, tensors, strict=True)]
+    for spec in first.inputs:
+        merged.inputs.add(name=spec.name, datatype=spec.datatype, shape=[sum(rows), *spec.shape[1:]])
+        merged.raw_input_contents.append(b"".join(raw[spec.name] for raw in raws))
+    return merged
+
+
+def _raw_inputs(request: pb.ModelInferRequest, tensors: Mapping[str, Tensor]) -> Mapping[str, bytes]:
+    if request.raw_input_contents:
+        return {spec.name: raw for spec, raw in zip(request.inputs, request.raw_input_contents, strict=True)}
+    return {name: to_raw(t.datatype, t.data) for name, t in tensors.items()}
+
+
+def split_segmented_response(response: pb.ModelInferResponse, ids: Sequence[str]) -> list[bytes | errors.DomainError]:
+    """Per segment: the serialised response its client would have got alone, or its error."""
+    if SEGMENTS not in response.parameters:
+        raise errors.Unavailable("the router did not answer per segment")
+    reports = segments.read_report(response.parameters[SEGMENTS].string_param, len(ids))
+    outputs = [
+        (spec, _row_slicer(spec.datatype, tuple(spec.shape), raw))
+        for spec, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    ]
+    answers: list[bytes | errors.DomainError] = []
+    row = 0
+    for request_id, report in zip(ids, reports, strict=True):
+        error = segments.error_of(report)
+        if error is not None:
+            answers.append(error)
+            continue
+        rows = int(report["rows"])
+        segment = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version)
+        segment.id = request_id
+        for spec, slicer in outputs:
+            segment.outputs.add(name=spec.name, datatype=spec.datatype, shape=[rows, *spec.shape[1:]])
+            segment.raw_output_contents.append(slicer(row, row + rows))
+        for key, value in report.get("parameters", {}).items():
+            segment.parameters[key].string_param = value
+        answers.append(segment.SerializeToString())
+        row += rows
+    return answers
+
+
+def _row_slicer(datatype: str, shape: tuple[int, ...], raw: bytes):
+    """Rows [lo, hi) of a raw output, as raw bytes: a byte range for fixed-size types, re-encoded for BYTES."""
+    if datatype == "BYTES":
+        array = decode_raw("output", datatype, shape, raw).reshape(shape[0], -1) if shape else None
+        return lambda lo, hi: to_raw(datatype, array[lo:hi]) if array is not None else b""
+    row_bytes = element_count(shape[1:]) * NUMPY_DTYPE[datatype].itemsize
+    view = memoryview(raw)
+    return lambda lo, hi: bytes(view[lo * row_bytes : hi * row_bytes])
+
+
+def segment_rows(request: pb.ModelInferRequest, batch_rows: int) -> list[int] | None:
+    """The rows of each segment of a segmented request (None for a plain one)."""
+    if SEGMENTS not in request.parameters:
+        return None
+    return segments.parse_rows(request.parameters[SEGMENTS].string_param, batch_rows)
+
+
+def segmented_response(
+    model: str, version: str, output_names: Sequence[str], results: Sequence[SegmentResult]
+) -> pb.ModelInferResponse:
+    """One response for every segment: the successful ones' rows concatenated, a report per segment."""
+    parts: dict[str, list[Tensor]] = {name: [] for name in output_names}
+    for result in results:
+        if result.error is None:
+            for tensor in result.outputs:
+                parts[tensor.name].append(tensor)
+    response = pb.ModelInferResponse(model_name=model, model_version=version)
+    for name, tensors in parts.items():
+        if not tensors:
+            continue
+        data = tensors[0].data if len(tensors) == 1 else np.concatenate([t.data for t in tensors])
+        first = tensors[0]
+        response.outputs.add(name=name, datatype=first.datatype, shape=[len(data), *first.shape[1:]])
+        response.raw_output_contents.append(to_raw(first.datatype, data))
+    response.parameters[SEGMENTS].string_param = segments.report(results)
+    return response

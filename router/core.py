@@ -15,12 +15,13 @@ from typing import Protocol
 import numpy as np
 
 from infermesh import metrics, telemetry
+from infermesh.coalescer import Coalescer, Pending
 from infermesh.errors import DomainError, InvalidInput, NotFound, Overloaded, Unavailable
 from infermesh.model_config import ModelEntry, TensorSpec
-from infermesh.retry import retrying
+from infermesh.retry import with_retries
+from infermesh.segments import SegmentResult, split_tensors
 from infermesh.tensors import Tensor
 from infermesh.validation import entity_ids, require_finite, validate_inputs
-from router.coalescer import Coalescer, Pending
 from router.replicas import Replica, ReplicaSet
 
 log = logging.getLogger(__name__)
@@ -140,25 +141,82 @@ class RouterCore:
         version = entry.resolve_version(version)
         output_specs = _select_outputs(config.name, config.outputs, requested_outputs)
         rows = validate_inputs(config.name, config.inputs, config.max_batch_size, tensors)
-        spec = config.feature_spec
-        if spec is None:
+        if config.feature_spec is None:
             served, outputs = await self.call_model(name, version, list(tensors.values()), deadline)
             return InferResult(name, served, [outputs[s.name] for s in output_specs if s.name in outputs])
+        pending = self._pending(entry, tensors, rows, deadline)
+        served, outputs, parameters = await self._coalescer(entry, version).submit(pending)
+        return InferResult(name, served, [outputs[s.name] for s in output_specs], parameters)
+
+    async def infer_segments(
+        self,
+        name: str,
+        version: str,
+        tensors: dict[str, Tensor],
+        requested_outputs: Sequence[str],
+        deadline: float,
+        segment_rows: Sequence[int],
+    ) -> tuple[str, list[str], list[SegmentResult]]:
+        """Several clients' requests merged by the gateway (infermesh.segments): each segment succeeds or
+        fails on its own, as if sent alone. Returns the served version, the output names and the results."""
+        entry = self.model(name)
+        config = entry.config
+        version = entry.resolve_version(version)
+        output_names = [s.name for s in _select_outputs(config.name, config.outputs, requested_outputs)]
+        validate_inputs(config.name, config.inputs, config.max_batch_size, tensors)
+        parts = split_tensors(tensors, segment_rows)
+        if config.feature_spec is None:
+            served, outputs = await self.call_model(name, version, list(tensors.values()), deadline)
+            results, row = [], 0
+            for rows in segment_rows:
+                sliced = [_rows(outputs[n], row, row + rows) for n in output_names if n in outputs]
+                results.append(SegmentResult(rows, sliced))
+                row += rows
+            return served, output_names, results
+        results: list[SegmentResult | None] = []
+        pendings: list[Pending] = []
+        for part, rows in zip(parts, segment_rows, strict=True):
+            try:
+                pendings.append(self._pending(entry, part, rows, deadline))
+                results.append(None)
+            except DomainError as error:
+                results.append(SegmentResult(rows, error=error))
+        answers = iter(await self._coalescer(entry, version).submit_many(pendings) if pendings else ())
+        served = version
+        for index, rows in enumerate(segment_rows):
+            if results[index] is not None:
+                continue
+            answer = next(answers)
+            if isinstance(answer, DomainError):
+                results[index] = SegmentResult(rows, error=answer)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                served, outputs, parameters = answer
+                results[index] = SegmentResult(rows, [outputs[n] for n in output_names], parameters)
+        return served, output_names, [r for r in results if r is not None]
+
+    def _pending(self, entry: ModelEntry, tensors: dict[str, Tensor], rows: int, deadline: float) -> Pending:
+        spec = entry.config.feature_spec
+        assert spec is not None
         ids = {entity.input: entity_ids(tensors[entity.input]) for entity in spec.entities}
         for request_input in spec.request_inputs:
             require_finite(tensors[request_input])
-        coalescer = self._coalescers.get((name, version))
+        return Pending(_FeatureRequest(tensors, ids), rows, deadline)
+
+    def _coalescer(self, entry: ModelEntry, version: str) -> Coalescer:
+        key = (entry.config.name, version)
+        coalescer = self._coalescers.get(key)
         if coalescer is None:
-            coalescer = self._coalescers[(name, version)] = Coalescer(
-                name,
+            coalescer = self._coalescers[key] = Coalescer(
+                "router",
+                entry.config.name,
                 self._batch_runner(entry, version),
-                max_rows=min(self._max_batch_rows, config.max_batch_size),
+                max_rows=min(self._max_batch_rows, entry.config.max_batch_size),
                 max_inflight=self._max_inflight_batches,
                 max_pending=self._max_pending_requests,
             )
-        pending = Pending(_FeatureRequest(tensors, ids), rows, deadline)
-        served, outputs, parameters = await coalescer.submit(pending)
-        return InferResult(name, served, [outputs[s.name] for s in output_specs], parameters)
+        return coalescer
 
     def _batch_runner(self, entry: ModelEntry, version: str):
         config = entry.config
@@ -251,10 +309,7 @@ class RouterCore:
                 if pending.future.done():
                     continue
                 lo, hi = offsets[i], offsets[i + 1]
-                sliced = {
-                    name: Tensor(name, t.datatype, (hi - lo, *t.shape[1:]), t.data[lo:hi])
-                    for name, t in outputs.items()
-                }
+                sliced = {name: _rows(t, lo, hi) for name, t in outputs.items()}
                 pending.future.set_result((served, sliced, parameters[i]))
 
         return run
@@ -280,31 +335,30 @@ class RouterCore:
         return True
 
     async def fetch_features(self, queries: Sequence[FeatureQuery], deadline: float) -> list[FeatureBlock]:
-        async for attempt in retrying(
-            deadline, self.retry.max_attempts, self.retry.backoff_initial_s, self.retry.backoff_max_s
-        ):
-            with attempt:
-                try:
-                    blocks = await self.features.read(queries, _remaining(deadline))
-                except (Unavailable, Overloaded) as error:
-                    metrics.RETRIES.labels("feature_service", type(error).__name__).inc()
-                    raise
-        return blocks
+        async def read() -> list[FeatureBlock]:
+            try:
+                return await self.features.read(queries, _remaining(deadline))
+            except (Unavailable, Overloaded) as error:
+                metrics.RETRIES.labels("feature_service", type(error).__name__).inc()
+                raise
+
+        retry = self.retry
+        return await with_retries(read, deadline, retry.max_attempts, retry.backoff_initial_s, retry.backoff_max_s)
 
     async def call_model(
         self, name: str, version: str, inputs: Sequence[Tensor], deadline: float
     ) -> tuple[str, dict[str, Tensor]]:
         tried: set[str] = set()
-        async for attempt in retrying(
-            deadline, self.retry.max_attempts, self.retry.backoff_initial_s, self.retry.backoff_max_s
-        ):
-            with attempt:
-                # Prefer a replica not tried yet; once all were, any (after backoff) beats failing early.
-                untried = len(tried) < len(self.replicas.replicas)
-                replica = self.replicas.choose(tried if untried else frozenset())
-                tried.add(replica.address)
-                result = await self._call_replica(replica, name, version, inputs, deadline)
-        return result
+
+        async def attempt() -> tuple[str, dict[str, Tensor]]:
+            # Prefer a replica not tried yet; once all were, any (after backoff) beats failing early.
+            untried = len(tried) < len(self.replicas.replicas)
+            replica = self.replicas.choose(tried if untried else frozenset())
+            tried.add(replica.address)
+            return await self._call_replica(replica, name, version, inputs, deadline)
+
+        retry = self.retry
+        return await with_retries(attempt, deadline, retry.max_attempts, retry.backoff_initial_s, retry.backoff_max_s)
 
     async def _call_replica(
         self, replica: Replica, name: str, version: str, inputs: Sequence[Tensor], deadline: float
@@ -332,6 +386,10 @@ class RouterCore:
 
 def _remaining(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
+
+
+def _rows(tensor: Tensor, lo: int, hi: int) -> Tensor:
+    return Tensor(tensor.name, tensor.datatype, (hi - lo, *tensor.shape[1:]), tensor.data[lo:hi])
 
 
 def _select_outputs(model: str, outputs: list[TensorSpec], requested: Sequence[str]) -> list[TensorSpec]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from infermesh import __version__, oip
 from infermesh.interceptors import label_request
+from infermesh.oip import segment_rows, segmented_response
 from infermesh.proto import inference_pb2, inference_pb2_grpc
 from infermesh.tensors import decode_inputs
 from router.core import RouterCore
@@ -39,10 +40,19 @@ class RouterServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         entry = self.core.model(request.model_name)
         label_request(entry.config.name, request.model_version)
         deadline = self.core.deadline(context.time_remaining())
+        tensors = decode_inputs(request)
+        if request.parameters:  # a gateway batch of several clients' requests?
+            first = next(iter(tensors.values()), None)
+            rows = segment_rows(request, first.shape[0] if first is not None and first.shape else 0)
+            if rows is not None:
+                served, names, results = await self.core.infer_segments(
+                    request.model_name, request.model_version, tensors, oip.requested_outputs(request), deadline, rows
+                )
+                return segmented_response(entry.config.name, served, names, results)
         result = await self.core.infer(
             request.model_name,
             request.model_version,
-            decode_inputs(request),
+            tensors,
             oip.requested_outputs(request),
             deadline,
         )

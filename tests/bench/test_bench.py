@@ -115,7 +115,33 @@ async def test_overhead_scenario_and_reports(mesh: LocalMesh, demo_dir: Path, tm
     assert saved["scenarios"][0]["summary"]["rows"][0]["load"] == "c=1"
     text = report.markdown(data, plot_path=None, full=False)
     assert "## 1. Mesh overhead" in text and "No CUDA GPU" in text
+    assert "| `fraud` via gateway, p50 at c=1 | ≤ 2.5 ms |" in text
     assert report.plot(data, tmp_path / "plot.png").stat().st_size > 0
+
+
+async def test_floor_and_soak_scenarios(mesh: LocalMesh, demo_dir: Path, tmp_path: Path) -> None:
+    options = BenchOptions(duration_s=0.3, warmup_s=0.1, concurrency=(1, 4), mesh_warmup_s=0.0, soak_s=1.0)
+    ctx = Context(demo_dir=demo_dir, run_dir=tmp_path, options=options, api_key=DEMO_KEY, shared_mesh=mesh)
+    floor = await run_scenario(ctx, "floor")
+    soak = await run_scenario(ctx, "soak")
+    await ctx.close()
+    assert floor["defects"] == [] and soak["defects"] == []
+    rows = floor["summary"]["rows"]
+    assert [(r["series"], r["concurrency"]) for r in rows] == [
+        ("one hop", 1),
+        ("one hop", 4),
+        ("mesh topology", 1),
+        ("mesh topology", 4),
+    ]
+    assert all(r["throughput_rps"] > 0 and r["errors"] == 0 for r in rows)
+    # Four hops in sequence cannot be faster than one.
+    assert rows[2]["p50_ms"] > rows[0]["p50_ms"]
+    summary = soak["summary"]
+    assert summary["point"]["throughput_rps"] > 0 and summary["point"]["errors"] == 0
+    assert set(summary["growth_pct"]) >= {"gateway", "router", "feature_service"}
+    assert all(value > 0 for value in summary["rss_last_mib"].values())
+    text = "\n".join(report.targets({"scenarios": [floor, soak]}))
+    assert "(floor) empty servers in the mesh's topology, p50 at c=1" in text and "RSS over 1 s at c=64" in text
 
 
 def test_cli_options() -> None:
@@ -123,6 +149,16 @@ def test_cli_options() -> None:
     assert args.names == ["overhead", "failover"]
     options = options_from(args)
     assert options.quick and options.concurrency == (2, 4) and options.slow_concurrency == (2, 4)
-    assert list(SCENARIOS) == ["overhead", "features", "batching", "failover", "outage", "slow", "overload"]
+    assert list(SCENARIOS) == [
+        "floor",
+        "overhead",
+        "features",
+        "batching",
+        "failover",
+        "outage",
+        "slow",
+        "overload",
+        "soak",
+    ]
     with pytest.raises(SystemExit):
         parse_args(["--scenarios", "nope"])

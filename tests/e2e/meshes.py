@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,13 @@ def fraud_inputs(users: list[str], merchants: list[str], amounts: list[float]) -
     inputs[1].set_data_from_numpy(np.array([m.encode() for m in merchants], dtype=object))
     inputs[2].set_data_from_numpy(np.array(amounts, dtype=np.float32))
     return inputs
+
+
+def metric(port: int, name: str, labels: str) -> float:
+    """Sum of a metric's samples whose labels contain `labels`, scraped from a running service."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and labels in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -12,20 +11,11 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from demo.mesh import LocalMesh
-from tests.e2e.meshes import auth, fraud_inputs, start_mesh
+from tests.e2e.meshes import auth, fraud_inputs, metric, start_mesh
 
 
 def inputs(i: int) -> list:
     return fraud_inputs([f"u{i % 10000}", f"u{(i * 7) % 10000}"], [f"m{i % 1000}", "m3"], [float(i % 500), 12.5])
-
-
-def metric(port: int, name: str, labels: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and labels in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def inflight_reaches(metrics_port: int, count: int, timeout_s: float = 10.0) -> None:

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from infermesh.coalescer import Coalescer, Pending
 from infermesh.errors import DeadlineExceeded, InvalidInput, NotFound, Overloaded, Unavailable
 from infermesh.model_config import ModelConfig, ModelEntry
 from infermesh.tensors import Tensor
-from router.coalescer import Coalescer, Pending
 from router.core import NOT_FOUND, PRESENT, STALE, FeatureBlock, FeatureQuery, RetryPolicy, RouterCore
 from router.replicas import ReplicaSet
 
@@ -255,7 +255,7 @@ async def test_coalescer_refuses_at_once_when_queue_is_full() -> None:
         for pending in batch:
             pending.future.set_result("ok")
 
-    coalescer = Coalescer("m", stuck, max_rows=10, max_inflight=1, max_pending=2)
+    coalescer = Coalescer("router", "m", stuck, max_rows=10, max_inflight=1, max_pending=2)
     running = [asyncio.create_task(coalescer.submit(Pending(None, 1, deadline()))) for _ in range(3)]
     await asyncio.sleep(0)
     with pytest.raises(Overloaded):

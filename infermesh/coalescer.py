@@ -1,4 +1,5 @@
-"""Coalesces concurrent requests for one model into shared feature reads and model calls.
+"""Coalesces concurrent requests for one model into shared downstream calls (the gateway's router calls,
+the router's feature reads and model calls).
 
 No timer: a request is dispatched at once when a batch slot is free (no added latency at low load);
 while every slot is busy, arriving requests queue (bounded) and leave together as the next batch.
@@ -33,7 +34,10 @@ BatchRunner = Callable[[list[Pending]], Awaitable[None]]
 
 
 class Coalescer:
-    def __init__(self, model: str, run_batch: BatchRunner, max_rows: int, max_inflight: int, max_pending: int) -> None:
+    def __init__(
+        self, service: str, model: str, run_batch: BatchRunner, max_rows: int, max_inflight: int, max_pending: int
+    ) -> None:
+        self._service = service
         self._run_batch = run_batch
         self._max_rows = max_rows
         self._max_inflight = max_inflight
@@ -41,13 +45,32 @@ class Coalescer:
         self._queue: deque[Pending] = deque()
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._depth = metrics.QUEUE_DEPTH.labels("router", model)
-        self._batch_size = metrics.BATCH_SIZE.labels("router", model)
+        self._depth = metrics.QUEUE_DEPTH.labels(service, model)
+        self._batch_size = metrics.BATCH_SIZE.labels(service, model)
+
+    def _admit(self, count: int) -> None:
+        if len(self._queue) + count > self._max_pending:
+            metrics.ADMISSION_REJECTED.labels(self._service, "coalescer_queue_full").inc()
+            raise Overloaded(f"{self._service} queue is full, retry later")
 
     async def submit(self, pending: Pending) -> Any:
-        if len(self._queue) >= self._max_pending:
-            metrics.ADMISSION_REJECTED.labels("router", "coalescer_queue_full").inc()
-            raise Overloaded("router queue is full, retry later")
+        if not self._queue and self._inflight < self._max_inflight:
+            # Nothing to share with: run the batch of one in the caller's own task, without the task and
+            # shielded wait a queued request needs (the whole path at low load).
+            remaining = pending.deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded("deadline exceeded before dispatch")
+            self._inflight += 1
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._run([pending])
+            except TimeoutError as error:
+                raise DeadlineExceeded("deadline exceeded while waiting for the model") from error
+            finally:
+                if pending.future.done() and not pending.future.cancelled():
+                    pending.future.exception()  # retrieved: raised below or superseded by the timeout
+            return pending.future.result()
+        self._admit(1)
         self._queue.append(pending)
         self._dispatch()
         remaining = pending.deadline - time.monotonic()
@@ -59,6 +82,30 @@ class Coalescer:
         finally:
             if not pending.future.done():
                 pending.future.cancel()  # tells the batch this caller is gone
+
+    async def submit_many(self, pendings: list[Pending]) -> list[Any]:
+        """Several requests at once (e.g. the segments of a gateway batch); each gets its own result or
+        exception, in order. Admitted all or none."""
+        self._admit(len(pendings))
+        self._queue.extend(pendings)
+        self._dispatch()
+        futures = [p.future for p in pendings]
+        remaining = max(p.deadline for p in pendings) - time.monotonic()
+        try:
+            await asyncio.wait(futures, timeout=max(0.0, remaining))
+        finally:
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+        results: list[Any] = []
+        for future in futures:
+            if future.cancelled():
+                results.append(DeadlineExceeded("deadline exceeded while waiting for the model"))
+            elif future.exception() is not None:
+                results.append(future.exception())
+            else:
+                results.append(future.result())
+        return results
 
     def _dispatch(self) -> None:
         while self._queue and self._inflight < self._max_inflight:

@@ -1,0 +1,95 @@
+"""The gateway coalesces concurrent requests into shared router calls; every client still gets exactly its
+own answer, flags, id and error, as if it had been alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException
+
+from demo.mesh import LocalMesh
+from tests.e2e.meshes import auth, fraud_inputs, metric
+from tests.e2e.test_inference import expected_probabilities
+
+CLIENTS = 96
+
+
+def infer_calls(port: int, service: str, model: str = "fraud") -> float:
+    return metric(port, "infermesh_requests_total", f'method="ModelInfer",model="{model}",service="{service}"')
+
+
+async def test_concurrent_requests_share_router_calls_and_keep_their_own_answers(mesh: LocalMesh) -> None:
+    gateway_before = infer_calls(mesh.gateway.metrics_port, "gateway")
+    router_before = infer_calls(mesh.router.metrics_port, "router")
+    # Request i: i % 3 + 1 rows of known entities; every 8th also carries an unknown user (policy default).
+    requests = []
+    for i in range(CLIENTS):
+        rows = i % 3 + 1
+        users = [(37 * i + r) % 5000 for r in range(rows)]
+        merchants = [(11 * i + r) % 1000 for r in range(rows)]
+        amounts = [float(5 + i + r) for r in range(rows)]
+        requests.append((users, merchants, amounts, i % 8 == 0))
+
+    async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+
+        async def one(i: int):
+            users, merchants, amounts, unknown = requests[i]
+            names = [f"u{u}" for u in users] + (["u999999"] if unknown else [])
+            tensors = fraud_inputs(
+                names, [f"m{m}" for m in merchants] + (["m1"] if unknown else []), amounts + ([9.0] if unknown else [])
+            )
+            return await client.infer("fraud", tensors, request_id=f"request-{i}", headers=auth())
+
+        results = await asyncio.gather(*(one(i) for i in range(CLIENTS)))
+
+    for i, result in enumerate(results):
+        users, merchants, amounts, unknown = requests[i]
+        response = result.get_response()
+        assert response.id == f"request-{i}"
+        probabilities = result.as_numpy("fraud_probability")
+        assert probabilities.shape == (len(users) + unknown,)
+        np.testing.assert_allclose(
+            probabilities[: len(users)], expected_probabilities(mesh, users, merchants, amounts), rtol=1e-5
+        )
+        if unknown:
+            assert response.parameters["infermesh_defaulted_entities"].string_param == "user_id=u999999"
+        else:
+            assert "infermesh_defaulted_entities" not in response.parameters
+    gateway_calls = infer_calls(mesh.gateway.metrics_port, "gateway") - gateway_before
+    router_calls = infer_calls(mesh.router.metrics_port, "router") - router_before
+    assert gateway_calls == CLIENTS
+    assert router_calls < CLIENTS, "concurrent requests should have shared router calls"
+
+
+async def test_one_failing_request_does_not_fail_the_others_in_its_batch(mesh: LocalMesh) -> None:
+    """fraud_strict rejects unknown entities: only the requests naming one fail, each with its own entity."""
+    router_before = infer_calls(mesh.router.metrics_port, "router", "fraud_strict")
+    async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+
+        async def one(i: int):
+            user = f"u9{i:05d}9" if i % 4 == 0 else f"u{i}"
+            return await client.infer("fraud_strict", fraud_inputs([user], [f"m{i}"], [10.0]), headers=auth())
+
+        outcomes = await asyncio.gather(*(one(i) for i in range(64)), return_exceptions=True)
+    for i, outcome in enumerate(outcomes):
+        if i % 4 == 0:
+            assert isinstance(outcome, InferenceServerException), outcome
+            assert outcome.status() == "StatusCode.NOT_FOUND"
+            assert f"user_id=u9{i:05d}9" in outcome.message()
+        else:
+            assert not isinstance(outcome, BaseException), outcome
+            assert outcome.as_numpy("fraud_probability").shape == (1,)
+    assert infer_calls(mesh.router.metrics_port, "router", "fraud_strict") - router_before < 64
+
+
+@pytest.mark.parametrize("bad", ["1,x", "5", "0,1"])
+async def test_router_refuses_malformed_segments(mesh: LocalMesh, bad: str) -> None:
+    """A segmented request straight to the router with segments that do not add up: INVALID_ARGUMENT."""
+    async with aioclient.InferenceServerClient(mesh.router.address) as client:
+        with pytest.raises(InferenceServerException) as caught:
+            await client.infer("fraud", fraud_inputs(["u1"], ["m1"], [1.0]), parameters={"infermesh_segments": bad})
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "infermesh_segments" in caught.value.message()
