@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from infermesh import __version__, metrics, telemetry
-from infermesh.interceptors import ServiceInterceptor
+from infermesh.interceptors import ServiceHandlers
 from infermesh.logs import configure_logging
 from infermesh.settings import ServiceSettings
 
@@ -60,7 +60,7 @@ class Service(ABC):
         settings = self.settings
         telemetry.configure_tracing(self.name)
         metrics.BUILD_INFO.labels(self.name).info({"version": __version__})
-        interceptors = [*telemetry.server_interceptors(), ServiceInterceptor(self.name)]
+        interceptors = telemetry.server_interceptors()  # none unless tracing is configured
         backlog = (
             [
                 ("grpc.server.max_pending_requests", settings.max_pending_rpcs),
@@ -70,7 +70,7 @@ class Service(ABC):
             else []
         )
         server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=interceptors or None,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -82,7 +82,7 @@ class Service(ABC):
             ],
         )
         self.server = server
-        service_names = await self.register(server)
+        service_names = await self.register(ServiceHandlers(self.name).registrar(server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         for service_name in service_names:
