@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -109,6 +110,11 @@ class Service(ABC):
             with contextlib.suppress(Exception):
                 await self.close()
             raise
+        # What is loaded by now (modules, settings, the model) lives as long as the process: keep it out of
+        # the cyclic collector's full passes. Measured under load at c=64: the gateway's full collections
+        # paused it up to 39 ms each (250 ms in 15 s); after the freeze they took ~1 ms.
+        gc.collect()
+        gc.freeze()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for service_name in service_names:
             await self.health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
