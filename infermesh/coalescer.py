@@ -73,15 +73,12 @@ class Coalescer:
         self._admit(1)
         self._queue.append(pending)
         self._dispatch()
-        remaining = pending.deadline - time.monotonic()
         try:
-            # shield: our own timeout must not cancel the future the batch will complete.
-            return await asyncio.wait_for(asyncio.shield(pending.future), remaining)
+            # On timeout or cancellation the future is cancelled too, which tells the batch this caller is gone.
+            async with asyncio.timeout(pending.deadline - time.monotonic()):
+                return await pending.future
         except TimeoutError as error:
             raise DeadlineExceeded("deadline exceeded while waiting for the model") from error
-        finally:
-            if not pending.future.done():
-                pending.future.cancel()  # tells the batch this caller is gone
 
     async def submit_many(self, pendings: list[Pending]) -> list[Any]:
         """Several requests at once (e.g. the segments of a gateway batch); each gets its own result or

@@ -79,9 +79,26 @@ class ServiceHandlers:
     once, when it is registered (`registrar`). A grpc.aio server interceptor did the same per call and cost
     ~10 % of a trivial call's throughput here (docs/performance.md); health and reflection stay unwrapped."""
 
+    MAX_METRIC_CHILDREN = 10_000  # label sets cached (models and versions are validated before labelling)
+
     def __init__(self, service: str) -> None:
         self._service = service
         self._inflight = metrics.INFLIGHT.labels(service)
+        # (method, model, version, code) → its request counter and latency histogram: `labels()` per request
+        # takes a lock and builds the label tuple every time.
+        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+
+    def _metric_children(self, method: str, model: str, version: str, code: str) -> tuple[Any, Any]:
+        key = (method, model, version, code)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                metrics.REQUESTS.labels(self._service, method, model, version, code),
+                metrics.REQUEST_LATENCY.labels(self._service, method, model),
+            )
+            if len(self._children) < self.MAX_METRIC_CHILDREN:
+                self._children[key] = children
+        return children
 
     def registrar(self, server: grpc.aio.Server) -> _WrappingRegistrar:
         """What a service registers its servicers on: the server, with every handler added wrapped."""
@@ -107,8 +124,8 @@ class ServiceHandlers:
         return handler
 
     def _wrap_unary(self, behavior: Behavior, method: str) -> Behavior:
-        service = self._service
         inflight = self._inflight
+        metric_children = self._metric_children
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             labels = RequestLabels()
@@ -136,8 +153,9 @@ class ServiceHandlers:
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             finally:
                 inflight.dec()
-                metrics.REQUESTS.labels(service, method, labels.model, labels.version, code).inc()
-                metrics.REQUEST_LATENCY.labels(service, method, labels.model).observe(time.perf_counter() - start)
+                requests, latency = metric_children(method, labels.model, labels.version, code)
+                requests.inc()
+                latency.observe(time.perf_counter() - start)
 
         return wrapped
 
