@@ -47,19 +47,20 @@ def _serve(downstream: list[str], ports: multiprocessing.Queue, stop: multiproce
 class FloorMesh:
     """Four empty servers: edge (gateway), hub (router), two leaves (feature service, model service)."""
 
-    processes: list[multiprocessing.process.BaseProcess] = field(default_factory=list)
+    processes: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]] = field(
+        default_factory=list
+    )
     edge: str = ""
     leaf: str = ""
 
     def start(self) -> FloorMesh:
         context = multiprocessing.get_context("spawn")
-        self._stop = context.Event()
 
         def launch(downstream: list[str]) -> str:
-            ports = context.Queue()
-            process = context.Process(target=_serve, args=(downstream, ports, self._stop), daemon=True)
+            ports, stop = context.Queue(), context.Event()
+            process = context.Process(target=_serve, args=(downstream, ports, stop), daemon=True)
             process.start()
-            self.processes.append(process)
+            self.processes.append((process, stop))
             return f"127.0.0.1:{ports.get(timeout=60)}"
 
         self.leaf = launch([])
@@ -69,8 +70,9 @@ class FloorMesh:
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        for process in self.processes:
+        # Callers first (edge, hub, then leaves), so no server sees its downstream go away mid-call.
+        for process, stop in reversed(self.processes):
+            stop.set()
             process.join(timeout=5)
             if process.is_alive():
                 process.kill()
