@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from gateway.auth import KeyStore
 from infermesh import metrics
-from infermesh.errors import NotFound, Overloaded
+from infermesh.errors import InvalidInput, NotFound, Overloaded
 from infermesh.model_config import ModelEntry
-from infermesh.tensors import Tensor
+from infermesh.segments import SEGMENTS
+from infermesh.tensors import NUMPY_DTYPE, Tensor, element_count
 from infermesh.validation import validate_inputs
+
+
+def batch_rows_within(entry: ModelEntry, outputs: Iterable[str], max_bytes: int) -> int:
+    """Most rows a coalesced batch may hold so that its response stays within `max_bytes`: max_batch_size,
+    lowered where the requested outputs' row sizes are known (fixed dims, fixed-size types). Where they are not
+    (BYTES, variable dims) only max_batch_size and the coalescer's byte budget for requests bound it."""
+    config = entry.config
+    wanted = set(outputs)
+    row_bytes = 0
+    for spec in config.outputs:
+        if wanted and spec.name not in wanted:
+            continue
+        if spec.datatype == "BYTES" or any(d < 0 for d in spec.shape[1:]):
+            return config.max_batch_size
+        row_bytes += element_count(spec.shape[1:]) * NUMPY_DTYPE[spec.datatype].itemsize
+    if row_bytes == 0:
+        return config.max_batch_size
+    return max(1, min(config.max_batch_size, max_bytes // row_bytes))
 
 
 class Admission:
@@ -51,3 +70,9 @@ class GatewayCore:
     def validate(entry: ModelEntry, tensors: Mapping[str, Tensor]) -> int:
         config = entry.config
         return validate_inputs(config.name, config.inputs, config.max_batch_size, tensors)
+
+    @staticmethod
+    def check_parameters(names: Iterable[str]) -> None:
+        """Request parameters the mesh uses between its own services are not for clients to set."""
+        if SEGMENTS in names:
+            raise InvalidInput(f"request parameter '{SEGMENTS}' is reserved for the mesh's own use")

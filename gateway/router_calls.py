@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.core import batch_rows_within
 from infermesh.coalescer import Coalescer, Pending
 from infermesh.errors import DomainError
 from infermesh.model_config import ModelEntry
@@ -40,11 +41,20 @@ class RouterCalls:
 
     MAX_GROUPS = 1024  # distinct (model, inputs, outputs) groups; beyond it requests are forwarded alone
 
-    def __init__(self, router: RouterForwarder, max_inflight_batches: int, max_pending: int, enabled: bool) -> None:
+    def __init__(
+        self,
+        router: RouterForwarder,
+        max_inflight_batches: int,
+        max_pending: int,
+        enabled: bool,
+        max_message_bytes: int,
+    ) -> None:
         self.router = router
         self._max_inflight_batches = max_inflight_batches
         self._max_pending = max_pending
         self._enabled = enabled
+        # A merged request, and its response where the outputs' sizes are known, stay within one message.
+        self._max_message_bytes = max_message_bytes
         self._coalescers: dict[tuple[object, ...], Coalescer] = {}
 
     async def infer(
@@ -59,7 +69,8 @@ class RouterCalls:
         coalescer = self._coalescer(entry, message) if self._enabled else None
         if coalescer is None:
             return await self.router.infer(raw, timeout_s)
-        return await coalescer.submit(Pending(_Request(message, raw, tensors), rows, time.monotonic() + timeout_s))
+        pending = Pending(_Request(message, raw, tensors), rows, time.monotonic() + timeout_s, size=len(raw))
+        return await coalescer.submit(pending)
 
     def _coalescer(self, entry: ModelEntry, message: pb.ModelInferRequest) -> Coalescer | None:
         config = entry.config
@@ -80,9 +91,10 @@ class RouterCalls:
                 "gateway",
                 config.name,
                 self._batch_runner(config.name, message.model_version),
-                max_rows=config.max_batch_size,
+                max_rows=batch_rows_within(entry, [o.name for o in message.outputs], self._max_message_bytes // 2),
                 max_inflight=self._max_inflight_batches,
                 max_pending=self._max_pending,
+                max_size=self._max_message_bytes // 2,  # headroom for the merged message's own framing
             )
         return coalescer
 

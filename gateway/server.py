@@ -25,7 +25,11 @@ class GatewayService(Service):
         )
         self.router = RouterClient(settings.router_address, settings.max_message_bytes, settings.router_attempts)
         self.router_calls = RouterCalls(
-            self.router, settings.coalesce_max_inflight_batches, settings.max_inflight, settings.coalesce
+            self.router,
+            settings.coalesce_max_inflight_batches,
+            settings.max_inflight,
+            settings.coalesce,
+            settings.max_message_bytes,
         )
         add_to_server(GatewayServicer(self.core, self.router, self.router_calls, settings.default_timeout_s), server)
         return [SERVICE]

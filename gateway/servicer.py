@@ -108,6 +108,8 @@ class GatewayServicer:
         entry = self.core.authorized_model(authorization, message.model_name, message.model_version)
         label_request(entry.config.name, message.model_version)
         with self.core.admission:
+            if message.parameters:
+                self.core.check_parameters(message.parameters)
             tensors = decode_inputs(message)
             rows = self.core.validate(entry, tensors)
             return await self.router_calls.infer(entry, message, request.raw, tensors, rows, timeout_s)

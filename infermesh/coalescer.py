@@ -26,6 +26,7 @@ class Pending:
     payload: Any
     rows: int
     deadline: float  # monotonic seconds
+    size: int = 0  # bytes, where the batch has a byte budget
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
 
@@ -35,8 +36,16 @@ BatchRunner = Callable[[list[Pending]], Awaitable[None]]
 
 class Coalescer:
     def __init__(
-        self, service: str, model: str, run_batch: BatchRunner, max_rows: int, max_inflight: int, max_pending: int
+        self,
+        service: str,
+        model: str,
+        run_batch: BatchRunner,
+        max_rows: int,
+        max_inflight: int,
+        max_pending: int,
+        max_size: int | None = None,
     ) -> None:
+        self._max_size = max_size
         self._service = service
         self._run_batch = run_batch
         self._max_rows = max_rows
@@ -117,7 +126,7 @@ class Coalescer:
 
     def _take(self) -> list[Pending]:
         batch: list[Pending] = []
-        rows = 0
+        rows = size = 0
         now = time.monotonic()
         while self._queue:
             pending = self._queue[0]
@@ -128,11 +137,15 @@ class Coalescer:
                 self._queue.popleft()
                 pending.future.set_exception(DeadlineExceeded("deadline exceeded before dispatch"))
                 continue
-            if batch and rows + pending.rows > self._max_rows:
+            if batch and (
+                rows + pending.rows > self._max_rows
+                or (self._max_size is not None and size + pending.size > self._max_size)
+            ):
                 break
             self._queue.popleft()
             batch.append(pending)
             rows += pending.rows
+            size += pending.size
         return batch
 
     async def _run(self, batch: list[Pending]) -> None:

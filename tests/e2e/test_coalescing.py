@@ -93,3 +93,13 @@ async def test_router_refuses_malformed_segments(mesh: LocalMesh, bad: str) -> N
             await client.infer("fraud", fraud_inputs(["u1"], ["m1"], [1.0]), parameters={"infermesh_segments": bad})
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "infermesh_segments" in caught.value.message()
+
+
+async def test_clients_cannot_send_segments_through_the_gateway(mesh: LocalMesh) -> None:
+    async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+        with pytest.raises(InferenceServerException) as caught:
+            await client.infer(
+                "fraud", fraud_inputs(["u1"], ["m1"], [1.0]), parameters={"infermesh_segments": "1"}, headers=auth()
+            )
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "'infermesh_segments' is reserved" in caught.value.message()

@@ -1,0 +1,48 @@
+"""The shared coalescer: batches bounded by rows and by bytes, a request alone runs at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from infermesh.coalescer import Coalescer, Pending
+
+
+def deadline(seconds: float = 5.0) -> float:
+    return time.monotonic() + seconds
+
+
+async def test_queued_requests_leave_in_batches_bounded_by_rows_and_bytes() -> None:
+    gate = asyncio.Event()
+    batches: list[list[int]] = []
+
+    async def run(batch: list[Pending]) -> None:
+        batches.append([p.payload for p in batch])
+        if len(batches) == 1:
+            await gate.wait()  # the first request holds the only slot while the rest queue
+        for pending in batch:
+            pending.future.set_result(pending.payload)
+
+    coalescer = Coalescer("gateway", "m", run, max_rows=3, max_inflight=1, max_pending=16, max_size=100)
+    sizes = [10, 40, 40, 40, 10, 10, 10, 10]  # payload i is request i
+    first = asyncio.create_task(coalescer.submit(Pending(0, 1, deadline(), size=sizes[0])))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(coalescer.submit(Pending(i, 1, deadline(), size=sizes[i]))) for i in range(1, 8)]
+    await asyncio.sleep(0)
+    gate.set()
+    assert await asyncio.gather(first, *rest) == list(range(8))
+    # 1+2 = 80 bytes, + 3 would be 120 > 100: bytes cut the batch; then 3 rows cut [3, 4, 5]; then [6, 7].
+    assert batches == [[0], [1, 2], [3, 4, 5], [6, 7]]
+
+
+async def test_a_request_alone_runs_in_its_callers_task() -> None:
+    callers: list[asyncio.Task | None] = []
+
+    async def run(batch: list[Pending]) -> None:
+        callers.append(asyncio.current_task())
+        batch[0].future.set_result("ok")
+
+    coalescer = Coalescer("router", "m", run, max_rows=8, max_inflight=2, max_pending=4)
+    task = asyncio.create_task(coalescer.submit(Pending(None, 1, deadline())))
+    assert await task == "ok"
+    assert callers == [task]
