@@ -136,11 +136,8 @@ class RouterCore:
         requested_outputs: Sequence[str],
         deadline: float,
     ) -> InferResult:
-        entry = self.model(name)
+        entry, version, output_specs, rows = self._checked(name, version, tensors, requested_outputs)
         config = entry.config
-        version = entry.resolve_version(version)
-        output_specs = _select_outputs(config.name, config.outputs, requested_outputs)
-        rows = validate_inputs(config.name, config.inputs, config.max_batch_size, tensors)
         if config.feature_spec is None:
             served, outputs = await self.call_model(name, version, list(tensors.values()), deadline)
             return InferResult(name, served, [outputs[s.name] for s in output_specs if s.name in outputs])
@@ -159,11 +156,9 @@ class RouterCore:
     ) -> tuple[str, list[str], list[SegmentResult]]:
         """Several clients' requests merged by the gateway (infermesh.segments): each segment succeeds or
         fails on its own, as if sent alone. Returns the served version, the output names and the results."""
-        entry = self.model(name)
+        entry, version, output_specs, _ = self._checked(name, version, tensors, requested_outputs)
         config = entry.config
-        version = entry.resolve_version(version)
-        output_names = [s.name for s in _select_outputs(config.name, config.outputs, requested_outputs)]
-        validate_inputs(config.name, config.inputs, config.max_batch_size, tensors)
+        output_names = [s.name for s in output_specs]
         parts = split_tensors(tensors, segment_rows)
         if config.feature_spec is None:
             served, outputs = await self.call_model(name, version, list(tensors.values()), deadline)
@@ -195,6 +190,17 @@ class RouterCore:
                 served, outputs, parameters = answer
                 results[index] = SegmentResult(rows, [outputs[n] for n in output_names], parameters)
         return served, output_names, [r for r in results if r is not None]
+
+    def _checked(
+        self, name: str, version: str, tensors: dict[str, Tensor], requested_outputs: Sequence[str]
+    ) -> tuple[ModelEntry, str, list[TensorSpec], int]:
+        """The model entry, the version to serve, the outputs to return and the batch's rows; or the error."""
+        entry = self.model(name)
+        config = entry.config
+        version = entry.resolve_version(version)
+        output_specs = _select_outputs(config.name, config.outputs, requested_outputs)
+        rows = validate_inputs(config.name, config.inputs, config.max_batch_size, tensors)
+        return entry, version, output_specs, rows
 
     def _pending(self, entry: ModelEntry, tensors: dict[str, Tensor], rows: int, deadline: float) -> Pending:
         spec = entry.config.feature_spec
