@@ -8,6 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as aioclient
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from demo.mesh import LocalMesh
@@ -103,3 +104,37 @@ async def test_clients_cannot_send_segments_through_the_gateway(mesh: LocalMesh)
             )
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "'infermesh_segments' is reserved" in caught.value.message()
+
+
+async def test_typed_and_raw_requests_coalesce_into_the_same_answers(mesh: LocalMesh) -> None:
+    """Typed contents are encoded raw when merged; the answers match the model either way."""
+
+    def typed(i: int) -> service_pb2.ModelInferRequest:
+        request = service_pb2.ModelInferRequest(model_name="fraud", id=f"typed-{i}")
+        request.inputs.add(name="user_id", datatype="BYTES", shape=[1]).contents.bytes_contents.append(f"u{i}".encode())
+        request.inputs.add(name="merchant_id", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+            f"m{i}".encode()
+        )
+        request.inputs.add(name="amount", datatype="FP32", shape=[1]).contents.fp32_contents.append(float(i))
+        return request
+
+    router_before = infer_calls(mesh.router.metrics_port, "router")
+    async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+        metadata = list(auth().items())
+        typed_answers = asyncio.gather(
+            *(client._client_stub.ModelInfer(typed(i), metadata=metadata, timeout=10) for i in range(1, 49))
+        )
+        raw_answers = asyncio.gather(
+            *(
+                client.infer("fraud", fraud_inputs([f"u{i}"], [f"m{i}"], [float(i)]), headers=auth())
+                for i in range(1, 49)
+            )
+        )
+        typed_results, raw_results = await asyncio.gather(typed_answers, raw_answers)
+    expected = expected_probabilities(mesh, list(range(1, 49)), list(range(1, 49)), [float(i) for i in range(1, 49)])
+    for i, (typed_result, raw_result) in enumerate(zip(typed_results, raw_results, strict=True)):
+        assert typed_result.id == f"typed-{i + 1}"
+        typed_value = np.frombuffer(typed_result.raw_output_contents[0], dtype="<f4")
+        np.testing.assert_allclose(typed_value, expected[i : i + 1], rtol=1e-5)
+        np.testing.assert_allclose(raw_result.as_numpy("fraud_probability"), expected[i : i + 1], rtol=1e-5)
+    assert infer_calls(mesh.router.metrics_port, "router") - router_before < 96
