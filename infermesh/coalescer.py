@@ -103,15 +103,12 @@ class Coalescer:
             for future in futures:
                 if not future.done():
                     future.cancel()
-        results: list[Any] = []
-        for future in futures:
-            if future.cancelled():
-                results.append(DeadlineExceeded("deadline exceeded while waiting for the model"))
-            elif future.exception() is not None:
-                results.append(future.exception())
-            else:
-                results.append(future.result())
-        return results
+        return [
+            DeadlineExceeded("deadline exceeded while waiting for the model")
+            if future.cancelled()
+            else (future.exception() or future.result())
+            for future in futures
+        ]
 
     def _dispatch(self) -> None:
         while self._queue and self._inflight < self._max_inflight:

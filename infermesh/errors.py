@@ -1,4 +1,4 @@
-"""Domain exceptions shared by every service. They know nothing of gRPC: `interceptors` maps them.
+"""Domain exceptions shared by every service. They know nothing of gRPC: `interceptors.ServiceHandlers` maps them.
 
 The message of a domain error is meant for the client; it must never carry internal detail
 (stack traces, addresses, feature values). Anything that is not a DomainError reaches the client

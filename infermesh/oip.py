@@ -9,7 +9,6 @@ import numpy as np
 from infermesh import errors, segments
 from infermesh.model_config import ModelConfig, TensorSpec
 from infermesh.proto import inference_pb2
-from infermesh.proto import inference_pb2 as pb
 from infermesh.segments import SEGMENTS, SegmentResult
 from infermesh.tensors import NUMPY_DTYPE, Tensor, decode_raw, element_count, to_raw
 
@@ -125,15 +124,15 @@ def requested_outputs(request: inference_pb2.ModelInferRequest) -> list[str]:
 def merge_requests(
     model: str,
     version: str,
-    requests: Sequence[pb.ModelInferRequest],
+    requests: Sequence[inference_pb2.ModelInferRequest],
     tensors: Sequence[Mapping[str, Tensor]],
     rows: Sequence[int],
-) -> pb.ModelInferRequest:
+) -> inference_pb2.ModelInferRequest:
     """One request carrying every request's rows in order. The requests were validated one by one (their
     decoded inputs are `tensors`) and have the same inputs (name, datatype, shape after the batch
     dimension) and requested outputs. Raw inputs are joined as they came; typed ones are encoded once."""
     first = requests[0]
-    merged = pb.ModelInferRequest(model_name=model, model_version=version)
+    merged = inference_pb2.ModelInferRequest(model_name=model, model_version=version)
     merged.parameters[SEGMENTS].string_param = ",".join(str(r) for r in rows)
     for output in first.outputs:
         merged.outputs.add(name=output.name)
@@ -144,13 +143,15 @@ def merge_requests(
     return merged
 
 
-def _raw_inputs(request: pb.ModelInferRequest, tensors: Mapping[str, Tensor]) -> Mapping[str, bytes]:
+def _raw_inputs(request: inference_pb2.ModelInferRequest, tensors: Mapping[str, Tensor]) -> Mapping[str, bytes]:
     if request.raw_input_contents:
         return {spec.name: raw for spec, raw in zip(request.inputs, request.raw_input_contents, strict=True)}
     return {name: to_raw(t.datatype, t.data) for name, t in tensors.items()}
 
 
-def split_segmented_response(response: pb.ModelInferResponse, ids: Sequence[str]) -> list[bytes | errors.DomainError]:
+def split_segmented_response(
+    response: inference_pb2.ModelInferResponse, ids: Sequence[str]
+) -> list[bytes | errors.DomainError]:
     """Per segment: the serialised response its client would have got alone, or its error."""
     if SEGMENTS not in response.parameters:
         raise errors.Unavailable("the router did not answer per segment")
@@ -167,7 +168,7 @@ def split_segmented_response(response: pb.ModelInferResponse, ids: Sequence[str]
             answers.append(error)
             continue
         rows = int(report["rows"])
-        segment = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version)
+        segment = inference_pb2.ModelInferResponse(model_name=response.model_name, model_version=response.model_version)
         segment.id = request_id
         for spec, slicer in outputs:
             segment.outputs.add(name=spec.name, datatype=spec.datatype, shape=[rows, *spec.shape[1:]])
@@ -189,23 +190,16 @@ def _row_slicer(datatype: str, shape: tuple[int, ...], raw: bytes):
     return lambda lo, hi: bytes(view[lo * row_bytes : hi * row_bytes])
 
 
-def segment_rows(request: pb.ModelInferRequest, batch_rows: int) -> list[int] | None:
-    """The rows of each segment of a segmented request (None for a plain one)."""
-    if SEGMENTS not in request.parameters:
-        return None
-    return segments.parse_rows(request.parameters[SEGMENTS].string_param, batch_rows)
-
-
 def segmented_response(
     model: str, version: str, output_names: Sequence[str], results: Sequence[SegmentResult]
-) -> pb.ModelInferResponse:
+) -> inference_pb2.ModelInferResponse:
     """One response for every segment: the successful ones' rows concatenated, a report per segment."""
     parts: dict[str, list[Tensor]] = {name: [] for name in output_names}
     for result in results:
         if result.error is None:
             for tensor in result.outputs:
                 parts[tensor.name].append(tensor)
-    response = pb.ModelInferResponse(model_name=model, model_version=version)
+    response = inference_pb2.ModelInferResponse(model_name=model, model_version=version)
     for name, tensors in parts.items():
         if not tensors:
             continue

@@ -46,7 +46,8 @@ class Service(ABC):
 
     @abstractmethod
     async def register(self, server: grpc.aio.Server) -> list[str]:
-        """Add servicers to the server; return their full service names (for health and reflection)."""
+        """Add servicers to `server` (a registrar that wraps every handler with the status mapping and metrics
+        as it is added); return their full service names (for health and reflection)."""
 
     async def warm_up(self) -> None:
         """Work to finish before reporting SERVING (load models, connect to Redis…)."""

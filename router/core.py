@@ -19,7 +19,7 @@ from infermesh.coalescer import Coalescer, Pending
 from infermesh.errors import DomainError, InvalidInput, NotFound, Overloaded, Unavailable
 from infermesh.model_config import ModelEntry, TensorSpec
 from infermesh.retry import with_retries
-from infermesh.segments import SegmentResult, split_tensors
+from infermesh.segments import SegmentResult, parse_rows, split_tensors
 from infermesh.tensors import Tensor
 from infermesh.validation import entity_ids, require_finite, validate_inputs
 from router.replicas import Replica, ReplicaSet
@@ -152,11 +152,13 @@ class RouterCore:
         tensors: dict[str, Tensor],
         requested_outputs: Sequence[str],
         deadline: float,
-        segment_rows: Sequence[int],
+        segments: str,
     ) -> tuple[str, list[str], list[SegmentResult]]:
         """Several clients' requests merged by the gateway (infermesh.segments): each segment succeeds or
-        fails on its own, as if sent alone. Returns the served version, the output names and the results."""
-        entry, version, output_specs, _ = self._checked(name, version, tensors, requested_outputs)
+        fails on its own, as if sent alone. `segments` is the request parameter naming each one's rows.
+        Returns the served version, the output names and the results."""
+        entry, version, output_specs, batch_rows = self._checked(name, version, tensors, requested_outputs)
+        segment_rows = parse_rows(segments, batch_rows)
         config = entry.config
         output_names = [s.name for s in output_specs]
         parts = split_tensors(tensors, segment_rows)

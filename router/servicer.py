@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from infermesh import __version__, oip
 from infermesh.interceptors import label_request
-from infermesh.oip import segment_rows, segmented_response
 from infermesh.proto import inference_pb2, inference_pb2_grpc
+from infermesh.segments import SEGMENTS
 from infermesh.tensors import decode_inputs
 from router.core import RouterCore
 
@@ -41,14 +41,16 @@ class RouterServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         label_request(entry.config.name, request.model_version)
         deadline = self.core.deadline(context.time_remaining())
         tensors = decode_inputs(request)
-        if request.parameters:  # a gateway batch of several clients' requests?
-            first = next(iter(tensors.values()), None)
-            rows = segment_rows(request, first.shape[0] if first is not None and first.shape else 0)
-            if rows is not None:
-                served, names, results = await self.core.infer_segments(
-                    request.model_name, request.model_version, tensors, oip.requested_outputs(request), deadline, rows
-                )
-                return segmented_response(entry.config.name, served, names, results)
+        if SEGMENTS in request.parameters:  # a gateway batch of several clients' requests
+            served, names, results = await self.core.infer_segments(
+                request.model_name,
+                request.model_version,
+                tensors,
+                oip.requested_outputs(request),
+                deadline,
+                request.parameters[SEGMENTS].string_param,
+            )
+            return oip.segmented_response(entry.config.name, served, names, results)
         result = await self.core.infer(
             request.model_name,
             request.model_version,
