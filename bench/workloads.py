@@ -14,20 +14,19 @@ import numpy as np
 import tritonclient.grpc.aio as aioclient
 
 from demo import synthetic
+from infermesh.features import DEFAULTED_ENTITIES, FEATURES_UNAVAILABLE
 from infermesh.proto import feature_store_pb2, feature_store_pb2_grpc
 
 POOL = 2048
 CLIENT_TIMEOUT_S = 10.0
-FLAG_UNAVAILABLE = "infermesh_features_unavailable"
-FLAG_DEFAULTED = "infermesh_defaulted_entities"
 
 
 def response_tag(result: aioclient.InferResult) -> str | None:
     """How the mesh flagged an answer: "features_unavailable", "defaulted", or None for a plain answer."""
     parameters = result.get_response().parameters
-    if FLAG_UNAVAILABLE in parameters and parameters[FLAG_UNAVAILABLE].string_param.lower() == "true":
+    if FEATURES_UNAVAILABLE in parameters and parameters[FEATURES_UNAVAILABLE].string_param.lower() == "true":
         return "features_unavailable"
-    if FLAG_DEFAULTED in parameters:
+    if DEFAULTED_ENTITIES in parameters:
         return "defaulted"
     return None
 

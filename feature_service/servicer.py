@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from feature_service.store import FeatureBlock, FeatureQuery, FeatureStore
+from feature_service.store import FeatureStore
 from infermesh.errors import Unavailable
-from infermesh.interceptors import label_request
+from infermesh.features import FeatureBlock, FeatureQuery
+from infermesh.metrics import label_request
 from infermesh.proto import feature_store_pb2 as pb
 from infermesh.proto import feature_store_pb2_grpc as pb_grpc
 
@@ -63,7 +64,9 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         return self.store
 
     async def ReadFeatures(
-        self, request: pb.ReadFeaturesRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ReadFeaturesRequest,
+        context: grpc.aio.ServicerContext[pb.ReadFeaturesRequest, pb.ReadFeaturesResponse],
     ) -> pb.ReadFeaturesResponse:
         store = self._store()
         if request.feature_view in store.views:
@@ -74,7 +77,9 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         return response
 
     async def BatchReadFeatures(
-        self, request: pb.BatchReadFeaturesRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.BatchReadFeaturesRequest,
+        context: grpc.aio.ServicerContext[pb.BatchReadFeaturesRequest, pb.BatchReadFeaturesResponse],
     ) -> pb.BatchReadFeaturesResponse:
         store = self._store()
         known = sorted({read.feature_view for read in request.reads if read.feature_view in store.views})
@@ -87,7 +92,9 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         return response
 
     async def WriteFeatures(
-        self, request: pb.WriteFeaturesRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.WriteFeaturesRequest,
+        context: grpc.aio.ServicerContext[pb.WriteFeaturesRequest, pb.WriteFeaturesResponse],
     ) -> pb.WriteFeaturesResponse:
         store = self._store()
         if request.feature_view in store.views:
@@ -98,7 +105,9 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         return pb.WriteFeaturesResponse(written=result.written, skipped_older=result.skipped_older)
 
     async def ListFeatureViews(
-        self, request: pb.ListFeatureViewsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ListFeatureViewsRequest,
+        context: grpc.aio.ServicerContext[pb.ListFeatureViewsRequest, pb.ListFeatureViewsResponse],
     ) -> pb.ListFeatureViewsResponse:
         views = [
             pb.FeatureView(

@@ -1,34 +1,30 @@
-"""The gateway's transport-free core: authentication, admission, validation against public metadata."""
+"""The gateway's transport-free core: the public dataplane. Authenticates, admits, validates against the
+public signature, and forwards to the router (`gateway.router_calls`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 
 from gateway.auth import KeyStore
-from infermesh import metrics
-from infermesh.errors import InvalidInput, NotFound, Overloaded
-from infermesh.model_config import ModelEntry
-from infermesh.segments import SEGMENTS
-from infermesh.tensors import NUMPY_DTYPE, Tensor, element_count
+from gateway.router_calls import RouterCalls, RouterPort
+from infermesh import __version__, metrics
+from infermesh.dataplane import (
+    Call,
+    EncodedInferResponse,
+    InferAnswer,
+    InferRequest,
+    ModelIndexEntry,
+    ModelInfo,
+    ServerInfo,
+    StreamError,
+    serve_stream,
+)
+from infermesh.errors import Overloaded
+from infermesh.model_config import ModelConfig, ModelEntry, find_model
 from infermesh.validation import validate_inputs
 
-
-def batch_rows_within(entry: ModelEntry, outputs: Iterable[str], max_bytes: int) -> int:
-    """Most rows a coalesced batch may hold so that its response stays within `max_bytes`: max_batch_size,
-    lowered where the requested outputs' row sizes are known (fixed dims, fixed-size types). Where they are not
-    (BYTES, variable dims) only max_batch_size and the coalescer's byte budget for requests bound it."""
-    config = entry.config
-    wanted = set(outputs)
-    row_bytes = 0
-    for spec in config.outputs:
-        if wanted and spec.name not in wanted:
-            continue
-        if spec.datatype == "BYTES" or any(d < 0 for d in spec.shape[1:]):
-            return config.max_batch_size
-        row_bytes += element_count(spec.shape[1:]) * NUMPY_DTYPE[spec.datatype].itemsize
-    if row_bytes == 0:
-        return config.max_batch_size
-    return max(1, min(config.max_batch_size, max_bytes // row_bytes))
+SERVER_NAME = "infermesh"
+EXTENSIONS = ("model_repository", "infermesh_features")
 
 
 class Admission:
@@ -50,29 +46,79 @@ class Admission:
 
 
 class GatewayCore:
-    def __init__(self, models: dict[str, ModelEntry], keys: KeyStore, max_inflight: int) -> None:
-        self.models = models
+    def __init__(
+        self,
+        models: Mapping[str, ModelEntry],
+        keys: KeyStore,
+        max_inflight: int,
+        router: RouterPort,
+        calls: RouterCalls,
+    ) -> None:
+        self.models = dict(models)
         self.keys = keys
         self.admission = Admission(max_inflight)
+        self.router = router
+        self.router_calls = calls
 
     def authorized_model(self, authorization: str | None, name: str, version: str = "") -> ModelEntry:
         """The model a caller may use: UNAUTHENTICATED, then NOT_FOUND (unknown model or version, told only
         to an authenticated caller), then PERMISSION_DENIED."""
         tenant = self.keys.authenticate(authorization)
-        entry = self.models.get(name)
-        if entry is None:
-            raise NotFound(f"model '{name}' not found")
+        entry = find_model(self.models, name)
         self.keys.authorize(tenant, name)
         entry.resolve_version(version)
         return entry
 
-    @staticmethod
-    def validate(entry: ModelEntry, tensors: Mapping[str, Tensor]) -> int:
-        config = entry.config
-        return validate_inputs(config.name, config.inputs, config.max_batch_size, tensors)
+    # Health and metadata (no key needed for the server-level calls) ----------------------------------
 
-    @staticmethod
-    def check_parameters(names: Iterable[str]) -> None:
-        """Request parameters the mesh uses between its own services are not for clients to set."""
-        if SEGMENTS in names:
-            raise InvalidInput(f"request parameter '{SEGMENTS}' is reserved for the mesh's own use")
+    async def server_live(self, call: Call) -> bool:
+        return True
+
+    async def server_ready(self, call: Call) -> bool:
+        return await self.router.ready()
+
+    async def server_metadata(self, call: Call) -> ServerInfo:
+        return ServerInfo(SERVER_NAME, __version__, EXTENSIONS)
+
+    async def model_ready(self, call: Call, name: str, version: str) -> bool:
+        self.authorized_model(call.authorization, name, version)
+        return await self.router.model_ready(name, version)
+
+    async def model_metadata(self, call: Call, name: str, version: str) -> ModelInfo:
+        entry = self.authorized_model(call.authorization, name, version)
+        metrics.label_request(name, version)
+        config = entry.config
+        return ModelInfo(config.name, entry.versions, config.platform, config.inputs, config.outputs)
+
+    async def model_config(self, call: Call, name: str, version: str) -> ModelConfig:
+        entry = self.authorized_model(call.authorization, name, version)
+        metrics.label_request(name, version)
+        return entry.config
+
+    async def repository_index(self, call: Call, ready_only: bool) -> list[ModelIndexEntry]:
+        """The models the caller's tenant may use."""
+        tenant = self.keys.authenticate(call.authorization)
+        state = "READY" if await self.router.ready() else "UNAVAILABLE"
+        return [
+            ModelIndexEntry(name, entry.latest, state)
+            for name, entry in sorted(self.models.items())
+            if tenant.allows(name) and (state == "READY" or not ready_only)
+        ]
+
+    # Inference ---------------------------------------------------------------------------------------
+
+    async def infer(self, call: Call, request: InferRequest) -> InferAnswer:
+        entry = self.authorized_model(call.authorization, request.model, request.version)
+        metrics.label_request(entry.config.name, request.version)
+        with self.admission:
+            config = entry.config
+            rows = validate_inputs(config.name, config.inputs, config.max_batch_size, request.inputs.tensors())
+            config.select_outputs(request.outputs)
+            answer = await self.router_calls.infer(entry, request, rows, call.deadline)
+            return EncodedInferResponse(answer)
+
+    def stream(self, requests: AsyncIterator[tuple[Call, InferRequest]]) -> AsyncIterator[InferAnswer | StreamError]:
+        return serve_stream(self, requests)
+
+    async def close(self) -> None:
+        await self.router_calls.close()

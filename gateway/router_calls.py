@@ -1,49 +1,66 @@
-"""Router calls of the gateway: concurrent requests for one model share one segmented call
-(infermesh.segments). Transport-free: the router is reached through `RouterForwarder`."""
+"""Router calls of the gateway: concurrent requests for one model share one batch call (infermesh.segments).
+Transport-free: the router is reached through the `RouterPort` protocol (`gateway.router_client`)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
-from gateway.core import batch_rows_within
 from infermesh.coalescer import Coalescer, Pending
+from infermesh.dataplane import InferRequest
+from infermesh.deadline import Deadline
 from infermesh.errors import DomainError
 from infermesh.model_config import ModelEntry
-from infermesh.oip import merge_requests, split_segmented_response
-from infermesh.proto import inference_pb2 as pb
-from infermesh.tensors import Tensor
+from infermesh.segments import InferBatch, Segment, merge
+from infermesh.tensors import NUMPY_DTYPE, element_count
 
 
-class RouterForwarder(Protocol):
-    async def infer(self, raw_request: bytes, timeout_s: float) -> bytes:
+class RouterPort(Protocol):
+    async def infer(self, encoded_request: bytes, deadline: Deadline) -> bytes:
         """The router's serialised ModelInferResponse for a serialised ModelInferRequest."""
         ...
 
+    async def infer_batch(self, batch: InferBatch, deadline: Deadline) -> list[bytes | DomainError]:
+        """Per segment: the serialised ModelInferResponse its client would have got alone, or its error."""
+        ...
 
-@dataclass(slots=True)
-class _Request:
-    message: pb.ModelInferRequest
-    raw: bytes
-    tensors: Mapping[str, Tensor]
+    async def ready(self) -> bool: ...
+
+    async def model_ready(self, name: str, version: str) -> bool: ...
+
+
+def batch_rows_within(entry: ModelEntry, outputs: Iterable[str], max_bytes: int) -> int:
+    """Most rows a coalesced batch may hold so that its response stays within `max_bytes`: max_batch_size,
+    lowered where the requested outputs' row sizes are known (fixed dims, fixed-size types). Where they are not
+    (BYTES, variable dims) only max_batch_size and the coalescer's byte budget for requests bound it."""
+    config = entry.config
+    wanted = set(outputs)
+    row_bytes = 0
+    for spec in config.outputs:
+        if wanted and spec.name not in wanted:
+            continue
+        if spec.datatype == "BYTES" or any(d < 0 for d in spec.shape[1:]):
+            return config.max_batch_size
+        row_bytes += element_count(spec.shape[1:]) * NUMPY_DTYPE[spec.datatype].itemsize
+    if row_bytes == 0:
+        return config.max_batch_size
+    return max(1, min(config.max_batch_size, max_bytes // row_bytes))
 
 
 class RouterCalls:
-    """Forwards requests to the router, coalescing concurrent ones for the same model into one call.
+    """Forwards requests to the router, coalescing concurrent ones for the same model into one batch call.
 
-    A request alone is forwarded byte for byte. While `max_inflight_batches` router calls for a model are
-    in flight, arriving requests queue (bounded) and leave together as one segmented request
-    (infermesh.segments); each client still gets its own answer or error. So under load the router, the
-    busiest process, handles one call per batch instead of one per client request.
+    A request alone is forwarded byte for byte. While `max_inflight_batches` router calls for a model are in
+    flight, arriving requests queue (bounded) and leave together as one `InferBatch`; each client still gets
+    its own answer or error. So under load the router, the busiest process, handles one call per batch
+    instead of one per client request.
     """
 
     MAX_GROUPS = 1024  # distinct (model, inputs, outputs) groups; beyond it requests are forwarded alone
 
     def __init__(
         self,
-        router: RouterForwarder,
+        router: RouterPort,
         max_inflight_batches: int,
         max_pending: int,
         enabled: bool,
@@ -57,31 +74,38 @@ class RouterCalls:
         self._max_message_bytes = max_message_bytes
         self._coalescers: dict[tuple[object, ...], Coalescer] = {}
 
-    async def infer(
-        self,
-        entry: ModelEntry,
-        message: pb.ModelInferRequest,
-        raw: bytes,
-        tensors: Mapping[str, Tensor],
-        rows: int,
-        timeout_s: float,
-    ) -> bytes:
-        coalescer = self._coalescer(entry, message) if self._enabled else None
+    async def infer(self, entry: ModelEntry, request: InferRequest, rows: int, deadline: Deadline) -> bytes:
+        coalescer = self._coalescer(entry, request) if self._enabled else None
         if coalescer is None:
-            return await self.router.infer(raw, timeout_s)
-        pending = Pending(_Request(message, raw, tensors), rows, time.monotonic() + timeout_s, size=len(raw))
-        return await coalescer.submit(pending)
+            return await self._alone(request, rows, deadline)
+        answer: bytes = await coalescer.submit(Pending(request, rows, deadline, size=len(request.encoded)))
+        return answer
 
-    def _coalescer(self, entry: ModelEntry, message: pb.ModelInferRequest) -> Coalescer | None:
+    async def _alone(self, request: InferRequest, rows: int, deadline: Deadline) -> bytes:
+        if request.encoded:  # the client's bytes as they came
+            return await self.router.infer(request.encoded, deadline)
+        batch = InferBatch(
+            request.model,
+            request.version,
+            request.inputs,
+            request.outputs,
+            [Segment(rows, request.id, request.parameters)],
+        )
+        (answer,) = await self.router.infer_batch(batch, deadline)
+        if isinstance(answer, DomainError):
+            raise answer
+        return answer
+
+    def _coalescer(self, entry: ModelEntry, request: InferRequest) -> Coalescer | None:
         config = entry.config
-        # Request or output parameters (priority, sequences, classification…) apply to one request: alone.
-        if config.max_batch_size <= 0 or message.parameters or any(o.parameters for o in message.outputs):
+        # Output parameters (classification…) shape one request's answer: it goes alone.
+        if config.max_batch_size <= 0 or request.output_parameters:
             return None
         key = (
             config.name,
-            message.model_version,
-            tuple(o.name for o in message.outputs),
-            tuple((i.name, i.datatype, tuple(i.shape[1:])) for i in message.inputs),
+            request.version,
+            tuple(request.outputs),
+            tuple((h.name, h.datatype, h.shape[1:]) for h in request.inputs.headers),
         )
         coalescer = self._coalescers.get(key)
         if coalescer is None:
@@ -90,38 +114,34 @@ class RouterCalls:
             coalescer = self._coalescers[key] = Coalescer(
                 "gateway",
                 config.name,
-                self._batch_runner(config.name, message.model_version),
-                max_rows=batch_rows_within(entry, [o.name for o in message.outputs], self._max_message_bytes // 2),
+                self._batch_runner(config.name, request.version),
+                max_rows=batch_rows_within(entry, request.outputs, self._max_message_bytes // 2),
                 max_inflight=self._max_inflight_batches,
                 max_pending=self._max_pending,
                 max_size=self._max_message_bytes // 2,  # headroom for the merged message's own framing
             )
         return coalescer
 
-    def _batch_runner(self, model: str, version: str):
+    def _batch_runner(self, model: str, version: str) -> Callable[[list[Pending]], Awaitable[None]]:
         async def run(batch: list[Pending]) -> None:
             batch = [p for p in batch if not p.future.done()]
             if not batch:
                 return
-            timeout_s = max(0.0, max(p.deadline for p in batch) - time.monotonic())
-            if len(batch) == 1:  # alone: the client's bytes as they came
-                answer = await self.router.infer(batch[0].payload.raw, timeout_s)
+            deadline = Deadline.latest([p.deadline for p in batch])
+            if len(batch) == 1:
+                answer = await self._alone(batch[0].payload, batch[0].rows, deadline)
                 if not batch[0].future.done():
                     batch[0].future.set_result(answer)
                 return
-            requests: list[_Request] = [p.payload for p in batch]
-            merged = merge_requests(
-                model, version, [r.message for r in requests], [r.tensors for r in requests], [p.rows for p in batch]
-            )
-            response = pb.ModelInferResponse.FromString(await self.router.infer(merged.SerializeToString(), timeout_s))
-            answers = split_segmented_response(response, [r.message.id for r in requests])
-            for pending, answer in zip(batch, answers, strict=True):
+            merged = merge(model, version, [p.payload for p in batch], [p.rows for p in batch])
+            answers = await self.router.infer_batch(merged, deadline)
+            for pending, result in zip(batch, answers, strict=True):
                 if pending.future.done():
                     continue
-                if isinstance(answer, DomainError):
-                    pending.future.set_exception(answer)
+                if isinstance(result, DomainError):
+                    pending.future.set_exception(result)
                 else:
-                    pending.future.set_result(answer)
+                    pending.future.set_result(result)
 
         return run
 

@@ -1,26 +1,39 @@
-"""The gateway's client of the router: forwards ModelInfer bytes as they are, retries when unavailable."""
+"""The gateway's client of the router (the `RouterPort` of gateway.router_calls over gRPC): a request alone is
+forwarded as the client's ModelInfer bytes, a coalesced batch as the mesh's own `Router/InferBatch`;
+retried when the router is unavailable."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
+from infermesh.batch_codec import batch_request, split_batch_response
 from infermesh.channels import insecure_channel
-from infermesh.errors import Unavailable
-from infermesh.interceptors import error_from_rpc
+from infermesh.deadline import Deadline
+from infermesh.errors import DomainError, Unavailable
+from infermesh.method_handlers import error_from_rpc
 from infermesh.proto import inference_pb2 as pb
+from infermesh.proto import router_pb2
 from infermesh.retry import with_retries
+from infermesh.segments import InferBatch
 
-_INFER = "/inference.GRPCInferenceService/ModelInfer"
 READY_CACHE_S = 1.0
+T = TypeVar("T")
 
 
 class RouterClient:
     def __init__(self, target: str, max_message_bytes: int, attempts: int) -> None:
         self.channel = insecure_channel(target, max_message_bytes)
         # No (de)serializers: bytes in, bytes out.
-        self._infer = self.channel.unary_unary(_INFER)
+        self._infer = self.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        self._infer_batch = self.channel.unary_unary(
+            "/infermesh.router.v1.Router/InferBatch",
+            request_serializer=router_pb2.InferBatchRequest.SerializeToString,
+            response_deserializer=router_pb2.InferBatchResponse.FromString,
+        )
         self._server_ready = self.channel.unary_unary(
             "/inference.GRPCInferenceService/ServerReady",
             request_serializer=pb.ServerReadyRequest.SerializeToString,
@@ -35,16 +48,23 @@ class RouterClient:
         self._ready_at = 0.0
         self._ready = False
 
-    async def infer(self, raw_request: bytes, timeout_s: float) -> bytes:
-        deadline = time.monotonic() + timeout_s
-
-        async def call() -> bytes:
+    async def _retried(self, call: Callable[[float], Awaitable[T]], deadline: Deadline) -> T:
+        async def attempt() -> T:
             try:
-                return await self._infer(raw_request, timeout=max(0.0, deadline - time.monotonic()))
+                return await call(deadline.remaining())
             except grpc.aio.AioRpcError as error:
                 raise error_from_rpc(error, "router") from None
 
-        return await with_retries(call, deadline, self._attempts, 0.002, 0.05, retry_on=(Unavailable,))
+        return await with_retries(attempt, deadline, self._attempts, 0.002, 0.05, retry_on=(Unavailable,))
+
+    async def infer(self, encoded_request: bytes, deadline: Deadline) -> bytes:
+        answer: bytes = await self._retried(lambda timeout: self._infer(encoded_request, timeout=timeout), deadline)
+        return answer
+
+    async def infer_batch(self, batch: InferBatch, deadline: Deadline) -> list[bytes | DomainError]:
+        request = batch_request(batch)
+        response = await self._retried(lambda timeout: self._infer_batch(request, timeout=timeout), deadline)
+        return split_batch_response(response, batch.segments)
 
     async def ready(self) -> bool:
         now = time.monotonic()
@@ -61,7 +81,7 @@ class RouterClient:
             reply = await self._model_ready(pb.ModelReadyRequest(name=name, version=version), timeout=1.0)
         except grpc.aio.AioRpcError:
             return False
-        return reply.ready
+        return bool(reply.ready)
 
     async def close(self) -> None:
         await self.channel.close()

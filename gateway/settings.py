@@ -22,7 +22,6 @@ class GatewaySettings(ServiceSettings):
     )
     max_inflight: int = Field(256, ge=1, description="Concurrent requests admitted; beyond it RESOURCE_EXHAUSTED.")
     max_message_bytes: int = Field(16 * 1024 * 1024, description="Largest request accepted.")
-    default_timeout_s: float = Field(10.0, description="Deadline applied when a client sets none.")
     router_attempts: int = Field(2, ge=1, description="Attempts per router call when the router is unavailable.")
     coalesce: bool = Field(
         True, description="Merge concurrent requests for one model into one router call (each keeps its answer)."

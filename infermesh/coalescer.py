@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infermesh import metrics
+from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, Overloaded
 
 
@@ -25,7 +26,7 @@ class Pending:
 
     payload: Any
     rows: int
-    deadline: float  # monotonic seconds
+    deadline: Deadline
     size: int = 0  # bytes, where the batch has a byte budget
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
@@ -66,7 +67,7 @@ class Coalescer:
         if not self._queue and self._inflight < self._max_inflight:
             # Nothing to share with: run the batch of one in the caller's own task, without the task and
             # shielded wait a queued request needs (the whole path at low load).
-            remaining = pending.deadline - time.monotonic()
+            remaining = pending.deadline.at - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded("deadline exceeded before dispatch")
             self._inflight += 1
@@ -84,7 +85,7 @@ class Coalescer:
         self._dispatch()
         try:
             # On timeout or cancellation the future is cancelled too, which tells the batch this caller is gone.
-            async with asyncio.timeout(pending.deadline - time.monotonic()):
+            async with asyncio.timeout(pending.deadline.at - time.monotonic()):
                 return await pending.future
         except TimeoutError as error:
             raise DeadlineExceeded("deadline exceeded while waiting for the model") from error
@@ -96,9 +97,9 @@ class Coalescer:
         self._queue.extend(pendings)
         self._dispatch()
         futures = [p.future for p in pendings]
-        remaining = max(p.deadline for p in pendings) - time.monotonic()
+        deadline = Deadline.latest([p.deadline for p in pendings])
         try:
-            await asyncio.wait(futures, timeout=max(0.0, remaining))
+            await asyncio.wait(futures, timeout=deadline.remaining())
         finally:
             for future in futures:
                 if not future.done():
@@ -130,7 +131,7 @@ class Coalescer:
             if pending.future.done():  # caller cancelled
                 self._queue.popleft()
                 continue
-            if pending.deadline <= now:
+            if pending.deadline.at <= now:
                 self._queue.popleft()
                 pending.future.set_exception(DeadlineExceeded("deadline exceeded before dispatch"))
                 continue

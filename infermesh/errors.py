@@ -1,35 +1,74 @@
-"""Domain exceptions shared by every service. They know nothing of gRPC: `interceptors.ServiceHandlers` maps them.
+"""Domain exceptions shared by every service, and the one registry of their status codes.
 
-The message of a domain error is meant for the client; it must never carry internal detail
-(stack traces, addresses, feature values). Anything that is not a DomainError reaches the client
-as INTERNAL with a generic message.
+They know nothing of gRPC: each class names its canonical status code (`Code`, the numbers of google.rpc.Code,
+which gRPC uses as they are); `infermesh.method_handlers` turns that into a gRPC status, and the internal
+batch RPC carries it per segment. The message of a domain error is meant for the client; it must never carry
+internal detail (stack traces, addresses, feature values). Anything that is not a DomainError reaches the
+client as INTERNAL with a generic message.
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
+from typing import ClassVar
+
+
+class Code(IntEnum):
+    """Canonical status codes (google.rpc.Code)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
 
 
 class DomainError(Exception):
     """Base of all errors whose message is safe to show to the client."""
 
+    code: ClassVar[Code] = Code.INTERNAL
+
 
 class InvalidInput(DomainError):
     """Malformed request: names the tensor and the problem."""
 
+    code = Code.INVALID_ARGUMENT
+
 
 class NotFound(DomainError):
-    """Unknown model, version or feature view."""
+    """Unknown model, version, entity or feature view."""
+
+    code = Code.NOT_FOUND
 
 
 class Unauthenticated(DomainError):
     """Missing or unknown credentials."""
 
+    code = Code.UNAUTHENTICATED
+
 
 class PermissionDenied(DomainError):
     """Known caller, not allowed to use this resource."""
 
+    code = Code.PERMISSION_DENIED
+
 
 class Overloaded(DomainError):
     """Admission refused at once: a bounded queue or in-flight limit is full. Retry elsewhere or later."""
+
+    code = Code.RESOURCE_EXHAUSTED
 
 
 class QueueFull(Overloaded):
@@ -39,10 +78,42 @@ class QueueFull(Overloaded):
 class DeadlineExceeded(DomainError):
     """The request's deadline passed before it could be served."""
 
+    code = Code.DEADLINE_EXCEEDED
+
 
 class Unavailable(DomainError):
     """A dependency (replica, feature store) cannot be reached right now; safe to retry."""
 
+    code = Code.UNAVAILABLE
+
 
 class FailedPrecondition(DomainError):
     """The request is valid but the system is not in a state to serve it (e.g. model not ready)."""
+
+    code = Code.FAILED_PRECONDITION
+
+
+# And back: the error a status code stands for, when a downstream hop answers with it.
+_ERROR_BY_CODE: dict[Code, type[DomainError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidInput,
+        NotFound,
+        Unauthenticated,
+        PermissionDenied,
+        Overloaded,
+        DeadlineExceeded,
+        Unavailable,
+        FailedPrecondition,
+    )
+}
+
+
+def error_for(code: int, message: str) -> DomainError:
+    """The domain error a downstream status stands for. Codes with no domain meaning here (CANCELLED,
+    INTERNAL, UNKNOWN…) become Unavailable: the hop below failed, and a retry elsewhere may succeed."""
+    try:
+        error_type = _ERROR_BY_CODE.get(Code(code), Unavailable)
+    except ValueError:
+        error_type = Unavailable
+    return error_type(message)

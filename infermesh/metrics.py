@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+from dataclasses import dataclass
+
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 # Fine buckets at the low end: the mesh's hops are sub-millisecond.
@@ -53,3 +56,22 @@ FEATURE_DEFAULTED = Counter(
 )
 RETRIES = Counter("infermesh_retries", "Downstream calls retried, by target and status code.", ["target", "code"])
 REPLICAS_UP = Gauge("infermesh_replicas_up", "Model service replicas the router considers healthy.")
+
+
+@dataclass(slots=True)
+class RequestLabels:
+    """Metric labels of the call being served, filled in by a core once it has resolved a known model (bounded
+    cardinality); the method handler wrapper reads them when it counts the call."""
+
+    model: str = ""
+    version: str = ""
+
+
+request_labels: ContextVar[RequestLabels | None] = ContextVar("infermesh_request_labels", default=None)
+
+
+def label_request(model: str, version: str = "") -> None:
+    labels = request_labels.get()
+    if labels is not None:
+        labels.model = model
+        labels.version = version

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from infermesh.errors import NotFound
+from infermesh.errors import InvalidInput, NotFound
 from infermesh.tensors import DATATYPES
 
 MODEL_FILE = "model.pt"
@@ -96,6 +97,19 @@ class ModelConfig(BaseModel):
         """What the model service itself accepts."""
         return [self.model_input] if self.model_input is not None else list(self.inputs)
 
+    def select_outputs(self, requested: Sequence[str]) -> list[TensorSpec]:
+        """The outputs a request asked for, in its order (all, in declared order, when it named none)."""
+        if not requested:
+            return list(self.outputs)
+        by_name = {spec.name: spec for spec in self.outputs}
+        selected = []
+        for name in requested:
+            spec = by_name.get(name)
+            if spec is None:
+                raise InvalidInput(f"requested output '{name}' is not an output of model '{self.name}'")
+            selected.append(spec)
+        return selected
+
 
 class ModelEntry(BaseModel):
     """A model found in the repository, with its ready versions (ascending)."""
@@ -115,6 +129,14 @@ class ModelEntry(BaseModel):
         if requested not in self.versions:
             raise NotFound(f"model '{self.config.name}' has no version '{requested}'")
         return requested
+
+
+def find_model(models: Mapping[str, ModelEntry], name: str) -> ModelEntry:
+    """The model of that name, or NotFound."""
+    entry = models.get(name)
+    if entry is None:
+        raise NotFound(f"model '{name}' not found")
+    return entry
 
 
 def load_repository(root: Path, require_weights: bool = False) -> dict[str, ModelEntry]:

@@ -13,25 +13,26 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from tenacity.wait import wait_random_exponential
 
 from infermesh import errors
+from infermesh.deadline import Deadline
 
 RETRYABLE = (errors.Unavailable, errors.Overloaded)
 T = TypeVar("T")
 
 
 class stop_at_deadline:
-    """Stop when the next attempt could not start before the deadline (monotonic seconds)."""
+    """Stop when the next attempt could not start before the deadline."""
 
-    def __init__(self, deadline: float, margin_s: float = 0.0005) -> None:
+    def __init__(self, deadline: Deadline, margin_s: float = 0.0005) -> None:
         self.deadline = deadline
         self.margin_s = margin_s
 
     def __call__(self, retry_state: RetryCallState) -> bool:
         upcoming = retry_state.upcoming_sleep or 0.0
-        return time.monotonic() + upcoming + self.margin_s >= self.deadline
+        return time.monotonic() + upcoming + self.margin_s >= self.deadline.at
 
 
 def retrying(
-    deadline: float,
+    deadline: Deadline,
     max_attempts: int,
     backoff_initial_s: float,
     backoff_max_s: float,
@@ -47,7 +48,7 @@ def retrying(
 
 async def with_retries(
     call: Callable[[], Awaitable[T]],
-    deadline: float,
+    deadline: Deadline,
     max_attempts: int,
     backoff_initial_s: float,
     backoff_max_s: float,
@@ -61,7 +62,7 @@ async def with_retries(
     try:
         return await call()
     except retry_on:
-        if max_attempts <= 1 or time.monotonic() + backoff_initial_s >= deadline:
+        if max_attempts <= 1 or time.monotonic() + backoff_initial_s >= deadline.at:
             raise
     await asyncio.sleep(random.uniform(0, backoff_initial_s))
     async for attempt in retrying(deadline, max_attempts - 1, 2 * backoff_initial_s, backoff_max_s, retry_on):

@@ -1,43 +1,42 @@
-"""Segmented ModelInfer between the gateway and the router: several clients' requests travel as one call.
+"""A batch of several clients' requests for one model: what the gateway's coalesced call carries to the router
+(`infermesh.router.v1.Router/InferBatch`), and how the router answers it. Pure logic, no transport.
 
-The gateway coalesces concurrent requests for one model into one `ModelInferRequest` whose inputs are the
-requests' rows, concatenated, and names the rows of each request in the parameter `infermesh_segments`
-("1,1,4"). The router answers each segment on its own (its own result, flags, or error) and returns one
-response: the successful segments' output rows, concatenated in order, and in the same parameter a JSON
-report per segment. This module is the protocol's pure part; `infermesh.oip` builds the messages.
+Each request is a segment: a run of the batch's rows with its own id and parameters. The router answers every
+segment on its own, as if it had been sent alone (its rows and flags, or its own error), so one bad request
+never fails its neighbours. A plain request is a batch of one segment.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from infermesh import errors
-from infermesh.tensors import Tensor
+from infermesh.dataplane import InferRequest, ParameterValue
+from infermesh.tensors import InputHeader, Inputs, RawInputs, Tensor
 
-SEGMENTS = "infermesh_segments"
 MAX_SEGMENTS = 4096
 
-# Domain errors by name, so a segment's error crosses the hop with its class (and so its status code).
-ERRORS: dict[str, type[errors.DomainError]] = {
-    cls.__name__: cls
-    for cls in (
-        errors.InvalidInput,
-        errors.NotFound,
-        errors.Unauthenticated,
-        errors.PermissionDenied,
-        errors.Overloaded,
-        errors.QueueFull,
-        errors.DeadlineExceeded,
-        errors.Unavailable,
-        errors.FailedPrecondition,
-    )
-}
+
+@dataclass(slots=True)
+class Segment:
+    """One client request inside a batch."""
+
+    rows: int
+    id: str = ""
+    parameters: Mapping[str, ParameterValue] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferBatch:
+    model: str
+    version: str
+    inputs: Inputs  # the segments' rows concatenated; shapes are the whole batch's
+    outputs: list[str]  # requested output names; empty: all
+    segments: list[Segment]
 
 
 @dataclass(slots=True)
@@ -46,55 +45,46 @@ class SegmentResult:
 
     rows: int
     outputs: list[Tensor] = field(default_factory=list)
-    parameters: dict[str, str] = field(default_factory=dict)
+    flags: dict[str, str] = field(default_factory=dict)
     error: errors.DomainError | None = None
 
 
-def parse_rows(text: str, batch_rows: int) -> list[int]:
-    """The rows of each segment, from the request parameter's value."""
-    try:
-        rows = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise errors.InvalidInput(f"parameter '{SEGMENTS}' must be comma-separated row counts") from None
-    if not rows or len(rows) > MAX_SEGMENTS or any(r < 1 for r in rows) or sum(rows) != batch_rows:
-        raise errors.InvalidInput(f"parameter '{SEGMENTS}' does not add up to the batch of {batch_rows} rows")
-    return rows
+@dataclass(slots=True)
+class BatchResult:
+    model: str
+    version: str  # the version that served the batch
+    output_names: list[str]  # the outputs every successful segment has, in order
+    segments: list[SegmentResult]
+
+
+def check_segments(segments: Sequence[Segment], batch_rows: int) -> None:
+    """The segments must cover the batch's rows exactly."""
+    if not segments or len(segments) > MAX_SEGMENTS:
+        raise errors.InvalidInput(f"a batch needs 1 to {MAX_SEGMENTS} segments, got {len(segments)}")
+    if any(s.rows < 1 for s in segments) or sum(s.rows for s in segments) != batch_rows:
+        raise errors.InvalidInput(f"the segments' rows do not add up to the batch of {batch_rows} rows")
+
+
+def merge(model: str, version: str, requests: Sequence[InferRequest], rows: Sequence[int]) -> InferBatch:
+    """One batch carrying every request's rows in order. The requests were validated one by one and have the
+    same inputs (name, datatype, shape after the batch dimension) and requested outputs. Raw inputs are joined
+    as they came; typed ones are encoded once."""
+    first = requests[0]
+    raws = [request.inputs.raw() for request in requests]
+    headers = [
+        InputHeader(header.name, header.datatype, (sum(rows), *header.shape[1:])) for header in first.inputs.headers
+    ]
+    data = [b"".join(raw[index] for raw in raws) for index in range(len(headers))]
+    segments = [Segment(count, request.id, request.parameters) for request, count in zip(requests, rows, strict=True)]
+    return InferBatch(model, version, RawInputs(headers, data), list(first.outputs), segments)
 
 
 def split_tensors(tensors: Mapping[str, Tensor], rows: Sequence[int]) -> list[dict[str, Tensor]]:
-    """Each segment's rows of the merged inputs (views, no copies)."""
+    """Each segment's rows of the batch's inputs (views, no copies)."""
     bounds = np.cumsum([0, *rows])
-    return [
-        {name: Tensor(name, t.datatype, (hi - lo, *t.shape[1:]), t.data[lo:hi]) for name, t in tensors.items()}
-        for lo, hi in itertools.pairwise(bounds)
-    ]
+    return [{name: slice_rows(t, lo, hi) for name, t in tensors.items()} for lo, hi in itertools.pairwise(bounds)]
 
 
-def report(results: Sequence[SegmentResult]) -> str:
-    """The response parameter: per segment its rows and flags, or its error's class and message."""
-    reports: list[dict[str, object]] = []
-    for result in results:
-        if result.error is not None:
-            reports.append({"error": type(result.error).__name__, "message": str(result.error)})
-        elif result.parameters:
-            reports.append({"rows": result.rows, "parameters": result.parameters})
-        else:
-            reports.append({"rows": result.rows})
-    return json.dumps(reports, separators=(",", ":"))
-
-
-def read_report(text: str, segments: int) -> list[dict[str, Any]]:
-    try:
-        reports = json.loads(text)
-    except ValueError:
-        reports = None
-    if not isinstance(reports, list) or len(reports) != segments:
-        raise errors.Unavailable("the router's answer per segment is malformed")
-    return reports
-
-
-def error_of(report: Mapping[str, Any]) -> errors.DomainError | None:
-    name = report.get("error")
-    if name is None:
-        return None
-    return ERRORS.get(name, errors.Unavailable)(str(report.get("message", "")))
+def slice_rows(tensor: Tensor, lo: int, hi: int) -> Tensor:
+    """Rows [lo, hi) of a tensor (a view)."""
+    return Tensor(tensor.name, tensor.datatype, (hi - lo, *tensor.shape[1:]), tensor.data[lo:hi])

@@ -23,8 +23,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from infermesh import __version__, metrics, telemetry
-from infermesh.interceptors import ServiceHandlers
 from infermesh.logs import configure_logging
+from infermesh.method_handlers import ServiceHandlers
 from infermesh.settings import ServiceSettings
 
 log = logging.getLogger(__name__)

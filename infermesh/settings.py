@@ -20,6 +20,9 @@ class ServiceSettings(BaseSettings):
     port_file: Path | None = Field(
         None, description="If set, the bound ports are written here as JSON once the server is ready."
     )
+    default_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of a call whose client set none (a client's own deadline is honoured)."
+    )
     grace_period_s: float = Field(10.0, description="On SIGTERM, how long in-flight requests may drain.")
     log_level: str = Field("INFO", description="Python log level of the JSON logs.")
     max_message_bytes: int = Field(64 * 1024 * 1024, description="Largest gRPC message accepted or sent.")

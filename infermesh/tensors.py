@@ -7,8 +7,9 @@ by the bytes. FP16/BF16 travel raw only. BF16 has no numpy type, so it is carrie
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -135,23 +136,31 @@ def decode_contents(name: str, datatype: str, shape: tuple[int, ...], contents: 
         raise InvalidInput(f"input '{name}': a value does not fit {datatype}") from error
 
 
+def _check_raw_count(raw_contents: Sequence[bytes], inputs: int) -> None:
+    if raw_contents and len(raw_contents) != inputs:
+        raise InvalidInput(
+            f"request has {len(raw_contents)} raw_input_contents for {inputs} inputs; "
+            "send raw contents for every input or for none"
+        )
+
+
+def _checked_header(name: str, datatype: str, shape: Any, seen: Mapping[str, object]) -> tuple[int, ...]:
+    if name in seen:
+        raise InvalidInput(f"input '{name}' appears more than once")
+    if datatype not in DATATYPES:
+        raise InvalidInput(f"input '{name}': unknown datatype '{datatype}'")
+    return check_shape(name, shape)
+
+
 def decode_inputs(request: Any) -> dict[str, Tensor]:
     """All inputs of a ModelInferRequest as numpy arrays; checks raw/typed consistency and sizes."""
     raw_contents = request.raw_input_contents
-    if raw_contents and len(raw_contents) != len(request.inputs):
-        raise InvalidInput(
-            f"request has {len(raw_contents)} raw_input_contents for {len(request.inputs)} inputs; "
-            "send raw contents for every input or for none"
-        )
+    _check_raw_count(raw_contents, len(request.inputs))
     tensors: dict[str, Tensor] = {}
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
-        if name in tensors:
-            raise InvalidInput(f"input '{name}' appears more than once")
         datatype = tensor.datatype
-        if datatype not in DATATYPES:
-            raise InvalidInput(f"input '{name}': unknown datatype '{datatype}'")
-        shape = check_shape(name, tensor.shape)
+        shape = _checked_header(name, datatype, tensor.shape, tensors)
         if raw_contents:
             if tensor.HasField("contents") and _has_typed_values(tensor.contents):
                 raise InvalidInput(f"input '{name}': data given both in contents and raw_input_contents")
@@ -170,3 +179,106 @@ def to_raw(datatype: str, array: np.ndarray) -> bytes:
     if datatype == "BYTES":
         return encode_bytes(array)
     return np.ascontiguousarray(array, dtype=NUMPY_DTYPE[datatype]).tobytes()
+
+
+# A request's inputs, as the dataplane sees them ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InputHeader:
+    """An input as declared (name, datatype, shape), before any of its data is decoded."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+class Inputs(Protocol):
+    """A request's input tensors: headers at once, data decoded only when asked (so a hop can check who
+    calls, and what, before paying for the data)."""
+
+    @property
+    def headers(self) -> Sequence[InputHeader]: ...
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every input decoded (once) and checked against its header; InvalidInput names the tensor."""
+        ...
+
+    def raw(self) -> list[bytes]:
+        """Every input's data as raw OIP bytes, in header order (as received where it came raw)."""
+        ...
+
+
+class MessageInputs:
+    """The inputs of a ModelInferRequest message (read through its fields: no protobuf import here)."""
+
+    __slots__ = ("_message", "_tensors")
+
+    def __init__(self, message: Any) -> None:
+        self._message = message
+        self._tensors: dict[str, Tensor] | None = None
+
+    @property
+    def headers(self) -> list[InputHeader]:
+        return [InputHeader(t.name, t.datatype, tuple(t.shape)) for t in self._message.inputs]
+
+    def tensors(self) -> dict[str, Tensor]:
+        if self._tensors is None:
+            self._tensors = decode_inputs(self._message)
+        return self._tensors
+
+    def raw(self) -> list[bytes]:
+        if self._message.raw_input_contents:
+            return list(self._message.raw_input_contents)
+        return [to_raw(t.datatype, t.data) for t in self.tensors().values()]
+
+
+class RawInputs:
+    """Inputs whose data is raw bytes, one per header (how every hop inside the mesh sends them)."""
+
+    __slots__ = ("_headers", "_raw", "_tensors")
+
+    def __init__(self, headers: Sequence[InputHeader], raw: Sequence[bytes]) -> None:
+        self._headers = list(headers)
+        self._raw = list(raw)
+        self._tensors: dict[str, Tensor] | None = None
+
+    @property
+    def headers(self) -> list[InputHeader]:
+        return self._headers
+
+    def tensors(self) -> dict[str, Tensor]:
+        if self._tensors is None:
+            if len(self._raw) != len(self._headers):
+                _check_raw_count(self._raw, len(self._headers))
+                raise InvalidInput("request has no raw contents for its inputs")
+            tensors: dict[str, Tensor] = {}
+            for header, raw in zip(self._headers, self._raw, strict=True):
+                shape = _checked_header(header.name, header.datatype, header.shape, tensors)
+                data = decode_raw(header.name, header.datatype, shape, raw)
+                tensors[header.name] = Tensor(header.name, header.datatype, shape, data)
+            self._tensors = tensors
+        return self._tensors
+
+    def raw(self) -> list[bytes]:
+        return self._raw
+
+
+class DecodedInputs:
+    """Inputs that are tensors already (built in-process)."""
+
+    __slots__ = ("_tensors",)
+
+    def __init__(self, tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> None:
+        items = tensors.values() if isinstance(tensors, Mapping) else tensors
+        self._tensors = {t.name: t for t in items}
+
+    @property
+    def headers(self) -> list[InputHeader]:
+        return [InputHeader(t.name, t.datatype, t.shape) for t in self._tensors.values()]
+
+    def tensors(self) -> dict[str, Tensor]:
+        return self._tensors
+
+    def raw(self) -> list[bytes]:
+        return [to_raw(t.datatype, t.data) for t in self._tensors.values()]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from infermesh import metrics, telemetry
+from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, DomainError, QueueFull, Unavailable
 from infermesh.model_config import DynamicBatching
 
@@ -36,7 +37,7 @@ RunBatch = Callable[[Arrays], Arrays]
 class _Request:
     inputs: Arrays
     rows: int
-    deadline: float | None
+    deadline: Deadline | None
     future: asyncio.Future[Arrays]
     enqueued_at: float  # loop.time(): the batching window is measured on the loop's clock
     enqueued_ns: int  # wall clock, for spans
@@ -103,11 +104,11 @@ class Batcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.model}")
 
-    async def submit(self, inputs: Arrays, rows: int, deadline: float | None = None) -> Arrays:
+    async def submit(self, inputs: Arrays, rows: int, deadline: Deadline | None = None) -> Arrays:
         """Queue `rows` rows ([rows, ...] arrays) and wait for their outputs. Raises QueueFull at once if full."""
         if self._closed:
             raise Unavailable(f"model '{self.model}' is shutting down")
-        if deadline is not None and deadline <= self._clock():
+        if deadline is not None and deadline.at <= self._clock():
             raise DeadlineExceeded(f"model '{self.model}': deadline passed before the request was queued")
         if len(self._pending) >= self._max_queue:
             self._rejected.inc()
@@ -188,7 +189,7 @@ class Batcher:
         now = self._clock()
         while self._pending:
             request = self._pending[0]
-            expired = request.deadline is not None and request.deadline <= now
+            expired = request.deadline is not None and request.deadline.at <= now
             if not expired and batch:
                 full = not self._enabled or rows + request.rows > self._max_rows
                 if full or request.signature != batch[0].signature:

@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
-import numpy as np
-
-from infermesh import __version__
-from infermesh.errors import FailedPrecondition, InvalidInput
-from infermesh.model_config import ModelConfig, TensorSpec
+from infermesh import __version__, metrics
+from infermesh.dataplane import (
+    Call,
+    InferAnswer,
+    InferRequest,
+    InferResponse,
+    ModelIndexEntry,
+    ModelInfo,
+    ServerInfo,
+    StreamError,
+    serve_stream,
+)
+from infermesh.errors import FailedPrecondition
+from infermesh.model_config import ModelConfig
 from infermesh.tensors import Tensor
-from infermesh.validation import validate_inputs as validate_signature
+from infermesh.validation import validate_inputs
 from model_service.batcher import Batcher
 from model_service.registry import ModelRegistry
 from model_service.settings import ModelServiceSettings
@@ -26,36 +34,6 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "infermesh-model-service"
 EXTENSIONS = ("dynamic_batching", "repository_index", "model_stream_infer")
-
-
-@dataclass(frozen=True, slots=True)
-class ServerInfo:
-    name: str
-    version: str
-    extensions: tuple[str, ...]
-    replica_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelIndexEntry:
-    name: str
-    version: str
-    state: str  # READY or UNAVAILABLE
-    reason: str
-
-
-def validate_inputs(config: ModelConfig, tensors: dict[str, Tensor]) -> int:
-    """Check names, datatypes and shapes against the served signature; return the batch size (rows)."""
-    return validate_signature(config.name, config.served_inputs, config.max_batch_size, tensors)
 
 
 class ModelServiceCore:
@@ -98,35 +76,42 @@ class ModelServiceCore:
 
     # Health ------------------------------------------------------------------------------------------
 
-    def server_live(self) -> bool:
+    async def server_live(self, call: Call) -> bool:
         return True
 
-    def server_ready(self) -> bool:
+    async def server_ready(self, call: Call) -> bool:
         """Ready once every model was loaded or refused, until shutdown. Model readiness is per model."""
         return self._loaded and not self._closing
 
-    def model_ready(self, name: str, version: str = "") -> bool:
+    async def model_ready(self, call: Call, name: str, version: str) -> bool:
         return self._loaded and not self._closing and self.registry.is_ready(name, version)
 
     # Metadata ----------------------------------------------------------------------------------------
 
-    def server_metadata(self) -> ServerInfo:
+    async def server_metadata(self, call: Call) -> ServerInfo:
         return ServerInfo(SERVER_NAME, __version__, EXTENSIONS, self.settings.replica_id)
 
-    def model_metadata(self, name: str, version: str = "") -> ModelInfo:
+    async def model_metadata(self, call: Call, name: str, version: str) -> ModelInfo:
+        config = self._served_config(name, version)
+        metrics.label_request(name, version)
+        return ModelInfo(
+            config.name, self.registry.ready_versions(name), config.platform, config.inputs, config.outputs
+        )
+
+    async def model_config(self, call: Call, name: str, version: str) -> ModelConfig:
+        return self._served_config(name, version)
+
+    def _served_config(self, name: str, version: str) -> ModelConfig:
+        """The model's config as this service serves it: its `inputs` are the served ones."""
         entry = self.registry.entry(name)
         if version:
             self.registry.resolve(name, version)  # NotFound for a version the repository lacks
         config = entry.config
-        return ModelInfo(
-            name=config.name,
-            versions=self.registry.ready_versions(name),
-            platform=config.platform,
-            inputs=list(config.served_inputs),
-            outputs=list(config.outputs),
-        )
+        if config.model_input is None:
+            return config
+        return config.model_copy(update={"inputs": config.served_inputs, "feature_spec": None, "model_input": None})
 
-    def repository_index(self, ready_only: bool = False) -> list[ModelIndexEntry]:
+    async def repository_index(self, call: Call, ready_only: bool) -> list[ModelIndexEntry]:
         index: list[ModelIndexEntry] = []
         for name, entry in self.registry.entries.items():
             for version in entry.versions:
@@ -137,35 +122,33 @@ class ModelServiceCore:
                     index.append(ModelIndexEntry(name, version, "UNAVAILABLE", reason))
         return index
 
-    def output_specs(self, name: str) -> dict[str, TensorSpec]:
-        return {spec.name: spec for spec in self.registry.entry(name).config.outputs}
-
     # Inference ---------------------------------------------------------------------------------------
 
-    async def infer(
-        self,
-        name: str,
-        version: str,
-        tensors: dict[str, Tensor],
-        deadline: float | None = None,
-        outputs: Sequence[str] | None = None,
-    ) -> tuple[str, dict[str, np.ndarray]]:
-        """Validate, queue for a batch, and return (version served, outputs by name).
-
-        `deadline` is absolute, on time.monotonic(). `outputs` names the outputs wanted (default: all, in
-        declared order); an unknown name is InvalidInput.
-        """
-        model = self.registry.get(name, version)
+    async def infer(self, call: Call, request: InferRequest) -> InferAnswer:
+        """Validate against the served signature, queue for a batch, answer the requested outputs (default:
+        all, in declared order) with the version that served them."""
+        name = request.model
+        self.registry.entry(name)  # NotFound before anything else for an unknown model
+        metrics.label_request(name, request.version)
+        model = self.registry.get(name, request.version)
         config = model.config
-        declared = [spec.name for spec in config.outputs]
-        wanted = list(outputs) if outputs else declared
-        for output in wanted:
-            if output not in declared:
-                raise InvalidInput(f"model '{name}': unknown output '{output}'; available {declared}")
-        rows = validate_inputs(config, tensors)
+        output_specs = config.select_outputs(request.outputs)
+        tensors = request.inputs.tensors()
+        rows = validate_inputs(config.name, config.served_inputs, config.max_batch_size, tensors)
         batcher = self.batchers.get((name, model.version))
         if batcher is None:  # loaded but not started: only between load_all and the end of load()
             raise FailedPrecondition(f"model '{name}' version '{model.version}' is not serving")
         arrays = {spec.name: tensors[spec.name].data for spec in model.input_specs}
-        results = await batcher.submit(arrays, rows, deadline)
-        return model.version, {output: results[output] for output in wanted}
+        results = await batcher.submit(arrays, rows, call.deadline)
+        metrics.label_request(name, model.version)  # the version actually served, not the (maybe empty) one asked
+        replica_id = self.settings.replica_id
+        return InferResponse(
+            name,
+            model.version,
+            [Tensor(spec.name, spec.datatype, results[spec.name].shape, results[spec.name]) for spec in output_specs],
+            request.id,
+            {"replica_id": replica_id} if replica_id else {},
+        )
+
+    def stream(self, requests: AsyncIterator[tuple[Call, InferRequest]]) -> AsyncIterator[InferAnswer | StreamError]:
+        return serve_stream(self, requests)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from infermesh.errors import FailedPrecondition, NotFound
-from infermesh.model_config import MODEL_FILE, ModelConfig, ModelEntry, TensorSpec, load_repository
+from infermesh.model_config import MODEL_FILE, ModelConfig, ModelEntry, TensorSpec, find_model, load_repository
 from infermesh.tensors import NUMPY_DTYPE
 
 log = logging.getLogger(__name__)
@@ -208,10 +208,7 @@ class ModelRegistry:
         return model
 
     def entry(self, name: str) -> ModelEntry:
-        entry = self.entries.get(name)
-        if entry is None:
-            raise NotFound(f"unknown model '{name}'")
-        return entry
+        return find_model(self.entries, name)
 
     def ready_versions(self, name: str) -> list[str]:
         return [version for version in self.entry(name).versions if (name, version) in self.loaded]
@@ -220,9 +217,7 @@ class ModelRegistry:
         """The version a request means: the one named, or the latest ready one. NotFound if unknown."""
         entry = self.entry(name)
         if version:
-            if version not in entry.versions:
-                raise NotFound(f"model '{name}' has no version '{version}'")
-            return version
+            return entry.resolve_version(version)
         ready = self.ready_versions(name)
         return ready[-1] if ready else entry.latest
 

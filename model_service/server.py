@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import grpc
+from typing import Any
 
-from infermesh.proto import inference_pb2_grpc
+from infermesh import oip_servicer
 from infermesh.service import Service
 from model_service.core import ModelServiceCore
-from model_service.servicer import SERVICE_NAME, InferenceServicer
 from model_service.settings import ModelServiceSettings
 
 
@@ -18,9 +17,9 @@ class ModelService(Service):
         super().__init__(settings)
         self.core = ModelServiceCore(settings)
 
-    async def register(self, server: grpc.aio.Server) -> list[str]:
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.core), server)
-        return [SERVICE_NAME]
+    async def register(self, server: Any) -> list[str]:
+        oip_servicer.add_to_server(oip_servicer.OipServicer(self.core, self.settings.default_timeout_s), server)
+        return [oip_servicer.SERVICE]
 
     async def warm_up(self) -> None:
         await self.core.load()

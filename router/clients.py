@@ -10,10 +10,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infermesh import oip
 from infermesh.channels import insecure_channel
-from infermesh.interceptors import error_from_rpc
+from infermesh.deadline import Deadline
+from infermesh.features import FeatureBlock, FeatureQuery
+from infermesh.method_handlers import error_from_rpc
 from infermesh.proto import feature_store_pb2, feature_store_pb2_grpc, inference_pb2_grpc
 from infermesh.tensors import Tensor
-from router.core import FeatureBlock, FeatureQuery
 
 
 class FeatureServiceClient:
@@ -21,7 +22,7 @@ class FeatureServiceClient:
         self.channel = insecure_channel(address, max_message_bytes)
         self._stub = feature_store_pb2_grpc.FeatureStoreStub(self.channel)
 
-    async def read(self, queries: Sequence[FeatureQuery], timeout_s: float) -> list[FeatureBlock]:
+    async def read(self, queries: Sequence[FeatureQuery], deadline: Deadline) -> list[FeatureBlock]:
         request = feature_store_pb2.BatchReadFeaturesRequest(
             reads=[
                 feature_store_pb2.ReadFeaturesRequest(
@@ -31,7 +32,7 @@ class FeatureServiceClient:
             ]
         )
         try:
-            response = await self._stub.BatchReadFeatures(request, timeout=timeout_s)
+            response = await self._stub.BatchReadFeatures(request, timeout=deadline.remaining())
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, "feature service") from None
         blocks = []
@@ -39,15 +40,20 @@ class FeatureServiceClient:
             shape = (len(query.entity_ids), len(result.feature_names))
             blocks.append(
                 FeatureBlock(
+                    result.feature_view,
+                    tuple(result.feature_names),
                     np.asarray(result.values, dtype=np.float32).reshape(shape),
                     np.asarray(result.statuses, dtype=np.uint8).reshape(shape),
+                    np.asarray(result.ages_ms, dtype=np.int64).reshape(shape),
                 )
             )
         return blocks
 
-    async def defaults(self, timeout_s: float) -> dict[str, dict[str, float]]:
+    async def defaults(self, deadline: Deadline) -> dict[str, dict[str, float]]:
         try:
-            response = await self._stub.ListFeatureViews(feature_store_pb2.ListFeatureViewsRequest(), timeout=timeout_s)
+            response = await self._stub.ListFeatureViews(
+                feature_store_pb2.ListFeatureViewsRequest(), timeout=deadline.remaining()
+            )
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, "feature service") from None
         return {view.name: {f.name: f.default_value for f in view.features} for view in response.views}
@@ -66,10 +72,11 @@ class ModelServiceClient:
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def infer(
-        self, model: str, version: str, inputs: Sequence[Tensor], timeout_s: float
+        self, model: str, version: str, inputs: Sequence[Tensor], deadline: Deadline
     ) -> tuple[str, dict[str, Tensor]]:
+        request = oip.infer_request_message(model, version, inputs)
         try:
-            response = await self._stub.ModelInfer(oip.infer_request(model, version, inputs), timeout=timeout_s)
+            response = await self._stub.ModelInfer(request, timeout=deadline.remaining())
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, "model service") from None
         return response.model_version, oip.response_outputs(response)

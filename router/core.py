@@ -1,68 +1,73 @@
-"""The router's transport-free core: model lookup, feature join, coalescing, retries across replicas.
+"""The router's transport-free core: its dataplane. Resolves the model, joins fresh features into the model's
+input (router.join), coalesces concurrent requests into shared feature reads and model calls, and retries
+across replicas.
 
-Downstream services are reached through two small client protocols (implemented over gRPC in
-`router.clients`), so this module imports no transport.
+Every request is a batch of segments (infermesh.segments): a plain ModelInfer is a batch of one, a gateway's
+`InferBatch` one of several, and both take the same path. Downstream services are reached through two small
+client protocols (implemented over gRPC in `router.clients`), so this module imports no transport.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-
-from infermesh import metrics, telemetry
+from infermesh import __version__, metrics, telemetry
 from infermesh.coalescer import Coalescer, Pending
-from infermesh.errors import DomainError, InvalidInput, NotFound, Overloaded, Unavailable
-from infermesh.model_config import ModelEntry, TensorSpec
+from infermesh.dataplane import (
+    Call,
+    InferAnswer,
+    InferRequest,
+    InferResponse,
+    ModelIndexEntry,
+    ModelInfo,
+    ServerInfo,
+    StreamError,
+    serve_stream,
+)
+from infermesh.deadline import Deadline
+from infermesh.errors import DomainError, Overloaded, Unavailable
+from infermesh.features import DEFAULTED_ENTITIES, FeatureBlock, FeatureQuery
+from infermesh.model_config import ModelConfig, ModelEntry, find_model
 from infermesh.retry import with_retries
-from infermesh.segments import SegmentResult, parse_rows, split_tensors
+from infermesh.segments import (
+    BatchResult,
+    InferBatch,
+    Segment,
+    SegmentResult,
+    check_segments,
+    slice_rows,
+    split_tensors,
+)
 from infermesh.tensors import Tensor
-from infermesh.validation import entity_ids, require_finite, validate_inputs
+from infermesh.validation import validate_inputs
+from router import join
 from router.replicas import Replica, ReplicaSet
 
 log = logging.getLogger(__name__)
 
-# Mirrors infermesh.features.v1.FeatureStatus.
-PRESENT, NOT_FOUND, STALE = 1, 2, 3
+SERVER_NAME = "infermesh-router"
+EXTENSIONS = ("model_repository", "infermesh_features")
 
-
-@dataclass(frozen=True, slots=True)
-class FeatureQuery:
-    view: str
-    entity_ids: list[str]
-    feature_names: list[str]
-
-
-@dataclass(frozen=True, slots=True)
-class FeatureBlock:
-    values: np.ndarray  # float32 [entities, features]; defaults where NOT_FOUND
-    statuses: np.ndarray  # uint8 [entities, features]
+# What a feature-joined request gets back from its shared batch: the served version, its outputs, its flags.
+_Answer = tuple[str, dict[str, Tensor], dict[str, str]]
 
 
 class FeatureReader(Protocol):
-    async def read(self, queries: Sequence[FeatureQuery], timeout_s: float) -> list[FeatureBlock]: ...
+    async def read(self, queries: Sequence[FeatureQuery], deadline: Deadline) -> list[FeatureBlock]: ...
 
-    async def defaults(self, timeout_s: float) -> dict[str, dict[str, float]]:
+    async def defaults(self, deadline: Deadline) -> dict[str, dict[str, float]]:
         """Each view's default value per feature (from the feature registry)."""
         ...
 
 
 class ModelClient(Protocol):
     async def infer(
-        self, model: str, version: str, inputs: Sequence[Tensor], timeout_s: float
+        self, model: str, version: str, inputs: Sequence[Tensor], deadline: Deadline
     ) -> tuple[str, dict[str, Tensor]]: ...
-
-
-@dataclass(slots=True)
-class InferResult:
-    model: str
-    version: str
-    outputs: list[Tensor]
-    parameters: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -72,31 +77,21 @@ class RetryPolicy:
     backoff_max_s: float = 0.05
 
 
-@dataclass(slots=True)
-class _FeatureRequest:
-    """A feature-joined request inside a coalesced batch."""
-
-    tensors: dict[str, Tensor]
-    ids: dict[str, list[str]]
-
-
 class RouterCore:
     def __init__(
         self,
-        models: dict[str, ModelEntry],
+        models: Mapping[str, ModelEntry],
         replicas: ReplicaSet,
         features: FeatureReader,
         retry: RetryPolicy,
-        default_timeout_s: float = 10.0,
         max_batch_rows: int = 1024,
         max_inflight_batches: int = 4,
         max_pending_requests: int = 4096,
     ) -> None:
-        self.models = models
+        self.models = dict(models)
         self.replicas = replicas
         self.features = features
         self.retry = retry
-        self.default_timeout_s = default_timeout_s
         # view → feature → default, for serving policy-'default' models while the feature store is down.
         self.feature_defaults: dict[str, dict[str, float]] = {}
         self._max_batch_rows = max_batch_rows
@@ -105,14 +100,18 @@ class RouterCore:
         # One coalescer per (model, version): only requests for the same model version share a batch.
         self._coalescers: dict[tuple[str, str], Coalescer] = {}
 
-    # -- lookups ---------------------------------------------------------------------------------
-    def model(self, name: str) -> ModelEntry:
-        entry = self.models.get(name)
-        if entry is None:
-            raise NotFound(f"model '{name}' not found")
-        return entry
+    # Health and metadata -----------------------------------------------------------------------------
 
-    def model_ready(self, name: str, version: str) -> bool:
+    async def server_live(self, call: Call) -> bool:
+        return True
+
+    async def server_ready(self, call: Call) -> bool:
+        return self.replicas.up_count > 0
+
+    async def server_metadata(self, call: Call) -> ServerInfo:
+        return ServerInfo(SERVER_NAME, __version__, EXTENSIONS)
+
+    async def model_ready(self, call: Call, name: str, version: str) -> bool:
         entry = self.models.get(name)
         if entry is None:
             return False
@@ -120,97 +119,100 @@ class RouterCore:
             return False
         return self.replicas.up_count > 0
 
-    def ready(self) -> bool:
-        return self.replicas.up_count > 0
+    async def model_metadata(self, call: Call, name: str, version: str) -> ModelInfo:
+        config = await self.model_config(call, name, version)
+        return ModelInfo(config.name, self.models[name].versions, config.platform, config.inputs, config.outputs)
 
-    def deadline(self, time_remaining_s: float | None) -> float:
-        budget = self.default_timeout_s if time_remaining_s is None else min(time_remaining_s, self.default_timeout_s)
-        return time.monotonic() + budget
+    async def model_config(self, call: Call, name: str, version: str) -> ModelConfig:
+        entry = find_model(self.models, name)
+        entry.resolve_version(version)
+        metrics.label_request(name, version)
+        return entry.config
 
-    # -- inference -------------------------------------------------------------------------------
-    async def infer(
-        self,
-        name: str,
-        version: str,
-        tensors: dict[str, Tensor],
-        requested_outputs: Sequence[str],
-        deadline: float,
-    ) -> InferResult:
-        entry, version, output_specs, rows = self._checked(name, version, tensors, requested_outputs)
+    async def repository_index(self, call: Call, ready_only: bool) -> list[ModelIndexEntry]:
+        state = "READY" if self.replicas.up_count > 0 else "UNAVAILABLE"
+        return [
+            ModelIndexEntry(name, entry.latest, state)
+            for name, entry in sorted(self.models.items())
+            if state == "READY" or not ready_only
+        ]
+
+    # Inference ---------------------------------------------------------------------------------------
+
+    async def infer(self, call: Call, request: InferRequest) -> InferAnswer:
+        """A plain request: a batch of one segment."""
+        segment = Segment(0, request.id, request.parameters)  # rows: all of the request's, once validated
+        batch = InferBatch(request.model, request.version, request.inputs, request.outputs, [segment])
+        result = await self.infer_batch(call, batch)
+        (answer,) = result.segments
+        if answer.error is not None:
+            raise answer.error
+        return InferResponse(result.model, result.version, answer.outputs, request.id, answer.flags)
+
+    def stream(self, requests: AsyncIterator[tuple[Call, InferRequest]]) -> AsyncIterator[InferAnswer | StreamError]:
+        return serve_stream(self, requests)
+
+    async def infer_batch(self, call: Call, batch: InferBatch) -> BatchResult:
+        """Each segment succeeds or fails on its own, as if sent alone; a failure of the batch as a whole (unknown
+        model, malformed inputs, no replica) raises."""
+        entry = find_model(self.models, batch.model)
         config = entry.config
-        if config.feature_spec is None:
-            served, outputs = await self.call_model(name, version, list(tensors.values()), deadline)
-            return InferResult(name, served, [outputs[s.name] for s in output_specs if s.name in outputs])
-        pending = self._pending(entry, tensors, rows, deadline)
-        served, outputs, parameters = await self._coalescer(entry, version).submit(pending)
-        return InferResult(name, served, [outputs[s.name] for s in output_specs], parameters)
+        metrics.label_request(config.name, batch.version)
+        version = entry.resolve_version(batch.version)
+        output_names = [spec.name for spec in config.select_outputs(batch.outputs)]
+        tensors = batch.inputs.tensors()
+        batch_rows = validate_inputs(config.name, config.inputs, config.max_batch_size, tensors)
+        segments = batch.segments
+        if len(segments) == 1 and segments[0].rows == 0:
+            segments[0].rows = batch_rows
+        check_segments(segments, batch_rows)
+        rows = [segment.rows for segment in segments]
+        deadline = call.deadline
 
-    async def infer_segments(
-        self,
-        name: str,
-        version: str,
-        tensors: dict[str, Tensor],
-        requested_outputs: Sequence[str],
-        deadline: float,
-        segments: str,
-    ) -> tuple[str, list[str], list[SegmentResult]]:
-        """Several clients' requests merged by the gateway (infermesh.segments): each segment succeeds or
-        fails on its own, as if sent alone. `segments` is the request parameter naming each one's rows.
-        Returns the served version, the output names and the results."""
-        entry, version, output_specs, batch_rows = self._checked(name, version, tensors, requested_outputs)
-        segment_rows = parse_rows(segments, batch_rows)
-        config = entry.config
-        output_names = [s.name for s in output_specs]
-        parts = split_tensors(tensors, segment_rows)
         if config.feature_spec is None:
-            served, outputs = await self.call_model(name, version, list(tensors.values()), deadline)
+            served, outputs = await self.call_model(config.name, version, list(tensors.values()), deadline)
             results, row = [], 0
-            for rows in segment_rows:
-                sliced = [_rows(outputs[n], row, row + rows) for n in output_names if n in outputs]
-                results.append(SegmentResult(rows, sliced))
-                row += rows
-            return served, output_names, results
-        results: list[SegmentResult | None] = []
+            for count in rows:
+                sliced = [slice_rows(outputs[n], row, row + count) for n in output_names if n in outputs]
+                results.append(SegmentResult(count, sliced))
+                row += count
+            return BatchResult(config.name, served, output_names, results)
+
+        spec = config.feature_spec
+        parts = [tensors] if len(rows) == 1 else split_tensors(tensors, rows)
+        results_by_index: dict[int, SegmentResult] = {}
         pendings: list[Pending] = []
-        for part, rows in zip(parts, segment_rows, strict=True):
+        for index, (part, count) in enumerate(zip(parts, rows, strict=True)):
             try:
-                pendings.append(self._pending(entry, part, rows, deadline))
-                results.append(None)
+                pendings.append(Pending(join.join_request(spec, part, count), count, deadline))
             except DomainError as error:
-                results.append(SegmentResult(rows, error=error))
-        answers = iter(await self._coalescer(entry, version).submit_many(pendings) if pendings else ())
+                results_by_index[index] = SegmentResult(count, error=error)
+        coalescer = self._coalescer(entry, version)
+        answers: list[_Answer | BaseException]
+        if len(pendings) == 1:
+            try:
+                answers = [await coalescer.submit(pendings[0])]
+            except DomainError as error:
+                answers = [error]
+        else:
+            answers = await coalescer.submit_many(pendings) if pendings else []
         served = version
-        for index, rows in enumerate(segment_rows):
-            if results[index] is not None:
+        pending_answers = iter(answers)
+        results: list[SegmentResult] = []
+        for index, count in enumerate(rows):
+            failed = results_by_index.get(index)
+            if failed is not None:
+                results.append(failed)
                 continue
-            answer = next(answers)
+            answer = next(pending_answers)
             if isinstance(answer, DomainError):
-                results[index] = SegmentResult(rows, error=answer)
+                results.append(SegmentResult(count, error=answer))
             elif isinstance(answer, BaseException):
                 raise answer
             else:
-                served, outputs, parameters = answer
-                results[index] = SegmentResult(rows, [outputs[n] for n in output_names], parameters)
-        return served, output_names, [r for r in results if r is not None]
-
-    def _checked(
-        self, name: str, version: str, tensors: dict[str, Tensor], requested_outputs: Sequence[str]
-    ) -> tuple[ModelEntry, str, list[TensorSpec], int]:
-        """The model entry, the version to serve, the outputs to return and the batch's rows; or the error."""
-        entry = self.model(name)
-        config = entry.config
-        version = entry.resolve_version(version)
-        output_specs = _select_outputs(config.name, config.outputs, requested_outputs)
-        rows = validate_inputs(config.name, config.inputs, config.max_batch_size, tensors)
-        return entry, version, output_specs, rows
-
-    def _pending(self, entry: ModelEntry, tensors: dict[str, Tensor], rows: int, deadline: float) -> Pending:
-        spec = entry.config.feature_spec
-        assert spec is not None
-        ids = {entity.input: entity_ids(tensors[entity.input]) for entity in spec.entities}
-        for request_input in spec.request_inputs:
-            require_finite(tensors[request_input])
-        return Pending(_FeatureRequest(tensors, ids), rows, deadline)
+                served, outputs, flags = answer
+                results.append(SegmentResult(count, [outputs[n] for n in output_names], flags))
+        return BatchResult(config.name, served, output_names, results)
 
     def _coalescer(self, entry: ModelEntry, version: str) -> Coalescer:
         key = (entry.config.name, version)
@@ -226,12 +228,12 @@ class RouterCore:
             )
         return coalescer
 
-    def _batch_runner(self, entry: ModelEntry, version: str):
+    def _batch_runner(self, entry: ModelEntry, version: str) -> Callable[[list[Pending]], Awaitable[None]]:
+        """One feature read and one model call for every request of a coalesced batch."""
         config = entry.config
         spec = config.feature_spec
-        assert spec is not None and config.model_input is not None
         model_input = config.model_input
-        on_missing_reject = spec.on_missing == "reject"
+        assert spec is not None and model_input is not None  # a feature_spec needs model_input (ModelConfig)
         defaulted_counter = metrics.FEATURE_DEFAULTED.labels(config.name)
         fetch_latency = metrics.FEATURE_FETCH_LATENCY.labels(config.name)
 
@@ -239,113 +241,59 @@ class RouterCore:
             batch = [p for p in batch if not p.future.done()]
             if not batch:
                 return
-            deadline = max(p.deadline for p in batch)
-            requests: list[_FeatureRequest] = [p.payload for p in batch]
-            queries: list[FeatureQuery] = []
-            row_index: list[np.ndarray] = []
-            for entity in spec.entities:
-                all_ids = [entity_id for request in requests for entity_id in request.ids[entity.input]]
-                unique = list(dict.fromkeys(all_ids))
-                position = {entity_id: i for i, entity_id in enumerate(unique)}
-                row_index.append(np.fromiter((position[i] for i in all_ids), dtype=np.intp, count=len(all_ids)))
-                queries.append(FeatureQuery(entity.view, unique, entity.features))
+            deadline = Deadline.latest([p.deadline for p in batch])
+            requests: list[join.JoinRequest] = [p.payload for p in batch]
+            plan = join.plan(spec, requests)
             started = time.perf_counter()
             features_unavailable = False
-            with telemetry.span("router.feature_fetch", model=config.name, entities=len(row_index[0])):
+            with telemetry.span("router.feature_fetch", model=config.name, entities=plan.rows):
                 try:
-                    blocks = await self.fetch_features(queries, deadline)
+                    blocks = await self.fetch_features(plan.queries, deadline)
                 except Unavailable:
-                    # Policy 'default' keeps answering (flagged) through a feature store outage;
-                    # 'reject' fails fast.
-                    fallback = None if on_missing_reject else self.default_blocks(queries)
+                    # Policy 'default' keeps answering (flagged) through a feature store outage; 'reject' fails fast.
+                    fallback = None
+                    if spec.on_missing != "reject":
+                        fallback = join.default_blocks(plan.queries, self.feature_defaults)
                     if fallback is None:
                         raise
                     blocks, features_unavailable = fallback, True
             fetch_latency.observe(time.perf_counter() - started)
-
-            columns: list[np.ndarray] = []
-            missing_rows = np.zeros(len(row_index[0]), dtype=bool)
-            stale_rows = np.zeros_like(missing_rows)
-            missing_by_entity: list[np.ndarray] = []
-            for block, index in zip(blocks, row_index, strict=True):
-                columns.append(block.values[index])
-                missing = (block.statuses == NOT_FOUND).any(axis=1)[index]
-                missing_by_entity.append(missing)
-                missing_rows |= missing
-                stale_rows |= (block.statuses == STALE).any(axis=1)[index]
-            for request_input in spec.request_inputs:
-                columns.append(
-                    np.concatenate([r.tensors[request_input].data.reshape(-1, 1) for r in requests]).astype(
-                        np.float32, copy=False
-                    )
-                )
-            joined = np.concatenate(columns, axis=1)
-
-            # Per-request bookkeeping: row offsets, unknown entities (reject / flag), stale flags.
-            offsets = np.cumsum([0] + [p.rows for p in batch])
-            keep = np.ones(len(joined), dtype=bool)
-            parameters: list[dict[str, str]] = [{} for _ in batch]
-            if missing_rows.any() or stale_rows.any():
-                for i, (pending, request) in enumerate(zip(batch, requests, strict=True)):
-                    lo, hi = offsets[i], offsets[i + 1]
-                    unknown = _describe(spec.entities, request.ids, missing_by_entity, lo, hi)
-                    if unknown and on_missing_reject:
-                        keep[lo:hi] = False
-                        if not pending.future.done():
-                            pending.future.set_exception(NotFound(f"unknown entity {unknown[0]}"))
-                        continue
-                    if unknown:
-                        defaulted_counter.inc()
-                        parameters[i]["infermesh_defaulted_entities"] = ",".join(unknown)
-                    if features_unavailable:
-                        parameters[i]["infermesh_features_unavailable"] = "true"
-                    if stale_rows[lo:hi].any():
-                        parameters[i]["infermesh_stale_rows"] = ",".join(
-                            str(r - lo) for r in range(lo, hi) if stale_rows[r]
-                        )
-            if not keep.all():
-                live = [i for i in range(len(batch)) if keep[offsets[i]]]
-                if not live:
-                    return
-                joined = joined[keep]
-                batch = [batch[i] for i in live]
-                parameters = [parameters[i] for i in live]
-                offsets = np.cumsum([0] + [p.rows for p in batch])
-            features = Tensor(model_input.name, "FP32", (len(joined), joined.shape[1]), joined)
-            served, outputs = await self.call_model(config.name, version, [features], deadline)
-            for i, pending in enumerate(batch):
-                if pending.future.done():
+            joined = join.join(spec, requests, plan, blocks, features_unavailable)
+            kept: list[tuple[Pending, dict[str, str]]] = []
+            for pending, outcome in zip(batch, joined.outcomes, strict=True):
+                if isinstance(outcome, DomainError):
+                    if not pending.future.done():
+                        pending.future.set_exception(outcome)
                     continue
-                lo, hi = offsets[i], offsets[i + 1]
-                sliced = {name: _rows(t, lo, hi) for name, t in outputs.items()}
-                pending.future.set_result((served, sliced, parameters[i]))
+                if DEFAULTED_ENTITIES in outcome:
+                    defaulted_counter.inc()
+                kept.append((pending, outcome))
+            if not kept:
+                return
+            rows = len(joined.features)
+            features = Tensor(model_input.name, "FP32", (rows, joined.features.shape[1]), joined.features)
+            served, outputs = await self.call_model(config.name, version, [features], deadline)
+            lo = 0
+            for pending, flags in kept:
+                hi = lo + pending.rows
+                if not pending.future.done():
+                    pending.future.set_result((served, {n: slice_rows(t, lo, hi) for n, t in outputs.items()}, flags))
+                lo = hi
 
         return run
 
-    def default_blocks(self, queries: Sequence[FeatureQuery]) -> list[FeatureBlock] | None:
-        """Every entity NOT_FOUND with the views' defaults; None when a default is unknown."""
-        blocks = []
-        for query in queries:
-            view_defaults = self.feature_defaults.get(query.view)
-            if view_defaults is None or any(name not in view_defaults for name in query.feature_names):
-                return None
-            row = np.array([view_defaults[name] for name in query.feature_names], dtype=np.float32)
-            shape = (len(query.entity_ids), len(row))
-            blocks.append(FeatureBlock(np.broadcast_to(row, shape), np.full(shape, NOT_FOUND, dtype=np.uint8)))
-        return blocks
-
     async def load_feature_defaults(self, timeout_s: float = 2.0) -> bool:
         try:
-            self.feature_defaults = await self.features.defaults(timeout_s)
-        except (Unavailable, Overloaded, DomainError):
+            self.feature_defaults = await self.features.defaults(Deadline.after(timeout_s))
+        except DomainError:
             log.warning("feature defaults not loaded yet; will retry")
             return False
         return True
 
-    async def fetch_features(self, queries: Sequence[FeatureQuery], deadline: float) -> list[FeatureBlock]:
+    async def fetch_features(self, queries: Sequence[FeatureQuery], deadline: Deadline) -> list[FeatureBlock]:
         async def read() -> list[FeatureBlock]:
             try:
-                return await self.features.read(queries, _remaining(deadline))
+                return await self.features.read(queries, deadline)
             except (Unavailable, Overloaded) as error:
                 metrics.RETRIES.labels("feature_service", type(error).__name__).inc()
                 raise
@@ -354,7 +302,7 @@ class RouterCore:
         return await with_retries(read, deadline, retry.max_attempts, retry.backoff_initial_s, retry.backoff_max_s)
 
     async def call_model(
-        self, name: str, version: str, inputs: Sequence[Tensor], deadline: float
+        self, name: str, version: str, inputs: Sequence[Tensor], deadline: Deadline
     ) -> tuple[str, dict[str, Tensor]]:
         tried: set[str] = set()
 
@@ -369,12 +317,12 @@ class RouterCore:
         return await with_retries(attempt, deadline, retry.max_attempts, retry.backoff_initial_s, retry.backoff_max_s)
 
     async def _call_replica(
-        self, replica: Replica, name: str, version: str, inputs: Sequence[Tensor], deadline: float
+        self, replica: Replica, name: str, version: str, inputs: Sequence[Tensor], deadline: Deadline
     ) -> tuple[str, dict[str, Tensor]]:
         replica.inflight += 1
         started = time.monotonic()
         try:
-            result = await replica.client.infer(name, version, inputs, _remaining(deadline))
+            result: tuple[str, dict[str, Tensor]] = await replica.client.infer(name, version, inputs, deadline)
         except Unavailable:
             self.replicas.report_failure(replica)
             metrics.RETRIES.labels("model_service", "UNAVAILABLE").inc()
@@ -390,34 +338,3 @@ class RouterCore:
     async def close(self) -> None:
         for coalescer in self._coalescers.values():
             await coalescer.close()
-
-
-def _remaining(deadline: float) -> float:
-    return max(0.0, deadline - time.monotonic())
-
-
-def _rows(tensor: Tensor, lo: int, hi: int) -> Tensor:
-    return Tensor(tensor.name, tensor.datatype, (hi - lo, *tensor.shape[1:]), tensor.data[lo:hi])
-
-
-def _select_outputs(model: str, outputs: list[TensorSpec], requested: Sequence[str]) -> list[TensorSpec]:
-    if not requested:
-        return outputs
-    by_name = {spec.name: spec for spec in outputs}
-    selected = []
-    for name in requested:
-        if name not in by_name:
-            raise InvalidInput(f"requested output '{name}' is not an output of model '{model}'")
-        selected.append(by_name[name])
-    return selected
-
-
-def _describe(entities, ids: dict[str, list[str]], missing_by_entity, lo: int, hi: int) -> list[str]:
-    """Names of this request's unknown entities, e.g. "user_id=u123" (ids are the client's own data)."""
-    found: list[str] = []
-    for entity, missing in zip(entities, missing_by_entity, strict=True):
-        request_ids = ids[entity.input]
-        for row in range(lo, hi):
-            if missing[row]:
-                found.append(f"{entity.input}={request_ids[row - lo]}")
-    return list(dict.fromkeys(found))

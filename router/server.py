@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
-import grpc
-
+from infermesh import oip_servicer
 from infermesh.model_config import load_repository
-from infermesh.proto import inference_pb2_grpc
+from infermesh.proto import router_pb2_grpc
 from infermesh.service import Service
 from router.clients import FeatureServiceClient, ModelServiceClient
 from router.core import RetryPolicy, RouterCore
 from router.discovery import resolve
 from router.replicas import ReplicaSet
-from router.servicer import RouterServicer, full_service_name
+from router.servicer import SERVICE, RouterServicer
 from router.settings import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class RouterService(Service):
         super().__init__(settings)
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def register(self, server: grpc.aio.Server) -> list[str]:
+    async def register(self, server: Any) -> list[str]:
         settings = self.settings
         self.features = FeatureServiceClient(settings.feature_service_address, settings.max_message_bytes)
         self.replicas = ReplicaSet(
@@ -40,13 +40,13 @@ class RouterService(Service):
             self.replicas,
             self.features,
             RetryPolicy(settings.max_attempts, settings.backoff_initial_ms / 1000, settings.backoff_max_ms / 1000),
-            default_timeout_s=settings.default_timeout_s,
             max_batch_rows=settings.max_batch_rows,
             max_inflight_batches=settings.max_inflight_batches,
             max_pending_requests=settings.max_pending_requests,
         )
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(RouterServicer(self.core), server)
-        return [full_service_name()]
+        oip_servicer.add_to_server(oip_servicer.OipServicer(self.core, settings.default_timeout_s), server)
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.core, settings.default_timeout_s), server)
+        return [oip_servicer.SERVICE, SERVICE]
 
     async def warm_up(self) -> None:
         if not self.core.models:

@@ -1,75 +1,27 @@
-"""Open Inference Protocol servicer of the router: protobuf ↔ core types, nothing more."""
+"""The router's own service, `infermesh.router.v1.Router` (the gateway's coalesced batches): protobuf ↔ core
+types, nothing more. The public `inference.GRPCInferenceService` is served by infermesh.oip_servicer."""
 
 from __future__ import annotations
 
-from infermesh import __version__, oip
-from infermesh.interceptors import label_request
-from infermesh.proto import inference_pb2, inference_pb2_grpc
-from infermesh.segments import SEGMENTS
-from infermesh.tensors import decode_inputs
+from typing import Any
+
+import grpc
+
+from infermesh import batch_codec
+from infermesh.oip_servicer import call_of
+from infermesh.proto import router_pb2, router_pb2_grpc
 from router.core import RouterCore
 
+SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 
-class RouterServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: RouterCore) -> None:
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, core: RouterCore, default_timeout_s: float) -> None:
         self.core = core
+        self.default_timeout_s = default_timeout_s
 
-    async def ServerLive(self, request, context):
-        return inference_pb2.ServerLiveResponse(live=True)
-
-    async def ServerReady(self, request, context):
-        return inference_pb2.ServerReadyResponse(ready=self.core.ready())
-
-    async def ServerMetadata(self, request, context):
-        return inference_pb2.ServerMetadataResponse(
-            name=f"{oip.SERVER_NAME}-router", version=__version__, extensions=oip.EXTENSIONS
-        )
-
-    async def ModelReady(self, request, context):
-        return inference_pb2.ModelReadyResponse(ready=self.core.model_ready(request.name, request.version))
-
-    async def ModelMetadata(self, request, context):
-        entry = self.core.model(request.name)
-        if request.version:
-            entry.resolve_version(request.version)
-        label_request(request.name, request.version)
-        config = entry.config
-        return oip.model_metadata(config.name, entry.versions, config.platform, config.inputs, config.outputs)
-
-    async def ModelInfer(self, request, context):
-        entry = self.core.model(request.model_name)
-        label_request(entry.config.name, request.model_version)
-        deadline = self.core.deadline(context.time_remaining())
-        tensors = decode_inputs(request)
-        if SEGMENTS in request.parameters:  # a gateway batch of several clients' requests
-            served, names, results = await self.core.infer_segments(
-                request.model_name,
-                request.model_version,
-                tensors,
-                oip.requested_outputs(request),
-                deadline,
-                request.parameters[SEGMENTS].string_param,
-            )
-            return oip.segmented_response(entry.config.name, served, names, results)
-        result = await self.core.infer(
-            request.model_name,
-            request.model_version,
-            tensors,
-            oip.requested_outputs(request),
-            deadline,
-        )
-        return oip.infer_response(result.model, result.version, request.id, result.outputs, result.parameters)
-
-    async def RepositoryIndex(self, request, context):
-        return inference_pb2.RepositoryIndexResponse(
-            models=[
-                inference_pb2.RepositoryIndexResponse.ModelIndex(
-                    name=name, version=entry.latest, state="READY" if self.core.ready() else "UNAVAILABLE"
-                )
-                for name, entry in sorted(self.core.models.items())
-            ]
-        )
-
-
-def full_service_name() -> str:
-    return inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    async def InferBatch(  # type: ignore[override]  # the generated base is untyped and synchronous
+        self, request: router_pb2.InferBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> router_pb2.InferBatchResponse:
+        result = await self.core.infer_batch(call_of(context, self.default_timeout_s), batch_codec.infer_batch(request))
+        return batch_codec.batch_response(result)

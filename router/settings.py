@@ -25,7 +25,6 @@ class RouterSettings(ServiceSettings):
     max_attempts: int = Field(3, ge=1, description="Attempts per downstream call (first try included).")
     backoff_initial_ms: float = Field(2.0, description="First retry backoff (exponential, full jitter).")
     backoff_max_ms: float = Field(50.0, description="Largest retry backoff.")
-    default_timeout_s: float = Field(10.0, description="Deadline applied when a client sets none.")
     max_batch_rows: int = Field(1024, ge=1, description="Most rows coalesced into one feature read + model call.")
     max_inflight_batches: int = Field(4, ge=1, description="Coalesced batches in flight per model at once.")
     max_pending_requests: int = Field(

@@ -7,18 +7,11 @@ import struct
 import numpy as np
 import pytest
 
+from feature_service.codec import NAN_BYTES, build_block, encode_row, pack_vector, unpack_vectors
 from feature_service.servicer import fill_read_response
-from feature_service.store import (
-    NAN_BYTES,
-    FeatureBlock,
-    FeatureStatus,
-    build_block,
-    encode_row,
-    pack_vector,
-    unpack_vectors,
-)
 from feature_service.views import FeatureView
 from infermesh.errors import InvalidInput
+from infermesh.features import FeatureBlock, FeatureStatus
 from infermesh.proto import feature_store_pb2 as pb
 
 NOW_MS = 1_700_000_000_000

@@ -15,9 +15,11 @@ from prometheus_client import REGISTRY
 from demo import synthetic
 from demo.redis_server import RedisServer
 from demo.seed import seed_demo_features, write_demo_views
-from feature_service.store import WRITE_CHUNK_ROWS, FeatureQuery, FeatureStatus, FeatureStore, pack_vector
+from feature_service.codec import pack_vector
+from feature_service.store import WRITE_CHUNK_ROWS, FeatureStore
 from feature_service.views import FeatureView, load_views
 from infermesh.errors import InvalidInput, NotFound, Unavailable
+from infermesh.features import FeatureQuery, FeatureStatus
 
 P, N, S = FeatureStatus.PRESENT, FeatureStatus.NOT_FOUND, FeatureStatus.STALE
 

@@ -1,16 +1,24 @@
-"""Gateway core: API keys (hashed), tenants' models, admission (pure logic)."""
+"""Gateway core: API keys (hashed), tenants' models, admission, forwarding and coalescing (pure logic, the
+router replaced by an in-memory stand-in)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gateway.auth import KeyStore, hash_key, new_api_key, write_key_file
-from gateway.core import Admission, GatewayCore, batch_rows_within
-from infermesh.errors import InvalidInput, Overloaded, PermissionDenied, Unauthenticated
+from gateway.core import Admission, GatewayCore
+from gateway.router_calls import RouterCalls, batch_rows_within
+from infermesh.dataplane import Call, EncodedInferResponse, InferRequest
+from infermesh.deadline import Deadline
+from infermesh.errors import DomainError, InvalidInput, NotFound, Overloaded, PermissionDenied, Unauthenticated
 from infermesh.model_config import ModelConfig, ModelEntry
+from infermesh.segments import InferBatch
+from infermesh.tensors import DecodedInputs, Tensor
 
 
 @pytest.fixture
@@ -85,7 +93,113 @@ def test_coalesced_rows_keep_the_response_within_a_message() -> None:
     assert batch_rows_within(entry, [], 1_000_000) == 1024
 
 
-def test_clients_cannot_set_the_mesh_s_own_parameters() -> None:
-    GatewayCore.check_parameters(["priority"])
-    with pytest.raises(InvalidInput, match="'infermesh_segments' is reserved"):
-        GatewayCore.check_parameters(["infermesh_segments"])
+class Router:
+    """Stands in for the router: answers a forwarded request with its bytes, a batch with a line per segment."""
+
+    def __init__(self) -> None:
+        self.forwarded: list[bytes] = []
+        self.batches: list[InferBatch] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def infer(self, encoded_request: bytes, deadline: Deadline) -> bytes:
+        self.forwarded.append(encoded_request)
+        await self.gate.wait()
+        return b"answer to " + encoded_request
+
+    async def infer_batch(self, batch: InferBatch, deadline: Deadline) -> list[bytes | DomainError]:
+        self.batches.append(batch)
+        return [f"segment {s.id} of {s.rows} rows".encode() for s in batch.segments]
+
+    async def ready(self) -> bool:
+        return True
+
+    async def model_ready(self, name: str, version: str) -> bool:
+        return True
+
+
+class Undecodable(DecodedInputs):
+    """Inputs that must not be decoded (a request refused before any work)."""
+
+    def tensors(self) -> dict[str, Tensor]:
+        raise AssertionError("decoded before the caller was checked")
+
+
+def gateway(keys: KeyStore, router: Router, max_inflight: int = 8) -> GatewayCore:
+    entry = entry_with_outputs([{"name": "y", "datatype": "FP32", "shape": [-1]}])
+    models = {"fraud": entry.model_copy(update={"config": entry.config.model_copy(update={"name": "fraud"})})}
+    calls = RouterCalls(router, max_inflight_batches=1, max_pending=64, enabled=True, max_message_bytes=1 << 20)
+    return GatewayCore(models, keys, max_inflight, router, calls)
+
+
+def x_request(request_id: str, rows: int = 1, encoded: bytes = b"") -> InferRequest:
+    x = np.ones((rows, 4), dtype=np.float32)
+    inputs = DecodedInputs({"x": Tensor("x", "FP32", x.shape, x)})
+    return InferRequest("fraud", "", inputs, id=request_id, encoded=encoded or request_id.encode())
+
+
+async def test_the_caller_is_checked_before_the_request_is_decoded(keys: tuple[KeyStore, str]) -> None:
+    store, key = keys
+    core = gateway(store, Router())
+    request = InferRequest("fraud", "", Undecodable({}), encoded=b"x")
+    with pytest.raises(Unauthenticated):
+        await core.infer(Call(Deadline.after(5), "Bearer nope"), request)
+    with pytest.raises(NotFound, match="model 'other' not found"):
+        await core.infer(Call(Deadline.after(5), f"Bearer {key}"), InferRequest("other", "", Undecodable({})))
+
+
+async def test_a_request_alone_is_forwarded_byte_for_byte(keys: tuple[KeyStore, str]) -> None:
+    store, key = keys
+    router = Router()
+    answer = await gateway(store, router).infer(Call(Deadline.after(5), f"Bearer {key}"), x_request("r1"))
+    assert answer == EncodedInferResponse(b"answer to r1")
+    assert router.forwarded == [b"r1"] and router.batches == []
+
+
+async def test_concurrent_requests_share_one_batch_and_keep_their_own_answers(keys: tuple[KeyStore, str]) -> None:
+    store, key = keys
+    router = Router()
+    router.gate.clear()
+    core = gateway(store, router)
+    call = Call(Deadline.after(5), f"Bearer {key}")
+    first = asyncio.create_task(core.infer(call, x_request("first")))
+    await asyncio.sleep(0)  # the first request is alone: forwarded, and holds the one router call in flight
+    rest = [asyncio.create_task(core.infer(call, x_request(f"r{i}", rows=i))) for i in (1, 2, 3)]
+    await asyncio.sleep(0)
+    router.gate.set()
+    answers = await asyncio.gather(first, *rest)
+    assert [a.data for a in answers if isinstance(a, EncodedInferResponse)] == [
+        b"answer to first",
+        b"segment r1 of 1 rows",
+        b"segment r2 of 2 rows",
+        b"segment r3 of 3 rows",
+    ]
+    (batch,) = router.batches
+    assert [h.shape for h in batch.inputs.headers] == [(6, 4)]
+
+
+async def test_bad_input_and_overload_are_refused_at_the_gateway(keys: tuple[KeyStore, str]) -> None:
+    store, key = keys
+    router = Router()
+    core = gateway(store, router, max_inflight=1)
+    call = Call(Deadline.after(5), f"Bearer {key}")
+    wrong = np.ones((1, 3), dtype=np.float32)
+    with pytest.raises(InvalidInput, match="input 'x': shape"):
+        await core.infer(call, InferRequest("fraud", "", DecodedInputs({"x": Tensor("x", "FP32", (1, 3), wrong)})))
+    router.gate.clear()
+    held = asyncio.create_task(core.infer(call, x_request("held")))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await core.infer(call, x_request("refused"))
+    router.gate.set()
+    await held
+    assert router.forwarded == [b"held"]
+
+
+async def test_the_repository_index_shows_only_the_tenant_s_models(tmp_path: Path) -> None:
+    key = new_api_key()
+    write_key_file(tmp_path / "keys.json", key, "acme", ["other"])
+    core = gateway(KeyStore.load(tmp_path / "keys.json"), Router())
+    assert await core.repository_index(Call(Deadline.after(5), f"Bearer {key}"), False) == []
+    with pytest.raises(PermissionDenied):
+        await core.model_metadata(Call(Deadline.after(5), f"Bearer {key}"), "fraud", "")

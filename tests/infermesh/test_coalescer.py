@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from infermesh.coalescer import Coalescer, Pending
+from infermesh.deadline import Deadline
 
 
-def deadline(seconds: float = 5.0) -> float:
-    return time.monotonic() + seconds
+def deadline(seconds: float = 5.0) -> Deadline:
+    return Deadline.after(seconds)
 
 
 async def test_queued_requests_leave_in_batches_bounded_by_rows_and_bytes() -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from infermesh import errors
+from infermesh.deadline import Deadline
 from infermesh.retry import with_retries
 
 
@@ -22,8 +21,8 @@ class Flaky:
         return "ok"
 
 
-def far() -> float:
-    return time.monotonic() + 10
+def far() -> Deadline:
+    return Deadline.after(10)
 
 
 async def test_success_first_time_is_one_call() -> None:
@@ -52,7 +51,7 @@ async def test_other_errors_are_not_retried() -> None:
 async def test_no_retry_past_the_deadline() -> None:
     call = Flaky([errors.Unavailable("a")] * 5)
     with pytest.raises(errors.Unavailable):
-        await with_retries(call, time.monotonic() + 0.0005, 5, 0.002, 0.01)
+        await with_retries(call, Deadline.after(0.0005), 5, 0.002, 0.01)
     assert call.calls == 1
 
 

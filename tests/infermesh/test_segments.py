@@ -1,4 +1,4 @@
-"""The pure part of the gateway→router segment protocol (the messages are tested end to end)."""
+"""A batch of segments between the gateway and the router, pure parts (the messages are tested end to end)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,21 @@ import numpy as np
 import pytest
 
 from infermesh import errors
-from infermesh.segments import SegmentResult, error_of, parse_rows, read_report, report, split_tensors
-from infermesh.tensors import Tensor
+from infermesh.dataplane import InferRequest
+from infermesh.segments import MAX_SEGMENTS, Segment, check_segments, merge, split_tensors
+from infermesh.tensors import DecodedInputs, InputHeader, RawInputs, Tensor, to_raw
 
 
-def test_parse_rows_accepts_counts_that_add_up() -> None:
-    assert parse_rows("1,2,3", 6) == [1, 2, 3]
+def test_segments_that_cover_the_batch_are_accepted() -> None:
+    check_segments([Segment(1), Segment(2), Segment(3)], 6)
 
 
-@pytest.mark.parametrize("text", ["", "1,,2", "a", "0,6", "-1,7", "2,2"])
-def test_parse_rows_refuses_the_rest(text: str) -> None:
-    with pytest.raises(errors.InvalidInput, match="infermesh_segments"):
-        parse_rows(text, 6)
+@pytest.mark.parametrize(
+    "rows", [[], [0, 6], [-1, 7], [2, 2], [7], [1] * (MAX_SEGMENTS + 1)], ids=lambda r: str(r)[:20]
+)
+def test_segments_that_do_not_add_up_are_refused(rows: list[int]) -> None:
+    with pytest.raises(errors.InvalidInput, match="segment"):
+        check_segments([Segment(r) for r in rows], 6)
 
 
 def test_split_tensors_gives_each_segment_its_rows_without_copying() -> None:
@@ -28,29 +31,40 @@ def test_split_tensors_gives_each_segment_its_rows_without_copying() -> None:
     assert np.shares_memory(parts[2]["x"].data, data)
 
 
-def test_report_round_trip_keeps_rows_flags_and_error_classes() -> None:
-    text = report(
-        [
-            SegmentResult(2, parameters={"infermesh_defaulted_entities": "user_id=u9"}),
-            SegmentResult(1, error=errors.NotFound("unknown entity user_id=u7")),
-            SegmentResult(1, error=errors.QueueFull("queue full")),
-            SegmentResult(3),
-        ]
+def _request(request_id: str, ids: list[bytes], amounts: list[float], raw: bool) -> InferRequest:
+    tensors = {
+        "user_id": Tensor("user_id", "BYTES", (len(ids),), np.array(ids, dtype=object)),
+        "amount": Tensor("amount", "FP32", (len(amounts),), np.array(amounts, dtype=np.float32)),
+    }
+    inputs = (
+        RawInputs([InputHeader(t.name, t.datatype, t.shape) for t in tensors.values()], DecodedInputs(tensors).raw())
+        if raw
+        else DecodedInputs(tensors)
     )
-    reports = read_report(text, 4)
-    assert reports[0] == {"rows": 2, "parameters": {"infermesh_defaulted_entities": "user_id=u9"}}
-    assert error_of(reports[0]) is None
-    missing = error_of(reports[1])
-    assert type(missing) is errors.NotFound and str(missing) == "unknown entity user_id=u7"
-    assert type(error_of(reports[2])) is errors.QueueFull
-    assert reports[3] == {"rows": 3}
+    return InferRequest("fraud", "", inputs, id=request_id, outputs=["p"], parameters={"priority": 2})
 
 
-@pytest.mark.parametrize("text", ["not json", "{}", '[{"rows": 1}]'])
-def test_malformed_or_short_report_is_unavailable(text: str) -> None:
-    with pytest.raises(errors.Unavailable):
-        read_report(text, 2)
+def test_merge_keeps_each_request_s_rows_id_and_parameters_in_order() -> None:
+    first = _request("a", [b"u1"], [1.0], raw=True)
+    second = _request("b", [b"u2", b"u3"], [2.0, 3.0], raw=False)  # typed: encoded once, here
+    batch = merge("fraud", "1", [first, second], [1, 2])
+    assert (batch.model, batch.version, batch.outputs) == ("fraud", "1", ["p"])
+    assert [(s.rows, s.id, dict(s.parameters)) for s in batch.segments] == [
+        (1, "a", {"priority": 2}),
+        (2, "b", {"priority": 2}),
+    ]
+    assert [h.shape for h in batch.inputs.headers] == [(3,), (3,)]
+    assert batch.inputs.raw()[0] == to_raw("BYTES", np.array([b"u1", b"u2", b"u3"], dtype=object))
+    tensors = batch.inputs.tensors()
+    assert list(tensors["user_id"].data) == [b"u1", b"u2", b"u3"]
+    np.testing.assert_array_equal(tensors["amount"].data, np.array([1.0, 2.0, 3.0], dtype=np.float32))
 
 
-def test_unknown_error_name_becomes_unavailable() -> None:
-    assert type(error_of({"error": "SomethingElse", "message": "x"})) is errors.Unavailable
+def test_raw_inputs_are_checked_when_decoded() -> None:
+    header = InputHeader("amount", "FP32", (2,))
+    with pytest.raises(errors.InvalidInput, match="input 'amount': raw content is 4 bytes, expected 8"):
+        RawInputs([header], [b"\0" * 4]).tensors()
+    with pytest.raises(errors.InvalidInput, match="appears more than once"):
+        RawInputs([header, header], [b"\0" * 8] * 2).tensors()
+    with pytest.raises(errors.InvalidInput, match="raw"):
+        RawInputs([header], []).tensors()

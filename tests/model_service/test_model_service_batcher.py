@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, QueueFull, Unavailable
 from infermesh.model_config import DynamicBatching
 from model_service import batcher as batcher_module
@@ -134,8 +135,8 @@ async def test_expired_deadline_is_dropped_before_compute() -> None:
     batcher = make_batcher(model, delay_us=0, clock=lambda: now[0])
     blocker = asyncio.create_task(batcher.submit(rows(1), 1))
     await model.started.get()
-    late = asyncio.create_task(batcher.submit(rows(2, start=10), 2, deadline=101.0))
-    on_time = asyncio.create_task(batcher.submit(rows(3, start=20), 3, deadline=200.0))
+    late = asyncio.create_task(batcher.submit(rows(2, start=10), 2, deadline=Deadline(101.0)))
+    on_time = asyncio.create_task(batcher.submit(rows(3, start=20), 3, deadline=Deadline(200.0)))
     await until(lambda: batcher.queued == 2)
     now[0] = 150.0  # `late` expires while it waits behind the blocked forward pass
     model.release.set()
@@ -152,7 +153,7 @@ async def test_deadline_already_passed_is_refused_without_compute() -> None:
     model = RecordingModel()
     batcher = make_batcher(model)
     with pytest.raises(DeadlineExceeded):
-        await batcher.submit(rows(1), 1, deadline=time.monotonic() - 1)
+        await batcher.submit(rows(1), 1, deadline=Deadline(time.monotonic() - 1))
     await batcher.close()
     assert model.batches == []
 

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from infermesh.dataplane import Call, InferRequest, InferResponse
+from infermesh.deadline import Deadline
 from infermesh.errors import InvalidInput, NotFound, Unavailable
-from infermesh.tensors import Tensor
+from infermesh.tensors import DecodedInputs, Tensor
 from model_service.core import SERVER_NAME, ModelServiceCore
 from model_service.settings import ModelServiceSettings
 from tests.model_service.models import tiny_fraud_module
@@ -20,10 +22,23 @@ from tests.model_service.models import tiny_fraud_module
 async def core(small_repo: Path) -> AsyncIterator[ModelServiceCore]:
     settings = ModelServiceSettings(model_repository=small_repo, device="cpu", replica_id="replica-7")
     core = ModelServiceCore(settings)
-    assert not core.server_ready()
+    assert not await core.server_ready(call())
     await core.load()
     yield core
     await core.close()
+
+
+def call() -> Call:
+    return Call(Deadline.after(30))
+
+
+async def infer(
+    core: ModelServiceCore, model: str, version: str, tensors: dict[str, Tensor], outputs: list[str] | None = None
+) -> tuple[str, dict[str, np.ndarray]]:
+    request = InferRequest(model, version, DecodedInputs(tensors), outputs=outputs or [])
+    response = await core.infer(call(), request)
+    assert isinstance(response, InferResponse)
+    return response.version, {t.name: t.data for t in response.outputs}
 
 
 def tensor(name: str, array: np.ndarray, datatype: str = "FP32") -> Tensor:
@@ -42,35 +57,35 @@ def pair(rows_a: int = 2, rows_b: int = 2) -> dict[str, Tensor]:
 
 
 async def test_health_and_metadata_report_the_served_signature(core: ModelServiceCore) -> None:
-    assert core.server_live() and core.server_ready()
-    assert core.model_ready("tiny_fraud") and core.model_ready("tiny_fraud", "1")
-    assert not core.model_ready("tiny_fraud", "2") and not core.model_ready("nope")
-    server = core.server_metadata()
+    assert await core.server_live(call()) and await core.server_ready(call())
+    assert await core.model_ready(call(), "tiny_fraud", "") and await core.model_ready(call(), "tiny_fraud", "1")
+    assert not await core.model_ready(call(), "tiny_fraud", "2") and not await core.model_ready(call(), "nope", "")
+    server = await core.server_metadata(call())
     assert server.name == SERVER_NAME and server.replica_id == "replica-7"
 
-    fraud = core.model_metadata("tiny_fraud")
+    fraud = await core.model_metadata(call(), "tiny_fraud", "")
     # The public inputs are user_id/merchant_id/amount; this hop serves the joined feature tensor.
     assert [(s.name, s.datatype, s.shape) for s in fraud.inputs] == [("features", "FP32", [-1, 13])]
     assert [(s.name, s.datatype, s.shape) for s in fraud.outputs] == [("fraud_probability", "FP32", [-1])]
     assert fraud.versions == ["1"] and fraud.platform == "pytorch_torchscript"
-    assert [s.name for s in core.model_metadata("pair").inputs] == ["a", "b"]
+    assert [s.name for s in (await core.model_metadata(call(), "pair", "")).inputs] == ["a", "b"]
     with pytest.raises(NotFound):
-        core.model_metadata("nope")
+        await core.model_metadata(call(), "nope", "")
     with pytest.raises(NotFound):
-        core.model_metadata("pair", "9")
+        await core.model_metadata(call(), "pair", "9")
 
 
 async def test_infer_returns_the_models_outputs(core: ModelServiceCore) -> None:
     inputs = features(3)
-    version, outputs = await core.infer("tiny_fraud", "", inputs)
+    version, outputs = await infer(core, "tiny_fraud", "", inputs)
     assert version == "1"
     expected = tiny_fraud_module()(torch.from_numpy(inputs["features"].data)).detach().numpy().reshape(3)
     np.testing.assert_allclose(outputs["fraud_probability"], expected, rtol=1e-6)
 
-    _, both = await core.infer("pair", "1", pair())
+    _, both = await infer(core, "pair", "1", pair())
     assert list(both) == ["total", "doubled"]
     np.testing.assert_array_equal(both["total"], [3.0, 4.0])
-    _, only = await core.infer("pair", "1", pair(), outputs=["doubled"])
+    _, only = await infer(core, "pair", "1", pair(), outputs=["doubled"])
     assert list(only) == ["doubled"]
 
 
@@ -115,37 +130,37 @@ async def test_invalid_inputs_name_the_tensor_and_the_problem(
     core: ModelServiceCore, model: str, inputs: dict[str, Tensor], message: str
 ) -> None:
     with pytest.raises(InvalidInput) as caught:
-        await core.infer(model, "", inputs)
+        await infer(core, model, "", inputs)
     assert str(caught.value).startswith(message)
 
 
 async def test_unknown_output_is_invalid(core: ModelServiceCore) -> None:
-    with pytest.raises(InvalidInput, match="unknown output 'nope'"):
-        await core.infer("pair", "", pair(), outputs=["total", "nope"])
+    with pytest.raises(InvalidInput, match="requested output 'nope' is not an output of model 'pair'"):
+        await infer(core, "pair", "", pair(), outputs=["total", "nope"])
 
 
 async def test_unknown_model_or_version_is_not_found(core: ModelServiceCore) -> None:
-    with pytest.raises(NotFound, match="unknown model 'nope'"):
-        await core.infer("nope", "", features(1))
+    with pytest.raises(NotFound, match="model 'nope' not found"):
+        await infer(core, "nope", "", features(1))
     with pytest.raises(NotFound, match="model 'tiny_fraud' has no version '2'"):
-        await core.infer("tiny_fraud", "2", features(1))
+        await infer(core, "tiny_fraud", "2", features(1))
 
 
 async def test_repository_index_lists_refused_versions_with_the_reason(small_repo: Path) -> None:
     (small_repo / "pair" / "1" / "model.pt.sha256").write_text("0" * 64)
     core = ModelServiceCore(ModelServiceSettings(model_repository=small_repo, device="cpu"))
     await core.load()
-    index = {(e.name, e.version): e for e in core.repository_index()}
+    index = {(e.name, e.version): e for e in await core.repository_index(call(), False)}
     assert index[("tiny_fraud", "1")].state == "READY"
     assert index[("pair", "1")].state == "UNAVAILABLE"
     assert "SHA-256 mismatch" in index[("pair", "1")].reason
-    assert [e.name for e in core.repository_index(ready_only=True)] == ["tiny_fraud"]
-    assert core.server_ready() and not core.model_ready("pair")
+    assert [e.name for e in await core.repository_index(call(), True)] == ["tiny_fraud"]
+    assert await core.server_ready(call()) and not await core.model_ready(call(), "pair", "")
     await core.close()
 
 
 async def test_closed_core_is_not_ready_and_refuses(core: ModelServiceCore) -> None:
     await core.close()
-    assert not core.server_ready() and not core.model_ready("tiny_fraud")
+    assert not await core.server_ready(call()) and not await core.model_ready(call(), "tiny_fraud", "")
     with pytest.raises(Unavailable):
-        await core.infer("tiny_fraud", "", features(1))
+        await infer(core, "tiny_fraud", "", features(1))

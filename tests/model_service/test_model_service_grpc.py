@@ -162,7 +162,7 @@ def test_requested_outputs(service: ServiceProcess, transactions: np.ndarray) ->
         with pytest.raises(InferenceServerException) as caught:
             client.infer("fraud", [features_input(transactions[:2])], outputs=[grpcclient.InferRequestedOutput("x")])
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "unknown output 'x'" in caught.value.message()
+    assert "requested output 'x' is not an output of model 'fraud'" in caught.value.message()
 
 
 @pytest.mark.parametrize(
@@ -191,7 +191,7 @@ def test_invalid_requests_are_invalid_argument(
 
 def test_unknown_model_or_version_is_not_found(service: ServiceProcess, transactions: np.ndarray) -> None:
     with grpcclient.InferenceServerClient(service.address) as client:
-        for model, version, message in [("nope", "", "unknown model 'nope'"), ("fraud", "9", "no version '9'")]:
+        for model, version, message in [("nope", "", "model 'nope' not found"), ("fraud", "9", "no version '9'")]:
             with pytest.raises(InferenceServerException) as caught:
                 client.infer(model, [features_input(transactions[:1])], model_version=version)
             assert caught.value.status() == "StatusCode.NOT_FOUND"

@@ -95,7 +95,7 @@ def test_version_resolution(tmp_path: Path) -> None:
         registry.get("pair", "3")
     with pytest.raises(FailedPrecondition):
         registry.get("pair", "10")
-    with pytest.raises(NotFound, match="unknown model 'nope'"):
+    with pytest.raises(NotFound, match="model 'nope' not found"):
         registry.get("nope")
 
 

@@ -10,12 +10,17 @@ import numpy as np
 import pytest
 
 from infermesh.coalescer import Coalescer, Pending
+from infermesh.dataplane import Call, InferRequest, InferResponse
+from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, InvalidInput, NotFound, Overloaded, Unavailable
+from infermesh.features import FeatureBlock, FeatureQuery, FeatureStatus
 from infermesh.model_config import ModelConfig, ModelEntry
-from infermesh.tensors import Tensor
-from router.core import NOT_FOUND, PRESENT, STALE, FeatureBlock, FeatureQuery, RetryPolicy, RouterCore
+from infermesh.segments import InferBatch, Segment
+from infermesh.tensors import DecodedInputs, Tensor
+from router.core import RetryPolicy, RouterCore
 from router.replicas import ReplicaSet
 
+PRESENT, NOT_FOUND, STALE = FeatureStatus.PRESENT, FeatureStatus.NOT_FOUND, FeatureStatus.STALE
 USERS = {"u1": [1.0, 2.0], "u2": [3.0, 4.0], "u3": [5.0, 6.0]}
 MERCHANTS = {"m1": [10.0]}
 DEFAULTS = {"user": [-1.0, -1.0], "merchant": [-9.0]}
@@ -51,10 +56,10 @@ class Features:
         self.stale = stale or set()
         self.fail_times = 0
 
-    async def defaults(self, timeout_s: float) -> dict[str, dict[str, float]]:
+    async def defaults(self, deadline: Deadline) -> dict[str, dict[str, float]]:
         return {"user": {"a": -1.0, "b": -1.0}, "merchant": {"c": -9.0}}
 
-    async def read(self, queries: Sequence[FeatureQuery], timeout_s: float) -> list[FeatureBlock]:
+    async def read(self, queries: Sequence[FeatureQuery], deadline: Deadline) -> list[FeatureBlock]:
         self.calls.append(list(queries))
         if self.fail_times:
             self.fail_times -= 1
@@ -68,7 +73,16 @@ class Features:
                 values.append(found or DEFAULTS[query.view])
                 status = (STALE if entity_id in self.stale else PRESENT) if found else NOT_FOUND
                 statuses.append([status] * len(query.feature_names))
-            blocks.append(FeatureBlock(np.array(values, np.float32), np.array(statuses, np.uint8)))
+            shape = (len(values), len(query.feature_names or ()))
+            blocks.append(
+                FeatureBlock(
+                    query.view,
+                    tuple(query.feature_names or ()),
+                    np.array(values, np.float32),
+                    np.array(statuses, np.uint8),
+                    np.zeros(shape, np.int64),
+                )
+            )
         return blocks
 
 
@@ -81,7 +95,7 @@ class Model:
         self.gate = gate
         self.batches: list[int] = []
 
-    async def infer(self, model: str, version: str, inputs: Sequence[Tensor], timeout_s: float):
+    async def infer(self, model: str, version: str, inputs: Sequence[Tensor], deadline: Deadline):
         if self.gate is not None:
             await self.gate.wait()
         if self.fail_with is not None:
@@ -113,14 +127,22 @@ def request(users: list[str], merchants: list[str], amounts: list[float]) -> dic
     }
 
 
-def deadline(seconds: float = 5.0) -> float:
-    return time.monotonic() + seconds
+def deadline(seconds: float = 5.0) -> Deadline:
+    return Deadline.after(seconds)
+
+
+async def infer(
+    core: RouterCore, name: str, version: str, tensors: dict[str, Tensor], outputs: list[str], until: Deadline
+) -> InferResponse:
+    response = await core.infer(Call(until), InferRequest(name, version, DecodedInputs(tensors), outputs=outputs))
+    assert isinstance(response, InferResponse)
+    return response
 
 
 async def test_joins_features_in_declared_order() -> None:
     model = Model("a")
     core = make_core({"a": model}, Features())
-    result = await core.infer("fraud", "", request(["u2", "u1"], ["m1", "m1"], [0.5, 100.0]), [], deadline())
+    result = await infer(core, "fraud", "", request(["u2", "u1"], ["m1", "m1"], [0.5, 100.0]), [], deadline())
     # u2: 3+4, m1: 10, amount 0.5 → 17.5 ; u1: 1+2+10+100
     assert result.outputs[0].data.tolist() == [17.5, 113.0]
     assert result.version == "1"
@@ -132,10 +154,10 @@ async def test_concurrent_requests_share_one_feature_read_and_model_call() -> No
     model = Model("a", gate=gate)
     features = Features()
     core = make_core({"a": model}, features, max_inflight_batches=1)
-    first = asyncio.create_task(core.infer("fraud", "", request(["u1"], ["m1"], [1]), [], deadline()))
+    first = asyncio.create_task(infer(core, "fraud", "", request(["u1"], ["m1"], [1]), [], deadline()))
     await asyncio.sleep(0)  # let the first batch leave and block on the gate
     rest = [
-        asyncio.create_task(core.infer("fraud", "", request([u], ["m1"], [i]), [], deadline()))
+        asyncio.create_task(infer(core, "fraud", "", request([u], ["m1"], [i]), [], deadline()))
         for i, u in enumerate(["u1", "u2", "u3", "u2"])
     ]
     await asyncio.sleep(0)
@@ -149,15 +171,15 @@ async def test_concurrent_requests_share_one_feature_read_and_model_call() -> No
 
 async def test_unknown_entity_default_policy_flags_response() -> None:
     core = make_core({"a": Model("a")}, Features())
-    result = await core.infer("fraud", "", request(["u1", "nobody"], ["m1", "m1"], [0, 0]), [], deadline())
+    result = await infer(core, "fraud", "", request(["u1", "nobody"], ["m1", "m1"], [0, 0]), [], deadline())
     assert result.outputs[0].data.tolist() == [13.0, 8.0]  # defaults -1 -1 for the unknown user
     assert result.parameters["infermesh_defaulted_entities"] == "user_id=nobody"
 
 
 async def test_unknown_entity_reject_policy_names_entity_and_spares_others() -> None:
     core = make_core({"a": Model("a")}, Features(), on_missing="reject", max_inflight_batches=1)
-    bad = core.infer("fraud", "", request(["ghost"], ["m1"], [0]), [], deadline())
-    good = core.infer("fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
+    bad = infer(core, "fraud", "", request(["ghost"], ["m1"], [0]), [], deadline())
+    good = infer(core, "fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
     outcomes = await asyncio.gather(bad, good, return_exceptions=True)
     assert isinstance(outcomes[0], NotFound) and "user_id=ghost" in str(outcomes[0])
     assert outcomes[1].outputs[0].data.tolist() == [13.0]
@@ -165,7 +187,7 @@ async def test_unknown_entity_reject_policy_names_entity_and_spares_others() -> 
 
 async def test_stale_rows_are_flagged() -> None:
     core = make_core({"a": Model("a")}, Features(stale={"u2"}))
-    result = await core.infer("fraud", "", request(["u1", "u2"], ["m1", "m1"], [0, 0]), [], deadline())
+    result = await infer(core, "fraud", "", request(["u1", "u2"], ["m1", "m1"], [0, 0]), [], deadline())
     assert result.parameters["infermesh_stale_rows"] == "1"
 
 
@@ -173,7 +195,7 @@ async def test_unavailable_replica_is_retried_on_another_and_ejected() -> None:
     dead, alive = Model("dead", fail_with=Unavailable("gone")), Model("alive")
     core = make_core({"dead": dead, "alive": alive}, Features())
     for _ in range(6):
-        result = await core.infer("fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
+        result = await infer(core, "fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
         assert result.outputs[0].data.tolist() == [13.0]
     assert core.replicas.replicas["dead"].failures >= 1
     assert core.replicas.up_count == 1
@@ -183,7 +205,7 @@ async def test_queue_full_replica_is_retried_elsewhere() -> None:
     full, free = Model("full", fail_with=Overloaded("queue is full")), Model("free")
     core = make_core({"full": full, "free": free}, Features())
     for _ in range(4):
-        await core.infer("fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
+        await infer(core, "fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
     assert sum(free.batches) == 4
 
 
@@ -191,7 +213,7 @@ async def test_feature_read_retried_then_succeeds() -> None:
     features = Features()
     features.fail_times = 1
     core = make_core({"a": Model("a")}, features)
-    result = await core.infer("fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
+    result = await infer(core, "fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
     assert result.outputs[0].data.tolist() == [13.0]
     assert len(features.calls) == 2
 
@@ -201,7 +223,7 @@ async def test_feature_store_outage_default_policy_answers_flagged() -> None:
     core = make_core({"a": Model("a")}, features)
     assert await core.load_feature_defaults()
     features.fail_times = 100
-    result = await core.infer("fraud", "", request(["u1"], ["m1"], [2.0]), [], deadline())
+    result = await infer(core, "fraud", "", request(["u1"], ["m1"], [2.0]), [], deadline())
     assert result.outputs[0].data.tolist() == [-9.0]  # -1 -1 -9 defaults + amount 2
     assert result.parameters["infermesh_features_unavailable"] == "true"
     assert result.parameters["infermesh_defaulted_entities"] == "user_id=u1,merchant_id=m1"
@@ -214,7 +236,7 @@ async def test_feature_store_outage_reject_policy_fails_fast() -> None:
     features.fail_times = 100
     started = time.monotonic()
     with pytest.raises(Unavailable):
-        await core.infer("fraud", "", request(["u1"], ["m1"], [2.0]), [], deadline())
+        await infer(core, "fraud", "", request(["u1"], ["m1"], [2.0]), [], deadline())
     assert time.monotonic() - started < 0.5
     assert len(features.calls) == 3  # max_attempts, then give up
 
@@ -224,27 +246,27 @@ async def test_all_replicas_down_gives_unavailable_within_deadline() -> None:
         {"a": Model("a", fail_with=Unavailable("x")), "b": Model("b", fail_with=Unavailable("y"))}, Features()
     )
     with pytest.raises(Unavailable):
-        await core.infer("fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
+        await infer(core, "fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
 
 
 async def test_deadline_expires_while_model_is_stuck() -> None:
     core = make_core({"a": Model("a", gate=asyncio.Event())}, Features())
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded):
-        await core.infer("fraud", "", request(["u1"], ["m1"], [0]), [], deadline(0.05))
+        await infer(core, "fraud", "", request(["u1"], ["m1"], [0]), [], deadline(0.05))
     assert time.monotonic() - started < 1.0
 
 
 async def test_validation_and_lookup_errors() -> None:
     core = make_core({"a": Model("a")}, Features())
     with pytest.raises(NotFound, match="model 'nope' not found"):
-        await core.infer("nope", "", request(["u1"], ["m1"], [0]), [], deadline())
+        await infer(core, "nope", "", request(["u1"], ["m1"], [0]), [], deadline())
     with pytest.raises(NotFound, match="no version '7'"):
-        await core.infer("fraud", "7", request(["u1"], ["m1"], [0]), [], deadline())
+        await infer(core, "fraud", "7", request(["u1"], ["m1"], [0]), [], deadline())
     with pytest.raises(InvalidInput, match="requested output 'x'"):
-        await core.infer("fraud", "", request(["u1"], ["m1"], [0]), ["x"], deadline())
+        await infer(core, "fraud", "", request(["u1"], ["m1"], [0]), ["x"], deadline())
     with pytest.raises(InvalidInput, match="input 'amount': element 0 is NaN"):
-        await core.infer("fraud", "", request(["u1"], ["m1"], [float("nan")]), [], deadline())
+        await infer(core, "fraud", "", request(["u1"], ["m1"], [float("nan")]), [], deadline())
 
 
 async def test_coalescer_refuses_at_once_when_queue_is_full() -> None:
@@ -294,3 +316,28 @@ def test_a_slow_estimate_decays_so_the_replica_is_tried_again() -> None:
     slow = replicas.replicas["a"]
     slow.latency_at -= 1.0  # a second ago: 100 decay constants
     assert slow.cost(time.monotonic(), 0.01) < 1e-9
+
+
+async def test_a_batch_answers_each_segment_on_its_own() -> None:
+    """A gateway batch: one segment with a bad number, one unknown entity (reject), two good ones; the good ones
+    get their own rows in one feature read and one model call, the bad ones their own errors."""
+    model, features = Model("a"), Features()
+    core = make_core({"a": model}, features, on_missing="reject")
+    merged = request(["u1", "u2", "ghost", "u2", "u3"], ["m1"] * 5, [1.0, float("nan"), 0.0, 2.0, 3.0])
+    segments = [Segment(1, "a"), Segment(1, "b"), Segment(1, "c"), Segment(2, "d")]
+    batch = InferBatch("fraud", "", DecodedInputs(merged), [], segments)
+    result = await core.infer_batch(Call(deadline()), batch)
+    assert (result.model, result.version, result.output_names) == ("fraud", "1", ["score"])
+    first, nan, ghost, last = result.segments
+    assert first.error is None and first.outputs[0].data.tolist() == [14.0]
+    assert isinstance(nan.error, InvalidInput) and "input 'amount'" in str(nan.error)
+    assert isinstance(ghost.error, NotFound) and "user_id=ghost" in str(ghost.error)
+    assert last.error is None and last.outputs[0].data.tolist() == [19.0, 24.0]
+    assert model.batches == [3] and len(features.calls) == 1
+
+
+async def test_a_batch_whose_segments_do_not_cover_its_rows_is_refused() -> None:
+    core = make_core({"a": Model("a")}, Features())
+    batch = InferBatch("fraud", "", DecodedInputs(request(["u1", "u2"], ["m1"] * 2, [0, 0])), [], [Segment(1)])
+    with pytest.raises(InvalidInput, match="do not add up to the batch of 2 rows"):
+        await core.infer_batch(Call(deadline()), batch)

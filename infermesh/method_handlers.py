@@ -1,4 +1,5 @@
-"""The one place where domain exceptions become gRPC status codes, plus per-request metrics.
+"""Every method handler of every service, wrapped once when it is registered: domain exceptions become gRPC
+status codes (the codes the errors name, infermesh.errors), and each call is counted and timed.
 
 Anything that is not a DomainError becomes INTERNAL with a generic message; the stack goes to the log.
 """
@@ -9,8 +10,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -19,56 +18,23 @@ from infermesh import errors, metrics
 
 log = logging.getLogger(__name__)
 
-STATUS_BY_ERROR: tuple[tuple[type[errors.DomainError], grpc.StatusCode], ...] = (
-    (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-)
-
-# And back: a downstream status becomes the domain error a caller's core understands.
-ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.DomainError]] = {
-    code: error for error, code in STATUS_BY_ERROR if error is not errors.QueueFull
-}
-
 
 def status_for(error: errors.DomainError) -> grpc.StatusCode:
-    for error_type, code in STATUS_BY_ERROR:
-        if isinstance(error, error_type):
-            return code
-    return grpc.StatusCode.INTERNAL
+    return _STATUS_BY_CODE[error.code]
+
+
+_STATUS_BY_CODE: dict[errors.Code, grpc.StatusCode] = {errors.Code(code.value[0]): code for code in grpc.StatusCode}
 
 
 def error_from_rpc(error: grpc.aio.AioRpcError, target: str) -> errors.DomainError:
-    """Translate a downstream failure. Details of our own services' errors are client-safe by design."""
-    error_type = ERROR_BY_STATUS.get(error.code())
-    if error_type is None:
-        if error.code() == grpc.StatusCode.CANCELLED:
-            return errors.Unavailable(f"{target} call was cancelled")
-        return errors.Unavailable(f"{target} failed")
-    return error_type(error.details() or f"{target}: {error.code().name}")
-
-
-@dataclass(slots=True)
-class RequestLabels:
-    """Metric labels a servicer fills in once it has resolved a known model (bounded cardinality)."""
-
-    model: str = ""
-    version: str = ""
-
-
-_labels: ContextVar[RequestLabels | None] = ContextVar("infermesh_request_labels", default=None)
-
-
-def label_request(model: str, version: str = "") -> None:
-    labels = _labels.get()
-    if labels is not None:
-        labels.model = model
-        labels.version = version
+    """Translate a downstream failure. Details of our own services' errors are client-safe by design; a
+    failure of the call itself (CANCELLED, INTERNAL…) says only which hop failed."""
+    code = errors.Code(error.code().value[0])
+    if errors.error_for(code, "").code != code:
+        return errors.Unavailable(
+            f"{target} call was cancelled" if code == errors.Code.CANCELLED else f"{target} failed"
+        )
+    return errors.error_for(code, error.details() or f"{target}: {code.name}")
 
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
@@ -128,8 +94,8 @@ class ServiceHandlers:
         metric_children = self._metric_children
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            labels = RequestLabels()
-            _labels.set(labels)
+            labels = metrics.RequestLabels()
+            metrics.request_labels.set(labels)
             start = time.perf_counter()
             code = "OK"
             inflight.inc()
@@ -161,7 +127,7 @@ class ServiceHandlers:
 
     def _wrap_stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def wrapped(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-            _labels.set(RequestLabels())
+            metrics.request_labels.set(metrics.RequestLabels())
             try:
                 async for response in behavior(_checked(request_iterator), context):
                     yield response

@@ -1,0 +1,125 @@
+"""The one servicer of `inference.GRPCInferenceService`: serves any dataplane (the gateway, router and model
+service cores) over gRPC. It only converts protobuf ↔ domain types; domain errors become status codes in
+infermesh.method_handlers. Each call's deadline is built here, once, from the gRPC context."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from infermesh import oip
+from infermesh.dataplane import Call, Dataplane, InferAnswer, InferRequest, StreamError
+from infermesh.deadline import Deadline
+from infermesh.proto import inference_pb2 as pb
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class ParsedInfer:
+    """A ModelInferRequest parsed once, with the bytes it came as (a hop may forward them unchanged)."""
+
+    __slots__ = ("encoded", "message")
+
+    def __init__(self, encoded: bytes) -> None:
+        self.encoded = encoded
+        self.message = pb.ModelInferRequest.FromString(encoded)
+
+    def request(self) -> InferRequest:
+        return oip.infer_request(self.message, self.encoded)
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
+
+
+def call_of(context: grpc.aio.ServicerContext, default_timeout_s: float) -> Call:
+    """What a core is told of the call it serves: the deadline (the client's, else `default_timeout_s` from
+    now) and the credentials. The one place a service's edge builds them."""
+    return Call(Deadline.from_remaining(context.time_remaining(), default_timeout_s), _authorization(context))
+
+
+class OipServicer:
+    def __init__(self, dataplane: Dataplane, default_timeout_s: float) -> None:
+        self.dataplane = dataplane
+        self.default_timeout_s = default_timeout_s
+
+    def _call(self, context: grpc.aio.ServicerContext) -> Call:
+        return call_of(context, self.default_timeout_s)
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerLiveResponse(live=await self.dataplane.server_live(self._call(context)))
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerReadyResponse(ready=await self.dataplane.server_ready(self._call(context)))
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
+        info = await self.dataplane.server_metadata(self._call(context))
+        if info.replica_id:
+            await context.send_initial_metadata((("infermesh-replica-id", info.replica_id),))
+        return oip.server_metadata(info)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:
+        ready = await self.dataplane.model_ready(self._call(context), request.name, request.version)
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
+        info = await self.dataplane.model_metadata(self._call(context), request.name, request.version)
+        return oip.model_metadata(info)
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> Any:
+        config = await self.dataplane.model_config(self._call(context), request.name, request.version)
+        return oip.model_config(config)
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> Any:
+        return oip.repository_index(await self.dataplane.repository_index(self._call(context), request.ready))
+
+    async def ModelInfer(self, request: ParsedInfer, context: grpc.aio.ServicerContext) -> InferAnswer:
+        return await self.dataplane.infer(self._call(context), request.request())
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[ParsedInfer], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async def requests() -> AsyncIterator[tuple[Call, InferRequest]]:
+            async for parsed in request_iterator:
+                yield self._call(context), parsed.request()
+
+        answer: InferAnswer | StreamError
+        async for answer in self.dataplane.stream(requests()):
+            yield oip.stream_response(answer)
+
+
+def _unary(behavior: Any, request_type: Any, response_serializer: Any = None) -> grpc.RpcMethodHandler:
+    return grpc.unary_unary_rpc_method_handler(
+        behavior,
+        request_deserializer=request_type.FromString,
+        response_serializer=response_serializer or _serialize,
+    )
+
+
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()  # type: ignore[no-any-return]  # protobuf messages are untyped here
+
+
+def add_to_server(servicer: OipServicer, server: Any) -> None:
+    handlers = {
+        "ServerLive": _unary(servicer.ServerLive, pb.ServerLiveRequest),
+        "ServerReady": _unary(servicer.ServerReady, pb.ServerReadyRequest),
+        "ServerMetadata": _unary(servicer.ServerMetadata, pb.ServerMetadataRequest),
+        "ModelReady": _unary(servicer.ModelReady, pb.ModelReadyRequest),
+        "ModelMetadata": _unary(servicer.ModelMetadata, pb.ModelMetadataRequest),
+        "ModelConfig": _unary(servicer.ModelConfig, pb.ModelConfigRequest),
+        "RepositoryIndex": _unary(servicer.RepositoryIndex, pb.RepositoryIndexRequest),
+        # Parsed once, bytes kept; an answer already in wire form goes back byte for byte.
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(
+            servicer.ModelInfer, request_deserializer=ParsedInfer, response_serializer=oip.encode_answer
+        ),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+            servicer.ModelStreamInfer, request_deserializer=ParsedInfer, response_serializer=_serialize
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
