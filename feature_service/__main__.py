@@ -4,4 +4,4 @@ from feature_service.server import FeatureService
 from feature_service.settings import FeatureServiceSettings
 from infermesh.service import main
 
-main(lambda: FeatureService(FeatureServiceSettings()))  # type: ignore[call-arg]  # fields come from env/defaults
+main(lambda: FeatureService(FeatureServiceSettings()))

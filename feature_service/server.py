@@ -26,7 +26,7 @@ class FeatureService(Service):
         self.store: FeatureStore | None = None
 
     async def register(self, server: grpc.aio.Server) -> list[str]:
-        pb_grpc.add_FeatureStoreServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]  # generated, untyped
+        pb_grpc.add_FeatureStoreServicer_to_server(self.servicer, server)
         return [SERVICE_NAME]
 
     async def warm_up(self) -> None:

@@ -200,10 +200,12 @@ class FeatureStore:
             keys.extend([prefix + entity_id for entity_id in entity_ids])
             plans.append((view, columns, count))
 
-        with (
-            self._redis_errors("mget"),
-            telemetry.span("redis.mget", **{"db.system": "redis", "db.operation": "MGET", "keys": len(keys)}),
-        ):
+        attributes: dict[str, telemetry.AttributeValue] = {
+            "db.system": "redis",
+            "db.operation": "MGET",
+            "keys": len(keys),
+        }
+        with self._redis_errors("mget"), telemetry.span("redis.mget", **attributes):
             # decode_responses=False (create_redis): values come back as bytes, never str.
             blobs = cast("list[bytes | None]", await self._redis.mget(keys))
         now_ms = time.time_ns() // 1_000_000
@@ -256,10 +258,12 @@ class FeatureStore:
         return WriteResult(written=written, skipped_older=skipped)
 
     async def _run_upserts(self, keys: list[str], arguments: list[bytes]) -> list[list[int]]:
-        with (
-            self._redis_errors("upsert"),
-            telemetry.span("redis.upsert", **{"db.system": "redis", "db.operation": "EVALSHA", "keys": len(keys)}),
-        ):
+        attributes: dict[str, telemetry.AttributeValue] = {
+            "db.system": "redis",
+            "db.operation": "EVALSHA",
+            "keys": len(keys),
+        }
+        with self._redis_errors("upsert"), telemetry.span("redis.upsert", **attributes):
             async with self._redis.pipeline(transaction=False) as pipeline:
                 for start in range(0, len(keys), WRITE_CHUNK_ROWS):
                     chunk_keys = keys[start : start + WRITE_CHUNK_ROWS]

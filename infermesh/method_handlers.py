@@ -142,7 +142,7 @@ class ServiceHandlers:
         return wrapped
 
 
-class _WrappedGenericHandler(grpc.GenericRpcHandler):
+class _WrappedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     def __init__(self, inner: grpc.GenericRpcHandler, handlers: ServiceHandlers) -> None:
         self._inner = inner
         self._handlers = handlers
@@ -211,5 +211,5 @@ async def _checked(request_iterator: Any) -> Any:
 def _code_name(context: grpc.aio.ServicerContext) -> str:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
-        return code.name
+        return str(code.name)
     return "UNKNOWN"

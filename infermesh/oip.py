@@ -147,8 +147,8 @@ def model_metadata(info: ModelInfo) -> pb.ModelMetadataResponse:
 def model_config(config: ModelConfig) -> pb.ModelConfigResponse:
     """Triton's ModelConfig view of a model's public signature (dims exclude the batch dimension)."""
 
-    def data_type(datatype: str) -> int:
-        return pb.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+    def data_type(datatype: str) -> str:
+        return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"  # the enum value's name
 
     batching = config.dynamic_batching
     return pb.ModelConfigResponse(

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.stop import stop_base
 from tenacity.wait import wait_random_exponential
 
 from infermesh import errors
@@ -19,7 +20,7 @@ RETRYABLE = (errors.Unavailable, errors.Overloaded)
 T = TypeVar("T")
 
 
-class stop_at_deadline:
+class stop_at_deadline(stop_base):
     """Stop when the next attempt could not start before the deadline."""
 
     def __init__(self, deadline: Deadline, margin_s: float = 0.0005) -> None:

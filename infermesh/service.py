@@ -15,6 +15,7 @@ import os
 import signal
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,6 +27,9 @@ from infermesh import __version__, metrics, telemetry
 from infermesh.logs import configure_logging
 from infermesh.method_handlers import ServiceHandlers
 from infermesh.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ class Service(ABC):
         self.health = HealthServicer()
         self.port = 0
         self.metrics_port = 0
-        self._metrics_server = None
+        self._metrics_server: WSGIServer | None = None
         self._stopping = asyncio.Event()
 
     @abstractmethod

@@ -10,10 +10,12 @@ import asyncio
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Status, StatusCode
+from opentelemetry.util.types import AttributeValue as AttributeValue  # re-exported: span attribute values
 
 _enabled = False
 _provider = None
@@ -38,10 +40,11 @@ def configure_tracing(service_name: str) -> bool:
         return _enabled
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=resource)
+    exporter: SpanExporter
     if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "console":
         exporter = ConsoleSpanExporter()
     else:
@@ -64,21 +67,21 @@ def shutdown_tracing() -> None:
         _provider.shutdown()
 
 
-def server_interceptors() -> list:
+def server_interceptors() -> list[Any]:
     if not _enabled:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return [aio_server_interceptor()]
+    return [aio_server_interceptor()]  # type: ignore[no-untyped-call]  # the instrumentation is unannotated
 
 
-def client_interceptors() -> list:
+def client_interceptors() -> list[Any]:
     if not _enabled:
         return []
     return [TracingClientInterceptor()]
 
 
-class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]  # grpc is untyped
     """Client span per unary call, `traceparent` injected into the metadata.
 
     Ours rather than opentelemetry-instrumentation-grpc's aio client interceptor, which leaves the span
@@ -86,7 +89,7 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     the awaited call, so it ends on success, on error, on deadline and on cancellation alike.
     """
 
-    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[override]
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         method = client_call_details.method
         name = method.decode() if isinstance(method, bytes) else method
         service, _, rpc = name.lstrip("/").partition("/")
@@ -118,18 +121,18 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
 
 
 @contextmanager
-def span(name: str, **attributes: object) -> Iterator[trace.Span]:
+def span(name: str, **attributes: AttributeValue) -> Iterator[trace.Span]:
     """A span that always ends, also on cancellation (BaseException)."""
     if not _enabled:
         yield trace.INVALID_SPAN
         return
-    with tracer.start_as_current_span(name, attributes=attributes) as current:  # type: ignore[arg-type]
+    with tracer.start_as_current_span(name, attributes=attributes) as current:
         yield current
 
 
-def record_span(name: str, start_ns: int, end_ns: int, **attributes: object) -> None:
+def record_span(name: str, start_ns: int, end_ns: int, **attributes: AttributeValue) -> None:
     """Record an already-finished interval (e.g. time spent in a batch queue) as a child span."""
     if not _enabled:
         return
-    recorded = tracer.start_span(name, start_time=start_ns, attributes=attributes)  # type: ignore[arg-type]
+    recorded = tracer.start_span(name, start_time=start_ns, attributes=attributes)
     recorded.end(end_time=end_ns)

@@ -143,7 +143,11 @@ class Batcher:
         # From the caller's coroutine, so that the spans parent under its server span.
         if not request.dispatched_ns:
             return
-        attributes = {"batch_size": request.batch_rows, "model": self.model, "version": self.version}
+        attributes: dict[str, telemetry.AttributeValue] = {
+            "batch_size": request.batch_rows,
+            "model": self.model,
+            "version": self.version,
+        }
         telemetry.record_span("batch.queue_wait", request.enqueued_ns, request.dispatched_ns, **attributes)
         if request.forward_end_ns:
             telemetry.record_span("model.forward", request.forward_start_ns, request.forward_end_ns, **attributes)

@@ -201,7 +201,7 @@ class ModelRegistry:
         with warnings.catch_warnings():
             # TorchScript is deprecated upstream in favour of torch.export, yet it is the format we serve.
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(weights), map_location=self.device)
+            module = torch.jit.load(str(weights), map_location=self.device)  # type: ignore[no-untyped-call]  # torch.jit is unannotated
         module.eval()
         model = LoadedModel(config=config, version=version, module=module, device=self.device, amp=self.amp)
         model.warm_up()

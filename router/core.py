@@ -171,12 +171,12 @@ class RouterCore:
 
         if config.feature_spec is None:
             served, outputs = await self.call_model(config.name, version, list(tensors.values()), deadline)
-            results, row = [], 0
+            sliced_results, row = [], 0
             for count in rows:
                 sliced = [slice_rows(outputs[n], row, row + count) for n in output_names if n in outputs]
-                results.append(SegmentResult(count, sliced))
+                sliced_results.append(SegmentResult(count, sliced))
                 row += count
-            return BatchResult(config.name, served, output_names, results)
+            return BatchResult(config.name, served, output_names, sliced_results)
 
         spec = config.feature_spec
         parts = [tensors] if len(rows) == 1 else split_tensors(tensors, rows)

@@ -20,7 +20,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.core = core
         self.default_timeout_s = default_timeout_s
 
-    async def InferBatch(  # type: ignore[override]  # the generated base is untyped and synchronous
+    async def InferBatch(
         self, request: router_pb2.InferBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> router_pb2.InferBatchResponse:
         result = await self.core.infer_batch(call_of(context, self.default_timeout_s), batch_codec.infer_batch(request))
