@@ -212,15 +212,18 @@ class Inputs(Protocol):
 class MessageInputs:
     """The inputs of a ModelInferRequest message (read through its fields: no protobuf import here)."""
 
-    __slots__ = ("_message", "_tensors")
+    __slots__ = ("_headers", "_message", "_tensors")
 
     def __init__(self, message: Any) -> None:
         self._message = message
+        self._headers: list[InputHeader] | None = None
         self._tensors: dict[str, Tensor] | None = None
 
     @property
     def headers(self) -> list[InputHeader]:
-        return [InputHeader(t.name, t.datatype, tuple(t.shape)) for t in self._message.inputs]
+        if self._headers is None:
+            self._headers = [InputHeader(t.name, t.datatype, tuple(t.shape)) for t in self._message.inputs]
+        return self._headers
 
     def tensors(self) -> dict[str, Tensor]:
         if self._tensors is None:
