@@ -22,7 +22,7 @@ class FeatureService(Service):
     def __init__(self, settings: FeatureServiceSettings) -> None:
         super().__init__(settings)
         self.settings: FeatureServiceSettings = settings
-        self.servicer = FeatureStoreServicer()
+        self.servicer = FeatureStoreServicer(default_timeout_s=settings.default_timeout_s)
         self.store: FeatureStore | None = None
 
     async def register(self, server: grpc.aio.Server) -> list[str]:

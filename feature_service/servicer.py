@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from feature_service.store import FeatureStore
+from infermesh.deadline import Deadline
 from infermesh.errors import Unavailable
 from infermesh.features import FeatureBlock, FeatureQuery
+from infermesh.method_handlers import call_of
 from infermesh.metrics import label_request
 from infermesh.proto import feature_store_pb2 as pb
 from infermesh.proto import feature_store_pb2_grpc as pb_grpc
@@ -55,8 +59,12 @@ def _query(read: pb.ReadFeaturesRequest) -> FeatureQuery:
 class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     """Serves a FeatureStore once the service has set `store` (after warm-up)."""
 
-    def __init__(self, store: FeatureStore | None = None) -> None:
+    def __init__(self, store: FeatureStore | None = None, default_timeout_s: float = 10.0) -> None:
         self.store = store
+        self.default_timeout_s = default_timeout_s
+
+    def _deadline(self, context: grpc.aio.ServicerContext[Any, Any]) -> Deadline:
+        return call_of(context, self.default_timeout_s).deadline
 
     def _store(self) -> FeatureStore:
         if self.store is None:
@@ -71,7 +79,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         store = self._store()
         if request.feature_view in store.views:
             label_request(request.feature_view)  # only known views: bounded metric labels
-        block = (await store.read_many([_query(request)]))[0]
+        block = (await store.read_many([_query(request)], self._deadline(context)))[0]
         response = pb.ReadFeaturesResponse()
         fill_read_response(response, block)
         return response
@@ -85,7 +93,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         known = sorted({read.feature_view for read in request.reads if read.feature_view in store.views})
         if known:
             label_request("+".join(known))  # the set of views a caller joins: one label per model, not per call
-        blocks = await store.read_many([_query(read) for read in request.reads])
+        blocks = await store.read_many([_query(read) for read in request.reads], self._deadline(context))
         response = pb.BatchReadFeaturesResponse()
         for block in blocks:
             fill_read_response(response.results.add(), block)
@@ -99,9 +107,8 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         store = self._store()
         if request.feature_view in store.views:
             label_request(request.feature_view)
-        result = await store.write(
-            request.feature_view, [(row.entity_id, row.values, row.event_time_ms) for row in request.rows]
-        )
+        rows = [(row.entity_id, row.values, row.event_time_ms) for row in request.rows]
+        result = await store.write(request.feature_view, rows, self._deadline(context))
         return pb.WriteFeaturesResponse(written=result.written, skipped_older=result.skipped_older)
 
     async def ListFeatureViews(

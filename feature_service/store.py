@@ -25,7 +25,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from feature_service.codec import _shorten, build_block, encode_row, unpack_vectors
 from feature_service.views import FeatureView
 from infermesh import metrics, telemetry
-from infermesh.errors import InvalidInput, NotFound, Unavailable
+from infermesh.deadline import Deadline
+from infermesh.errors import DeadlineExceeded, InvalidInput, NotFound, Unavailable
 from infermesh.features import FeatureBlock, FeatureQuery
 
 log = logging.getLogger(__name__)
@@ -181,9 +182,12 @@ class FeatureStore:
         return (await self.read_many([FeatureQuery(view, entity_ids, feature_names)]))[0]
 
     async def read_many(
-        self, queries: Sequence[FeatureQuery | tuple[str, Sequence[str], Sequence[str] | None]]
+        self,
+        queries: Sequence[FeatureQuery | tuple[str, Sequence[str], Sequence[str] | None]],
+        deadline: Deadline | None = None,
     ) -> list[FeatureBlock]:
-        """Serve every query from one MGET round trip; blocks come back in query order."""
+        """Serve every query from one MGET round trip; blocks come back in query order. A read whose deadline
+        has passed (it waited in gRPC's backlog) is refused before Redis is asked."""
         if not queries:
             raise InvalidInput("no reads given")
         plans: list[tuple[FeatureView, _Columns, int]] = []
@@ -199,6 +203,7 @@ class FeatureStore:
             prefix = self._key_prefixes[view.name]
             keys.extend([prefix + entity_id for entity_id in entity_ids])
             plans.append((view, columns, count))
+        _check_deadline(deadline, "read")
 
         attributes: dict[str, telemetry.AttributeValue] = {
             "db.system": "redis",
@@ -227,8 +232,11 @@ class FeatureStore:
             blocks.append(block)
         return blocks
 
-    async def write(self, view: str, rows: Iterable[tuple[str, Mapping[str, float], int]]) -> WriteResult:
+    async def write(
+        self, view: str, rows: Iterable[tuple[str, Mapping[str, float], int]], deadline: Deadline | None = None
+    ) -> WriteResult:
         """Upsert rows `(entity_id, {feature: value}, event_time_ms)`: one pipelined round trip per call."""
+        _check_deadline(deadline, "write")
         feature_view = self.view(view)
         rows = list(rows)
         if not rows:
@@ -316,3 +324,8 @@ class FeatureStore:
                 log.warning("feature store busy", extra={"fields": {"op": operation, "error": str(error)[:80]}})
                 raise Unavailable("feature store unavailable") from error
             raise
+
+
+def _check_deadline(deadline: Deadline | None, operation: str) -> None:
+    if deadline is not None and deadline.expired:
+        raise DeadlineExceeded(f"deadline exceeded before the feature {operation}")

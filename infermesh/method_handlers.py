@@ -1,5 +1,6 @@
-"""Every method handler of every service, wrapped once when it is registered: domain exceptions become gRPC
-status codes (the codes the errors name, infermesh.errors), and each call is counted and timed.
+"""The gRPC edge of every service. Each method handler is wrapped once, when it is registered: domain exceptions
+become gRPC status codes (the codes the errors name, infermesh.errors), and each call is counted and timed.
+`call_of` builds what a core is told of a call (its one Deadline, its credentials).
 
 Anything that is not a DomainError becomes INTERNAL with a generic message; the stack goes to the log.
 """
@@ -15,6 +16,8 @@ from typing import Any
 import grpc
 
 from infermesh import errors, metrics
+from infermesh.dataplane import Call
+from infermesh.deadline import Deadline
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,19 @@ def error_from_rpc(error: grpc.aio.AioRpcError, target: str) -> errors.DomainErr
             f"{target} call was cancelled" if code == errors.Code.CANCELLED else f"{target} failed"
         )
     return errors.error_for(code, error.details() or f"{target}: {code.name}")
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
+
+
+def call_of(context: grpc.aio.ServicerContext, default_timeout_s: float) -> Call:
+    """What a core is told of the call it serves: the deadline (the client's, else `default_timeout_s` from
+    now) and the credentials. The one place a service's edge builds them."""
+    return Call(Deadline.from_remaining(context.time_remaining(), default_timeout_s), _authorization(context))
 
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]

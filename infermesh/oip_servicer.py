@@ -11,7 +11,7 @@ import grpc
 
 from infermesh import oip
 from infermesh.dataplane import Call, Dataplane, InferAnswer, InferRequest, StreamError
-from infermesh.deadline import Deadline
+from infermesh.method_handlers import call_of
 from infermesh.proto import inference_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -28,19 +28,6 @@ class ParsedInfer:
 
     def request(self) -> InferRequest:
         return oip.infer_request(self.message, self.encoded)
-
-
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return value if isinstance(value, str) else value.decode(errors="replace")
-    return None
-
-
-def call_of(context: grpc.aio.ServicerContext, default_timeout_s: float) -> Call:
-    """What a core is told of the call it serves: the deadline (the client's, else `default_timeout_s` from
-    now) and the credentials. The one place a service's edge builds them."""
-    return Call(Deadline.from_remaining(context.time_remaining(), default_timeout_s), _authorization(context))
 
 
 class OipServicer:

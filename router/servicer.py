@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from infermesh import batch_codec
-from infermesh.oip_servicer import call_of
+from infermesh.method_handlers import call_of
 from infermesh.proto import router_pb2, router_pb2_grpc
 from router.core import RouterCore
 

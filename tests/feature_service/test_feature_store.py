@@ -18,7 +18,8 @@ from demo.seed import seed_demo_features, write_demo_views
 from feature_service.codec import pack_vector
 from feature_service.store import WRITE_CHUNK_ROWS, FeatureStore
 from feature_service.views import FeatureView, load_views
-from infermesh.errors import InvalidInput, NotFound, Unavailable
+from infermesh.deadline import Deadline
+from infermesh.errors import DeadlineExceeded, InvalidInput, NotFound, Unavailable
 from infermesh.features import FeatureQuery, FeatureStatus
 
 P, N, S = FeatureStatus.PRESENT, FeatureStatus.NOT_FOUND, FeatureStatus.STALE
@@ -49,6 +50,20 @@ async def test_read_present_missing_and_partial_rows(store: FeatureStore) -> Non
     assert (ages[2] == -1).all()
     assert counter("feature_lookups", "user") - lookups == 3
     assert counter("feature_misses", "user") - misses == 1
+
+
+async def test_a_read_or_write_past_its_deadline_is_refused_before_redis(store: FeatureStore) -> None:
+    t = now_ms() - 5_000
+    await store.write("user", [("u1", {"a": 1.0}, t)])
+    lookups = counter("feature_lookups", "user")
+    expired = Deadline(time.monotonic() - 0.001)
+    with pytest.raises(DeadlineExceeded, match="before the feature read"):
+        await store.read_many([FeatureQuery("user", ["u1"])], expired)
+    with pytest.raises(DeadlineExceeded, match="before the feature write"):
+        await store.write("user", [("u1", {"a": 9.0}, t + 1)], expired)
+    assert counter("feature_lookups", "user") == lookups  # nothing was read
+    block = await store.read_many([FeatureQuery("user", ["u1"])], Deadline.after(5))
+    assert block[0].values[0, 0] == 1.0  # nor written
 
 
 async def test_read_named_features_in_the_order_asked(store: FeatureStore) -> None:

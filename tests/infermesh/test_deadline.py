@@ -8,6 +8,7 @@ import pytest
 
 from infermesh import errors
 from infermesh.deadline import Deadline
+from infermesh.method_handlers import call_of
 
 
 def test_a_client_deadline_is_honoured_even_when_longer_than_the_default() -> None:
@@ -56,3 +57,26 @@ def test_each_error_names_its_status_and_crosses_a_hop_as_itself(error: type[err
 @pytest.mark.parametrize("code", [errors.Code.CANCELLED, errors.Code.INTERNAL, errors.Code.UNKNOWN, 99])
 def test_a_status_with_no_domain_meaning_is_unavailable(code: int) -> None:
     assert isinstance(errors.error_for(code, "x"), errors.Unavailable)
+
+
+class Context:
+    """The two things the edge reads of a grpc.aio ServicerContext."""
+
+    def __init__(self, remaining: float | None, metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
+        self._remaining = remaining
+        self._metadata = metadata
+
+    def time_remaining(self) -> float | None:
+        return self._remaining
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._metadata
+
+
+def test_each_service_edge_keeps_the_client_s_deadline_and_credentials() -> None:
+    call = call_of(Context(60.0, (("x-other", "1"), ("authorization", "Bearer k"))), default_timeout_s=10.0)
+    assert 59.0 < call.deadline.remaining() <= 60.0  # not cut to the default
+    assert call.authorization == "Bearer k"
+    bare = call_of(Context(None), default_timeout_s=10.0)
+    assert 9.0 < bare.deadline.remaining() <= 10.0
+    assert bare.authorization is None
