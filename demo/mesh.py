@@ -26,6 +26,7 @@ class MeshOptions:
     demo_dir: Path
     run_dir: Path
     api_keys: Sequence[ApiKey]
+    tenants: dict[str, dict[str, float]] = field(default_factory=dict)  # per-tenant quotas (rate_per_s, …)
     gateway_port: int = 0
     gateway_host: str = "127.0.0.1"
     replicas: int = 2
@@ -86,7 +87,8 @@ class LocalMesh:
                         "keys": [
                             {"sha256": hash_key(k.key), "tenant": k.tenant, "models": list(k.models)}
                             for k in options.api_keys
-                        ]
+                        ],
+                        "tenants": options.tenants,
                     },
                     indent=2,
                 )

@@ -33,6 +33,7 @@ class ServiceProcess:
         self.log_path = run_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.health_port = -1
         self.metrics_port = 0
 
     @property
@@ -74,6 +75,7 @@ class ServiceProcess:
             time.sleep(0.02)  # poll the readiness signal
         ports = json.loads(self.port_file.read_text())
         self.port, self.metrics_port = ports["port"], ports["metrics_port"]
+        self.health_port = ports.get("health_port", -1)
         with grpc.insecure_channel(self.address) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=max(1.0, deadline - time.monotonic())

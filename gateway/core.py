@@ -4,8 +4,10 @@ public signature, and forwards to the router (`gateway.router_calls`)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 
-from gateway.auth import KeyStore
+from gateway.auth import KeyStore, Tenant
+from gateway.quotas import TenantQuotas
 from gateway.router_calls import RouterCalls, RouterPort
 from infermesh import __version__, metrics
 from infermesh.dataplane import (
@@ -21,7 +23,7 @@ from infermesh.dataplane import (
 )
 from infermesh.errors import Overloaded
 from infermesh.model_config import ModelConfig, ModelEntry, find_model
-from infermesh.validation import validate_inputs
+from infermesh.validation import validate_headers
 
 SERVER_NAME = "infermesh"
 EXTENSIONS = ("model_repository", "infermesh_features")
@@ -59,13 +61,24 @@ class GatewayCore:
         self.admission = Admission(max_inflight)
         self.router = router
         self.router_calls = calls
+        self.quotas = TenantQuotas()
 
-    def authorized_model(self, authorization: str | None, name: str, version: str = "") -> ModelEntry:
-        """The model a caller may use: UNAUTHENTICATED, then NOT_FOUND (unknown model or version, told only
-        to an authenticated caller), then PERMISSION_DENIED."""
-        tenant = self.keys.authenticate(authorization)
-        entry = find_model(self.models, name)
+    def authenticate(self, call: Call) -> Call:
+        if isinstance(call.principal, Tenant):
+            return call
+        return replace(call, principal=self.keys.authenticate(call.authorization))
+
+    def tenant(self, call: Call) -> Tenant:
+        principal = self.authenticate(call).principal
+        assert isinstance(principal, Tenant)
+        return principal
+
+    def authorized_model(self, call: Call, name: str, version: str = "") -> ModelEntry:
+        """The model a caller may use: UNAUTHENTICATED, then PERMISSION_DENIED (a model the tenant may not use,
+        whether or not it exists: names do not leak), then NOT_FOUND (unknown model or version)."""
+        tenant = self.tenant(call)
         self.keys.authorize(tenant, name)
+        entry = find_model(self.models, name)
         entry.resolve_version(version)
         return entry
 
@@ -81,23 +94,23 @@ class GatewayCore:
         return ServerInfo(SERVER_NAME, __version__, EXTENSIONS)
 
     async def model_ready(self, call: Call, name: str, version: str) -> bool:
-        self.authorized_model(call.authorization, name, version)
+        self.authorized_model(call, name, version)
         return await self.router.model_ready(name, version)
 
     async def model_metadata(self, call: Call, name: str, version: str) -> ModelInfo:
-        entry = self.authorized_model(call.authorization, name, version)
+        entry = self.authorized_model(call, name, version)
         metrics.label_request(name, version)
         config = entry.config
         return ModelInfo(config.name, entry.versions, config.platform, config.inputs, config.outputs)
 
     async def model_config(self, call: Call, name: str, version: str) -> ModelConfig:
-        entry = self.authorized_model(call.authorization, name, version)
+        entry = self.authorized_model(call, name, version)
         metrics.label_request(name, version)
         return entry.config
 
     async def repository_index(self, call: Call, ready_only: bool) -> list[ModelIndexEntry]:
         """The models the caller's tenant may use."""
-        tenant = self.keys.authenticate(call.authorization)
+        tenant = self.tenant(call)
         state = "READY" if await self.router.ready() else "UNAVAILABLE"
         return [
             ModelIndexEntry(name, entry.latest, state)
@@ -108,12 +121,15 @@ class GatewayCore:
     # Inference ---------------------------------------------------------------------------------------
 
     async def infer(self, call: Call, request: InferRequest) -> InferAnswer:
-        entry = self.authorized_model(call.authorization, request.model, request.version)
+        entry = self.authorized_model(call, request.model, request.version)
         metrics.label_request(entry.config.name, request.version)
-        with self.admission:
+        with self.quotas.admit(self.tenant(call)), self.admission:
             config = entry.config
-            rows = validate_inputs(config.name, config.inputs, config.max_batch_size, request.inputs.tensors())
-            config.select_outputs(request.outputs)
+            config.select_outputs(request.outputs)  # client-chosen names: checked before they are used anywhere
+            # The declared shapes first, the data only then, and bounded by them: a malformed request costs
+            # the same small time whatever it claims.
+            rows = validate_headers(config.name, config.inputs, config.max_batch_size, request.inputs.headers)
+            request.inputs.tensors(config.element_limits)
             answer = await self.router_calls.infer(entry, request, rows, call.deadline)
             return EncodedInferResponse(answer)
 

@@ -56,7 +56,7 @@ class RouterCalls:
     instead of one per client request.
     """
 
-    MAX_GROUPS = 1024  # distinct (model, inputs, outputs) groups; beyond it requests are forwarded alone
+    MAX_GROUPS = 1024  # distinct (model, inputs, outputs) groups; idle ones make room, else requests go alone
 
     def __init__(
         self,
@@ -109,7 +109,7 @@ class RouterCalls:
         )
         coalescer = self._coalescers.get(key)
         if coalescer is None:
-            if len(self._coalescers) >= self.MAX_GROUPS:
+            if len(self._coalescers) >= self.MAX_GROUPS and not self._forget_an_idle_group():
                 return None
             coalescer = self._coalescers[key] = Coalescer(
                 "gateway",
@@ -121,6 +121,14 @@ class RouterCalls:
                 max_size=self._max_message_bytes // 2,  # headroom for the merged message's own framing
             )
         return coalescer
+
+    def _forget_an_idle_group(self) -> bool:
+        """Make room in the bounded table (variable dims or output lists can make many groups over time)."""
+        for key, coalescer in self._coalescers.items():  # oldest first
+            if coalescer.idle:
+                del self._coalescers[key]
+                return True
+        return False
 
     def _batch_runner(self, model: str, version: str) -> Callable[[list[Pending]], Awaitable[None]]:
         async def run(batch: list[Pending]) -> None:

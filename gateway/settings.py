@@ -18,7 +18,18 @@ class GatewaySettings(ServiceSettings):
         "127.0.0.1:8011", description="Router target; a dns:/// name balances over several routers."
     )
     api_keys_path: Path = Field(
-        Path("api_keys.json"), description="JSON file of SHA-256 API key hashes, each with tenant and models."
+        Path("api_keys.json"),
+        description="JSON file of SHA-256 API key hashes (each with tenant, models and role) and per-tenant "
+        "quotas; re-read when it changes.",
+    )
+    jwks_path: Path | None = Field(
+        None, description="JWKS file of the keys that sign accepted JWTs (RS256/ES256); unset: API keys only."
+    )
+    jwt_issuer: str = Field("", description="The `iss` a JWT must carry (required with jwks_path).")
+    jwt_audience: str = Field("", description="The `aud` a JWT must name (required with jwks_path).")
+    jwt_leeway_s: float = Field(30.0, ge=0, description="Clock skew allowed on a JWT's exp and nbf.")
+    credentials_reload_s: float = Field(
+        1.0, gt=0, description="How often the key and JWKS files are checked for changes (a stat each)."
     )
     max_inflight: int = Field(256, ge=1, description="Concurrent requests admitted; beyond it RESOURCE_EXHAUSTED.")
     max_message_bytes: int = Field(16 * 1024 * 1024, description="Largest request accepted.")

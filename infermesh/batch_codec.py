@@ -12,8 +12,8 @@ from infermesh.errors import Code
 from infermesh.oip import parameters_of, set_parameters
 from infermesh.proto import inference_pb2 as oip_pb
 from infermesh.proto import router_pb2 as pb
-from infermesh.segments import BatchResult, InferBatch, Segment
-from infermesh.tensors import NUMPY_DTYPE, InputHeader, RawInputs, Tensor, decode_raw, element_count, to_raw
+from infermesh.segments import MAX_SEGMENTS, BatchResult, InferBatch, Segment
+from infermesh.tensors import NUMPY_DTYPE, MessageInputs, RawInputs, Tensor, decode_raw, element_count, to_raw
 
 # Gateway side -----------------------------------------------------------------------------------------
 
@@ -74,7 +74,9 @@ def _row_slicer(datatype: str, shape: tuple[int, ...], raw: bytes) -> Callable[[
 
 def infer_batch(request: pb.InferBatchRequest) -> InferBatch:
     """The batch a gateway sent; its data is decoded (and checked) only when the router asks for it."""
-    headers = [InputHeader(i.name, i.datatype, tuple(i.shape)) for i in request.inputs]
+    if len(request.segments) > MAX_SEGMENTS:
+        raise errors.InvalidInput(f"a batch needs 1 to {MAX_SEGMENTS} segments, got {len(request.segments)}")
+    headers = MessageInputs(request).headers
     segments = [Segment(s.rows, s.id, parameters_of(s.parameters) if s.parameters else {}) for s in request.segments]
     return InferBatch(
         request.model_name,

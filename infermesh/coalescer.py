@@ -58,6 +58,11 @@ class Coalescer:
         self._depth = metrics.QUEUE_DEPTH.labels(service, model)
         self._batch_size = metrics.BATCH_SIZE.labels(service, model)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing in flight: the coalescer can be dropped without losing anything."""
+        return not self._queue and self._inflight == 0
+
     def _admit(self, count: int) -> None:
         if len(self._queue) + count > self._max_pending:
             metrics.ADMISSION_REJECTED.labels(self._service, "coalescer_queue_full").inc()

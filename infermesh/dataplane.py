@@ -25,6 +25,7 @@ class Call:
 
     deadline: Deadline
     authorization: str | None = None
+    principal: object = None  # who the caller is, once a core authenticated it (the gateway's Tenant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,11 @@ InferAnswer = InferResponse | EncodedInferResponse
 
 class Dataplane(Protocol):
     """The Open Inference Protocol, transport-free. Every call gets its `Call`; errors are DomainErrors."""
+
+    def authenticate(self, call: Call) -> Call:
+        """Check the caller's credentials before any of its request is parsed (Unauthenticated); the call
+        back with its principal. Hops that trust their callers return the call as it is."""
+        ...
 
     async def server_live(self, call: Call) -> bool: ...
 

@@ -66,9 +66,14 @@ class PermissionDenied(DomainError):
 
 
 class Overloaded(DomainError):
-    """Admission refused at once: a bounded queue or in-flight limit is full. Retry elsewhere or later."""
+    """Admission refused at once: a bounded queue, an in-flight limit or a rate is used up. Retry elsewhere or
+    later; `retry_after_s`, when known, travels to the client as a retry hint (google.rpc.RetryInfo)."""
 
     code = Code.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class QueueFull(Overloaded):

@@ -14,12 +14,32 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.any_pb2 import Any as AnyMessage
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2, status_pb2
 
 from infermesh import errors, metrics
 from infermesh.dataplane import Call
 from infermesh.deadline import Deadline
 
 log = logging.getLogger(__name__)
+
+
+def _status_details(error: errors.DomainError) -> tuple[tuple[str, bytes], ...]:
+    """Rich status details (google.rpc.Status in `grpc-status-details-bin`) where an error has some to give:
+    a retry hint for a refusal that knows when to come back."""
+    retry_after_s = getattr(error, "retry_after_s", None)
+    if retry_after_s is None:
+        return ()
+    delay = Duration()
+    delay.FromNanoseconds(max(1, int(retry_after_s * 1e9)))
+    detail = AnyMessage()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=error.code, message=str(error), details=[detail])
+    return ((_STATUS_DETAILS_KEY, status.SerializeToString()),)
+
+
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 def status_for(error: errors.DomainError) -> grpc.StatusCode:
@@ -122,7 +142,7 @@ class ServiceHandlers:
             except errors.DomainError as error:
                 status = status_for(error)
                 code = status.name
-                await context.abort(status, str(error))
+                await context.abort(status, str(error), _status_details(error))
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise

@@ -20,6 +20,7 @@ from infermesh.errors import InvalidInput, NotFound
 from infermesh.tensors import DATATYPES
 
 MODEL_FILE = "model.pt"
+MAX_ENTITY_ID_BYTES = 256  # the longest entity id a feature lookup accepts
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,9 @@ class TensorSpec(BaseModel):
     name: str
     datatype: str
     shape: list[int] = Field(description="-1 marks a variable dimension; the first is the batch dimension.")
+    max_element_bytes: int | None = Field(
+        None, ge=0, description="BYTES only: the longest element accepted (entity id inputs: 256 unless set)."
+    )
 
     @model_validator(mode="after")
     def _known_datatype(self) -> TensorSpec:
@@ -96,6 +100,14 @@ class ModelConfig(BaseModel):
     def served_inputs(self) -> list[TensorSpec]:
         """What the model service itself accepts."""
         return [self.model_input] if self.model_input is not None else list(self.inputs)
+
+    @cached_property
+    def element_limits(self) -> dict[str, int]:
+        """The longest BYTES element each public input accepts, checked while decoding (before any copy)."""
+        limits = {s.name: s.max_element_bytes for s in self.inputs if s.max_element_bytes is not None}
+        for entity in self.feature_spec.entities if self.feature_spec is not None else ():
+            limits.setdefault(entity.input, MAX_ENTITY_ID_BYTES)
+        return limits
 
     def select_outputs(self, requested: Sequence[str]) -> list[TensorSpec]:
         """The outputs a request asked for, in its order (all, in declared order, when it named none)."""

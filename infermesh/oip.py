@@ -16,9 +16,10 @@ from infermesh.dataplane import (
     ServerInfo,
     StreamError,
 )
+from infermesh.errors import InvalidInput
 from infermesh.model_config import ModelConfig, TensorSpec
 from infermesh.proto import inference_pb2 as pb
-from infermesh.tensors import MessageInputs, Tensor, decode_raw, to_raw
+from infermesh.tensors import MAX_INPUTS, MessageInputs, Tensor, decode_raw, to_raw
 
 SERVER_NAME = "infermesh"
 
@@ -28,6 +29,8 @@ SERVER_NAME = "infermesh"
 
 def infer_request(message: pb.ModelInferRequest, encoded: bytes = b"") -> InferRequest:
     """The domain request of a ModelInferRequest; its input data is decoded only when asked for."""
+    if len(message.outputs) > MAX_INPUTS or len(message.parameters) > MAX_INPUTS:
+        raise InvalidInput(f"request has more than {MAX_INPUTS} requested outputs or parameters")
     return InferRequest(
         model=message.model_name,
         version=message.model_version,

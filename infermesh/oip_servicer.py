@@ -5,29 +5,36 @@ infermesh.method_handlers. Each call's deadline is built here, once, from the gR
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from infermesh import oip
 from infermesh.dataplane import Call, Dataplane, InferAnswer, InferRequest, StreamError
+from infermesh.errors import InvalidInput
 from infermesh.method_handlers import call_of
 from infermesh.proto import inference_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
-class ParsedInfer:
-    """A ModelInferRequest parsed once, with the bytes it came as (a hop may forward them unchanged)."""
+class EncodedInfer:
+    """A ModelInferRequest as it arrived: parsed only once the caller is authenticated, and then kept with its
+    bytes (a hop may forward them unchanged)."""
 
-    __slots__ = ("encoded", "message")
+    __slots__ = ("encoded",)
 
     def __init__(self, encoded: bytes) -> None:
         self.encoded = encoded
-        self.message = pb.ModelInferRequest.FromString(encoded)
 
     def request(self) -> InferRequest:
-        return oip.infer_request(self.message, self.encoded)
+        try:
+            message = pb.ModelInferRequest.FromString(self.encoded)
+        except DecodeError:
+            raise InvalidInput("malformed request: the message could not be parsed") from None
+        return oip.infer_request(message, self.encoded)
 
 
 class OipServicer:
@@ -65,15 +72,21 @@ class OipServicer:
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> Any:
         return oip.repository_index(await self.dataplane.repository_index(self._call(context), request.ready))
 
-    async def ModelInfer(self, request: ParsedInfer, context: grpc.aio.ServicerContext) -> InferAnswer:
-        return await self.dataplane.infer(self._call(context), request.request())
+    async def ModelInfer(self, request: EncodedInfer, context: grpc.aio.ServicerContext) -> InferAnswer:
+        call = self.dataplane.authenticate(self._call(context))  # before the body is even parsed
+        return await self.dataplane.infer(call, request.request())
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[ParsedInfer], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[EncodedInfer], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # An unauthenticated stream ends here, at once, before it reads a message or holds a slot for long.
+        caller = self.dataplane.authenticate(self._call(context))
+
         async def requests() -> AsyncIterator[tuple[Call, InferRequest]]:
-            async for parsed in request_iterator:
-                yield self._call(context), parsed.request()
+            async for encoded in request_iterator:
+                # Each message gets its own deadline (the stream's, else the default from now).
+                call = replace(caller, deadline=self._call(context).deadline)
+                yield call, encoded.request()  # a message that does not parse ends the stream (INVALID_ARGUMENT)
 
         answer: InferAnswer | StreamError
         async for answer in self.dataplane.stream(requests()):
@@ -101,12 +114,12 @@ def add_to_server(servicer: OipServicer, server: Any) -> None:
         "ModelMetadata": _unary(servicer.ModelMetadata, pb.ModelMetadataRequest),
         "ModelConfig": _unary(servicer.ModelConfig, pb.ModelConfigRequest),
         "RepositoryIndex": _unary(servicer.RepositoryIndex, pb.RepositoryIndexRequest),
-        # Parsed once, bytes kept; an answer already in wire form goes back byte for byte.
+        # Parsed after authentication, bytes kept; an answer already in wire form goes back byte for byte.
         "ModelInfer": grpc.unary_unary_rpc_method_handler(
-            servicer.ModelInfer, request_deserializer=ParsedInfer, response_serializer=oip.encode_answer
+            servicer.ModelInfer, request_deserializer=EncodedInfer, response_serializer=oip.encode_answer
         ),
         "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
-            servicer.ModelStreamInfer, request_deserializer=ParsedInfer, response_serializer=_serialize
+            servicer.ModelStreamInfer, request_deserializer=EncodedInfer, response_serializer=_serialize
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

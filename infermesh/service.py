@@ -44,6 +44,8 @@ class Service(ABC):
         self.server: grpc.aio.Server | None = None
         self.health = HealthServicer()
         self.port = 0
+        self.health_port = -1
+        self.health_server: grpc.aio.Server | None = None
         self.metrics_port = 0
         self._metrics_server: WSGIServer | None = None
         self._stopping = asyncio.Event()
@@ -82,8 +84,7 @@ class Service(ABC):
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                *connection_options(settings),
                 *backlog,
             ],
         )
@@ -104,6 +105,17 @@ class Service(ABC):
         self.port = server.add_insecure_port(f"{_host_for_bind(settings.host)}:{settings.port}")
         if self.port == 0:
             raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+        if settings.health_port >= 0:
+            # Probes get a server of their own: no call limit, no backlog shared with the API, so a saturated
+            # or flooded API port never makes a liveness probe fail (and Kubernetes restart a busy pod).
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(
+                f"{_host_for_bind(settings.host)}:{settings.health_port}"
+            )
+            if self.health_port == 0:
+                raise RuntimeError(f"could not bind {settings.host}:{settings.health_port}")
+            await self.health_server.start()
         if settings.metrics_port >= 0:
             self._metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host)
             self.metrics_port = self._metrics_server.server_port
@@ -112,6 +124,8 @@ class Service(ABC):
             await self.warm_up()
         except BaseException:
             await server.stop(None)  # a failed start leaves no half-running server behind
+            if self.health_server is not None:
+                await self.health_server.stop(None)
             with contextlib.suppress(Exception):
                 await self.close()
             raise
@@ -136,6 +150,8 @@ class Service(ABC):
         await self.before_drain()
         if self.server is not None:
             await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(None)  # probes saw NOT_SERVING for the whole drain
         await self.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -160,8 +176,28 @@ class Service(ABC):
         path = self.settings.port_file
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(path.suffix + ".tmp")
-        temporary.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}))
+        ports = {"port": self.port, "health_port": self.health_port, "metrics_port": self.metrics_port}
+        temporary.write_text(json.dumps({**ports, "pid": os.getpid()}))
         temporary.replace(path)  # atomic: readers never see a half-written file
+
+
+def connection_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """gRPC server options that bound what one client connection may hold, and for how long."""
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    return [
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(settings.min_client_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s)),
+    ]
 
 
 def _host_for_bind(host: str) -> str:

@@ -15,6 +15,12 @@ class ServiceSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the gRPC server binds; 0.0.0.0 to listen on all.")
     port: int = Field(0, description="gRPC port; 0 picks a free port (written to port_file).")
+    health_port: int = Field(
+        0,
+        description="Port of a second gRPC server that serves only grpc.health.v1 (probes never compete with "
+        "the API for capacity); 0 picks a free one (written to port_file); -1 disables it. The API port "
+        "answers health checks too.",
+    )
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus /metrics HTTP server.")
     metrics_port: int = Field(0, description="Prometheus port; 0 picks a free one; -1 disables it.")
     port_file: Path | None = Field(
@@ -38,6 +44,26 @@ class ServiceSettings(BaseSettings):
         ge=1,
         description="RPCs gRPC itself admits at once (health checks included); beyond it RESOURCE_EXHAUSTED "
         "before any Python runs, so a saturated event loop cannot build an unbounded backlog. None: no limit.",
+    )
+    # Connection hygiene: what one client connection may hold, and how long.
+    # Above any honest client's concurrency on one channel: gRPC clients open streams before they learn the
+    # limit, and one beyond it is refused (RST_STREAM) rather than queued.
+    max_streams_per_connection: int = Field(
+        1024, ge=1, description="Concurrent calls (streams) one HTTP/2 connection may have open."
+    )
+    keepalive_time_s: float = Field(60.0, gt=0, description="Idle time after which the server pings a client.")
+    keepalive_timeout_s: float = Field(20.0, gt=0, description="How long a keepalive ping may go unanswered.")
+    min_client_ping_interval_s: float = Field(
+        5.0, gt=0, description="Clients pinging more often than this are told off, then disconnected."
+    )
+    max_connection_idle_s: float = Field(
+        300.0, gt=0, description="A connection with no call for this long is closed (GOAWAY)."
+    )
+    max_connection_age_s: float = Field(
+        1800.0, gt=0, description="A connection this old is closed (GOAWAY), so clients rebalance."
+    )
+    max_connection_age_grace_s: float = Field(
+        30.0, ge=0, description="How long calls on a connection closed for its age may still finish."
     )
     model_repository: Path = Field(
         Path("model_repository"), description="Folder of <model>/config.json (+ <version>/ weights)."

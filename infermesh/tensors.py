@@ -49,6 +49,10 @@ CONTENTS_FIELD: dict[str, str] = {
 }
 
 _LENGTH = struct.Struct("<I")
+ElementLimits = Mapping[str, int]  # input name → the longest BYTES element it may hold
+MAX_INPUTS = 1024  # inputs (or requested outputs) per request
+MAX_RANK = 8  # dimensions per tensor (numpy allows 64; no model here needs more than a few)
+MAX_ELEMENTS = 2**31 - 1  # elements per tensor: far above any message's worth, far below an overflow
 
 
 @dataclass(slots=True)
@@ -67,29 +71,48 @@ def element_count(shape: tuple[int, ...] | list[int]) -> int:
 
 
 def check_shape(name: str, shape: Any) -> tuple[int, ...]:
+    """A declared shape as ints: rank, sign and element count bounded before anything is allocated for it."""
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"input '{name}': rank {len(shape)} exceeds {MAX_RANK} dimensions")
     dims = tuple(int(d) for d in shape)
     if any(d < 0 for d in dims):
         raise InvalidInput(f"input '{name}': shape {list(dims)} has a negative dimension")
+    # Each dimension too (a zero elsewhere makes the count 0, yet numpy still refuses such a shape).
+    if any(d > MAX_ELEMENTS for d in dims) or element_count(dims) > MAX_ELEMENTS:
+        raise InvalidInput(f"input '{name}': shape {list(dims)} holds more than {MAX_ELEMENTS} elements")
     return dims
 
 
-def decode_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
-    """Parse length-prefixed BYTES elements; the buffer must hold exactly `count` elements."""
+def decode_bytes(name: str, raw: bytes, count: int, max_element_bytes: int | None = None) -> np.ndarray:
+    """Parse length-prefixed BYTES elements; the buffer must hold exactly `count` elements.
+
+    The work is bounded by `count` (from the already-checked shape), never by what the buffer claims: a buffer
+    that is too short or too long for `count` elements (of at most `max_element_bytes` each) is refused before
+    any element is copied, and parsing stops at the count-th element."""
+    size = len(raw)
+    if size < 4 * count:
+        raise InvalidInput(f"input '{name}': raw content is {size} bytes, too short for {count} BYTES elements")
+    if max_element_bytes is not None and size > count * (4 + max_element_bytes):
+        raise InvalidInput(
+            f"input '{name}': raw content is {size} bytes, more than {count} BYTES elements of at most "
+            f"{max_element_bytes} bytes"
+        )
     items: list[bytes] = []
     offset = 0
-    size = len(raw)
     view = memoryview(raw)
-    while offset < size:
+    for index in range(count):
         if offset + 4 > size:
             raise InvalidInput(f"input '{name}': truncated BYTES length prefix at offset {offset}")
         (length,) = _LENGTH.unpack_from(raw, offset)
         offset += 4
+        if max_element_bytes is not None and length > max_element_bytes:
+            raise InvalidInput(f"input '{name}': BYTES element {index} is longer than {max_element_bytes} bytes")
         if offset + length > size:
-            raise InvalidInput(f"input '{name}': BYTES element {len(items)} overruns the raw content")
+            raise InvalidInput(f"input '{name}': BYTES element {index} overruns the raw content")
         items.append(bytes(view[offset : offset + length]))
         offset += length
-    if len(items) != count:
-        raise InvalidInput(f"input '{name}': raw content holds {len(items)} BYTES elements, shape needs {count}")
+    if offset != size:
+        raise InvalidInput(f"input '{name}': raw content holds more than the {count} BYTES elements its shape needs")
     array = np.empty(count, dtype=object)
     array[:] = items
     return array
@@ -104,10 +127,12 @@ def encode_bytes(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+def decode_raw(
+    name: str, datatype: str, shape: tuple[int, ...], raw: bytes, max_element_bytes: int | None = None
+) -> np.ndarray:
     count = element_count(shape)
     if datatype == "BYTES":
-        return decode_bytes(name, raw, count).reshape(shape)
+        return decode_bytes(name, raw, count, max_element_bytes).reshape(shape)
     dtype = NUMPY_DTYPE[datatype]
     expected = count * dtype.itemsize
     if len(raw) != expected:
@@ -117,7 +142,9 @@ def decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> 
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def decode_contents(name: str, datatype: str, shape: tuple[int, ...], contents: Any) -> np.ndarray:
+def decode_contents(
+    name: str, datatype: str, shape: tuple[int, ...], contents: Any, max_element_bytes: int | None = None
+) -> np.ndarray:
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidInput(f"input '{name}': {datatype} data must be sent as raw_input_contents")
@@ -126,6 +153,12 @@ def decode_contents(name: str, datatype: str, shape: tuple[int, ...], contents: 
     if len(values) != count:
         raise InvalidInput(f"input '{name}': {field} holds {len(values)} values, shape {list(shape)} needs {count}")
     if datatype == "BYTES":
+        if max_element_bytes is not None:
+            for index, value in enumerate(values):
+                if len(value) > max_element_bytes:
+                    raise InvalidInput(
+                        f"input '{name}': BYTES element {index} is longer than {max_element_bytes} bytes"
+                    )
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array.reshape(shape)
@@ -152,8 +185,10 @@ def _checked_header(name: str, datatype: str, shape: Any, seen: Mapping[str, obj
     return check_shape(name, shape)
 
 
-def decode_inputs(request: Any) -> dict[str, Tensor]:
-    """All inputs of a ModelInferRequest as numpy arrays; checks raw/typed consistency and sizes."""
+def decode_inputs(request: Any, max_element_bytes: ElementLimits | None = None) -> dict[str, Tensor]:
+    """All inputs of a ModelInferRequest as numpy arrays; checks raw/typed consistency and sizes.
+    `max_element_bytes`: the longest BYTES element each input may hold (by name)."""
+    limits = max_element_bytes or {}
     raw_contents = request.raw_input_contents
     _check_raw_count(raw_contents, len(request.inputs))
     tensors: dict[str, Tensor] = {}
@@ -164,9 +199,9 @@ def decode_inputs(request: Any) -> dict[str, Tensor]:
         if raw_contents:
             if tensor.HasField("contents") and _has_typed_values(tensor.contents):
                 raise InvalidInput(f"input '{name}': data given both in contents and raw_input_contents")
-            data = decode_raw(name, datatype, shape, raw_contents[index])
+            data = decode_raw(name, datatype, shape, raw_contents[index], limits.get(name))
         else:
-            data = decode_contents(name, datatype, shape, tensor.contents)
+            data = decode_contents(name, datatype, shape, tensor.contents, limits.get(name))
         tensors[name] = Tensor(name, datatype, shape, data)
     return tensors
 
@@ -200,13 +235,22 @@ class Inputs(Protocol):
     @property
     def headers(self) -> Sequence[InputHeader]: ...
 
-    def tensors(self) -> dict[str, Tensor]:
-        """Every input decoded (once) and checked against its header; InvalidInput names the tensor."""
+    def tensors(self, max_element_bytes: ElementLimits | None = None) -> dict[str, Tensor]:
+        """Every input decoded (once) and checked against its header; InvalidInput names the tensor. Work is
+        bounded by the headers' shapes (check them first) and BYTES elements by `max_element_bytes`."""
         ...
 
     def raw(self) -> list[bytes]:
         """Every input's data as raw OIP bytes, in header order (as received where it came raw)."""
         ...
+
+
+def _headers_of(inputs: Sequence[Any]) -> list[InputHeader]:
+    """Headers of a message's input tensors; a message with more inputs than any model has is refused without
+    looking at them one by one."""
+    if len(inputs) > MAX_INPUTS:
+        raise InvalidInput(f"request has {len(inputs)} inputs, more than {MAX_INPUTS}")
+    return [InputHeader(t.name, t.datatype, tuple(t.shape)) for t in inputs]
 
 
 class MessageInputs:
@@ -222,12 +266,12 @@ class MessageInputs:
     @property
     def headers(self) -> list[InputHeader]:
         if self._headers is None:
-            self._headers = [InputHeader(t.name, t.datatype, tuple(t.shape)) for t in self._message.inputs]
+            self._headers = _headers_of(self._message.inputs)
         return self._headers
 
-    def tensors(self) -> dict[str, Tensor]:
+    def tensors(self, max_element_bytes: ElementLimits | None = None) -> dict[str, Tensor]:
         if self._tensors is None:
-            self._tensors = decode_inputs(self._message)
+            self._tensors = decode_inputs(self._message, max_element_bytes)
         return self._tensors
 
     def raw(self) -> list[bytes]:
@@ -250,7 +294,8 @@ class RawInputs:
     def headers(self) -> list[InputHeader]:
         return self._headers
 
-    def tensors(self) -> dict[str, Tensor]:
+    def tensors(self, max_element_bytes: ElementLimits | None = None) -> dict[str, Tensor]:
+        limits = max_element_bytes or {}
         if self._tensors is None:
             if len(self._raw) != len(self._headers):
                 _check_raw_count(self._raw, len(self._headers))
@@ -258,7 +303,7 @@ class RawInputs:
             tensors: dict[str, Tensor] = {}
             for header, raw in zip(self._headers, self._raw, strict=True):
                 shape = _checked_header(header.name, header.datatype, header.shape, tensors)
-                data = decode_raw(header.name, header.datatype, shape, raw)
+                data = decode_raw(header.name, header.datatype, shape, raw, limits.get(header.name))
                 tensors[header.name] = Tensor(header.name, header.datatype, shape, data)
             self._tensors = tensors
         return self._tensors
@@ -280,7 +325,7 @@ class DecodedInputs:
     def headers(self) -> list[InputHeader]:
         return [InputHeader(t.name, t.datatype, t.shape) for t in self._tensors.values()]
 
-    def tensors(self) -> dict[str, Tensor]:
+    def tensors(self, max_element_bytes: ElementLimits | None = None) -> dict[str, Tensor]:
         return self._tensors
 
     def raw(self) -> list[bytes]:

@@ -11,16 +11,25 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from infermesh.errors import InvalidInput
-from infermesh.model_config import TensorSpec
-from infermesh.tensors import Tensor
-
-MAX_ENTITY_ID_BYTES = 256
+from infermesh.model_config import MAX_ENTITY_ID_BYTES, TensorSpec
+from infermesh.tensors import InputHeader, Tensor, check_shape
 
 
-def validate_inputs(model: str, specs: Sequence[TensorSpec], max_batch_size: int, tensors: Mapping[str, Tensor]) -> int:
-    """Returns the batch size (first dimension, shared by every input)."""
+def validate_headers(
+    model: str, specs: Sequence[TensorSpec], max_batch_size: int, headers: Sequence[InputHeader]
+) -> int:
+    """Check a request's inputs as declared (names, datatypes, rank, shape, batch size) against a model's
+    signature before any of their data is decoded; returns the batch size (first dimension, shared by every
+    input). The work is proportional to the signature, not to what the request claims."""
+    by_name: dict[str, InputHeader] = {}
+    for header in headers:
+        if header.name in by_name:
+            raise InvalidInput(f"input '{header.name}' appears more than once")
+        by_name[header.name] = header
+        if len(by_name) > len(specs):
+            break  # an unknown input is reported below; no need to look at the rest
     expected = {spec.name for spec in specs}
-    unknown = [name for name in tensors if name not in expected]
+    unknown = [name for name in by_name if name not in expected]
     if unknown:
         raise InvalidInput(
             f"input '{unknown[0]}' is not an input of model '{model}' (expected {', '.join(sorted(expected))})"
@@ -28,12 +37,12 @@ def validate_inputs(model: str, specs: Sequence[TensorSpec], max_batch_size: int
     batch: int | None = None
     batch_input = ""
     for spec in specs:
-        tensor = tensors.get(spec.name)
-        if tensor is None:
+        declared = by_name.get(spec.name)
+        if declared is None:
             raise InvalidInput(f"input '{spec.name}' is missing (model '{model}' needs it)")
-        if tensor.datatype != spec.datatype:
-            raise InvalidInput(f"input '{spec.name}': datatype {tensor.datatype} does not match {spec.datatype}")
-        shape = tensor.shape
+        if declared.datatype != spec.datatype:
+            raise InvalidInput(f"input '{spec.name}': datatype {declared.datatype} does not match {spec.datatype}")
+        shape = check_shape(spec.name, declared.shape)
         if len(shape) != len(spec.shape) or any(
             want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)
         ):
@@ -52,6 +61,13 @@ def validate_inputs(model: str, specs: Sequence[TensorSpec], max_batch_size: int
             f"input '{batch_input}': batch size {batch} exceeds the max_batch_size {max_batch_size} of model '{model}'"
         )
     return batch
+
+
+def validate_inputs(model: str, specs: Sequence[TensorSpec], max_batch_size: int, tensors: Mapping[str, Tensor]) -> int:
+    """`validate_headers` for decoded tensors."""
+    return validate_headers(
+        model, specs, max_batch_size, [InputHeader(name, t.datatype, t.shape) for name, t in tensors.items()]
+    )
 
 
 def entity_ids(tensor: Tensor) -> list[str]:

@@ -25,7 +25,7 @@ from infermesh.dataplane import (
 from infermesh.errors import FailedPrecondition
 from infermesh.model_config import ModelConfig
 from infermesh.tensors import Tensor
-from infermesh.validation import validate_inputs
+from infermesh.validation import validate_headers
 from model_service.batcher import Batcher
 from model_service.registry import ModelRegistry
 from model_service.settings import ModelServiceSettings
@@ -75,6 +75,9 @@ class ModelServiceCore:
         await asyncio.gather(*(batcher.close() for batcher in self.batchers.values()))
 
     # Health ------------------------------------------------------------------------------------------
+
+    def authenticate(self, call: Call) -> Call:
+        return call  # reached only from inside the mesh
 
     async def server_live(self, call: Call) -> bool:
         return True
@@ -133,8 +136,8 @@ class ModelServiceCore:
         model = self.registry.get(name, request.version)
         config = model.config
         output_specs = config.select_outputs(request.outputs)
+        rows = validate_headers(config.name, config.served_inputs, config.max_batch_size, request.inputs.headers)
         tensors = request.inputs.tensors()
-        rows = validate_inputs(config.name, config.served_inputs, config.max_batch_size, tensors)
         batcher = self.batchers.get((name, model.version))
         if batcher is None:  # loaded but not started: only between load_all and the end of load()
             raise FailedPrecondition(f"model '{name}' version '{model.version}' is not serving")

@@ -43,7 +43,7 @@ from infermesh.segments import (
     split_tensors,
 )
 from infermesh.tensors import Tensor
-from infermesh.validation import validate_inputs
+from infermesh.validation import validate_headers
 from router import join
 from router.replicas import Replica, ReplicaSet
 
@@ -101,6 +101,9 @@ class RouterCore:
         self._coalescers: dict[tuple[str, str], Coalescer] = {}
 
     # Health and metadata -----------------------------------------------------------------------------
+
+    def authenticate(self, call: Call) -> Call:
+        return call  # reached only from inside the mesh
 
     async def server_live(self, call: Call) -> bool:
         return True
@@ -160,8 +163,8 @@ class RouterCore:
         metrics.label_request(config.name, batch.version)
         version = entry.resolve_version(batch.version)
         output_names = [spec.name for spec in config.select_outputs(batch.outputs)]
-        tensors = batch.inputs.tensors()
-        batch_rows = validate_inputs(config.name, config.inputs, config.max_batch_size, tensors)
+        batch_rows = validate_headers(config.name, config.inputs, config.max_batch_size, batch.inputs.headers)
+        tensors = batch.inputs.tensors(config.element_limits)
         segments = batch.segments
         if len(segments) == 1 and segments[0].rows == 0:
             segments[0].rows = batch_rows

@@ -66,8 +66,10 @@ def test_env_is_the_services_settings(module: str) -> None:
     assert settings.host == "0.0.0.0", f"{name} must listen on all interfaces in its container"
     assert settings.metrics_host == "0.0.0.0"
     assert settings.port > 0 and settings.metrics_port > 0, "fixed ports: health checks and scrapes use them"
+    assert settings.health_port > 0 and settings.health_port not in (settings.port, settings.metrics_port)
     healthcheck = service["healthcheck"]["test"]
-    assert healthcheck == ["CMD", "grpc-health-check", f"127.0.0.1:{settings.port}"]
+    # On the health port of its own: a flooded API port must not make the container unhealthy.
+    assert healthcheck == ["CMD", "grpc-health-check", f"127.0.0.1:{settings.health_port}"]
     assert "ports" not in service or module == "gateway", f"{name} must not be published to the host"
     assert service["image"].startswith("infermesh:")
 

@@ -102,9 +102,12 @@ def test_settings_ports_and_probes(docs: Docs) -> None:
         assert container["args"] == [module], "the image's entrypoint is `python -m`"
         assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0"
         ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-        assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}, module
+        assert ports == {"grpc": settings.port, "metrics": settings.metrics_port, "health": settings.health_port}, (
+            module
+        )
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": settings.port}, f"{module} {probe}: native gRPC probe"
+            # Native gRPC probes on the health port of its own: a flooded API port never fails a probe.
+            assert container[probe]["grpc"] == {"port": settings.health_port}, f"{module} {probe}"
         template = deployment["spec"]["template"]
         assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
         assert pod_spec(deployment)["terminationGracePeriodSeconds"] > settings.grace_period_s + 5
@@ -114,7 +117,8 @@ def test_same_ports_as_compose(docs: Docs) -> None:
     composed_services = compose_services()
     for module, (_, settings) in services_of(docs).items():
         composed = service_settings(module, compose_env(composed_services[module][1]))
-        assert (settings.port, settings.metrics_port) == (composed.port, composed.metrics_port), module
+        ports = (settings.port, settings.metrics_port, settings.health_port)
+        assert ports == (composed.port, composed.metrics_port, composed.health_port), module
 
 
 def test_pods_are_hardened(docs: Docs) -> None:

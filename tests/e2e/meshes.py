@@ -14,6 +14,8 @@ from demo.mesh import ApiKey, LocalMesh, MeshOptions
 
 DEMO_KEY = "test-demo-key-0123456789"
 LIMITED_KEY = "test-limited-key-0123456789"
+ALL_MODELS_KEY = "test-all-models-key-0123456789"
+FLOOD_KEY = "test-flood-key-0123456789"  # tenant "flood": 20 requests/s, burst 10, 4 in flight
 
 
 def auth(key: str = DEMO_KEY) -> dict[str, str]:
@@ -44,7 +46,10 @@ def start_mesh(demo_dir: Path, run_dir: Path, **options: object) -> LocalMesh:
         api_keys=[
             ApiKey(DEMO_KEY, "demo", ["fraud", "fraud_strict", "bench_mlp"]),
             ApiKey(LIMITED_KEY, "limited", ["bench_mlp"]),
+            ApiKey(ALL_MODELS_KEY, "ops", ["*"]),
+            ApiKey(FLOOD_KEY, "flood", ["fraud"]),
         ],
+        tenants={"flood": {"rate_per_s": 20, "burst": 10, "max_inflight": 4}},
         model_repository=repository,
         **options,  # type: ignore[arg-type]
     )

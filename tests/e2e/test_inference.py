@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from demo import synthetic
 from demo.mesh import LocalMesh
-from tests.e2e.meshes import DEMO_KEY, LIMITED_KEY, auth, fraud_inputs
+from tests.e2e.meshes import ALL_MODELS_KEY, DEMO_KEY, LIMITED_KEY, auth, fraud_inputs
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +121,15 @@ def test_unknown_entity_reject_policy_names_entity(client) -> None:
     assert ok.as_numpy("fraud_probability").shape == (1,)
 
 
-def test_unknown_model_is_not_found(client) -> None:
-    status = status_of(lambda: client.infer("nope", fraud_inputs(["u1"], ["m1"], [1.0]), headers=auth()))
+def test_unknown_model_is_not_found_only_for_a_tenant_that_may_see_it(client) -> None:
+    every = auth(ALL_MODELS_KEY)
+    status = status_of(lambda: client.infer("nope", fraud_inputs(["u1"], ["m1"], [1.0]), headers=every))
     assert status == "StatusCode.NOT_FOUND"
-    assert status_of(lambda: client.get_model_metadata("nope", headers=auth())) == "StatusCode.NOT_FOUND"
+    assert status_of(lambda: client.get_model_metadata("nope", headers=every)) == "StatusCode.NOT_FOUND"
+    # A tenant with a list of models learns nothing about other names: PERMISSION_DENIED, existing or not.
+    for model in ("nope", "fraud"):
+        denied = status_of(lambda m=model: client.get_model_metadata(m, headers=auth(LIMITED_KEY)))
+        assert denied == "StatusCode.PERMISSION_DENIED"
 
 
 @pytest.mark.parametrize("headers", [None, {"authorization": "Bearer not-a-key"}, {"authorization": DEMO_KEY}])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from gateway.core import Admission, GatewayCore
 from gateway.router_calls import RouterCalls, batch_rows_within
 from infermesh.dataplane import Call, EncodedInferResponse, InferRequest
 from infermesh.deadline import Deadline
-from infermesh.errors import DomainError, InvalidInput, NotFound, Overloaded, PermissionDenied, Unauthenticated
+from infermesh.errors import DomainError, InvalidInput, Overloaded, PermissionDenied, Unauthenticated
 from infermesh.model_config import ModelConfig, ModelEntry
 from infermesh.segments import InferBatch
 from infermesh.tensors import DecodedInputs, Tensor
@@ -39,13 +40,13 @@ def test_key_file_holds_only_the_hash(tmp_path: Path, keys: tuple[KeyStore, str]
 def test_authenticate_and_authorize(keys: tuple[KeyStore, str]) -> None:
     store, key = keys
     tenant = store.authenticate(f"Bearer {key}")
-    assert tenant.name == "acme"
+    assert tenant.name == "acme" and tenant.role == "user" and not tenant.is_admin
     store.authorize(tenant, "fraud")
     with pytest.raises(PermissionDenied, match="tenant 'acme' may not use model 'other'"):
         store.authorize(tenant, "other")
 
 
-@pytest.mark.parametrize("header", [None, "", "Basic abc", "Bearer wrong-key", "Bearer "])
+@pytest.mark.parametrize("header", [None, "", "Basic abc", "Bearer wrong-key", "Bearer ", "Bearer e30.e30.c2ln"])
 def test_missing_or_wrong_key_is_unauthenticated(keys: tuple[KeyStore, str], header: str | None) -> None:
     store, _ = keys
     with pytest.raises(Unauthenticated):
@@ -121,7 +122,7 @@ class Router:
 class Undecodable(DecodedInputs):
     """Inputs that must not be decoded (a request refused before any work)."""
 
-    def tensors(self) -> dict[str, Tensor]:
+    def tensors(self, max_element_bytes: Mapping[str, int] | None = None) -> dict[str, Tensor]:
         raise AssertionError("decoded before the caller was checked")
 
 
@@ -144,7 +145,7 @@ async def test_the_caller_is_checked_before_the_request_is_decoded(keys: tuple[K
     request = InferRequest("fraud", "", Undecodable({}), encoded=b"x")
     with pytest.raises(Unauthenticated):
         await core.infer(Call(Deadline.after(5), "Bearer nope"), request)
-    with pytest.raises(NotFound, match="model 'other' not found"):
+    with pytest.raises(PermissionDenied, match="may not use model 'other'"):
         await core.infer(Call(Deadline.after(5), f"Bearer {key}"), InferRequest("other", "", Undecodable({})))
 
 
@@ -203,3 +204,17 @@ async def test_the_repository_index_shows_only_the_tenant_s_models(tmp_path: Pat
     assert await core.repository_index(Call(Deadline.after(5), f"Bearer {key}"), False) == []
     with pytest.raises(PermissionDenied):
         await core.model_metadata(Call(Deadline.after(5), f"Bearer {key}"), "fraud", "")
+
+
+async def test_the_table_of_coalescing_groups_is_bounded_and_makes_room_from_idle_groups() -> None:
+    router = Router()
+    calls = RouterCalls(router, max_inflight_batches=1, max_pending=64, enabled=True, max_message_bytes=1 << 20)
+    calls.MAX_GROUPS = 2
+    entry = entry_with_outputs(
+        [{"name": "y", "datatype": "FP32", "shape": [-1]}, {"name": "z", "datatype": "FP32", "shape": [-1]}]
+    )
+    for outputs in (["y"], ["z"], ["y", "z"], ["z", "y"]):  # four groups over time
+        request = InferRequest("m", "", x_request("r").inputs, id="r", outputs=outputs, encoded=b"r")
+        assert await calls.infer(entry, request, 1, Deadline.after(5)) == b"answer to r"
+        assert len(calls._coalescers) <= 2
+    assert ("m", "", ("z", "y"), (("x", "FP32", (4,)),)) in calls._coalescers

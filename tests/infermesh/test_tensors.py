@@ -13,8 +13,8 @@ from tritonclient.grpc import service_pb2 as pb
 
 from infermesh.errors import InvalidInput
 from infermesh.model_config import TensorSpec
-from infermesh.tensors import Tensor, decode_inputs, encode_bytes, to_raw
-from infermesh.validation import entity_ids, require_finite, validate_inputs
+from infermesh.tensors import MessageInputs, Tensor, decode_inputs, encode_bytes, to_raw
+from infermesh.validation import entity_ids, require_finite, validate_headers, validate_inputs
 
 SPECS = [
     TensorSpec(name="user_id", datatype="BYTES", shape=[-1]),
@@ -68,8 +68,74 @@ def test_bytes_overrun_and_count_mismatch() -> None:
     with pytest.raises(InvalidInput, match="input 'user_id': BYTES element 0 overruns"):
         decode_inputs(request_with(("user_id", "BYTES", [1]), raw=[overrun]))
     two = encode_bytes(np.array([b"a", b"b"], dtype=object))
-    with pytest.raises(InvalidInput, match="holds 2 BYTES elements, shape needs 3"):
+    with pytest.raises(InvalidInput, match="truncated BYTES length prefix at offset 10"):
+        decode_inputs(request_with(("user_id", "BYTES", [3]), raw=[two + b"\0\0\0"]))
+    with pytest.raises(InvalidInput, match="raw content is 10 bytes, too short for 3 BYTES elements"):
         decode_inputs(request_with(("user_id", "BYTES", [3]), raw=[two]))
+    with pytest.raises(InvalidInput, match="holds more than the 1 BYTES elements its shape needs"):
+        decode_inputs(request_with(("user_id", "BYTES", [1]), raw=[two]))
+
+
+def test_bytes_decoding_is_bounded_by_the_shape_not_by_the_buffer() -> None:
+    """Two million one-byte elements under a shape of one: refused from the sizes alone (no element parsed)
+    when a longest element is known, else at the second element."""
+    flood = encode_bytes(np.array([b"x"] * 2_000_000, dtype=object))
+    request = request_with(("user_id", "BYTES", [1]), raw=[flood])
+    with pytest.raises(InvalidInput, match="more than 1 BYTES elements of at most 256 bytes"):
+        decode_inputs(request, {"user_id": 256})
+    with pytest.raises(InvalidInput, match="holds more than the 1 BYTES elements"):
+        decode_inputs(request)
+    long_id = encode_bytes(np.array([b"u1", b"u" * 300], dtype=object))
+    with pytest.raises(InvalidInput, match="input 'user_id': BYTES element 1 is longer than 256 bytes"):
+        decode_inputs(request_with(("user_id", "BYTES", [2]), raw=[long_id]), {"user_id": 256})
+    typed = request_with(("user_id", "BYTES", [1]))
+    typed.inputs[0].contents.bytes_contents.append(b"u" * 300)
+    with pytest.raises(InvalidInput, match="input 'user_id': BYTES element 0 is longer than 256 bytes"):
+        decode_inputs(typed, {"user_id": 256})
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ([2**62, 2**62, 0], "holds more than 2147483647 elements"),  # no elements, yet no array can have it
+        ([2**62, 2**62, 1], "holds more than 2147483647 elements"),
+        ([2**31, 1], "holds more than 2147483647 elements"),
+        ([1] * 9, "rank 9 exceeds 8 dimensions"),
+        ([1] * 65, "rank 65 exceeds 8 dimensions"),
+    ],
+)
+def test_overflowing_or_deep_shapes_are_invalid_argument(shape: list[int], message: str) -> None:
+    request = request_with(("amount", "FP32", shape), raw=[b""])
+    with pytest.raises(InvalidInput, match=message):
+        decode_inputs(request)
+    with pytest.raises(InvalidInput, match=message):
+        validate_headers(
+            "m",
+            [TensorSpec(name="amount", datatype="FP32", shape=[-1] * len(shape))],
+            8,
+            MessageInputs(request).headers,
+        )
+
+
+def test_headers_are_checked_against_the_signature_before_any_data() -> None:
+    """No raw contents at all: every header problem is still found, from the headers alone."""
+    cases = [
+        ((("user_id", "BYTES", [2]), ("amount", "FP32", [2]), ("x", "FP32", [2])), "input 'x' is not an input"),
+        ((("user_id", "BYTES", [2]), ("user_id", "BYTES", [2])), "input 'user_id' appears more than once"),
+        ((("user_id", "FP32", [2]), ("amount", "FP32", [2])), "input 'user_id': datatype FP32 does not match BYTES"),
+        ((("user_id", "BYTES", [2, 1]), ("amount", "FP32", [2])), r"input 'user_id': shape \[2, 1\] does not match"),
+        ((("user_id", "BYTES", [9]), ("amount", "FP32", [9])), "batch size 9 exceeds the max_batch_size 8"),
+        ((("user_id", "BYTES", [2]), ("amount", "FP32", [3])), "batch size 3 differs"),
+    ]
+    for tensors, message in cases:
+        with pytest.raises(InvalidInput, match=message):
+            validate_headers("m", SPECS, 8, MessageInputs(request_with(*tensors)).headers)
+    assert (
+        validate_headers(
+            "m", SPECS, 8, MessageInputs(request_with(("user_id", "BYTES", [2]), ("amount", "FP32", [2]))).headers
+        )
+        == 2
+    )
 
 
 def test_raw_and_typed_mix_is_refused() -> None:

@@ -1,0 +1,153 @@
+"""Cheap attacks on the gateway, each answered with a clear status while a well-behaved client is unaffected:
+idle unauthenticated streams, amplification by a huge BYTES tensor, shapes that overflow or go too deep."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import struct
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as aioclient
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException
+
+from demo.mesh import LocalMesh
+from tests.e2e.meshes import FLOOD_KEY, auth, fraud_inputs
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+def fraud_request(
+    user_shape: list[int], user_raw: bytes, rows: int = 1, amount_shape: list[int] | None = None
+) -> service_pb2.ModelInferRequest:
+    """A ModelInferRequest as a client may craft it: any shapes, any raw contents."""
+    request = service_pb2.ModelInferRequest(model_name="fraud", id="crafted")
+    request.inputs.add(name="user_id", datatype="BYTES", shape=user_shape)
+    request.inputs.add(name="merchant_id", datatype="BYTES", shape=[rows])
+    request.inputs.add(name="amount", datatype="FP32", shape=amount_shape or [rows])
+    merchants = b"".join(struct.pack("<I", 2) + b"m1" for _ in range(rows))
+    request.raw_input_contents.extend([user_raw, merchants, np.ones(rows, "<f4").tobytes()])
+    return request
+
+
+async def good_request(client: aioclient.InferenceServerClient) -> None:
+    result = await client.infer("fraud", fraud_inputs(["u1"], ["m1"], [10.0]), headers=auth())
+    assert result.as_numpy("fraud_probability").shape == (1,)
+
+
+async def test_unauthenticated_streams_are_closed_at_once_and_take_nothing(mesh: LocalMesh) -> None:
+    """400 streams opened without a key and never sending a message used to hold every call slot (health checks
+    included answered RESOURCE_EXHAUSTED). Now each ends at once, UNAUTHENTICATED (or refused by gRPC itself: past
+    the streams one connection may open, or a burst beyond core's backlog), nothing stays held, and the health
+    port answers throughout."""
+    async with (
+        grpc.aio.insecure_channel(mesh.gateway_address) as channel,
+        grpc.aio.insecure_channel(f"127.0.0.1:{mesh.gateway.health_port}") as probes,
+    ):
+        stream = channel.stream_stream(STREAM)
+        health = health_pb2_grpc.HealthStub(probes)
+        calls = [stream(timeout=30) for _ in range(400)]
+        during = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        codes = await asyncio.gather(*(call.code() for call in calls))
+        assert during.status == health_pb2.HealthCheckResponse.SERVING
+        # Past the streams one connection may open, HTTP/2 itself refuses a stream (UNAVAILABLE, retryable).
+        refused = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
+        assert set(codes) <= refused
+        assert codes.count(grpc.StatusCode.UNAUTHENTICATED) >= 100
+        # Nothing is held: the API port's own health check and keyed clients are served.
+        api_health = health_pb2_grpc.HealthStub(channel)
+        reply = await api_health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+            await asyncio.gather(*(good_request(client) for _ in range(8)))
+
+
+async def test_a_keyed_stream_still_answers_and_a_wrong_key_is_refused(mesh: LocalMesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.gateway_address) as channel:
+        stream = channel.stream_stream(
+            STREAM,
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
+        wrong = stream(timeout=10, metadata=(("authorization", "Bearer wrong"),))
+        assert await wrong.code() == grpc.StatusCode.UNAUTHENTICATED
+        keyed = stream(timeout=10, metadata=list(auth().items()))
+        await keyed.write(fraud_request([1], struct.pack("<I", 2) + b"u1"))
+        answer = await keyed.read()
+        assert answer.error_message == "" and answer.infer_response.id == "crafted"
+        await keyed.done_writing()
+
+
+@pytest.mark.parametrize(
+    ("user_shape", "user_raw", "message"),
+    [
+        # Two million one-byte ids: refused from the declared batch, or from the buffer's size, never parsed.
+        ([2_000_000], b"\x01\x00\x00\x00x" * 2_000_000, "batch size 1 differs from input .user_id. batch size 2000000"),
+        ([1], b"\x01\x00\x00\x00x" * 2_000_000, "more than 1 BYTES elements of at most 256 bytes"),
+        ([2**62, 2**62, 0], b"", "holds more than 2147483647 elements"),
+        ([1] * 65, b"", "rank 65 exceeds 8 dimensions"),
+        ([1, 1], struct.pack("<I", 2) + b"u1", r"shape \[1, 1\] does not match \[-1\]"),
+    ],
+    ids=["batch-flood", "bytes-flood", "overflow", "rank-65", "undeclared-dim"],
+)
+async def test_malformed_requests_are_invalid_argument_and_harm_no_one(
+    mesh: LocalMesh, user_shape: list[int], user_raw: bytes, message: str
+) -> None:
+    async with grpc.aio.insecure_channel(
+        mesh.gateway_address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    ) as channel:
+        infer = channel.unary_unary(INFER, request_serializer=service_pb2.ModelInferRequest.SerializeToString)
+        async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+            bad = infer(fraud_request(user_shape, user_raw), timeout=30, metadata=list(auth().items()))
+            await asyncio.gather(*(good_request(client) for _ in range(4)))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await bad
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() is not None
+    assert re.search(message, caught.value.details()), caught.value.details()
+
+
+async def test_a_tenant_past_its_quota_is_refused_with_a_retry_hint_while_another_is_served(mesh: LocalMesh) -> None:
+    """Tenant "flood" (20 requests/s, burst 10, 4 in flight) sends 200 requests at once, ten times its rate
+    for a second: most are refused at once with RESOURCE_EXHAUSTED, while all of another tenant's succeed."""
+    async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+
+        async def flood_one() -> str:
+            try:
+                await client.infer("fraud", fraud_inputs(["u2"], ["m2"], [1.0]), headers=auth(FLOOD_KEY))
+            except InferenceServerException as error:
+                return str(error.status())
+            return "OK"
+
+        flood = asyncio.gather(*(flood_one() for _ in range(200)))
+        calm = asyncio.gather(*(good_request(client) for _ in range(50)))
+        outcomes, _ = await asyncio.gather(flood, calm)  # a failed calm request raises here
+    assert set(outcomes) <= {"OK", "StatusCode.RESOURCE_EXHAUSTED"}
+    assert outcomes.count("StatusCode.RESOURCE_EXHAUSTED") >= 150
+    assert 1 <= outcomes.count("OK") <= 40  # its burst, and what its rate refilled meanwhile
+
+    # The refusal tells when to come back (google.rpc.RetryInfo in the status details).
+    async with grpc.aio.insecure_channel(mesh.gateway_address) as channel:
+        infer = channel.unary_unary(INFER, request_serializer=service_pb2.ModelInferRequest.SerializeToString)
+        request = fraud_request([1], struct.pack("<I", 2) + b"u1")
+        for _ in range(30):  # empty the bucket
+            try:
+                await infer(request, timeout=10, metadata=(("authorization", f"Bearer {FLOOD_KEY}"),))
+            except grpc.aio.AioRpcError as error:
+                refused = error
+                break
+        else:
+            raise AssertionError("the flood tenant was never refused")
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "tenant 'flood'" in (refused.details() or "")
+    details = dict(refused.trailing_metadata() or ())["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(details)
+    retry = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(retry)
+    assert 0 < retry.retry_delay.ToTimedelta().total_seconds() <= 1.0
