@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +26,7 @@ from demo.redis_server import redis_binary
 from demo.seed import demo_views
 
 BENCH_TENANT = "bench"
+FLOOD_TENANT = "flood"  # scenario 8: the tenant with a quota (the mesh's key file gives it one)
 WIDE_POPULATION = 10_000  # entities e0…e9999 in the bench feature views
 WIDE_VIEWS = {"bench10": 10, "bench50": 50}
 
@@ -60,14 +62,24 @@ def bench_mlp_settings(repository: Path) -> dict[str, Any]:
 
 
 def start_mesh(
-    demo_dir: Path, run_dir: Path, api_key: str, *, repository: Path | None = None, **options: Any
+    demo_dir: Path,
+    run_dir: Path,
+    api_key: str,
+    *,
+    repository: Path | None = None,
+    tenant_keys: Mapping[str, str] | None = None,
+    **options: Any,
 ) -> LocalMesh:
-    """The whole mesh as `make run` starts it (private Redis on a free port, free service ports)."""
+    """The whole mesh as `make run` starts it (private Redis on a free port, free service ports). `api_key`
+    is the bench tenant's (every model, no quota); `tenant_keys` ({tenant: key}) add tenants allowed `fraud`,
+    whose quotas, if any, come in `tenants=`."""
     repository = repository or bench_repository(demo_dir, run_dir)
+    keys = [ApiKey(api_key, BENCH_TENANT, ["*"])]
+    keys += [ApiKey(key, tenant, ["fraud"]) for tenant, key in (tenant_keys or {}).items()]
     mesh_options = MeshOptions(
         demo_dir=demo_dir,
         run_dir=run_dir,
-        api_keys=[ApiKey(api_key, BENCH_TENANT, ["*"])],
+        api_keys=keys,
         model_repository=repository,
         **options,
     )
@@ -164,6 +176,18 @@ def memory_mib(pid: int) -> dict[str, float]:
     except (FileNotFoundError, ProcessLookupError):
         pass
     return found
+
+
+def cpu_ticks(stat: str) -> int:
+    """utime + stime (clock ticks, every thread of the process, live or exited) from a /proc/<pid>/stat line.
+    The fields are counted after the command name's closing parenthesis (the name may hold spaces or ')')."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5); fields[0] is field 3, the state
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time the process has used so far (user + system), in seconds; resolution one clock tick."""
+    return cpu_ticks(Path(f"/proc/{pid}/stat").read_text()) / os.sysconf("SC_CLK_TCK")
 
 
 def mesh_pids(mesh: LocalMesh) -> dict[str, int]:

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,9 +39,18 @@ from bench.loadgen import (
     summarize,
     timeline,
 )
-from bench.workloads import BenchMLPDirect, FeatureRead, FraudDirect, FraudViaGateway
+from bench.workloads import (
+    MODEL_INFER,
+    BenchMLPDirect,
+    FeatureRead,
+    FraudDirect,
+    FraudViaGateway,
+    FraudViaGatewayRaw,
+    malformed_requests,
+)
 from demo.mesh import LocalMesh
 from gateway.auth import new_api_key
+from gateway.settings import GatewaySettings
 
 FEATURE_SHAPES = ((1, 10), (10, 10), (100, 10), (1, 50), (10, 50), (100, 50))  # (entities, features)
 
@@ -65,9 +75,22 @@ class BenchOptions:
     overload_duration_s: float = 10.0
     overload_rounds: int = 3  # rounds after idle pauses: memory that grows after every round would be a leak
     device: str = "auto"  # scenario 3's model service device (cpu / cuda / auto)
-    soak_s: float = 300.0  # scenario 8: how long `fraud` runs through the gateway at soak_concurrency
+    # Scenario 8: tenant "calm" (no quota) at calm_concurrency, tenant "flood" at flood_factor x its quota. On
+    # 2 cores the mesh answers ~1,000 `fraud` req/s at c=8: a 50 req/s quota is a small share of it, and the
+    # flood's 500 req/s must be refused cheaply enough not to take the cores from calm.
+    calm_concurrency: int = 8
+    flood_rate_per_s: float = 50.0
+    flood_burst: float = 50.0
+    flood_max_inflight: int = 8
+    flood_factor: float = 10.0
+    malformed_requests: int = 50  # scenario 9: requests of each malformed kind
+    soak_s: float = 300.0  # scenario 10: how long `fraud` runs through the gateway at soak_concurrency
     soak_concurrency: int = 64
     quick: bool = False
+
+    def flood_quota(self) -> dict[str, float]:
+        """Tenant "flood"'s quota in the shared mesh's key file."""
+        return {"rate_per_s": self.flood_rate_per_s, "burst": self.flood_burst, "max_inflight": self.flood_max_inflight}
 
     @classmethod
     def quick_mode(cls) -> BenchOptions:
@@ -83,6 +106,7 @@ class BenchOptions:
             overload_rounds=1,
             mesh_warmup_s=0.5,
             feature_population=2_000,
+            malformed_requests=10,
             soak_s=4.0,
             quick=True,
         )
@@ -98,6 +122,10 @@ class Context:
     progress: ProgressSink = field(default_factory=NoProgress)
     log: Callable[[str], None] = lambda message: None
     api_key: str = field(default_factory=new_api_key)
+    # Scenario 8's tenants in the shared mesh, allowed `fraud`: "calm" without a quota, "flood" with one.
+    tenant_keys: dict[str, str] = field(
+        default_factory=lambda: {"calm": new_api_key(), env.FLOOD_TENANT: new_api_key()}
+    )
     shared_mesh: LocalMesh | None = None  # given (tests) or started on first use
     _owns_mesh: bool = False
 
@@ -105,7 +133,12 @@ class Context:
         if self.shared_mesh is None:
             self.log("starting the mesh: private redis, feature service, 2 model replicas, router, gateway")
             self.shared_mesh = await asyncio.to_thread(
-                env.start_mesh, self.demo_dir, self.run_dir / "mesh", self.api_key
+                env.start_mesh,
+                self.demo_dir,
+                self.run_dir / "mesh",
+                self.api_key,
+                tenant_keys=self.tenant_keys,
+                tenants={env.FLOOD_TENANT: self.options.flood_quota()},
             )
             self._owns_mesh = True
             await self.warm(self.shared_mesh)
@@ -868,7 +901,245 @@ async def transport_floor(ctx: Context) -> dict[str, Any]:
     }
 
 
-# 8. Soak -------------------------------------------------------------------------------------------------
+# 8. Fair share between tenants --------------------------------------------------------------------------
+
+
+def _refusals(samples: list[Sample], code: str = "RESOURCE_EXHAUSTED") -> dict[str, Any]:
+    """How fast requests were refused with `code`: latency from the actual send (an open loop's generator
+    lag is its own, not the gateway's), nearest rank."""
+    latencies = sorted((s.end - (s.sent if s.sent is not None else s.start)) * 1000 for s in samples if s.code == code)
+    return {
+        "count": len(latencies),
+        "p50_ms": _r(nearest_rank(latencies, 50)),
+        "p99_ms": _r(nearest_rank(latencies, 99)),
+        "max_ms": _r(latencies[-1]) if latencies else None,
+    }
+
+
+def _quota_allows(quota: dict[str, float], seconds: float) -> float:
+    """The most requests a token bucket quota admits in `seconds` (a full bucket to start with)."""
+    rate = quota.get("rate_per_s")
+    if rate is None:
+        return math.inf
+    return float(quota.get("burst") or max(1, math.ceil(rate))) + rate * seconds
+
+
+async def tenants(ctx: Context) -> dict[str, Any]:
+    """Tenant "calm" (no quota) at a steady closed loop, alone and then while tenant "flood" sends
+    `flood_factor` x its rate quota (open loop): calm's latency with and without the flood, none of its
+    requests refused, the flood's excess refused at once with a retry hint."""
+    mesh = await ctx.mesh()
+    options = ctx.options
+    quota = mesh.options.tenants.get(env.FLOOD_TENANT) or {}
+    if quota.get("rate_per_s") is None:
+        raise RuntimeError(f"the mesh's key file gives tenant '{env.FLOOD_TENANT}' no rate quota")
+    rate = quota["rate_per_s"] * options.flood_factor
+    concurrency = options.calm_concurrency
+    async with _client(mesh.gateway_address) as client, grpc.aio.insecure_channel(mesh.gateway_address) as channel:
+        calm = FraudViaGateway(client, ctx.tenant_keys["calm"], seed=21)
+        flood = FraudViaGatewayRaw(channel, ctx.tenant_keys[env.FLOOD_TENANT], seed=22)
+        alone = await ctx.closed(calm, concurrency, f"tenants · calm alone · c={concurrency}")
+        with_flood, flooding = await asyncio.gather(
+            ctx.closed(calm, concurrency, f"tenants · calm with the flood · c={concurrency}"),
+            ctx.open(flood, rate, f"tenants · flood · {rate:.0f} req/s Poisson", seed=22),
+        )
+    runs = [
+        _run(alone, "calm alone"),
+        _run(with_flood, "calm with the flood"),
+        _run(flooding, "flood"),
+    ]
+    calm_phases = {run["series"]: {"requests": run["requests"], **_point(run)} for run in runs[:2]}
+    flood_run = runs[2]
+    refused = _refusals(flooding.measured())
+    other = {code: n for code, n in flood_run["errors"].items() if code != "RESOURCE_EXHAUSTED"}
+    accepted_all = sum(1 for s in flooding.samples if s.code == OK)
+    run_s = flooding.warmup_s + flooding.duration_s
+    allowed = _quota_allows(quota, run_s)
+    hints = sorted(flood.retry_hints_s)
+    flood_summary = {
+        "offered_rps": flood_run["offered_rps"],
+        "requests": flood_run["requests"],
+        "accepted": flood_run["ok"],
+        "accepted_rps": flood_run["throughput_rps"],
+        "accepted_p99_ms": flood_run["latency_from_send_ms"]["p99"],
+        "refused": refused["count"],
+        "refused_p50_ms": refused["p50_ms"],
+        "refused_p99_ms": refused["p99_ms"],
+        "refused_max_ms": refused["max_ms"],
+        "other_errors": other,
+        "accepted_whole_run": accepted_all,
+        "quota_allows_whole_run": round(allowed, 1),
+        "refusals_whole_run": flood.refused,
+        "with_retry_hint": len(hints),
+        "retry_hint_ms": [round(hints[0] * 1000, 3), round(hints[-1] * 1000, 3)] if hints else None,
+        "generator_lag_p99_ms": flood_run["send_lag_ms_p99"],
+    }
+    alone_p99 = calm_phases["calm alone"]["p99_ms"]
+    flood_p99 = calm_phases["calm with the flood"]["p99_ms"]
+    defects = []
+    findings = []
+    unexpected = _unexpected_errors(runs[:2])
+    if unexpected:
+        defects.append(f"tenants: tenant calm (no quota) had requests fail while another tenant flooded: {unexpected}")
+    if other:
+        examples = {code: flood_run.get("error_examples", {}).get(code) for code in other}
+        defects.append(f"tenants: the flood's excess ended {other} instead of RESOURCE_EXHAUSTED (messages {examples})")
+    if accepted_all > allowed + 1:
+        defects.append(
+            f"tenants: tenant flood got {accepted_all} requests answered in {run_s:g} s, more than its quota "
+            f"{quota} allows ({allowed:.0f})"
+        )
+    if flood.refused and len(hints) < flood.refused:
+        defects.append(
+            f"tenants: {flood.refused - len(hints)} of {flood.refused} refusals of tenant flood carried no "
+            "google.rpc.RetryInfo retry hint"
+        )
+    if refused["p99_ms"] is not None and refused["p99_ms"] > 5:
+        findings.append(
+            f"tenants: the flood's refusals took p99 {refused['p99_ms']:.1f} ms from their send (target < 5 ms) "
+            f"while calm ran at c={concurrency} on the same cores"
+        )
+    if _sub(flood_p99, alone_p99) is not None and flood_p99 > 2 * alone_p99 and flood_p99 - alone_p99 > 5:
+        findings.append(
+            f"tenants: a flood refused at the gateway still raised calm's p99 from {alone_p99:.1f} to "
+            f"{flood_p99:.1f} ms (refusals and the load generator share the cores with the mesh)"
+        )
+    return {
+        "runs": runs,
+        "summary": {
+            "quota": quota,
+            "calm_concurrency": concurrency,
+            "flood_rate_rps": round(rate, 1),
+            "flood_factor": options.flood_factor,
+            "calm": calm_phases,
+            "calm_p99_ratio": round(flood_p99 / alone_p99, 2) if alone_p99 and not math.isnan(flood_p99) else None,
+            "flood": flood_summary,
+        },
+        "timelines": {
+            run["series"]: timeline(recording)
+            for run, recording in zip(runs, (alone, with_flood, flooding), strict=True)
+        },
+        "defects": defects,
+        "findings": findings,
+    }
+
+
+# 9. Cost of rejecting malformed requests ---------------------------------------------------------------
+
+MALFORMED_CPU_BUDGET_MS = 5.0  # the project's guide: a 16 MiB malformed request costs < 5 ms of gateway CPU
+CLIENT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+
+def _per_request_ms(cpu_s: float, count: int) -> float | None:
+    return round(1000 * cpu_s / count, 3) if count else None
+
+
+async def malformed(ctx: Context) -> dict[str, Any]:
+    """Requests of just under the gateway's max message, each malformed so that the gateway must refuse it
+    with INVALID_ARGUMENT, one at a time with the mesh otherwise idle: the status seen, client latency and the
+    gateway's CPU per rejection (from /proc, less an idle baseline over the same wall time)."""
+    mesh = await ctx.mesh()
+    assert mesh.gateway is not None and mesh.gateway.process is not None
+    count = ctx.options.malformed_requests
+    max_message = int(
+        mesh.options.gateway.get("max_message_bytes", GatewaySettings.model_fields["max_message_bytes"].default)
+    )
+    pid = mesh.gateway.process.pid
+    requests = await asyncio.to_thread(malformed_requests, max_message)
+    metadata = (("authorization", f"Bearer {ctx.api_key}"),)
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    rss_before = env.memory_mib(pid)
+    rows = []
+    channel_options = [
+        ("grpc.max_send_message_length", CLIENT_MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", CLIENT_MAX_MESSAGE_BYTES),
+    ]
+    async with grpc.aio.insecure_channel(mesh.gateway_address, options=channel_options) as channel:
+        call = channel.unary_unary(MODEL_INFER)
+
+        async def send(payload: bytes) -> tuple[str, str]:
+            try:
+                await call(payload, metadata=metadata, timeout=30)
+            except grpc.aio.AioRpcError as error:
+                return error.code().name, (error.details() or "")[:200]
+            return OK, ""
+
+        for request in requests:
+            ctx.log(f"malformed: {count} x {request.kind} ({len(request.payload) / 2**20:.2f} MiB)")
+            await send(request.payload)  # warm-up, discarded
+            codes: dict[str, int] = {}
+            examples: dict[str, str] = {}
+            latencies = []
+            cpu_before = env.cpu_seconds(pid)
+            started = time.perf_counter()
+            for _ in range(count):
+                sent = time.perf_counter()
+                code, message = await send(request.payload)
+                latencies.append((time.perf_counter() - sent) * 1000)
+                codes[code] = codes.get(code, 0) + 1
+                examples.setdefault(code, message)
+            wall = time.perf_counter() - started
+            busy = env.cpu_seconds(pid) - cpu_before
+            idle_before = env.cpu_seconds(pid)
+            await asyncio.sleep(wall)  # the same wall time with no requests: what the gateway spends anyway
+            idle = env.cpu_seconds(pid) - idle_before
+            latencies.sort()
+            rows.append(
+                {
+                    "kind": request.kind,
+                    "what": request.what,
+                    "bytes": len(request.payload),
+                    "requests": count,
+                    "codes": dict(sorted(codes.items())),
+                    "messages": examples,
+                    "p50_ms": _r(nearest_rank(latencies, 50)),
+                    "p99_ms": _r(nearest_rank(latencies, 99)),
+                    "wall_s": round(wall, 3),
+                    "gateway_cpu_ms": round(1000 * busy, 1),
+                    "idle_cpu_ms": round(1000 * idle, 1),
+                    "cpu_per_rejection_ms": _per_request_ms(busy - idle, count),
+                    "cpu_per_rejection_gross_ms": _per_request_ms(busy, count),
+                    "idle_per_request_ms": _per_request_ms(idle, count),
+                }
+            )
+    rss_after = env.memory_mib(pid)
+    defects = []
+    for row in rows:
+        wrong = {code: n for code, n in row["codes"].items() if code != "INVALID_ARGUMENT"}
+        if wrong:
+            messages = {code: row["messages"].get(code) for code in wrong}
+            defects.append(
+                f"malformed/{row['kind']}: {sum(wrong.values())} of {row['requests']} requests "
+                f"({row['bytes']:,} bytes, {row['what']}) answered {wrong} instead of INVALID_ARGUMENT "
+                f"(messages {messages})"
+            )
+        big = not row["kind"].startswith("reference")
+        cost = row["cpu_per_rejection_ms"]
+        if big and cost is not None and cost > MALFORMED_CPU_BUDGET_MS:
+            defects.append(
+                f"malformed/{row['kind']}: rejecting a {row['bytes'] / 2**20:.1f} MiB request ({row['what']}) cost "
+                f"{cost:.2f} ms of gateway CPU ({row['gateway_cpu_ms']:.0f} ms over {row['requests']} requests, "
+                f"{row['idle_cpu_ms']:.0f} ms idle over the same {row['wall_s']:.2f} s), over the "
+                f"{MALFORMED_CPU_BUDGET_MS:g} ms budget"
+            )
+    if not mesh.gateway.alive:
+        defects.append("malformed: the gateway exited during the malformed requests")
+    return {
+        "runs": [],
+        "summary": {
+            "requests_per_kind": count,
+            "max_message_bytes": max_message,
+            "cpu_resolution_ms": round(tick_ms / count, 3) if count else None,
+            "budget_ms": MALFORMED_CPU_BUDGET_MS,
+            "rows": rows,
+            "gateway_rss_mib": {"before": rss_before.get("VmRSS"), "after": rss_after.get("VmRSS")},
+            "gateway_vmhwm_mib": {"before": rss_before.get("VmHWM"), "after": rss_after.get("VmHWM")},
+        },
+        "defects": defects,
+    }
+
+
+# 10. Soak ------------------------------------------------------------------------------------------------
 
 
 async def soak(ctx: Context) -> dict[str, Any]:
@@ -936,7 +1207,9 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "outage": ("5. Feature store outage", feature_store_outage),
     "slow": ("6. Slow replica", slow_replica),
     "overload": ("7. Overload", overload),
-    "soak": ("8. Soak", soak),
+    "tenants": ("8. Fair share between tenants", tenants),
+    "malformed": ("9. Cost of rejecting malformed requests", malformed),
+    "soak": ("10. Soak", soak),
 }
 
 

@@ -7,11 +7,15 @@ Entity ids vary over the whole demo world (u0…u9999, m0…m999), so the featur
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as aioclient
+from google.rpc import error_details_pb2, status_pb2
+from tritonclient.grpc import service_pb2
 
 from demo import synthetic
 from infermesh.features import DEFAULTED_ENTITIES, FEATURES_UNAVAILABLE
@@ -19,6 +23,8 @@ from infermesh.proto import feature_store_pb2, feature_store_pb2_grpc
 
 POOL = 2048
 CLIENT_TIMEOUT_S = 10.0
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"  # for raw grpc.aio calls of serialized requests
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 def response_tag(result: aioclient.InferResult) -> str | None:
@@ -75,6 +81,155 @@ class FraudViaGateway:
             self.model, self.pool[i % POOL], headers=self.headers, client_timeout=self.timeout_s
         )
         return response_tag(result)
+
+
+def bytes_elements(items: Sequence[bytes]) -> bytes:
+    """BYTES tensor contents as raw_input_contents carries them: each element a 4-byte little-endian length,
+    then its bytes."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def infer_request(model: str, inputs: Sequence[tuple[str, str, Sequence[int], bytes]]) -> service_pb2.ModelInferRequest:
+    """A ModelInferRequest of (name, datatype, shape, raw contents) inputs, as declared: nothing is checked."""
+    request = service_pb2.ModelInferRequest(model_name=model)
+    for name, datatype, shape, _ in inputs:
+        request.inputs.add(name=name, datatype=datatype, shape=list(shape))
+    request.raw_input_contents.extend(raw for *_, raw in inputs)
+    return request
+
+
+def retry_delay_s(trailing_metadata: Sequence[tuple[str, str | bytes]] | None) -> float | None:
+    """The google.rpc.RetryInfo hint of a refused call (its `grpc-status-details-bin` trailer), None if none."""
+    for key, value in trailing_metadata or ():
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                return info.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
+class FraudViaGatewayRaw:
+    """`fraud` through the gateway as raw grpc.aio calls of pre-serialized requests, answers left undecoded:
+    the cheapest client, for a tenant flooding the gateway from the same cores. Counts its refusals
+    (RESOURCE_EXHAUSTED) and the retry hints they carried (google.rpc.RetryInfo), warm-up included."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        api_key: str,
+        model: str = "fraud",
+        *,
+        seed: int = 0,
+        timeout_s: float = CLIENT_TIMEOUT_S,
+    ) -> None:
+        self.call = channel.unary_unary(MODEL_INFER)
+        self.model = model
+        self.metadata = (("authorization", f"Bearer {api_key}"),)
+        self.timeout_s = timeout_s
+        users, merchants, amounts = _entity_draws(POOL, seed)
+        self.pool = [
+            infer_request(
+                model,
+                [
+                    ("user_id", "BYTES", [1], bytes_elements([f"u{u}".encode()])),
+                    ("merchant_id", "BYTES", [1], bytes_elements([f"m{m}".encode()])),
+                    ("amount", "FP32", [1], np.float32(a).tobytes()),
+                ],
+            ).SerializeToString()
+            for u, m, a in zip(users, merchants, amounts, strict=True)
+        ]
+        self.refused = 0
+        self.retry_hints_s: list[float] = []
+
+    async def __call__(self, i: int) -> str | None:
+        try:
+            await self.call(self.pool[i % POOL], metadata=self.metadata, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self.refused += 1
+                hint = retry_delay_s(error.trailing_metadata())
+                if hint is not None:
+                    self.retry_hints_s.append(hint)
+            raise
+        return None
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request the gateway must refuse with INVALID_ARGUMENT, serialized (sent as is by a raw call)."""
+
+    kind: str
+    what: str
+    payload: bytes
+
+
+ONE_BYTE_ELEMENT = struct.pack("<I", 1) + b"u"  # a BYTES element of one byte, as raw contents carry it
+SMALL_MALFORMED_BYTES = 1024
+OVERFLOW_SHAPE = (2**62, 2**62, 1)
+BIG_BATCH = 4_000_000
+
+
+def _fill(model: str, inputs: list[tuple[str, str, Sequence[int], bytes]], index: int, size: int, one_byte: bool):
+    """`inputs` with input `index`'s raw contents grown so that the serialized request is `size` bytes or a
+    few less: one-byte BYTES elements or zero bytes."""
+    base = infer_request(model, inputs).ByteSize()
+    room = max(0, size - base - 8)  # 8: the field's tag and length prefix grow with it
+    name, datatype, shape, raw = inputs[index]
+    extra = ONE_BYTE_ELEMENT * (room // len(ONE_BYTE_ELEMENT)) if one_byte else bytes(room)
+    grown = list(inputs)
+    grown[index] = (name, datatype, shape, raw + extra)
+    return infer_request(model, grown)
+
+
+def malformed_requests(max_message_bytes: int, *, margin: int = 96 * 1024) -> list[Malformed]:
+    """`fraud` requests of just under `max_message_bytes` (the gateway's largest accepted message, less
+    `margin`) that are each malformed in one way, and a small one as a reference for the fixed cost of a
+    refusal. Each declares shapes the gateway can refuse before decoding any data."""
+    size = max_message_bytes - margin
+    user = ("user_id", "BYTES", [1], bytes_elements([b"u1"]))
+    merchant = ("merchant_id", "BYTES", [1], bytes_elements([b"m1"]))
+    amount = ("amount", "FP32", [1], np.float32(42.0).tobytes())
+    model = "fraud"
+    count_mismatch = _fill(model, [user, merchant, amount], 0, size, one_byte=True)
+    small = _fill(model, [user, merchant, amount], 0, SMALL_MALFORMED_BYTES, one_byte=True)
+    overflow = _fill(model, [("user_id", "BYTES", OVERFLOW_SHAPE, b""), merchant, amount], 0, size, one_byte=False)
+    big = [
+        ("user_id", "BYTES", [BIG_BATCH], b""),
+        ("merchant_id", "BYTES", [BIG_BATCH], bytes_elements([b"m1"])),
+        ("amount", "FP32", [BIG_BATCH], bytes(4 * BIG_BATCH)),  # consistent with the shape: 4 bytes each
+    ]
+    over_batch = _fill(model, big, 0, size, one_byte=True)
+
+    def elements(request: service_pb2.ModelInferRequest) -> int:
+        return len(request.raw_input_contents[0]) // len(ONE_BYTE_ELEMENT)
+
+    return [
+        Malformed(
+            "count mismatch",
+            f"`user_id` BYTES shape [1], raw contents {elements(count_mismatch):,} one-byte elements",
+            count_mismatch.SerializeToString(),
+        ),
+        Malformed(
+            "shape overflow",
+            "`user_id` shape [2**62, 2**62, 1] (its element count overflows int64), "
+            f"{len(overflow.raw_input_contents[0]):,} raw bytes",
+            overflow.SerializeToString(),
+        ),
+        Malformed(
+            "batch over max",
+            f"every input shape [{BIG_BATCH:,}] (`fraud` max_batch_size 1024), `amount` {4 * BIG_BATCH:,} raw "
+            f"bytes, `user_id` {elements(over_batch):,} one-byte elements",
+            over_batch.SerializeToString(),
+        ),
+        Malformed(
+            "reference: small",
+            f"as `count mismatch`, {elements(small)} one-byte elements: {small.ByteSize():,} bytes in all",
+            small.SerializeToString(),
+        ),
+    ]
 
 
 class FraudDirect:

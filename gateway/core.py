@@ -99,13 +99,13 @@ class GatewayCore:
 
     async def model_metadata(self, call: Call, name: str, version: str) -> ModelInfo:
         entry = self.authorized_model(call, name, version)
-        metrics.label_request(name, version)
+        metrics.label_request(name, entry.resolve_version(version))  # labels: resolved versions only
         config = entry.config
         return ModelInfo(config.name, entry.versions, config.platform, config.inputs, config.outputs)
 
     async def model_config(self, call: Call, name: str, version: str) -> ModelConfig:
         entry = self.authorized_model(call, name, version)
-        metrics.label_request(name, version)
+        metrics.label_request(name, entry.resolve_version(version))  # labels: resolved versions only
         return entry.config
 
     async def repository_index(self, call: Call, ready_only: bool) -> list[ModelIndexEntry]:
@@ -122,7 +122,7 @@ class GatewayCore:
 
     async def infer(self, call: Call, request: InferRequest) -> InferAnswer:
         entry = self.authorized_model(call, request.model, request.version)
-        metrics.label_request(entry.config.name, request.version)
+        metrics.label_request(entry.config.name, entry.resolve_version(request.version))
         with self.quotas.admit(self.tenant(call)), self.admission:
             config = entry.config
             config.select_outputs(request.outputs)  # client-chosen names: checked before they are used anywhere

@@ -132,7 +132,7 @@ class ModelServiceCore:
         all, in declared order) with the version that served them."""
         name = request.model
         self.registry.entry(name)  # NotFound before anything else for an unknown model
-        metrics.label_request(name, request.version)
+        metrics.label_request(name)  # the version once resolved: a client-chosen one is not a label
         model = self.registry.get(name, request.version)
         config = model.config
         output_specs = config.select_outputs(request.outputs)

@@ -128,8 +128,7 @@ class RouterCore:
 
     async def model_config(self, call: Call, name: str, version: str) -> ModelConfig:
         entry = find_model(self.models, name)
-        entry.resolve_version(version)
-        metrics.label_request(name, version)
+        metrics.label_request(name, entry.resolve_version(version))
         return entry.config
 
     async def repository_index(self, call: Call, ready_only: bool) -> list[ModelIndexEntry]:
@@ -160,8 +159,8 @@ class RouterCore:
         model, malformed inputs, no replica) raises."""
         entry = find_model(self.models, batch.model)
         config = entry.config
-        metrics.label_request(config.name, batch.version)
         version = entry.resolve_version(batch.version)
+        metrics.label_request(config.name, version)  # labels carry resolved versions only
         output_names = [spec.name for spec in config.select_outputs(batch.outputs)]
         batch_rows = validate_headers(config.name, config.inputs, config.max_batch_size, batch.inputs.headers)
         tensors = batch.inputs.tensors(config.element_limits)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import jwt
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import rsa
 from tritonclient.grpc import InferInput  # the same class tritonclient.grpc.aio uses
 
 from demo.mesh import ApiKey, LocalMesh, MeshOptions
@@ -18,8 +22,37 @@ ALL_MODELS_KEY = "test-all-models-key-0123456789"
 FLOOD_KEY = "test-flood-key-0123456789"  # tenant "flood": 20 requests/s, burst 10, 4 in flight
 
 
+JWT_ISSUER = "https://issuer.infermesh.test"
+JWT_AUDIENCE = "infermesh-gateway"
+JWT_KID = "test-signer-1"
+# One signing key per test session; its public half is the JWKS the gateway trusts.
+SIGNING_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
 def auth(key: str = DEMO_KEY) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
+
+
+def token(kid: str = JWT_KID, **claims: Any) -> str:
+    """A JWT as an identity provider would issue it for tenant "demo" (claims override the defaults)."""
+    now = int(time.time())
+    payload = {
+        "iss": JWT_ISSUER,
+        "aud": JWT_AUDIENCE,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+        "tenant": "demo",
+        "models": ["fraud"],
+        **claims,
+    }
+    return jwt.encode(payload, SIGNING_KEY, algorithm="RS256", headers={"kid": kid})
+
+
+def write_jwks(path: Path) -> Path:
+    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(SIGNING_KEY.public_key()))
+    path.write_text(json.dumps({"keys": [{**public, "kid": JWT_KID, "use": "sig", "alg": "RS256"}]}))
+    return path
 
 
 def repository_with_strict_variant(demo_dir: Path, target: Path, **fraud_overrides: object) -> Path:
@@ -40,6 +73,13 @@ def repository_with_strict_variant(demo_dir: Path, target: Path, **fraud_overrid
 
 def start_mesh(demo_dir: Path, run_dir: Path, **options: object) -> LocalMesh:
     repository = options.pop("model_repository", None) or repository_with_strict_variant(demo_dir, run_dir)
+    gateway = {
+        "jwks_path": write_jwks(run_dir / "jwks.json"),
+        "jwt_issuer": JWT_ISSUER,
+        "jwt_audience": JWT_AUDIENCE,
+        "credentials_reload_s": 0.2,
+        **options.pop("gateway", {}),  # type: ignore[dict-item]
+    }
     mesh_options = MeshOptions(
         demo_dir=demo_dir,
         run_dir=run_dir,
@@ -51,6 +91,7 @@ def start_mesh(demo_dir: Path, run_dir: Path, **options: object) -> LocalMesh:
         ],
         tenants={"flood": {"rate_per_s": 20, "burst": 10, "max_inflight": 4}},
         model_repository=repository,
+        gateway=gateway,
         **options,  # type: ignore[arg-type]
     )
     return LocalMesh(mesh_options).start()

@@ -45,8 +45,9 @@ def test_metrics_count_requests_batches_and_feature_lookups(mesh: LocalMesh) -> 
     client.infer("fraud", fraud_inputs(["u3", "no-such-user"], ["m3", "m4"], [3.0, 4.0]), headers=auth())
     assert mesh.gateway and mesh.router and mesh.feature_service
     gateway = scrape(mesh.gateway.metrics_port)
+    # The version label is the version resolved for the request (the newest), never a client's free text.
     assert (
-        'infermesh_requests_total{code="OK",method="ModelInfer",model="fraud",service="gateway",version=""}' in gateway
+        'infermesh_requests_total{code="OK",method="ModelInfer",model="fraud",service="gateway",version="1"}' in gateway
     )
     assert "infermesh_request_duration_seconds_bucket" in gateway
     router = scrape(mesh.router.metrics_port)
