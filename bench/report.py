@@ -319,6 +319,87 @@ def _soak(s: dict[str, Any]) -> list[str]:
     ]
 
 
+def _tenants(s: dict[str, Any]) -> list[str]:
+    summary = s["summary"]
+    quota, calm, flood = summary["quota"], summary["calm"], summary["flood"]
+    calm_rows = [
+        [phase, p["requests"], p["errors"], p["throughput_rps"], p["p50_ms"], p["p99_ms"]] for phase, p in calm.items()
+    ]
+    hints = flood["retry_hint_ms"]
+    flood_row = [
+        flood["offered_rps"],
+        flood["requests"],
+        flood["accepted"],
+        flood["accepted_rps"],
+        flood["refused"],
+        _errors(flood["other_errors"]),
+        flood["refused_p50_ms"],
+        flood["refused_p99_ms"],
+        f"{flood['with_retry_hint']} of {flood['refusals_whole_run']}"
+        + (f" ({_f(hints[0])}-{_f(hints[1])} ms)" if hints else ""),
+        flood["generator_lag_p99_ms"],
+    ]
+    flood_header = ["offered req/s", "requests", "accepted", "accepted req/s", "refused (RESOURCE_EXHAUSTED)"]
+    flood_header += ["other errors", "refused p50 ms", "refused p99 ms", "refusals with RetryInfo (hint)"]
+    flood_header += ["generator lag p99 ms"]
+    alone, with_flood = calm.get("calm alone", {}), calm.get("calm with the flood", {})
+    failed = sum(p["errors"] for p in calm.values())
+    return [
+        "`fraud` through the gateway from two tenants allowed it: **calm** (no quota), closed loop "
+        f"c={summary['calm_concurrency']} (tritonclient), and **flood** (quota `rate_per_s` {quota.get('rate_per_s')}, "
+        f"`burst` {quota.get('burst')}, `max_inflight` {quota.get('max_inflight')}), open loop (Poisson) at "
+        f"{_f(summary['flood_rate_rps'])} req/s = {summary['flood_factor']:g} x its rate, by a raw grpc.aio client "
+        "of pre-serialized requests (the cheapest flood this machine can send). The quota is sized for this 2-core "
+        "machine: a small share of the ~1,000 req/s the mesh answers at c=8, so the flood is mostly refusals, "
+        "which must cost the gateway too little to take the cores from calm. Phase A: calm alone; phase B: the "
+        "same calm load with the flood running beside it. Refusal latency counts from the actual send; the "
+        "RetryInfo column counts every refusal of the run, warm-up included.",
+        "",
+        *_table(["calm", "requests", "failed", "req/s", "p50 ms", "p99 ms"], calm_rows),
+        "",
+        *_table(flood_header, [flood_row]),
+        "",
+        f"Calm's p99: {_f(alone.get('p99_ms'))} ms alone, {_f(with_flood.get('p99_ms'))} ms with the flood "
+        f"({_f(summary['calm_p99_ratio'])}x); calm requests failed: {failed}. The flood got "
+        f"{flood['accepted_whole_run']} answers over the whole run; its quota allows "
+        f"{_f(flood['quota_allows_whole_run'])}.",
+    ]
+
+
+def _malformed(s: dict[str, Any]) -> list[str]:
+    summary = s["summary"]
+    rows = [
+        [
+            r["kind"],
+            r["what"],
+            f"{r['bytes'] / 2**20:.2f} MiB" if r["bytes"] >= 2**20 else f"{r['bytes']:,} B",
+            _errors(r["codes"]),
+            r["p50_ms"],
+            r["p99_ms"],
+            r["cpu_per_rejection_ms"],
+            r["idle_per_request_ms"],
+        ]
+        for r in summary["rows"]
+    ]
+    header = ["kind", "request", "size", "status seen", "client p50 ms", "client p99 ms"]
+    header += ["gateway CPU per rejection ms", "idle baseline ms (per request's share)"]
+    rss = summary["gateway_rss_mib"]
+    return [
+        f"With the mesh otherwise idle, {summary['requests_per_kind']} requests of each kind, one at a time, "
+        "pre-serialized and sent by a raw grpc.aio call just under the gateway's max message "
+        f"({summary['max_message_bytes'] / 2**20:g} MiB), each of which the gateway must refuse with "
+        "INVALID_ARGUMENT (one more before each kind, discarded). Gateway CPU per rejection = (Δ utime+stime of "
+        "the gateway process from /proc/<pid>/stat over the requests, less the same Δ over the same wall time "
+        f"idle right after) / requests; resolution {_f(summary['cpu_resolution_ms'], 3)} ms per request "
+        "(one clock tick over the count). The small request is a reference for the fixed cost of a refusal.",
+        "",
+        *_table(header, rows),
+        "",
+        f"Gateway VmRSS {_f(rss['before'], 1)} MiB before, {_f(rss['after'], 1)} MiB after; budget: "
+        f"< {summary['budget_ms']:g} ms of gateway CPU per 16 MiB malformed request.",
+    ]
+
+
 RENDER = {
     "floor": _floor,
     "overhead": _overhead,
@@ -328,6 +409,8 @@ RENDER = {
     "outage": _outage,
     "slow": _slow,
     "overload": _overload,
+    "tenants": _tenants,
+    "malformed": _malformed,
     "soak": _soak,
 }
 
@@ -383,6 +466,41 @@ def targets(data: dict[str, Any]) -> list[str]:
     if "batching" in by_name:
         speedup = by_name["batching"]["summary"].get("speedup_within_budget")
         rows.append(["dynamic batching vs off at equal p99", "≥ 3x", f"{_f(speedup)}x", met(speedup and speedup >= 3)])
+    if "tenants" in by_name:
+        summary = by_name["tenants"]["summary"]
+        p99 = summary["flood"]["refused_p99_ms"]
+        rows.append(
+            [
+                "a tenant past its quota refused (RESOURCE_EXHAUSTED), p99 from send",
+                "< 5 ms",
+                f"{_f(p99)} ms over {summary['flood']['refused']} refusals",
+                met(None if p99 is None else p99 < 5),
+            ]
+        )
+        failed = sum(p["errors"] for p in summary["calm"].values())
+        rows.append(
+            [
+                f"another tenant's requests during that flood (c={summary['calm_concurrency']})",
+                "none refused or failed",
+                f"{failed} failed; p99 {_f(summary['calm'].get('calm alone', {}).get('p99_ms'))} ms alone, "
+                f"{_f(summary['calm'].get('calm with the flood', {}).get('p99_ms'))} ms with the flood",
+                met(failed == 0),
+            ]
+        )
+    if "malformed" in by_name:
+        summary = by_name["malformed"]["summary"]
+        big = [r for r in summary["rows"] if not r["kind"].startswith("reference")]
+        costs = [r["cpu_per_rejection_ms"] for r in big if r["cpu_per_rejection_ms"] is not None]
+        worst = max(big, key=lambda r: r["cpu_per_rejection_ms"] or 0.0, default=None)
+        if worst is not None:
+            rows.append(
+                [
+                    "rejecting a 16 MiB malformed request, gateway CPU",
+                    f"≤ {summary['budget_ms']:g} ms",
+                    f"{_f(worst['cpu_per_rejection_ms'])} ms at most ({worst['kind']})",
+                    met(all(cost <= summary["budget_ms"] for cost in costs) if costs else None),
+                ]
+            )
     if "soak" in by_name:
         growth = by_name["soak"]["summary"]["growth_pct"]
         worst = max(growth.values(), default=0.0)
@@ -520,6 +638,7 @@ def markdown(data: dict[str, Any], *, plot_path: str | None, full: bool, gpu: di
         "make bench BENCH_ARGS='--scenarios overhead,failover --duration 10 --concurrency 1,16,64'",
         "make bench BENCH_ARGS='--scenarios features --concurrency 128,256'   # feature reads past 100 at once",
         "make bench BENCH_ARGS='--scenarios overload'                          # shedding at 3 x capacity",
+        "make bench BENCH_ARGS='--scenarios tenants,malformed'                 # fair share, malformed requests",
         "make bench BENCH_ARGS='--scenarios batching --device cuda'           # scenario 3 on a GPU",
         "```",
         "",
@@ -635,6 +754,8 @@ def plot(data: dict[str, Any], path: Path) -> Path | None:
     for ax, scenario in zip(axes.flat, scenarios, strict=False):
         if scenario["name"] in SWEEPS or scenario["name"] == "overload":
             _plot_sweep(ax, scenario)
+        elif scenario["name"] == "malformed":
+            _plot_malformed(ax, scenario)
         else:
             _plot_timeline(ax, scenario)
         ax.set_title(scenario["title"], fontsize=11)
@@ -672,6 +793,19 @@ def _plot_sweep(ax: Any, scenario: dict[str, Any]) -> None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6 if len(series) > 3 else 7, ncol=2 if len(series) > 3 else 1)
+
+
+def _plot_malformed(ax: Any, scenario: dict[str, Any]) -> None:
+    summary = scenario["summary"]
+    rows = summary["rows"]
+    x = range(len(rows))
+    ax.bar([k - 0.2 for k in x], [r["cpu_per_rejection_ms"] or 0.0 for r in rows], 0.4, label="gateway CPU ms")
+    ax.bar([k + 0.2 for k in x], [r["p50_ms"] or 0.0 for r in rows], 0.4, label="client p50 ms")
+    ax.axhline(summary["budget_ms"], color="red", linestyle="--", linewidth=0.8, label="CPU budget")
+    ax.set_xticks(list(x), [r["kind"] for r in rows], fontsize=7)
+    ax.set_ylabel("ms per rejected request")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
 
 
 def _plot_timeline(ax: Any, scenario: dict[str, Any]) -> None:

@@ -80,7 +80,7 @@ class BenchOptions:
     # flood's 500 req/s must be refused cheaply enough not to take the cores from calm.
     calm_concurrency: int = 8
     flood_rate_per_s: float = 50.0
-    flood_burst: float = 50.0
+    flood_burst: int = 50
     flood_max_inflight: int = 8
     flood_factor: float = 10.0
     malformed_requests: int = 50  # scenario 9: requests of each malformed kind

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from infermesh import metrics
+from infermesh import metrics, telemetry
 from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, Overloaded
 
@@ -30,6 +30,8 @@ class Pending:
     size: int = 0  # bytes, where the batch has a byte budget
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
+    trace_context: Any = field(default_factory=telemetry.current_context)  # the request's trace, when traced
+    queued_at_ns: int = 0  # time.time_ns() when it had to queue for a batch (0: it did not wait)
 
 
 BatchRunner = Callable[[list[Pending]], Awaitable[None]]
@@ -86,6 +88,8 @@ class Coalescer:
                     pending.future.exception()  # retrieved: raised below or superseded by the timeout
             return pending.future.result()
         self._admit(1)
+        if pending.trace_context is not None:
+            pending.queued_at_ns = time.time_ns()
         self._queue.append(pending)
         self._dispatch()
         try:
@@ -99,6 +103,10 @@ class Coalescer:
         """Several requests at once (e.g. the segments of a gateway batch); each gets its own result or
         exception, in order. Admitted all or none."""
         self._admit(len(pendings))
+        now_ns = time.time_ns()
+        for pending in pendings:
+            if pending.trace_context is not None:
+                pending.queued_at_ns = now_ns
         self._queue.extend(pendings)
         self._dispatch()
         futures = [p.future for p in pendings]
@@ -154,7 +162,8 @@ class Coalescer:
     async def _run(self, batch: list[Pending]) -> None:
         try:
             self._batch_size.observe(sum(p.rows for p in batch))
-            await self._run_batch(batch)
+            with telemetry.batch_context(self._service, [(p.trace_context, p.queued_at_ns) for p in batch]):
+                await self._run_batch(batch)
         except BaseException as error:
             for pending in batch:
                 if not pending.future.done():

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.util.types import AttributeValue as AttributeValue  # re-exported: span attribute values
@@ -136,3 +138,56 @@ def record_span(name: str, start_ns: int, end_ns: int, **attributes: AttributeVa
         return
     recorded = tracer.start_span(name, start_time=start_ns, attributes=attributes)
     recorded.end(end_time=end_ns)
+
+
+# Requests that share a batch ---------------------------------------------------------------------------
+
+
+def current_context() -> otel_context.Context | None:
+    """The calling request's trace context, to hand to the batch that will carry it (None: tracing is off)."""
+    return otel_context.get_current() if _enabled else None
+
+
+@contextmanager
+def batch_context(name: str, requests: Sequence[tuple[otel_context.Context | None, int]]) -> Iterator[None]:
+    """Run a batch under the right trace. `requests`: each request's trace context and, for one that queued,
+    when it was queued (time.time_ns(); 0: it did not wait).
+
+    A batch serving one request (or several from one trace, e.g. a gateway batch's segments) runs in that
+    trace. A batch serving several requests gets a span of its own in a trace of its own, linked to each of
+    them; each request gets a wait span in its own trace, linked to the batch. So no span of one request ever
+    lands in another request's trace, and every request's trace still leads to the work that served it."""
+    if not _enabled:
+        yield
+        return
+    parents: dict[int, otel_context.Context] = {}
+    for context, _ in requests:
+        if context is not None:
+            parents.setdefault(trace.get_current_span(context).get_span_context().span_id, context)
+    if len(parents) <= 1:
+        context = next(iter(parents.values()), None)
+        token = otel_context.attach(context) if context is not None else None
+        try:
+            _record_waits(name, requests, None)
+            yield
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+        return
+    links = [trace.Link(trace.get_current_span(c).get_span_context()) for c in parents.values()]
+    batch = tracer.start_span(f"{name}.batch", context=otel_context.Context(), links=links)
+    batch.set_attribute("requests", len(requests))
+    _record_waits(name, requests, batch.get_span_context())
+    with trace.use_span(batch, end_on_exit=True):  # ends it, also on error or cancellation
+        yield
+
+
+def _record_waits(
+    name: str, requests: Sequence[tuple[otel_context.Context | None, int]], batch: trace.SpanContext | None
+) -> None:
+    now = time.time_ns()
+    links = [trace.Link(batch)] if batch is not None else None
+    for context, queued_at in requests:
+        if context is not None and queued_at:
+            wait = tracer.start_span(f"{name}.batch_wait", context=context, start_time=queued_at, links=links)
+            wait.end(end_time=now)

@@ -27,10 +27,10 @@ SERVER, CLIENT = 2, 3  # OTLP SpanKind
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    """Keeps every exported span by trace id: (service, span name, kind, start, end)."""
+    """Keeps every exported span by trace id: (service, span name, kind, start, end, linked trace ids)."""
 
     def __init__(self) -> None:
-        self.spans: dict[str, list[tuple[str, str, int, int, int]]] = defaultdict(list)
+        self.spans: dict[str, list[tuple[str, str, int, int, int, tuple[str, ...]]]] = defaultdict(list)
 
     async def Export(self, request, context):
         for resource_spans in request.resource_spans:
@@ -39,8 +39,9 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
             )
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
+                    links = tuple(link.trace_id.hex() for link in span.links)
                     self.spans[span.trace_id.hex()].append(
-                        (service, span.name, span.kind, span.start_time_unix_nano, span.end_time_unix_nano)
+                        (service, span.name, span.kind, span.start_time_unix_nano, span.end_time_unix_nano, links)
                     )
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -157,4 +158,54 @@ async def test_spans_end_when_the_deadline_expires(collector_and_mesh) -> None:
 
     spans = await collector.wait_for(trace_id, all_ended)
     assert expected <= {(s[0], s[1], s[2]) for s in spans}, spans
-    assert all(end >= start > 0 for _, _, _, start, end in spans)
+    assert all(end >= start > 0 for _, _, _, start, end, _ in spans)
+
+
+def reachable(collector: Collector, trace_id: str) -> set[tuple[str, str]]:
+    """(service, span name) of every span in a trace or in the traces its spans link to, transitively."""
+    seen, todo, names = {trace_id}, [trace_id], set()
+    while todo:
+        for service, name, _, _, _, links in collector.spans.get(todo.pop(), []):
+            names.add((service, name))
+            for linked in links:
+                if linked not in seen:
+                    seen.add(linked)
+                    todo.append(linked)
+    return names
+
+
+async def test_coalesced_requests_keep_their_own_traces_linked_to_the_work_that_served_them(
+    collector_and_mesh,
+) -> None:
+    """16 concurrent requests, each with its own trace: the gateway and router coalesce them, yet each trace
+    holds only its own request's spans, and its links lead to the feature read and the forward pass."""
+    collector, mesh = collector_and_mesh
+    headers = [traceparent() for _ in range(16)]
+    async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+        results = await asyncio.gather(
+            *(
+                client.infer("fraud", fraud_inputs([f"u{i}"], [f"m{i}"], [float(i)]), headers={**auth(), **header})
+                for i, (_, header) in enumerate(headers)
+            )
+        )
+    assert all(r.as_numpy("fraud_probability").shape == (1,) for r in results)
+    request_traces = [trace_id for trace_id, _ in headers]
+    served = {("feature_service", "redis.mget"), ("model_service", "model.forward")}
+    gateway_call = ("gateway", "/inference.GRPCInferenceService/ModelInfer")
+
+    deadline = time.monotonic() + 20
+    for _ in range(400):  # spans arrive in export batches: await them, up to 20 s
+        if time.monotonic() > deadline or all(
+            served | {gateway_call} <= reachable(collector, t) for t in request_traces
+        ):
+            break
+        await asyncio.sleep(0.05)
+    for trace_id in request_traces:
+        assert served <= reachable(collector, trace_id), trace_id
+        gateway_servers = [s for s in collector.spans[trace_id] if s[0] == "gateway" and s[2] == SERVER]
+        assert len(gateway_servers) == 1, "one request's trace holds exactly its own gateway call"
+    # Batches of several requests live in traces of their own, linked to the requests: no request's span there.
+    batch_traces = {linked for t in request_traces for span in collector.spans[t] for linked in span[5]}
+    assert batch_traces, "the requests were never coalesced: the test did not exercise batches"
+    for trace_id in batch_traces - set(request_traces):
+        assert not [s for s in collector.spans[trace_id] if s[0] == "gateway" and s[2] == SERVER], trace_id
