@@ -178,16 +178,23 @@ def memory_mib(pid: int) -> dict[str, float]:
     return found
 
 
-def cpu_ticks(stat: str) -> int:
-    """utime + stime (clock ticks, every thread of the process, live or exited) from a /proc/<pid>/stat line.
-    The fields are counted after the command name's closing parenthesis (the name may hold spaces or ')')."""
+def cpu_ticks(stat: str) -> tuple[int, int]:
+    """(utime, stime) in clock ticks, every thread of the process (live or exited), from a /proc/<pid>/stat
+    line. Fields are counted after the command name's closing parenthesis (the name may hold spaces or ')')."""
     fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5); fields[0] is field 3, the state
+    return int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5); fields[0] is field 3, the state
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds the process has used so far; resolution one clock tick (10 ms at 100 Hz)."""
+    user, system = cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time the process has used so far (user + system), in seconds; resolution one clock tick."""
-    return cpu_ticks(Path(f"/proc/{pid}/stat").read_text()) / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system) the process has used so far, in seconds."""
+    return sum(cpu_times(pid))
 
 
 def mesh_pids(mesh: LocalMesh) -> dict[str, int]:

@@ -172,7 +172,9 @@ OVERFLOW_SHAPE = (2**62, 2**62, 1)
 BIG_BATCH = 4_000_000
 
 
-def _fill(model: str, inputs: list[tuple[str, str, Sequence[int], bytes]], index: int, size: int, one_byte: bool):
+def _fill(
+    model: str, inputs: list[tuple[str, str, Sequence[int], bytes]], index: int, size: int, *, one_byte: bool
+) -> service_pb2.ModelInferRequest:
     """`inputs` with input `index`'s raw contents grown so that the serialized request is `size` bytes or a
     few less: one-byte BYTES elements or zero bytes."""
     base = infer_request(model, inputs).ByteSize()
@@ -220,7 +222,7 @@ def malformed_requests(max_message_bytes: int, *, margin: int = 96 * 1024) -> li
         ),
         Malformed(
             "batch over max",
-            f"every input shape [{BIG_BATCH:,}] (`fraud` max_batch_size 1024), `amount` {4 * BIG_BATCH:,} raw "
+            f"every input shape [{BIG_BATCH:,}] (far above `fraud`'s max_batch_size), `amount` {4 * BIG_BATCH:,} raw "
             f"bytes, `user_id` {elements(over_batch):,} one-byte elements",
             over_batch.SerializeToString(),
         ),

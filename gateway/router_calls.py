@@ -3,6 +3,7 @@ Transport-free: the router is reached through the `RouterPort` protocol (`gatewa
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
@@ -45,6 +46,11 @@ def batch_rows_within(entry: ModelEntry, outputs: Iterable[str], max_bytes: int)
     if row_bytes == 0:
         return config.max_batch_size
     return max(1, min(config.max_batch_size, max_bytes // row_bytes))
+
+
+def _group_name(key: tuple[object, ...]) -> str:
+    """A short stable name for a coalescing group (requested outputs and input signature), for metric labels."""
+    return hashlib.blake2s(repr(key).encode(), digest_size=4).hexdigest()
 
 
 class RouterCalls:
@@ -119,6 +125,8 @@ class RouterCalls:
                 max_inflight=self._max_inflight_batches,
                 max_pending=self._max_pending,
                 max_size=self._max_message_bytes // 2,  # headroom for the merged message's own framing
+                version=entry.resolve_version(request.version),
+                group=_group_name(key),
             )
         return coalescer
 
@@ -127,6 +135,7 @@ class RouterCalls:
         for key, coalescer in self._coalescers.items():  # oldest first
             if coalescer.idle:
                 del self._coalescers[key]
+                coalescer.forget_metrics()
                 return True
         return False
 

@@ -47,6 +47,8 @@ class Coalescer:
         max_inflight: int,
         max_pending: int,
         max_size: int | None = None,
+        version: str = "",
+        group: str = "",
     ) -> None:
         self._max_size = max_size
         self._service = service
@@ -57,7 +59,8 @@ class Coalescer:
         self._queue: deque[Pending] = deque()
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._depth = metrics.QUEUE_DEPTH.labels(service, model)
+        self._depth_labels = (service, model, version, group)
+        self._depth = metrics.QUEUE_DEPTH.labels(*self._depth_labels)
         self._batch_size = metrics.BATCH_SIZE.labels(service, model)
 
     @property
@@ -175,6 +178,10 @@ class Coalescer:
         finally:
             self._inflight -= 1
             self._dispatch()
+
+    def forget_metrics(self) -> None:
+        """Drop this queue's gauge series (the queue itself is being dropped)."""
+        metrics.QUEUE_DEPTH.remove(*self._depth_labels)
 
     async def close(self) -> None:
         for task in list(self._tasks):

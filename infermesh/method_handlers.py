@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -119,7 +120,7 @@ class ServiceHandlers:
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(handler.stream_stream),
+                self._wrap_stream(handler.stream_stream, short_name),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -161,9 +162,12 @@ class ServiceHandlers:
 
         return wrapped
 
-    def _wrap_stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-            metrics.request_labels.set(metrics.RequestLabels())
+            labels = metrics.RequestLabels()
+            metrics.request_labels.set(labels)
+            # Each message is a request: counted, timed and in flight like a unary call (StreamMessages).
+            stream_messages.set(StreamMessages(self, method, labels))
             try:
                 async for response in behavior(_checked(request_iterator), context):
                     yield response
@@ -176,6 +180,34 @@ class ServiceHandlers:
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
         return wrapped
+
+
+class StreamMessages:
+    """Counts the messages of one stream as requests: `begin()` when one arrives, `end(started, code)` when it
+    is answered (in order). The stream's servicer calls them; the handler wrapper sets one up per stream."""
+
+    __slots__ = ("_handlers", "_labels", "_method")
+
+    def __init__(self, handlers: ServiceHandlers, method: str, labels: metrics.RequestLabels) -> None:
+        self._handlers = handlers
+        self._method = method
+        self._labels = labels
+
+    def begin(self) -> float:
+        self._handlers._inflight.inc()
+        self._labels.model = self._labels.version = ""  # set again by the core for this message's model
+        return time.perf_counter()
+
+    def end(self, started: float, code: str) -> None:
+        self._handlers._inflight.dec()
+        requests, latency = self._handlers._metric_children(
+            self._method, self._labels.model, self._labels.version, code
+        )
+        requests.inc()
+        latency.observe(time.perf_counter() - started)
+
+
+stream_messages: ContextVar[StreamMessages | None] = ContextVar("infermesh_stream_messages", default=None)
 
 
 class _WrappedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped

@@ -32,7 +32,14 @@ ADMISSION_REJECTED = Counter(
     "Requests refused at once because a bound was reached.",
     ["service", "reason"],
 )
-QUEUE_DEPTH = Gauge("infermesh_queue_depth", "Requests waiting in a batching queue.", ["service", "model"])
+QUEUE_DEPTH = Gauge(
+    "infermesh_queue_depth",
+    "Requests waiting in a batching queue, per queue: model version and, at the gateway, coalescing group.",
+    ["service", "model", "version", "group"],
+)
+MODEL_LOADED = Gauge(
+    "infermesh_model_loaded", "Model versions a model service replica has loaded and serves (1).", ["model", "version"]
+)
 BATCH_SIZE = Histogram(
     "infermesh_batch_size", "Rows per batch sent to a model.", ["service", "model"], buckets=BATCH_BUCKETS
 )

@@ -4,6 +4,7 @@ infermesh.method_handlers. Each call's deadline is built here, once, from the gR
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -14,7 +15,7 @@ from google.protobuf.message import DecodeError
 from infermesh import oip
 from infermesh.dataplane import Call, Dataplane, InferAnswer, InferRequest, StreamError
 from infermesh.errors import InvalidInput
-from infermesh.method_handlers import call_of
+from infermesh.method_handlers import call_of, stream_messages
 from infermesh.proto import inference_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -81,16 +82,33 @@ class OipServicer:
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # An unauthenticated stream ends here, at once, before it reads a message or holds a slot for long.
         caller = self.dataplane.authenticate(self._call(context))
+        counter = stream_messages.get()
+        started: deque[float] = deque()  # answers come in order: the oldest start is the next answer's
 
         async def requests() -> AsyncIterator[tuple[Call, InferRequest]]:
             async for encoded in request_iterator:
+                if counter is not None:
+                    started.append(counter.begin())
                 # Each message gets its own deadline (the stream's, else the default from now).
                 call = replace(caller, deadline=self._call(context).deadline)
-                yield call, encoded.request()  # a message that does not parse ends the stream (INVALID_ARGUMENT)
+                try:
+                    request = encoded.request()
+                except InvalidInput:  # a message that does not parse ends the stream (INVALID_ARGUMENT)
+                    if counter is not None:
+                        counter.end(started.pop(), "INVALID_ARGUMENT")
+                    raise
+                yield call, request
 
         answer: InferAnswer | StreamError
-        async for answer in self.dataplane.stream(requests()):
-            yield oip.stream_response(answer)
+        try:
+            async for answer in self.dataplane.stream(requests()):
+                if counter is not None and started:
+                    code = answer.error.code.name if isinstance(answer, StreamError) else "OK"
+                    counter.end(started.popleft(), code)
+                yield oip.stream_response(answer)
+        finally:
+            while counter is not None and started:  # the stream ended with messages unanswered
+                counter.end(started.popleft(), "CANCELLED")
 
 
 def _unary(behavior: Any, request_type: Any, response_serializer: Any = None) -> grpc.RpcMethodHandler:

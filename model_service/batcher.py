@@ -89,7 +89,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"forward-{model}-{version}", initializer=thread_initializer
         )
-        self._queue_depth = metrics.QUEUE_DEPTH.labels(SERVICE, model)
+        self._queue_depth = metrics.QUEUE_DEPTH.labels(SERVICE, model, version, "")
         self._batch_size = metrics.BATCH_SIZE.labels(SERVICE, model)
         self._queue_wait = metrics.QUEUE_WAIT.labels(SERVICE, model)
         self._forward_latency = metrics.FORWARD_LATENCY.labels(model, version, device)

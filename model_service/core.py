@@ -65,6 +65,7 @@ class ModelServiceCore:
             )
             batcher.start()
             self.batchers[(name, version)] = batcher
+            metrics.MODEL_LOADED.labels(name, version).set(1)
         self._loaded = True
 
     def draining(self) -> None:

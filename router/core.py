@@ -227,6 +227,7 @@ class RouterCore:
                 max_rows=min(self._max_batch_rows, entry.config.max_batch_size),
                 max_inflight=self._max_inflight_batches,
                 max_pending=self._max_pending_requests,
+                version=version,
             )
         return coalescer
 

@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import tritonclient.grpc.aio as aioclient
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2, status_pb2
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
+from bench import environment as env
 from bench import report
 from bench.__main__ import options_from, parse_args
 from bench.loadgen import Sample, closed_loop, nearest_rank, open_loop, result, status_code, summarize, timeline
 from bench.scenarios import SCENARIOS, BenchOptions, Context, run_scenario
-from bench.workloads import FraudViaGateway
+from bench.workloads import FraudViaGateway, malformed_requests, retry_delay_s
 from demo.mesh import LocalMesh
-from tests.e2e.meshes import DEMO_KEY
+from tests.e2e.meshes import DEMO_KEY, FLOOD_KEY
 
 RUN_KEYS = {"label", "mode", "duration_s", "warmup_s", "requests", "ok", "errors", "tags", "throughput_rps"}
 PERCENTILE_KEYS = {"p50", "p90", "p95", "p99", "mean", "max"}
@@ -144,6 +149,91 @@ async def test_floor_and_soak_scenarios(mesh: LocalMesh, demo_dir: Path, tmp_pat
     assert "(floor) empty servers in the mesh's topology, p50 at c=1" in text and "RSS over 1 s at c=64" in text
 
 
+def test_malformed_requests_are_just_under_the_limit_and_malformed_as_declared() -> None:
+    limit = 16 * 1024 * 1024
+    requests = {r.kind: r for r in malformed_requests(limit)}
+    assert list(requests) == ["count mismatch", "shape overflow", "batch over max", "reference: small"]
+    for kind, request in requests.items():
+        size = len(request.payload)
+        if kind.startswith("reference"):
+            assert size <= 1024
+        else:
+            assert limit - 128 * 1024 < size < limit, kind
+    parsed = {kind: service_pb2.ModelInferRequest.FromString(r.payload) for kind, r in requests.items()}
+    mismatch = parsed["count mismatch"]
+    assert [list(t.shape) for t in mismatch.inputs] == [[1], [1], [1]]
+    assert len(mismatch.raw_input_contents[0]) > 3_000_000 * 5  # millions of elements for a declared one
+    assert list(parsed["shape overflow"].inputs[0].shape) == [2**62, 2**62, 1]
+    assert all(list(t.shape) == [4_000_000] for t in parsed["batch over max"].inputs)
+
+
+def test_retry_hint_and_cpu_parsing() -> None:
+    delay = Duration()
+    delay.FromMilliseconds(20)
+    detail = status_pb2.Status(code=8, message="over quota")
+    detail.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    trailers = (("other", "x"), ("grpc-status-details-bin", detail.SerializeToString()))
+    assert retry_delay_s(trailers) == pytest.approx(0.02)
+    assert retry_delay_s((("grpc-status-details-bin", status_pb2.Status(code=8).SerializeToString()),)) is None
+    assert retry_delay_s(None) is None
+    line = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 317 25 0 0 20 0 3 0 1000 2000 300"
+    assert env.cpu_ticks(line) == (317, 25)
+    user, system = env.cpu_times(os.getpid())
+    assert user > 0 and system >= 0 and env.cpu_seconds(os.getpid()) >= user
+
+
+async def test_tenants_and_malformed_scenarios(mesh: LocalMesh, demo_dir: Path, tmp_path: Path) -> None:
+    # The session mesh's tenants: "demo" (no quota) plays calm, "flood" has the quota the scenario reads.
+    assert "flood" in mesh.options.tenants
+    options = BenchOptions(duration_s=0.4, warmup_s=0.1, mesh_warmup_s=0.0, calm_concurrency=4, malformed_requests=2)
+    ctx = Context(
+        demo_dir=demo_dir,
+        run_dir=tmp_path,
+        options=options,
+        api_key=DEMO_KEY,
+        tenant_keys={"calm": DEMO_KEY, "flood": FLOOD_KEY},
+        shared_mesh=mesh,
+    )
+    tenants = await run_scenario(ctx, "tenants")
+    malformed = await run_scenario(ctx, "malformed")
+    await ctx.close()
+    assert mesh.gateway is not None and mesh.gateway.alive
+    assert tenants["defects"] == []
+    summary = tenants["summary"]
+    assert set(summary["calm"]) == {"calm alone", "calm with the flood"}
+    assert all(p["errors"] == 0 and p["throughput_rps"] > 0 for p in summary["calm"].values())
+    for flood in summary["flood"].values():
+        assert flood["refused"] > 0 and flood["other_errors"] == {}
+        assert flood["accepted_whole_run"] <= flood["quota_allows_whole_run"] + 1
+    assert summary["retry_hints"]["with_hint"] == summary["retry_hints"]["refusals"] > 0
+    rows = malformed["summary"]["rows"]
+    assert [r["kind"] for r in rows] == ["count mismatch", "shape overflow", "batch over max", "reference: small"]
+    # The figures themselves are not asserted (CPU time comes in 10 ms ticks); what the gateway answered is.
+    assert all(r["codes"] == {"INVALID_ARGUMENT": 2} for r in rows), [r["codes"] for r in rows]
+    assert all(r["cpu_per_rejection_ms"] is not None and r["p50_ms"] > 0 for r in rows)
+    data = {"scenarios": [tenants, malformed]}
+    text = "\n".join(report.targets(data))
+    assert "a tenant past its quota refused" in text and "rejecting a 16 MiB malformed request, gateway CPU" in text
+    for scenario in (tenants, malformed):
+        assert report.RENDER[scenario["name"]](scenario)
+    assert report.plot({**data, "machine": _MACHINE}, tmp_path / "plot.png").stat().st_size > 0
+
+
+_MACHINE = {
+    "nproc": 2,
+    "cpu": "test",
+    "memory_gib": 1,
+    "os": "Linux",
+    "python": "3.11",
+    "torch": "x",
+    "grpcio": "x",
+    "tritonclient": "x",
+    "redis_server": "Redis server v=7",
+    "cuda": False,
+    "gpu": None,
+}
+
+
 def test_cli_options() -> None:
     args = parse_args(["--quick", "--scenarios", "overhead,failover", "--concurrency", "2,4"])
     assert args.names == ["overhead", "failover"]
@@ -158,6 +248,8 @@ def test_cli_options() -> None:
         "outage",
         "slow",
         "overload",
+        "tenants",
+        "malformed",
         "soak",
     ]
     with pytest.raises(SystemExit):

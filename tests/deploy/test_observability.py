@@ -243,7 +243,7 @@ def test_oncall_dashboard() -> None:
     assert "sum by (service, code)" in text and 'code!="OK"' in text, "errors by code"
     assert "infermesh_inflight_requests" in text, "in-flight"
     assert "infermesh_replicas_up" in text and "up{job=" in text, "replicas"
-    assert "infermesh_build_info" in text and "process_start_time_seconds" in text, "recent deploys"
+    assert "infermesh_model_loaded" in text and "process_start_time_seconds" in text, "model versions, deploys"
     annotations = [a for a in dashboard["annotations"]["list"] if "expr" in a]
     assert any("process_start_time_seconds" in a["expr"] for a in annotations), "deploy markers on every graph"
 

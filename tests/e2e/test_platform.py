@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from demo.mesh import LocalMesh
-from tests.e2e.meshes import auth, fraud_inputs
+from tests.e2e.meshes import auth, fraud_inputs, metric
 
 EXPECTED_SERVICES = {
     "gateway": "inference.GRPCInferenceService",
@@ -61,7 +61,17 @@ def test_metrics_count_requests_batches_and_feature_lookups(mesh: LocalMesh) -> 
     assert "infermesh_forward_seconds_bucket" in replicas
 
 
+def stream_count(mesh: LocalMesh, code: str) -> float:
+    return metric(
+        mesh.gateway.metrics_port,
+        "infermesh_requests_total",
+        f'code="{code}",method="ModelStreamInfer",model="fraud",service="gateway",version="1"',
+    )
+
+
 def test_stream_infer_through_the_gateway(mesh: LocalMesh) -> None:
+    """Each message answered on its own; each counted as a request, in requests and latency."""
+    ok_before, invalid_before = stream_count(mesh, "OK"), stream_count(mesh, "INVALID_ARGUMENT")
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(mesh.gateway_address)
     client.start_stream(callback=lambda result, error: results.put((result, error)), headers=auth())
@@ -79,6 +89,10 @@ def test_stream_infer_through_the_gateway(mesh: LocalMesh) -> None:
     assert sorted(r.get_response().id for r in good) == ["0", "1"]
     assert all(r.as_numpy("fraud_probability").shape == (1,) for r in good)
     assert len(errors) == 1 and "input 'user_id' is missing" in str(errors[0])
+    assert stream_count(mesh, "OK") - ok_before == 2
+    assert stream_count(mesh, "INVALID_ARGUMENT") - invalid_before == 1
+    latency = metric(mesh.gateway.metrics_port, "infermesh_request_duration_seconds_count", 'method="ModelStreamInfer"')
+    assert latency >= 3
 
 
 def test_malformed_messages_are_invalid_argument_everywhere(mesh: LocalMesh) -> None:

@@ -254,3 +254,22 @@ async def test_forward_runs_in_one_initialised_worker_thread() -> None:
     await batcher.close()
     assert len(forward_threads) == 1 and initialised == list(forward_threads)
     assert threading.current_thread().name not in forward_threads  # the event loop's thread stays free
+
+
+async def test_each_version_has_its_own_queue_depth_series() -> None:
+    """Two versions of one model served at once: two series, not one that the last writer wins."""
+    from prometheus_client import REGISTRY
+
+    batchers = [
+        Batcher("two_versions", version, lambda arrays: arrays, 8, DynamicBatching(max_queue_delay_us=0))
+        for version in ("1", "2")
+    ]
+    try:
+        for batcher in batchers:
+            await batcher.submit({"x": np.zeros((1, 2), np.float32)}, 1)
+        for version in ("1", "2"):
+            labels = {"service": "model_service", "model": "two_versions", "version": version, "group": ""}
+            assert REGISTRY.get_sample_value("infermesh_queue_depth", labels) == 0.0
+    finally:
+        for batcher in batchers:
+            await batcher.close()
