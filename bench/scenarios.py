@@ -1047,7 +1047,7 @@ async def tenants(ctx: Context) -> dict[str, Any]:
         findings.append(
             f"tenants: the flood's refusals took p99 {beside['refused_p99_ms']:.1f} ms from their send (target "
             f"< 5 ms) while calm ran at c={concurrency} on the same cores; "
-            f"p99 {by_itself['refused_p99_ms']} ms with the flood alone"
+            f"p99 {by_itself['refused_p99_ms'] or math.nan:.1f} ms with the flood alone"
         )
     if _sub(flood_p99, alone_p99) is not None and flood_p99 > 2 * alone_p99 and flood_p99 - alone_p99 > 5:
         findings.append(

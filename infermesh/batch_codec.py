@@ -22,7 +22,7 @@ def batch_request(batch: InferBatch) -> pb.InferBatchRequest:
     request = pb.InferBatchRequest(model_name=batch.model, model_version=batch.version, outputs=batch.outputs)
     for header in batch.inputs.headers:
         request.inputs.add(name=header.name, datatype=header.datatype, shape=header.shape)
-    request.raw_input_contents.extend(batch.inputs.raw())
+    request.raw_input_contents.extend(bytes(raw) for raw in batch.inputs.raw())  # views become bytes here
     for segment in batch.segments:
         message = request.segments.add(rows=segment.rows, id=segment.id)
         if segment.parameters:

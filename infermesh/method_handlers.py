@@ -137,13 +137,21 @@ class ServiceHandlers:
             code = "OK"
             inflight.inc()
             try:
-                if request is MALFORMED:
-                    raise errors.InvalidInput("malformed request: the message could not be parsed")
-                return await behavior(request, context)
-            except errors.DomainError as error:
-                status = status_for(error)
+                try:
+                    if request is MALFORMED:
+                        raise errors.InvalidInput("malformed request: the message could not be parsed")
+                    return await behavior(request, context)
+                except errors.DomainError as error:
+                    # Only what the answer needs leaves this block, and the request is let go before aborting:
+                    # gRPC keeps the abort exception on the call, and its traceback holds this frame, so
+                    # anything this frame or the error's traceback still referenced (the request's megabytes)
+                    # would stay alive in a reference cycle until a full garbage collection. Measured: 1 GB
+                    # after 40 refusals of a 16 MiB request.
+                    status = status_for(error)
+                    refusal = (status, str(error), _status_details(error))
+                del request
                 code = status.name
-                await context.abort(status, str(error), _status_details(error))
+                await context.abort(*refusal)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise

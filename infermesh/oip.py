@@ -3,7 +3,9 @@ the public protocol's protobuf is read and written."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+
+from google.protobuf.message import DecodeError
 
 from infermesh.dataplane import (
     EncodedInferResponse,
@@ -20,6 +22,7 @@ from infermesh.errors import InvalidInput
 from infermesh.model_config import ModelConfig, TensorSpec
 from infermesh.proto import inference_pb2 as pb
 from infermesh.tensors import MAX_INPUTS, MessageInputs, Tensor, decode_raw, to_raw
+from infermesh.wire import split_raw_contents
 
 SERVER_NAME = "infermesh"
 
@@ -27,14 +30,31 @@ SERVER_NAME = "infermesh"
 # Requests ---------------------------------------------------------------------------------------------
 
 
-def infer_request(message: pb.ModelInferRequest, encoded: bytes = b"") -> InferRequest:
-    """The domain request of a ModelInferRequest; its input data is decoded only when asked for."""
+def parse_infer_request(encoded: bytes) -> InferRequest:
+    """A serialized ModelInferRequest → the domain request, without copying its raw contents.
+
+    The raw contents (nearly all of a large request) are located in the received bytes and kept as views;
+    only the rest, small, is parsed by protobuf. A malformed request thus costs the same small time whatever
+    its size, and a valid one is copied once less."""
+    head, raw = split_raw_contents(encoded)
+    try:
+        message = pb.ModelInferRequest.FromString(head)
+    except DecodeError:
+        raise InvalidInput("malformed request: the message could not be parsed") from None
+    return infer_request(message, encoded, raw)
+
+
+def infer_request(
+    message: pb.ModelInferRequest, encoded: bytes = b"", raw: Sequence[memoryview] | None = None
+) -> InferRequest:
+    """The domain request of a ModelInferRequest; its input data is decoded only when asked for. `raw`: its
+    raw contents when they were kept apart from the message (`parse_infer_request`)."""
     if len(message.outputs) > MAX_INPUTS or len(message.parameters) > MAX_INPUTS:
         raise InvalidInput(f"request has more than {MAX_INPUTS} requested outputs or parameters")
     return InferRequest(
         model=message.model_name,
         version=message.model_version,
-        inputs=MessageInputs(message),
+        inputs=MessageInputs(message, raw),
         id=message.id,
         outputs=[output.name for output in message.outputs],
         parameters=parameters_of(message.parameters) if message.parameters else {},

@@ -10,7 +10,6 @@ from dataclasses import replace
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from infermesh import oip
 from infermesh.dataplane import Call, Dataplane, InferAnswer, InferRequest, StreamError
@@ -31,11 +30,7 @@ class EncodedInfer:
         self.encoded = encoded
 
     def request(self) -> InferRequest:
-        try:
-            message = pb.ModelInferRequest.FromString(self.encoded)
-        except DecodeError:
-            raise InvalidInput("malformed request: the message could not be parsed") from None
-        return oip.infer_request(message, self.encoded)
+        return oip.parse_infer_request(self.encoded)
 
 
 class OipServicer:

@@ -49,6 +49,7 @@ CONTENTS_FIELD: dict[str, str] = {
 }
 
 _LENGTH = struct.Struct("<I")
+Buffer = bytes | memoryview  # raw contents: bytes, or a view of the bytes a message arrived in
 ElementLimits = Mapping[str, int]  # input name → the longest BYTES element it may hold
 MAX_INPUTS = 1024  # inputs (or requested outputs) per request
 MAX_RANK = 8  # dimensions per tensor (numpy allows 64; no model here needs more than a few)
@@ -83,7 +84,7 @@ def check_shape(name: str, shape: Any) -> tuple[int, ...]:
     return dims
 
 
-def decode_bytes(name: str, raw: bytes, count: int, max_element_bytes: int | None = None) -> np.ndarray:
+def decode_bytes(name: str, raw: Buffer, count: int, max_element_bytes: int | None = None) -> np.ndarray:
     """Parse length-prefixed BYTES elements; the buffer must hold exactly `count` elements.
 
     The work is bounded by `count` (from the already-checked shape), never by what the buffer claims: a buffer
@@ -128,7 +129,7 @@ def encode_bytes(array: np.ndarray) -> bytes:
 
 
 def decode_raw(
-    name: str, datatype: str, shape: tuple[int, ...], raw: bytes, max_element_bytes: int | None = None
+    name: str, datatype: str, shape: tuple[int, ...], raw: Buffer, max_element_bytes: int | None = None
 ) -> np.ndarray:
     count = element_count(shape)
     if datatype == "BYTES":
@@ -169,7 +170,7 @@ def decode_contents(
         raise InvalidInput(f"input '{name}': a value does not fit {datatype}") from error
 
 
-def _check_raw_count(raw_contents: Sequence[bytes], inputs: int) -> None:
+def _check_raw_count(raw_contents: Sequence[Buffer], inputs: int) -> None:
     if raw_contents and len(raw_contents) != inputs:
         raise InvalidInput(
             f"request has {len(raw_contents)} raw_input_contents for {inputs} inputs; "
@@ -185,11 +186,15 @@ def _checked_header(name: str, datatype: str, shape: Any, seen: Mapping[str, obj
     return check_shape(name, shape)
 
 
-def decode_inputs(request: Any, max_element_bytes: ElementLimits | None = None) -> dict[str, Tensor]:
+def decode_inputs(
+    request: Any, max_element_bytes: ElementLimits | None = None, raw_contents: Sequence[Buffer] | None = None
+) -> dict[str, Tensor]:
     """All inputs of a ModelInferRequest as numpy arrays; checks raw/typed consistency and sizes.
-    `max_element_bytes`: the longest BYTES element each input may hold (by name)."""
+    `max_element_bytes`: the longest BYTES element each input may hold (by name). `raw_contents`: the raw
+    contents when they were kept apart from the message (views of the bytes received: no copy)."""
     limits = max_element_bytes or {}
-    raw_contents = request.raw_input_contents
+    if raw_contents is None:
+        raw_contents = request.raw_input_contents
     _check_raw_count(raw_contents, len(request.inputs))
     tensors: dict[str, Tensor] = {}
     for index, tensor in enumerate(request.inputs):
@@ -240,7 +245,7 @@ class Inputs(Protocol):
         bounded by the headers' shapes (check them first) and BYTES elements by `max_element_bytes`."""
         ...
 
-    def raw(self) -> list[bytes]:
+    def raw(self) -> list[Buffer]:
         """Every input's data as raw OIP bytes, in header order (as received where it came raw)."""
         ...
 
@@ -256,10 +261,11 @@ def _headers_of(inputs: Sequence[Any]) -> list[InputHeader]:
 class MessageInputs:
     """The inputs of a ModelInferRequest message (read through its fields: no protobuf import here)."""
 
-    __slots__ = ("_headers", "_message", "_tensors")
+    __slots__ = ("_headers", "_message", "_raw", "_tensors")
 
-    def __init__(self, message: Any) -> None:
+    def __init__(self, message: Any, raw: Sequence[Buffer] | None = None) -> None:
         self._message = message
+        self._raw = raw  # raw_input_contents kept apart from the message (views, no copies); None: in it
         self._headers: list[InputHeader] | None = None
         self._tensors: dict[str, Tensor] | None = None
 
@@ -271,12 +277,13 @@ class MessageInputs:
 
     def tensors(self, max_element_bytes: ElementLimits | None = None) -> dict[str, Tensor]:
         if self._tensors is None:
-            self._tensors = decode_inputs(self._message, max_element_bytes)
+            self._tensors = decode_inputs(self._message, max_element_bytes, self._raw)
         return self._tensors
 
-    def raw(self) -> list[bytes]:
-        if self._message.raw_input_contents:
-            return list(self._message.raw_input_contents)
+    def raw(self) -> list[Buffer]:
+        raw = self._raw if self._raw is not None else self._message.raw_input_contents
+        if raw:
+            return list(raw)
         return [to_raw(t.datatype, t.data) for t in self.tensors().values()]
 
 
@@ -285,7 +292,7 @@ class RawInputs:
 
     __slots__ = ("_headers", "_raw", "_tensors")
 
-    def __init__(self, headers: Sequence[InputHeader], raw: Sequence[bytes]) -> None:
+    def __init__(self, headers: Sequence[InputHeader], raw: Sequence[Buffer]) -> None:
         self._headers = list(headers)
         self._raw = list(raw)
         self._tensors: dict[str, Tensor] | None = None
@@ -308,7 +315,7 @@ class RawInputs:
             self._tensors = tensors
         return self._tensors
 
-    def raw(self) -> list[bytes]:
+    def raw(self) -> list[Buffer]:
         return self._raw
 
 
@@ -328,5 +335,5 @@ class DecodedInputs:
     def tensors(self, max_element_bytes: ElementLimits | None = None) -> dict[str, Tensor]:
         return self._tensors
 
-    def raw(self) -> list[bytes]:
+    def raw(self) -> list[Buffer]:
         return [to_raw(t.datatype, t.data) for t in self._tensors.values()]
