@@ -3,6 +3,9 @@ public signature, and forwards to the router (`gateway.router_calls`)."""
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 
@@ -21,9 +24,11 @@ from infermesh.dataplane import (
     StreamError,
     serve_stream,
 )
-from infermesh.errors import Overloaded
+from infermesh.errors import DomainError, Overloaded
 from infermesh.model_config import ModelConfig, ModelEntry, find_model
 from infermesh.validation import validate_headers
+
+access_log = logging.getLogger("infermesh.access")
 
 SERVER_NAME = "infermesh"
 EXTENSIONS = ("model_repository", "infermesh_features")
@@ -55,6 +60,7 @@ class GatewayCore:
         max_inflight: int,
         router: RouterPort,
         calls: RouterCalls,
+        access_log_rate: float = 0.0,
     ) -> None:
         self.models = dict(models)
         self.keys = keys
@@ -62,6 +68,7 @@ class GatewayCore:
         self.router = router
         self.router_calls = calls
         self.quotas = TenantQuotas()
+        self.access_log_rate = access_log_rate
 
     def authenticate(self, call: Call) -> Call:
         if isinstance(call.principal, Tenant):
@@ -121,6 +128,44 @@ class GatewayCore:
     # Inference ---------------------------------------------------------------------------------------
 
     async def infer(self, call: Call, request: InferRequest) -> InferAnswer:
+        if self.access_log_rate and random.random() < self.access_log_rate:
+            return await self._logged_infer(call, request)
+        return await self._infer(call, request)
+
+    async def _logged_infer(self, call: Call, request: InferRequest) -> InferAnswer:
+        """One access log line (sampled): who, which model and version, the outcome, how long, the flags. Never
+        inputs, feature values or credentials; the trace id comes with every log line."""
+        started = time.perf_counter()
+        status, flags = "OK", {}
+        try:
+            answer = await self._infer(call, request)
+            if isinstance(answer, EncodedInferResponse):
+                flags = self.router.flags_of(answer.data)
+            return answer
+        except DomainError as error:
+            status = error.code.name
+            raise
+        finally:
+            # Only names the mesh knows: a model or version the caller made up is not logged.
+            entry = self.models.get(request.model)
+            version = ""
+            if entry is not None and status == "OK":
+                version = entry.resolve_version(request.version)
+            try:
+                tenant = self.tenant(call).name  # authenticated already, but for a call made in-process
+            except DomainError:
+                tenant = ""
+            fields = {
+                "tenant": tenant,
+                "model": request.model if entry is not None else "",
+                "version": version,
+                "status": status,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                **flags,
+            }
+            access_log.info("access", extra={"fields": fields})
+
+    async def _infer(self, call: Call, request: InferRequest) -> InferAnswer:
         entry = self.authorized_model(call, request.model, request.version)
         metrics.label_request(entry.config.name, entry.resolve_version(request.version))
         with self.quotas.admit(self.tenant(call)), self.admission:

@@ -29,6 +29,10 @@ class RouterPort(Protocol):
 
     async def model_ready(self, name: str, version: str) -> bool: ...
 
+    def flags_of(self, encoded_response: bytes) -> dict[str, str]:
+        """The response parameters (infermesh_* flags) of a serialised ModelInferResponse."""
+        ...
+
 
 def batch_rows_within(entry: ModelEntry, outputs: Iterable[str], max_bytes: int) -> int:
     """Most rows a coalesced batch may hold so that its response stays within `max_bytes`: max_batch_size,

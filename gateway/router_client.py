@@ -83,5 +83,9 @@ class RouterClient:
             return False
         return bool(reply.ready)
 
+    def flags_of(self, encoded_response: bytes) -> dict[str, str]:
+        parameters = pb.ModelInferResponse.FromString(encoded_response).parameters
+        return {key: value.string_param for key, value in parameters.items() if key.startswith("infermesh_")}
+
     async def close(self) -> None:
         await self.channel.close()

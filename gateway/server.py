@@ -47,6 +47,7 @@ class GatewayService(Service):
             settings.max_inflight,
             self.router,
             router_calls,
+            settings.access_log_rate,
         )
         oip_servicer.add_to_server(oip_servicer.OipServicer(self.core, settings.default_timeout_s), server)
         return [oip_servicer.SERVICE]

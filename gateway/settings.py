@@ -28,6 +28,13 @@ class GatewaySettings(ServiceSettings):
     jwt_issuer: str = Field("", description="The `iss` a JWT must carry (required with jwks_path).")
     jwt_audience: str = Field("", description="The `aud` a JWT must name (required with jwks_path).")
     jwt_leeway_s: float = Field(30.0, ge=0, description="Clock skew allowed on a JWT's exp and nbf.")
+    access_log_rate: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="Share of requests that get an access log line (tenant, model, version, status, latency, "
+        "flags, trace id; never inputs or credentials); 0 turns it off.",
+    )
     credentials_reload_s: float = Field(
         1.0, gt=0, description="How often the key and JWKS files are checked for changes (a stat each)."
     )

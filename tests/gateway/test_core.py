@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -118,6 +119,9 @@ class Router:
     async def model_ready(self, name: str, version: str) -> bool:
         return True
 
+    def flags_of(self, encoded_response: bytes) -> dict[str, str]:
+        return {"infermesh_stale_rows": "0"}
+
 
 class Undecodable(DecodedInputs):
     """Inputs that must not be decoded (a request refused before any work)."""
@@ -218,3 +222,36 @@ async def test_the_table_of_coalescing_groups_is_bounded_and_makes_room_from_idl
         assert await calls.infer(entry, request, 1, Deadline.after(5)) == b"answer to r"
         assert len(calls._coalescers) <= 2
     assert ("m", "", ("z", "y"), (("x", "FP32", (4,)),)) in calls._coalescers
+
+
+async def test_a_sampled_access_log_line_says_who_what_and_how_it_went_and_nothing_secret(
+    keys: tuple[KeyStore, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    store, key = keys
+    core = gateway(store, Router())
+    core.access_log_rate = 1.0
+    with caplog.at_level(logging.INFO, logger="infermesh.access"):
+        await core.infer(Call(Deadline.after(5), f"Bearer {key}"), x_request("r1"))
+        with pytest.raises(Unauthenticated):
+            await core.infer(Call(Deadline.after(5), "Bearer wrong"), x_request("r2"))
+        with pytest.raises(PermissionDenied):
+            await core.infer(
+                Call(Deadline.after(5), f"Bearer {key}"), InferRequest("secret-model", "", Undecodable({}))
+            )
+    served, refused, denied = (record.fields for record in caplog.records)  # type: ignore[attr-defined]
+    assert served["tenant"] == "acme" and served["model"] == "fraud" and served["version"] == "1"
+    assert served["status"] == "OK" and served["infermesh_stale_rows"] == "0" and served["latency_ms"] >= 0
+    assert refused["status"] == "UNAUTHENTICATED" and refused["tenant"] == "" and refused["version"] == ""
+    assert denied["status"] == "PERMISSION_DENIED" and denied["model"] == ""  # a made-up name is not logged
+    assert key not in caplog.text and "wrong" not in caplog.text
+
+
+async def test_the_access_log_is_off_when_its_rate_is_zero(
+    keys: tuple[KeyStore, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    store, key = keys
+    core = gateway(store, Router())
+    core.access_log_rate = 0.0
+    with caplog.at_level(logging.INFO, logger="infermesh.access"):
+        await core.infer(Call(Deadline.after(5), f"Bearer {key}"), x_request("r1"))
+    assert caplog.records == []
