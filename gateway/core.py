@@ -11,8 +11,8 @@ from dataclasses import replace
 
 from gateway.auth import KeyStore, Tenant
 from gateway.quotas import TenantQuotas
-from gateway.router_calls import RouterCalls, RouterPort
-from infermesh import __version__, metrics
+from gateway.router_calls import Routed, RouterCalls, RouterPort
+from infermesh import __version__, metrics, timing
 from infermesh.dataplane import (
     Call,
     EncodedInferResponse,
@@ -166,6 +166,7 @@ class GatewayCore:
             access_log.info("access", extra={"fields": fields})
 
     async def _infer(self, call: Call, request: InferRequest) -> InferAnswer:
+        timed_from = time.perf_counter() if timing.wanted(request.parameters) else None
         entry = self.authorized_model(call, request.model, request.version)
         metrics.label_request(entry.config.name, entry.resolve_version(request.version))
         with self.quotas.admit(self.tenant(call)), self.admission:
@@ -175,8 +176,21 @@ class GatewayCore:
             # the same small time whatever it claims.
             rows = validate_headers(config.name, config.inputs, config.max_batch_size, request.inputs.headers)
             request.inputs.tensors(config.element_limits)
-            answer = await self.router_calls.infer(entry, request, rows, call.deadline)
-            return EncodedInferResponse(answer)
+            routed = await self.router_calls.infer(entry, request, rows, call.deadline)
+            if timed_from is None:
+                return EncodedInferResponse(routed.data)
+            return EncodedInferResponse(self._with_timing(routed, timed_from))
+
+    def _with_timing(self, routed: Routed, started: float) -> bytes:
+        """The answer with the gateway's share and the transport to the router added to the hops' timings."""
+        below = self.router.flags_of(routed.data)
+        parts = {key: value for key, value in below.items() if key in timing.PARTS}
+        transport = routed.router_s - timing.seconds_of(parts) + timing.seconds_of(parts, (timing.TRANSPORT,))
+        spent = {
+            timing.GATEWAY: timing.ms(time.perf_counter() - started - routed.router_s),
+            timing.TRANSPORT: timing.ms(transport),
+        }
+        return self.router.with_flags(routed.data, spent)
 
     def stream(self, requests: AsyncIterator[tuple[Call, InferRequest]]) -> AsyncIterator[InferAnswer | StreamError]:
         return serve_stream(self, requests)

@@ -4,7 +4,9 @@ Transport-free: the router is reached through the `RouterPort` protocol (`gatewa
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from infermesh.coalescer import Coalescer, Pending
@@ -33,6 +35,10 @@ class RouterPort(Protocol):
         """The response parameters (infermesh_* flags) of a serialised ModelInferResponse."""
         ...
 
+    def with_flags(self, encoded_response: bytes, flags: dict[str, str]) -> bytes:
+        """A serialised ModelInferResponse with these response parameters added."""
+        ...
+
 
 def batch_rows_within(entry: ModelEntry, outputs: Iterable[str], max_bytes: int) -> int:
     """Most rows a coalesced batch may hold so that its response stays within `max_bytes`: max_batch_size,
@@ -55,6 +61,14 @@ def batch_rows_within(entry: ModelEntry, outputs: Iterable[str], max_bytes: int)
 def _group_name(key: tuple[object, ...]) -> str:
     """A short stable name for a coalescing group (requested outputs and input signature), for metric labels."""
     return hashlib.blake2s(repr(key).encode(), digest_size=4).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A request's answer from the router, and how long the router call that carried it took."""
+
+    data: bytes  # the serialised ModelInferResponse, as the client gets it
+    router_s: float
 
 
 class RouterCalls:
@@ -84,16 +98,17 @@ class RouterCalls:
         self._max_message_bytes = max_message_bytes
         self._coalescers: dict[tuple[object, ...], Coalescer] = {}
 
-    async def infer(self, entry: ModelEntry, request: InferRequest, rows: int, deadline: Deadline) -> bytes:
+    async def infer(self, entry: ModelEntry, request: InferRequest, rows: int, deadline: Deadline) -> Routed:
         coalescer = self._coalescer(entry, request) if self._enabled else None
         if coalescer is None:
             return await self._alone(request, rows, deadline)
-        answer: bytes = await coalescer.submit(Pending(request, rows, deadline, size=len(request.encoded)))
+        answer: Routed = await coalescer.submit(Pending(request, rows, deadline, size=len(request.encoded)))
         return answer
 
-    async def _alone(self, request: InferRequest, rows: int, deadline: Deadline) -> bytes:
+    async def _alone(self, request: InferRequest, rows: int, deadline: Deadline) -> Routed:
+        started = time.perf_counter()
         if request.encoded:  # the client's bytes as they came
-            return await self.router.infer(request.encoded, deadline)
+            return Routed(await self.router.infer(request.encoded, deadline), time.perf_counter() - started)
         batch = InferBatch(
             request.model,
             request.version,
@@ -104,7 +119,7 @@ class RouterCalls:
         (answer,) = await self.router.infer_batch(batch, deadline)
         if isinstance(answer, DomainError):
             raise answer
-        return answer
+        return Routed(answer, time.perf_counter() - started)
 
     def _coalescer(self, entry: ModelEntry, request: InferRequest) -> Coalescer | None:
         config = entry.config
@@ -155,14 +170,16 @@ class RouterCalls:
                     batch[0].future.set_result(answer)
                 return
             merged = merge(model, version, [p.payload for p in batch], [p.rows for p in batch])
+            started = time.perf_counter()
             answers = await self.router.infer_batch(merged, deadline)
+            router_s = time.perf_counter() - started
             for pending, result in zip(batch, answers, strict=True):
                 if pending.future.done():
                     continue
                 if isinstance(result, DomainError):
                     pending.future.set_exception(result)
                 else:
-                    pending.future.set_result(result)
+                    pending.future.set_result(Routed(result, router_s))
 
         return run
 

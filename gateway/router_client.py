@@ -87,5 +87,11 @@ class RouterClient:
         parameters = pb.ModelInferResponse.FromString(encoded_response).parameters
         return {key: value.string_param for key, value in parameters.items() if key.startswith("infermesh_")}
 
+    def with_flags(self, encoded_response: bytes, flags: dict[str, str]) -> bytes:
+        response = pb.ModelInferResponse.FromString(encoded_response)
+        for key, value in flags.items():
+            response.parameters[key].string_param = value
+        return response.SerializeToString()
+
     async def close(self) -> None:
         await self.channel.close()

@@ -104,8 +104,12 @@ class Batcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.model}")
 
-    async def submit(self, inputs: Arrays, rows: int, deadline: Deadline | None = None) -> Arrays:
-        """Queue `rows` rows ([rows, ...] arrays) and wait for their outputs. Raises QueueFull at once if full."""
+    async def submit(
+        self, inputs: Arrays, rows: int, deadline: Deadline | None = None, timing: dict[str, float] | None = None
+    ) -> Arrays:
+        """Queue `rows` rows ([rows, ...] arrays) and wait for their outputs. Raises QueueFull at once if full.
+        `timing`, when given, gets the seconds the request queued ("queue") and its batch's forward pass took
+        ("forward")."""
         if self._closed:
             raise Unavailable(f"model '{self.model}' is shutting down")
         if deadline is not None and deadline.at <= self._clock():
@@ -129,7 +133,11 @@ class Batcher:
         self._queue_depth.set(len(self._pending))
         self._notify()
         try:
-            return await request.future
+            outputs = await request.future
+            if timing is not None:
+                timing["queue"] = (request.dispatched_ns - request.enqueued_ns) / 1e9
+                timing["forward"] = (request.forward_end_ns - request.forward_start_ns) / 1e9
+            return outputs
         except asyncio.CancelledError:
             if not request.taken:  # free its queue slot now rather than when the loop reaches it
                 self._pending.remove(request)

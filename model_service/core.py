@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from infermesh import __version__, metrics
+from infermesh import __version__, metrics, timing
 from infermesh.dataplane import (
     Call,
     InferAnswer,
@@ -143,15 +143,20 @@ class ModelServiceCore:
         if batcher is None:  # loaded but not started: only between load_all and the end of load()
             raise FailedPrecondition(f"model '{name}' version '{model.version}' is not serving")
         arrays = {spec.name: tensors[spec.name].data for spec in model.input_specs}
-        results = await batcher.submit(arrays, rows, call.deadline)
+        spent: dict[str, float] | None = {} if timing.wanted(request.parameters) else None
+        results = await batcher.submit(arrays, rows, call.deadline, spent)
         metrics.label_request(name, model.version)  # the version actually served, not the (maybe empty) one asked
         replica_id = self.settings.replica_id
+        parameters = {"replica_id": replica_id} if replica_id else {}
+        if spent is not None:
+            parameters[timing.MODEL_QUEUE] = timing.ms(spent["queue"])
+            parameters[timing.FORWARD] = timing.ms(spent["forward"])
         return InferResponse(
             name,
             model.version,
             [Tensor(spec.name, spec.datatype, results[spec.name].shape, results[spec.name]) for spec in output_specs],
             request.id,
-            {"replica_id": replica_id} if replica_id else {},
+            parameters,
         )
 
     def stream(self, requests: AsyncIterator[tuple[Call, InferRequest]]) -> AsyncIterator[InferAnswer | StreamError]:

@@ -8,13 +8,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from infermesh import oip
+from infermesh import oip, timing
 from infermesh.channels import insecure_channel
 from infermesh.deadline import Deadline
 from infermesh.features import FeatureBlock, FeatureQuery
 from infermesh.method_handlers import error_from_rpc
 from infermesh.proto import feature_store_pb2, feature_store_pb2_grpc, inference_pb2_grpc
 from infermesh.tensors import Tensor
+from router.core import ModelAnswer
 
 
 class FeatureServiceClient:
@@ -72,14 +73,17 @@ class ModelServiceClient:
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def infer(
-        self, model: str, version: str, inputs: Sequence[Tensor], deadline: Deadline
-    ) -> tuple[str, dict[str, Tensor]]:
+        self, model: str, version: str, inputs: Sequence[Tensor], deadline: Deadline, timed: bool = False
+    ) -> ModelAnswer:
         request = oip.infer_request_message(model, version, inputs)
+        if timed:
+            request.parameters[timing.TIMING].bool_param = True
         try:
             response = await self._stub.ModelInfer(request, timeout=deadline.remaining())
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, "model service") from None
-        return response.model_version, oip.response_outputs(response)
+        spent = {k: v.string_param for k, v in response.parameters.items() if k in timing.PARTS} if timed else {}
+        return ModelAnswer(response.model_version, oip.response_outputs(response), spent)
 
     async def health_check(self, timeout_s: float) -> bool:
         try:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from typing import Protocol
 
-from infermesh import __version__, metrics, telemetry
+from infermesh import __version__, metrics, telemetry, timing
 from infermesh.coalescer import Coalescer, Pending
 from infermesh.dataplane import (
     Call,
@@ -64,10 +64,20 @@ class FeatureReader(Protocol):
         ...
 
 
+@dataclass(slots=True)
+class ModelAnswer:
+    version: str  # the version that served
+    outputs: dict[str, Tensor]
+    timing: dict[str, str]  # the model service's per-hop timing parameters, when asked for
+    seconds: float = 0.0  # the whole call, as the router saw it
+
+
 class ModelClient(Protocol):
     async def infer(
-        self, model: str, version: str, inputs: Sequence[Tensor], deadline: Deadline
-    ) -> tuple[str, dict[str, Tensor]]: ...
+        self, model: str, version: str, inputs: Sequence[Tensor], deadline: Deadline, timed: bool = False
+    ) -> ModelAnswer:
+        """`timed`: ask the model service for its per-hop timing (infermesh.timing)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -157,6 +167,7 @@ class RouterCore:
     async def infer_batch(self, call: Call, batch: InferBatch) -> BatchResult:
         """Each segment succeeds or fails on its own, as if sent alone; a failure of the batch as a whole (unknown
         model, malformed inputs, no replica) raises."""
+        started = time.perf_counter()
         entry = find_model(self.models, batch.model)
         config = entry.config
         version = entry.resolve_version(batch.version)
@@ -170,15 +181,18 @@ class RouterCore:
         check_segments(segments, batch_rows)
         rows = [segment.rows for segment in segments]
         deadline = call.deadline
+        timed = [timing.wanted(segment.parameters) for segment in segments]
 
         if config.feature_spec is None:
-            served, outputs = await self.call_model(config.name, version, list(tensors.values()), deadline)
+            model = await self.call_model(config.name, version, list(tensors.values()), deadline, any(timed))
             sliced_results, row = [], 0
-            for count in rows:
-                sliced = [slice_rows(outputs[n], row, row + count) for n in output_names if n in outputs]
-                sliced_results.append(SegmentResult(count, sliced))
+            for count, wants_timing in zip(rows, timed, strict=True):
+                sliced = [slice_rows(model.outputs[n], row, row + count) for n in output_names if n in model.outputs]
+                flags = _model_timing(model) if wants_timing else {}
+                sliced_results.append(SegmentResult(count, sliced, flags))
                 row += count
-            return BatchResult(config.name, served, output_names, sliced_results)
+            _add_router_time(sliced_results, timed, started)
+            return BatchResult(config.name, model.version, output_names, sliced_results)
 
         spec = config.feature_spec
         parts = [tensors] if len(rows) == 1 else split_tensors(tensors, rows)
@@ -186,7 +200,7 @@ class RouterCore:
         pendings: list[Pending] = []
         for index, (part, count) in enumerate(zip(parts, rows, strict=True)):
             try:
-                pendings.append(Pending(join.join_request(spec, part, count), count, deadline))
+                pendings.append(Pending(join.join_request(spec, part, count, timed[index]), count, deadline))
             except DomainError as error:
                 results_by_index[index] = SegmentResult(count, error=error)
         coalescer = self._coalescer(entry, version)
@@ -214,6 +228,7 @@ class RouterCore:
             else:
                 served, outputs, flags = answer
                 results.append(SegmentResult(count, [outputs[n] for n in output_names], flags))
+        _add_router_time(results, timed, started)
         return BatchResult(config.name, served, output_names, results)
 
     def _coalescer(self, entry: ModelEntry, version: str) -> Coalescer:
@@ -244,6 +259,7 @@ class RouterCore:
             batch = [p for p in batch if not p.future.done()]
             if not batch:
                 return
+            dispatched_ns = time.perf_counter_ns()
             deadline = Deadline.latest([p.deadline for p in batch])
             requests: list[join.JoinRequest] = [p.payload for p in batch]
             plan = join.plan(spec, requests)
@@ -260,7 +276,8 @@ class RouterCore:
                     if fallback is None:
                         raise
                     blocks, features_unavailable = fallback, True
-            fetch_latency.observe(time.perf_counter() - started)
+            feature_read_s = time.perf_counter() - started
+            fetch_latency.observe(feature_read_s)
             joined = join.join(spec, requests, plan, blocks, features_unavailable)
             kept: list[tuple[Pending, dict[str, str]]] = []
             for pending, outcome in zip(batch, joined.outcomes, strict=True):
@@ -275,12 +292,21 @@ class RouterCore:
                 return
             rows = len(joined.features)
             features = Tensor(model_input.name, "FP32", (rows, joined.features.shape[1]), joined.features)
-            served, outputs = await self.call_model(config.name, version, [features], deadline)
+            timed = any(p.payload.timed for p, _ in kept)
+            model = await self.call_model(config.name, version, [features], deadline, timed)
             lo = 0
             for pending, flags in kept:
                 hi = lo + pending.rows
+                if pending.payload.timed:
+                    flags = {
+                        **flags,
+                        timing.ROUTER_WAIT: timing.ms((dispatched_ns - pending.enqueued_ns) / 1e9),
+                        timing.FEATURE_READ: timing.ms(feature_read_s),
+                        **_model_timing(model),
+                    }
                 if not pending.future.done():
-                    pending.future.set_result((served, {n: slice_rows(t, lo, hi) for n, t in outputs.items()}, flags))
+                    sliced = {n: slice_rows(t, lo, hi) for n, t in model.outputs.items()}
+                    pending.future.set_result((model.version, sliced, flags))
                 lo = hi
 
         return run
@@ -305,27 +331,27 @@ class RouterCore:
         return await with_retries(read, deadline, retry.max_attempts, retry.backoff_initial_s, retry.backoff_max_s)
 
     async def call_model(
-        self, name: str, version: str, inputs: Sequence[Tensor], deadline: Deadline
-    ) -> tuple[str, dict[str, Tensor]]:
+        self, name: str, version: str, inputs: Sequence[Tensor], deadline: Deadline, timed: bool = False
+    ) -> ModelAnswer:
         tried: set[str] = set()
 
-        async def attempt() -> tuple[str, dict[str, Tensor]]:
+        async def attempt() -> ModelAnswer:
             # Prefer a replica not tried yet; once all were, any (after backoff) beats failing early.
             untried = len(tried) < len(self.replicas.replicas)
             replica = self.replicas.choose(tried if untried else frozenset())
             tried.add(replica.address)
-            return await self._call_replica(replica, name, version, inputs, deadline)
+            return await self._call_replica(replica, name, version, inputs, deadline, timed)
 
         retry = self.retry
         return await with_retries(attempt, deadline, retry.max_attempts, retry.backoff_initial_s, retry.backoff_max_s)
 
     async def _call_replica(
-        self, replica: Replica, name: str, version: str, inputs: Sequence[Tensor], deadline: Deadline
-    ) -> tuple[str, dict[str, Tensor]]:
+        self, replica: Replica, name: str, version: str, inputs: Sequence[Tensor], deadline: Deadline, timed: bool
+    ) -> ModelAnswer:
         replica.inflight += 1
         started = time.monotonic()
         try:
-            result: tuple[str, dict[str, Tensor]] = await replica.client.infer(name, version, inputs, deadline)
+            result: ModelAnswer = await replica.client.infer(name, version, inputs, deadline, timed)
         except Unavailable:
             self.replicas.report_failure(replica)
             metrics.RETRIES.labels("model_service", "UNAVAILABLE").inc()
@@ -335,9 +361,25 @@ class RouterCore:
             raise
         finally:
             replica.inflight -= 1
-        self.replicas.report_success(replica, time.monotonic() - started)
+        result.seconds = time.monotonic() - started
+        self.replicas.report_success(replica, result.seconds)
         return result
 
     async def close(self) -> None:
         for coalescer in self._coalescers.values():
             await coalescer.close()
+
+
+def _model_timing(model: ModelAnswer) -> dict[str, str]:
+    """The model service's parts of a request's time, and the transport around them."""
+    spent = dict(model.timing)
+    spent[timing.TRANSPORT] = timing.ms(model.seconds - timing.seconds_of(spent))
+    return spent
+
+
+def _add_router_time(results: list[SegmentResult], timed: list[bool], started: float) -> None:
+    """The router's own share of each timed request: its time here less the parts measured below it."""
+    elapsed = time.perf_counter() - started
+    for result, wants_timing in zip(results, timed, strict=True):
+        if wants_timing and result.error is None:
+            result.flags[timing.ROUTER] = timing.ms(elapsed - timing.seconds_of(result.flags))

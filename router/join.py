@@ -36,9 +36,10 @@ class JoinRequest:
     rows: int
     ids: dict[str, list[str]]  # entity input → one id per row
     request_inputs: list[np.ndarray]  # [rows] float32 each, in feature_spec.request_inputs order
+    timed: bool = False  # the client asked for per-hop timing
 
 
-def join_request(spec: FeatureSpec, tensors: Mapping[str, Tensor], rows: int) -> JoinRequest:
+def join_request(spec: FeatureSpec, tensors: Mapping[str, Tensor], rows: int, timed: bool = False) -> JoinRequest:
     """A validated request's join inputs; InvalidInput for a bad entity id or a non-finite number."""
     ids = {entity.input: entity_ids(tensors[entity.input]) for entity in spec.entities}
     numbers = []
@@ -46,7 +47,7 @@ def join_request(spec: FeatureSpec, tensors: Mapping[str, Tensor], rows: int) ->
         tensor = tensors[name]
         require_finite(tensor)
         numbers.append(tensor.data.reshape(-1))
-    return JoinRequest(rows, ids, numbers)
+    return JoinRequest(rows, ids, numbers, timed)
 
 
 @dataclass(slots=True)

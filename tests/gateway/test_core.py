@@ -122,6 +122,9 @@ class Router:
     def flags_of(self, encoded_response: bytes) -> dict[str, str]:
         return {"infermesh_stale_rows": "0"}
 
+    def with_flags(self, encoded_response: bytes, flags: dict[str, str]) -> bytes:
+        return encoded_response + b" " + b",".join(sorted(k.encode() for k in flags))
+
 
 class Undecodable(DecodedInputs):
     """Inputs that must not be decoded (a request refused before any work)."""
@@ -219,7 +222,7 @@ async def test_the_table_of_coalescing_groups_is_bounded_and_makes_room_from_idl
     )
     for outputs in (["y"], ["z"], ["y", "z"], ["z", "y"]):  # four groups over time
         request = InferRequest("m", "", x_request("r").inputs, id="r", outputs=outputs, encoded=b"r")
-        assert await calls.infer(entry, request, 1, Deadline.after(5)) == b"answer to r"
+        assert (await calls.infer(entry, request, 1, Deadline.after(5))).data == b"answer to r"
         assert len(calls._coalescers) <= 2
     assert ("m", "", ("z", "y"), (("x", "FP32", (4,)),)) in calls._coalescers
 

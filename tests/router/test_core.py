@@ -17,7 +17,7 @@ from infermesh.features import FeatureBlock, FeatureQuery, FeatureStatus
 from infermesh.model_config import ModelConfig, ModelEntry
 from infermesh.segments import InferBatch, Segment
 from infermesh.tensors import DecodedInputs, Tensor
-from router.core import RetryPolicy, RouterCore
+from router.core import ModelAnswer, RetryPolicy, RouterCore
 from router.replicas import ReplicaSet
 
 PRESENT, NOT_FOUND, STALE = FeatureStatus.PRESENT, FeatureStatus.NOT_FOUND, FeatureStatus.STALE
@@ -95,7 +95,7 @@ class Model:
         self.gate = gate
         self.batches: list[int] = []
 
-    async def infer(self, model: str, version: str, inputs: Sequence[Tensor], deadline: Deadline):
+    async def infer(self, model: str, version: str, inputs: Sequence[Tensor], deadline: Deadline, timed: bool = False):
         if self.gate is not None:
             await self.gate.wait()
         if self.fail_with is not None:
@@ -103,7 +103,8 @@ class Model:
         features = inputs[0].data
         self.batches.append(len(features))
         score = features.sum(axis=1).astype(np.float32)
-        return "1", {"score": Tensor("score", "FP32", score.shape, score)}
+        spent = {"infermesh_timing_model_queue_ms": "0.100", "infermesh_timing_forward_ms": "0.200"} if timed else {}
+        return ModelAnswer("1", {"score": Tensor("score", "FP32", score.shape, score)}, spent)
 
     async def close(self) -> None:
         pass
@@ -341,3 +342,26 @@ async def test_a_batch_whose_segments_do_not_cover_its_rows_is_refused() -> None
     batch = InferBatch("fraud", "", DecodedInputs(request(["u1", "u2"], ["m1"] * 2, [0, 0])), [], [Segment(1)])
     with pytest.raises(InvalidInput, match="do not add up to the batch of 2 rows"):
         await core.infer_batch(Call(deadline()), batch)
+
+
+async def test_a_request_that_asks_gets_the_time_each_part_took_and_others_get_nothing() -> None:
+    core = make_core({"a": Model("a")}, Features())
+    asked = InferRequest(
+        "fraud", "", DecodedInputs(request(["u1"], ["m1"], [0])), parameters={"infermesh_timing": True}
+    )
+    started = time.perf_counter()
+    timed = await core.infer(Call(deadline()), asked)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    parts = {
+        "infermesh_timing_router_wait_ms",
+        "infermesh_timing_router_ms",
+        "infermesh_timing_feature_read_ms",
+        "infermesh_timing_model_queue_ms",
+        "infermesh_timing_forward_ms",
+        "infermesh_timing_transport_ms",
+    }
+    assert isinstance(timed, InferResponse) and set(timed.parameters) == parts
+    assert timed.parameters["infermesh_timing_forward_ms"] == "0.200"  # as the model service said
+    assert sum(float(v) for v in timed.parameters.values()) <= elapsed_ms
+    plain = await infer(core, "fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
+    assert plain.parameters == {}
