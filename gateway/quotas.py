@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from gateway.auth import Tenant
@@ -23,6 +23,22 @@ class _Usage:
     inflight: int = 0
 
 
+class _InFlight(AbstractContextManager[None]):
+    """One admitted request: counted in its tenant's in-flight usage until it ends."""
+
+    __slots__ = ("_usage",)
+
+    def __init__(self, usage: _Usage) -> None:
+        self._usage = usage
+        usage.inflight += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._usage.inflight -= 1
+
+
+_UNTRACKED = nullcontext()
+
+
 class TenantQuotas:
     """Usage per tenant, in a bounded table: idle tenants are forgotten first (their bucket refills to full
     while unused anyway)."""
@@ -35,12 +51,12 @@ class TenantQuotas:
         self._rejected_rate = metrics.ADMISSION_REJECTED.labels("gateway", "tenant_rate")
         self._rejected_inflight = metrics.ADMISSION_REJECTED.labels("gateway", "tenant_inflight")
 
-    @contextmanager
-    def admit(self, tenant: Tenant) -> Iterator[None]:
+    def admit(self, tenant: Tenant) -> AbstractContextManager[None]:
+        """Admit one request of the tenant (RESOURCE_EXHAUSTED at once past its quota), for as long as the
+        returned context is open. A tenant without a quota costs nothing here."""
         quota = tenant.quota
         if quota.rate_per_s is None and quota.max_inflight is None:
-            yield
-            return
+            return _UNTRACKED
         usage = self._usage_of(tenant)
         if quota.max_inflight is not None and usage.inflight >= quota.max_inflight:
             self._rejected_inflight.inc()
@@ -59,11 +75,7 @@ class TenantQuotas:
                     (1.0 - usage.tokens) / quota.rate_per_s,
                 )
             usage.tokens -= 1.0
-        usage.inflight += 1
-        try:
-            yield
-        finally:
-            usage.inflight -= 1
+        return _InFlight(usage)
 
     def _usage_of(self, tenant: Tenant) -> _Usage:
         usage = self._usage.get(tenant.name)

@@ -30,13 +30,22 @@ SERVER_NAME = "infermesh"
 # Requests ---------------------------------------------------------------------------------------------
 
 
+# Below this a request is parsed whole (copying its small raw contents costs less than walking the wire format
+# in Python: ~11 µs against ~24 µs for a one-row `fraud` request); above it the raw contents are kept apart.
+WHOLE_PARSE_BYTES = 64 * 1024
+
+
 def parse_infer_request(encoded: bytes) -> InferRequest:
     """A serialized ModelInferRequest → the domain request, without copying its raw contents.
 
     The raw contents (nearly all of a large request) are located in the received bytes and kept as views;
     only the rest, small, is parsed by protobuf. A malformed request thus costs the same small time whatever
     its size, and a valid one is copied once less."""
-    head, raw = split_raw_contents(encoded)
+    if len(encoded) <= WHOLE_PARSE_BYTES:  # small: protobuf's C parser at once is faster than any walk
+        head, raw = encoded, None
+    else:
+        head, kept_apart = split_raw_contents(encoded)
+        raw = kept_apart
     try:
         message = pb.ModelInferRequest.FromString(head)
     except DecodeError:
