@@ -151,14 +151,25 @@ class LocalMesh:
 
     def restart_model_service(self, index: int) -> ServiceProcess:
         """Start replica `index` again on its old port (after a kill), so the router finds it."""
-        old = self.model_services[index]
-        settings = dict(old.settings)
-        settings["port"] = old.port
-        replica = ServiceProcess("model_service", old.name, old.run_dir, settings)
-        replica.start()
-        replica.wait_ready(timeout_s=120)
-        self.model_services[index] = replica
-        return replica
+        return self.restart(self.model_services[index])
+
+    def restart(self, old: ServiceProcess, timeout_s: float = 120.0) -> ServiceProcess:
+        """Start a service that exited again, on its old ports (the others know its address), and wait until
+        it is ready. Raises (and leaves nothing running) when it does not get ready."""
+        settings = {**old.settings, "port": old.port, "metrics_port": old.metrics_port}
+        if old.health_port > 0:
+            settings["health_port"] = old.health_port
+        process = ServiceProcess(old.module, old.name, old.run_dir, settings)
+        process.launch(timeout_s)
+        if old is self.feature_service:
+            self.feature_service = process
+        elif old is self.router:
+            self.router = process
+        elif old is self.gateway:
+            self.gateway = process
+        else:
+            self.model_services[self.model_services.index(old)] = process
+        return process
 
     def stop(self) -> None:
         for process in self.processes():

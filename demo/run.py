@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from demo.mesh import ApiKey, LocalMesh, MeshOptions
+from demo.supervisor import Supervisor
 from gateway.auth import new_api_key
 
 
@@ -20,7 +21,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--demo-dir", type=Path, default=Path(".run/demo"))
     parser.add_argument("--run-dir", type=Path, default=Path(".run/mesh"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8001")))
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8001")), help="gateway port; 0: a free one"
+    )
     parser.add_argument("--replicas", type=int, default=2)
     args = parser.parse_args()
 
@@ -60,11 +63,9 @@ With grpcurl (server reflection is on):
 Ctrl-C stops everything.""",
             flush=True,
         )
-        while not stop.wait(0.5):
-            dead = [p.name for p in mesh.processes() if not p.alive]
-            if dead:
-                print(f"stopping: {', '.join(dead)} exited (see {args.run_dir})", flush=True)
-                break
+        supervisor = Supervisor(mesh, say=lambda line: print(line, flush=True))
+        while not stop.wait(0.2):
+            supervisor.check()  # a crashed service is started again; only Ctrl-C stops the mesh
         print("stopping…", flush=True)
     print("stopped", flush=True)
 

@@ -1,0 +1,101 @@
+"""`make run` supervises its services: one of two model replicas SIGKILLed under load is restarted, and no
+request fails meanwhile (the router retries on the other replica). Through the real entry point,
+`python -m demo.run`, as a user runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc.aio as aioclient
+
+from tests.e2e.meshes import fraud_inputs
+
+KEY = "test-supervised-key-0123456789"
+
+
+def read_lines(process: subprocess.Popen[str], lines: list[str]) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        lines.append(line.rstrip())
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)  # poll the run's output and port files
+
+
+@dataclass
+class Run:
+    process: subprocess.Popen[str]
+    run_dir: Path
+    lines: list[str]
+
+
+@pytest.fixture
+def make_run(demo_dir: Path, tmp_path: Path) -> Iterator[Run]:
+    """`python -m demo.run` (what `make run` runs) on free ports, its output collected; Ctrl-C at the end."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "demo.run", "--demo-dir", str(demo_dir), "--run-dir", str(run_dir), "--port", "0"]
+    env = {**os.environ, "INFERMESH_DEMO_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
+    env.pop("REDIS_URL", None)
+    root = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = Run(process, run_dir, [])
+    threading.Thread(target=read_lines, args=(process, run.lines), daemon=True).start()
+    yield run
+    process.send_signal(signal.SIGINT)  # Ctrl-C stops everything
+    try:
+        assert process.wait(60) == 0, run.lines[-20:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+async def test_a_killed_replica_is_restarted_and_no_request_fails(make_run: Run) -> None:
+    run_dir, lines = make_run.run_dir, make_run.lines
+    await wait_until(lambda: any("serving the Open Inference Protocol on" in line for line in lines), "make run")
+    banner = re.search(r"on (\S+)", next(line for line in lines if "serving the Open" in line))
+    assert banner is not None
+    endpoint = banner.group(1)
+    port_file = run_dir / "model_service_0.port.json"
+    killed_pid = json.loads(port_file.read_text())["pid"]
+    ok, failed, stop = [0], [], asyncio.Event()
+
+    async with aioclient.InferenceServerClient(endpoint) as client:
+
+        async def load() -> None:
+            while not stop.is_set():
+                try:
+                    await client.infer(
+                        "fraud", fraud_inputs(["u1"], ["m1"], [1.0]), headers={"authorization": f"Bearer {KEY}"}
+                    )
+                    ok[0] += 1
+                except Exception as error:  # every failure is what this test looks for
+                    failed.append(repr(error))
+
+        workers = [asyncio.create_task(load()) for _ in range(8)]
+        await wait_until(lambda: ok[0] >= 100, "load before the kill")
+        os.kill(killed_pid, signal.SIGKILL)
+        await wait_until(lambda: any("model_service_0 restarted" in line for line in lines), "the restart")
+        restarted_pid = json.loads(port_file.read_text())["pid"]
+        before = ok[0]
+        await wait_until(lambda: ok[0] >= before + 100, "load after the restart")
+        stop.set()
+        await asyncio.gather(*workers)
+    assert failed == [], failed[:5]
+    assert restarted_pid != killed_pid
+    assert any("model_service_0 exited" in line and "restarting in" in line for line in lines), lines[-20:]
