@@ -41,10 +41,18 @@ TORCH_DTYPE: dict[str, torch.dtype] = {
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` → the first CUDA device if there is one, else the CPU."""
+    """`auto` → the first CUDA device if there is one, else the CPU. A CUDA device asked for by name must exist:
+    a replica told to use a GPU it does not have fails at start instead of serving no model at all."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device '{name}' asked for, but there is no CUDA device here")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device '{name}' asked for, but there are only {count} CUDA devices here")
+    return device
 
 
 def sha256_of(path: Path) -> str:

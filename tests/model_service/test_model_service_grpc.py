@@ -278,3 +278,11 @@ async def test_sigterm_drains_in_flight_requests(demo_repo: Path, tmp_path: Path
         assert json.loads(process.port_file.read_text())["port"] == process.port
     finally:
         process.kill()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_a_replica_told_to_use_a_missing_gpu_fails_at_start(tmp_path: Path, demo_repo: Path) -> None:
+    """Rather than starting, loading no model and looking alive."""
+    with pytest.raises(RuntimeError, match="exited") as caught:
+        start_service(tmp_path, demo_repo, device="cuda")
+    assert "no CUDA device here" in str(caught.value)

@@ -114,3 +114,14 @@ def test_cuda_with_autocast_answers_the_declared_fp32(small_repo: Path) -> None:
     assert on_gpu.dtype == np.float32 and on_gpu.shape == (4,)
     expected = cpu.get("tiny_fraud").predict({"features": features})["fraud_probability"]
     np.testing.assert_allclose(on_gpu, expected, atol=1e-2)  # float16 compute
+
+
+def test_a_cuda_device_that_is_not_there_fails_at_start() -> None:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        with pytest.raises(ValueError, match="no CUDA device here"):
+            resolve_device("cuda")
+    else:
+        assert resolve_device("cuda").type == "cuda"
+    with pytest.raises(ValueError, match="CUDA device"):
+        resolve_device(f"cuda:{count}")
