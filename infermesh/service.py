@@ -49,11 +49,29 @@ class Service(ABC):
         self.metrics_port = 0
         self._metrics_server: WSGIServer | None = None
         self._stopping = asyncio.Event()
+        self._service_names: list[str] = []
+        self._serving = False  # between start and shutdown: service statuses follow service_serving()
 
     @abstractmethod
     async def register(self, server: grpc.aio.Server) -> list[str]:
         """Add servicers to `server` (a registrar that wraps every handler with the status mapping and metrics
         as it is added); return their full service names (for health and reflection)."""
+
+    async def service_serving(self, service_name: str) -> bool:
+        """Whether one of the registered services can serve now (its grpc.health.v1 status; the server's own
+        status, "", says only that the process is up). Checked when the server starts serving and whenever a
+        subclass calls `publish_health`."""
+        return True
+
+    async def publish_health(self) -> None:
+        """Bring each registered service's health status up to date (after start, until shutdown)."""
+        if self._serving:
+            for service_name in self._service_names:
+                serving = await self.service_serving(service_name)
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                await self.health.set(service_name, status)
 
     async def warm_up(self) -> None:
         """Work to finish before reporting SERVING (load models, connect to Redis…)."""
@@ -135,8 +153,9 @@ class Service(ABC):
         gc.collect()
         gc.freeze()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        for service_name in service_names:
-            await self.health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+        self._service_names = service_names
+        self._serving = True
+        await self.publish_health()
         self._write_port_file()
         log.info(
             "serving",
@@ -146,6 +165,7 @@ class Service(ABC):
     async def stop(self, grace: float | None = None) -> None:
         grace = self.settings.grace_period_s if grace is None else grace
         log.info("draining", extra={"fields": {"grace_s": grace}})
+        self._serving = False
         await self.health.enter_graceful_shutdown()
         await self.before_drain()
         if self.server is not None:

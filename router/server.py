@@ -103,6 +103,13 @@ class RouterService(Service):
         results = await asyncio.gather(*(r.client.health_check(timeout) for r in replicas))
         for replica, healthy in zip(replicas, results, strict=True):
             self.replicas.set_health(replica, healthy)
+        await self.publish_health()
+
+    async def service_serving(self, service_name: str) -> bool:
+        # Without a healthy model replica the router can answer nothing: its services say so (NOT_SERVING),
+        # so a readiness probe takes it out of rotation. The server's own status stays SERVING: the process is
+        # fine, and a liveness probe must not restart it for its replicas' sake.
+        return self.replicas.up_count > 0
 
     async def _health_loop(self) -> None:
         while True:

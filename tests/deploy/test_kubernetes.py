@@ -107,7 +107,11 @@ def test_settings_ports_and_probes(docs: Docs) -> None:
         )
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             # Native gRPC probes on the health port of its own: a flooded API port never fails a probe.
-            assert container[probe]["grpc"] == {"port": settings.health_port}, f"{module} {probe}"
+            expected = {"port": settings.health_port}
+            if module == "router" and probe == "readinessProbe":
+                # Ready only with a healthy model replica (its API's status); alive whatever its replicas do.
+                expected["service"] = "inference.GRPCInferenceService"
+            assert container[probe]["grpc"] == expected, f"{module} {probe}"
         template = deployment["spec"]["template"]
         assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
         assert pod_spec(deployment)["terminationGracePeriodSeconds"] > settings.grace_period_s + 5
