@@ -10,7 +10,7 @@ from feature_service.store import FeatureStore
 from infermesh.deadline import Deadline
 from infermesh.errors import Unavailable
 from infermesh.features import FeatureBlock, FeatureQuery
-from infermesh.method_handlers import call_of
+from infermesh.method_handlers import deadline_of
 from infermesh.metrics import label_request
 from infermesh.proto import feature_store_pb2 as pb
 from infermesh.proto import feature_store_pb2_grpc as pb_grpc
@@ -64,7 +64,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         self.default_timeout_s = default_timeout_s
 
     def _deadline(self, context: grpc.aio.ServicerContext[Any, Any]) -> Deadline:
-        return call_of(context, self.default_timeout_s).deadline
+        return deadline_of(context, self.default_timeout_s)
 
     def _store(self) -> FeatureStore:
         if self.store is None:

@@ -19,10 +19,10 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Generic, Literal, TypeVar
 
 import jwt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from infermesh.errors import PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BEARER = "bearer "
 Role = Literal["user", "admin"]
@@ -201,6 +202,32 @@ def _stamp(path: Path) -> _Stamp:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+class _WatchedFile(Generic[T]):
+    """A file's parsed content, re-read when the file changes on disk (else only stat'ed: cheap enough to ask
+    every second). A version that does not load leaves the last good one in use, with one warning."""
+
+    def __init__(self, path: Path, read: Callable[[Path], T]) -> None:
+        self.path = path
+        self._read = read
+        self._stamp = _stamp(path)
+        self.value = read(path)  # a first version that does not load raises: nothing to fall back on
+
+    def refresh(self) -> bool:
+        """True when a new version was loaded."""
+        stamp = _stamp(self.path)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            self.value = self._read(self.path)
+        except (OSError, ValueError) as error:
+            # Our ValueErrors name place and problem only; an OSError names the path and the errno.
+            problem = f"{type(error).__name__}: {error.strerror}" if isinstance(error, OSError) else str(error)
+            log.warning("%s not reloaded, the previous version stays in use: %s", self.path, problem)
+            return False
+        return True
+
+
 # JWT failures, most specific first: PyJWT's own messages stay out of the answer.
 _TOKEN_ERRORS: Final[tuple[tuple[type[jwt.PyJWTError], str], ...]] = (
     (jwt.ExpiredSignatureError, "token expired"),
@@ -234,10 +261,8 @@ class KeyStore:
         self.issuer = issuer
         self.audience = audience
         self.leeway_s = leeway_s
-        self._stamp = _stamp(path)
-        self._keys = _read_key_file(path)
-        self._jwks_stamp = _stamp(jwks_path) if jwks_path is not None else None
-        self._jwks: dict[str, jwt.PyJWK] | None = _read_jwks(jwks_path) if jwks_path is not None else None
+        self._keys = _WatchedFile(path, _read_key_file)
+        self._jwks = _WatchedFile(jwks_path, _read_jwks) if jwks_path is not None else None
 
     @classmethod
     def load(
@@ -254,10 +279,10 @@ class KeyStore:
     @property
     def quotas(self) -> Mapping[str, Quota]:
         """Tenants with limits in the key file's `tenants` section; any other tenant is unlimited."""
-        return dict(self._keys.quotas)
+        return dict(self._keys.value.quotas)
 
     def quota(self, tenant: str) -> Quota:
-        return self._keys.quotas.get(tenant, UNLIMITED)
+        return self._keys.value.quotas.get(tenant, UNLIMITED)
 
     # Reload ----------------------------------------------------------------------------------------------
 
@@ -266,34 +291,13 @@ class KeyStore:
         second). A file that does not load keeps the previous state and logs one warning (until it changes
         again). True when something was reloaded."""
         reloaded = False
-        stamp = _stamp(self.path)
-        if stamp != self._stamp:
-            self._stamp = stamp
-            try:
-                self._keys = _read_key_file(self.path)
-            except (OSError, ValueError) as error:
-                self._warn_kept(self.path, error)
-            else:
-                reloaded = True
-                log.info("reloaded %s: %d keys", self.path, len(self._keys.by_hash))
-        if self.jwks_path is not None:
-            stamp = _stamp(self.jwks_path)
-            if stamp != self._jwks_stamp:
-                self._jwks_stamp = stamp
-                try:
-                    self._jwks = _read_jwks(self.jwks_path)
-                except (OSError, ValueError) as error:
-                    self._warn_kept(self.jwks_path, error)
-                else:
-                    reloaded = True
-                    log.info("reloaded %s: signing keys %s", self.jwks_path, ", ".join(sorted(self._jwks)))
+        if self._keys.refresh():
+            reloaded = True
+            log.info("reloaded %s: %d keys", self.path, len(self._keys.value.by_hash))
+        if self._jwks is not None and self._jwks.refresh():
+            reloaded = True
+            log.info("reloaded %s: signing keys %s", self._jwks.path, ", ".join(sorted(self._jwks.value)))
         return reloaded
-
-    @staticmethod
-    def _warn_kept(path: Path, error: Exception) -> None:
-        # Our ValueErrors name place and problem only; an OSError names the path and the errno.
-        problem = f"{type(error).__name__}: {error.strerror}" if isinstance(error, OSError) else str(error)
-        log.warning("%s not reloaded, the previous version stays in use: %s", path, problem)
 
     # Authentication -------------------------------------------------------------------------------------
 
@@ -309,15 +313,15 @@ class KeyStore:
         # A dict lookup, not a constant-time compare of each entry: the caller chooses the input of SHA-256,
         # never its output, so whatever the lookup's timing tells of the stored digests is of no use to find
         # a key whose hash matches one (a preimage of SHA-256 of 32 random bytes).
-        tenant = self._keys.by_hash.get(hash_key(credential))
+        tenant = self._keys.value.by_hash.get(hash_key(credential))
         if tenant is None:
             raise Unauthenticated("invalid API key")
         return tenant
 
     def _verify_token(self, token: str) -> Tenant:
-        keys = self._jwks
-        if keys is None:
+        if self._jwks is None:
             raise Unauthenticated("tokens are not accepted here")
+        keys = self._jwks.value
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 
 from gateway.auth import KeyStore, Tenant
@@ -15,14 +15,13 @@ from gateway.router_calls import Routed, RouterCalls, RouterPort
 from infermesh import __version__, metrics, timing
 from infermesh.dataplane import (
     Call,
+    DataplaneBase,
     EncodedInferResponse,
     InferAnswer,
     InferRequest,
     ModelIndexEntry,
     ModelInfo,
     ServerInfo,
-    StreamError,
-    serve_stream,
 )
 from infermesh.errors import DomainError, Overloaded
 from infermesh.model_config import ModelConfig, ModelEntry, find_model
@@ -52,7 +51,7 @@ class Admission:
         self.inflight -= 1
 
 
-class GatewayCore:
+class GatewayCore(DataplaneBase):
     def __init__(
         self,
         models: Mapping[str, ModelEntry],
@@ -80,19 +79,17 @@ class GatewayCore:
         assert isinstance(principal, Tenant)
         return principal
 
-    def authorized_model(self, call: Call, name: str, version: str = "") -> ModelEntry:
-        """The model a caller may use: UNAUTHENTICATED, then PERMISSION_DENIED (a model the tenant may not use,
-        whether or not it exists: names do not leak), then NOT_FOUND (unknown model or version)."""
+    def authorized_model(self, call: Call, name: str, version: str = "") -> tuple[Tenant, ModelEntry, str]:
+        """The caller, the model it may use and the version it means: UNAUTHENTICATED, then PERMISSION_DENIED (a
+        model the tenant may not use, whether or not it exists: names do not leak), then NOT_FOUND (unknown
+        model or version). The version is the one resolved (the newest when none was asked): the only kind
+        that labels metrics."""
         tenant = self.tenant(call)
         self.keys.authorize(tenant, name)
         entry = find_model(self.models, name)
-        entry.resolve_version(version)
-        return entry
+        return tenant, entry, entry.resolve_version(version)
 
     # Health and metadata (no key needed for the server-level calls) ----------------------------------
-
-    async def server_live(self, call: Call) -> bool:
-        return True
 
     async def server_ready(self, call: Call) -> bool:
         return await self.router.ready()
@@ -105,14 +102,14 @@ class GatewayCore:
         return await self.router.model_ready(name, version)
 
     async def model_metadata(self, call: Call, name: str, version: str) -> ModelInfo:
-        entry = self.authorized_model(call, name, version)
-        metrics.label_request(name, entry.resolve_version(version))  # labels: resolved versions only
+        _, entry, resolved = self.authorized_model(call, name, version)
+        metrics.label_request(name, resolved)
         config = entry.config
         return ModelInfo(config.name, entry.versions, config.platform, config.inputs, config.outputs)
 
     async def model_config(self, call: Call, name: str, version: str) -> ModelConfig:
-        entry = self.authorized_model(call, name, version)
-        metrics.label_request(name, entry.resolve_version(version))  # labels: resolved versions only
+        _, entry, resolved = self.authorized_model(call, name, version)
+        metrics.label_request(name, resolved)
         return entry.config
 
     async def repository_index(self, call: Call, ready_only: bool) -> list[ModelIndexEntry]:
@@ -167,9 +164,9 @@ class GatewayCore:
 
     async def _infer(self, call: Call, request: InferRequest) -> InferAnswer:
         timed_from = time.perf_counter() if timing.wanted(request.parameters) else None
-        entry = self.authorized_model(call, request.model, request.version)
-        metrics.label_request(entry.config.name, entry.resolve_version(request.version))
-        with self.quotas.admit(self.tenant(call)), self.admission:
+        tenant, entry, resolved = self.authorized_model(call, request.model, request.version)
+        metrics.label_request(entry.config.name, resolved)
+        with self.quotas.admit(tenant), self.admission:
             config = entry.config
             config.select_outputs(request.outputs)  # client-chosen names: checked before they are used anywhere
             # The declared shapes first, the data only then, and bounded by them: a malformed request costs
@@ -184,16 +181,13 @@ class GatewayCore:
     def _with_timing(self, routed: Routed, started: float) -> bytes:
         """The answer with the gateway's share and the transport to the router added to the hops' timings."""
         below = self.router.flags_of(routed.data)
-        parts = {key: value for key, value in below.items() if key in timing.PARTS}
-        transport = routed.router_s - timing.seconds_of(parts) + timing.seconds_of(parts, (timing.TRANSPORT,))
+        # The router call, less what the hops below measured of it (their own transport aside), was transport.
+        transport = routed.router_s - timing.seconds_of(below, timing.MEASURED_AT_HOPS)
         spent = {
             timing.GATEWAY: timing.ms(time.perf_counter() - started - routed.router_s),
             timing.TRANSPORT: timing.ms(transport),
         }
         return self.router.with_flags(routed.data, spent)
-
-    def stream(self, requests: AsyncIterator[tuple[Call, InferRequest]]) -> AsyncIterator[InferAnswer | StreamError]:
-        return serve_stream(self, requests)
 
     async def close(self) -> None:
         await self.router_calls.close()

@@ -13,7 +13,16 @@ from infermesh.oip import parameters_of, set_parameters
 from infermesh.proto import inference_pb2 as oip_pb
 from infermesh.proto import router_pb2 as pb
 from infermesh.segments import MAX_SEGMENTS, BatchResult, InferBatch, Segment
-from infermesh.tensors import NUMPY_DTYPE, MessageInputs, RawInputs, Tensor, decode_raw, element_count, to_raw
+from infermesh.tensors import (
+    MAX_INPUTS,
+    NUMPY_DTYPE,
+    MessageInputs,
+    RawInputs,
+    Tensor,
+    decode_raw,
+    element_count,
+    to_raw,
+)
 
 # Gateway side -----------------------------------------------------------------------------------------
 
@@ -76,6 +85,8 @@ def infer_batch(request: pb.InferBatchRequest) -> InferBatch:
     """The batch a gateway sent; its data is decoded (and checked) only when the router asks for it."""
     if len(request.segments) > MAX_SEGMENTS:
         raise errors.InvalidInput(f"a batch needs 1 to {MAX_SEGMENTS} segments, got {len(request.segments)}")
+    if len(request.outputs) > MAX_INPUTS:
+        raise errors.InvalidInput(f"a batch asks for {len(request.outputs)} outputs, more than {MAX_INPUTS}")
     headers = MessageInputs(request).headers
     segments = [Segment(s.rows, s.id, parameters_of(s.parameters) if s.parameters else {}) for s in request.segments]
     return InferBatch(

@@ -165,7 +165,7 @@ class Coalescer:
     async def _run(self, batch: list[Pending]) -> None:
         try:
             self._batch_size.observe(sum(p.rows for p in batch))
-            with telemetry.batch_context(self._service, [(p.trace_context, p.queued_at_ns) for p in batch]):
+            with telemetry.batch_context(self._service, batch):
                 await self._run_batch(batch)
         except BaseException as error:
             for pending in batch:

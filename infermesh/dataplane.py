@@ -6,6 +6,7 @@ service cores implement. `infermesh.oip_servicer` serves any implementation as
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -122,12 +123,24 @@ class StreamError:
     error: DomainError
 
 
-async def serve_stream(
-    dataplane: Dataplane, requests: AsyncIterator[tuple[Call, InferRequest]]
-) -> AsyncIterator[InferAnswer | StreamError]:
-    """The stream every core serves: one request at a time, in order, through its `infer`."""
-    async for call, request in requests:
-        try:
-            yield await dataplane.infer(call, request)
-        except DomainError as error:
-            yield StreamError(request, error)
+class DataplaneBase(ABC):
+    """What every core does the same way: a live process is live, a stream is its requests served one at a
+    time, in order, through `infer`, and callers inside the mesh are trusted (the gateway overrides that)."""
+
+    def authenticate(self, call: Call) -> Call:
+        return call
+
+    async def server_live(self, call: Call) -> bool:
+        return True
+
+    @abstractmethod
+    async def infer(self, call: Call, request: InferRequest) -> InferAnswer: ...
+
+    async def stream(
+        self, requests: AsyncIterator[tuple[Call, InferRequest]]
+    ) -> AsyncIterator[InferAnswer | StreamError]:
+        async for call, request in requests:
+            try:
+                yield await self.infer(call, request)
+            except DomainError as error:
+                yield StreamError(request, error)

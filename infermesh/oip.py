@@ -24,9 +24,6 @@ from infermesh.proto import inference_pb2 as pb
 from infermesh.tensors import MAX_INPUTS, MessageInputs, Tensor, decode_raw, to_raw
 from infermesh.wire import split_raw_contents
 
-SERVER_NAME = "infermesh"
-
-
 # Requests ---------------------------------------------------------------------------------------------
 
 

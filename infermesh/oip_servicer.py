@@ -14,23 +14,10 @@ import grpc
 from infermesh import oip
 from infermesh.dataplane import Call, Dataplane, InferAnswer, InferRequest, StreamError
 from infermesh.errors import InvalidInput
-from infermesh.method_handlers import call_of, stream_messages
+from infermesh.method_handlers import call_of, deadline_of, stream_messages
 from infermesh.proto import inference_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-
-
-class EncodedInfer:
-    """A ModelInferRequest as it arrived: parsed only once the caller is authenticated, and then kept with its
-    bytes (a hop may forward them unchanged)."""
-
-    __slots__ = ("encoded",)
-
-    def __init__(self, encoded: bytes) -> None:
-        self.encoded = encoded
-
-    def request(self) -> InferRequest:
-        return oip.parse_infer_request(self.encoded)
 
 
 class OipServicer:
@@ -68,12 +55,14 @@ class OipServicer:
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> Any:
         return oip.repository_index(await self.dataplane.repository_index(self._call(context), request.ready))
 
-    async def ModelInfer(self, request: EncodedInfer, context: grpc.aio.ServicerContext) -> InferAnswer:
-        call = self.dataplane.authenticate(self._call(context))  # before the body is even parsed
-        return await self.dataplane.infer(call, request.request())
+    async def ModelInfer(self, encoded: bytes, context: grpc.aio.ServicerContext) -> InferAnswer:
+        # The request arrives as bytes: parsed only once the caller is authenticated, and kept (a hop may
+        # forward them unchanged).
+        call = self.dataplane.authenticate(self._call(context))
+        return await self.dataplane.infer(call, oip.parse_infer_request(encoded))
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[EncodedInfer], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # An unauthenticated stream ends here, at once, before it reads a message or holds a slot for long.
         caller = self.dataplane.authenticate(self._call(context))
@@ -85,9 +74,9 @@ class OipServicer:
                 if counter is not None:
                     started.append(counter.begin())
                 # Each message gets its own deadline (the stream's, else the default from now).
-                call = replace(caller, deadline=self._call(context).deadline)
+                call = replace(caller, deadline=deadline_of(context, self.default_timeout_s))
                 try:
-                    request = encoded.request()
+                    request = oip.parse_infer_request(encoded)
                 except InvalidInput:  # a message that does not parse ends the stream (INVALID_ARGUMENT)
                     if counter is not None:
                         counter.end(started.pop(), "INVALID_ARGUMENT")
@@ -106,11 +95,9 @@ class OipServicer:
                 counter.end(started.popleft(), "CANCELLED")
 
 
-def _unary(behavior: Any, request_type: Any, response_serializer: Any = None) -> grpc.RpcMethodHandler:
+def _unary(behavior: Any, request_type: Any) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(
-        behavior,
-        request_deserializer=request_type.FromString,
-        response_serializer=response_serializer or _serialize,
+        behavior, request_deserializer=request_type.FromString, response_serializer=_serialize
     )
 
 
@@ -129,10 +116,10 @@ def add_to_server(servicer: OipServicer, server: Any) -> None:
         "RepositoryIndex": _unary(servicer.RepositoryIndex, pb.RepositoryIndexRequest),
         # Parsed after authentication, bytes kept; an answer already in wire form goes back byte for byte.
         "ModelInfer": grpc.unary_unary_rpc_method_handler(
-            servicer.ModelInfer, request_deserializer=EncodedInfer, response_serializer=oip.encode_answer
+            servicer.ModelInfer, request_deserializer=None, response_serializer=oip.encode_answer
         ),
         "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
-            servicer.ModelStreamInfer, request_deserializer=EncodedInfer, response_serializer=_serialize
+            servicer.ModelStreamInfer, request_deserializer=None, response_serializer=_serialize
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from opentelemetry import context as otel_context
@@ -148,10 +148,16 @@ def current_context() -> otel_context.Context | None:
     return otel_context.get_current() if _enabled else None
 
 
+class Traced(Protocol):
+    """A request waiting for a batch: its trace context, and when it queued (time.time_ns(); 0: it did not)."""
+
+    trace_context: otel_context.Context | None
+    queued_at_ns: int
+
+
 @contextmanager
-def batch_context(name: str, requests: Sequence[tuple[otel_context.Context | None, int]]) -> Iterator[None]:
-    """Run a batch under the right trace. `requests`: each request's trace context and, for one that queued,
-    when it was queued (time.time_ns(); 0: it did not wait).
+def batch_context(name: str, requests: Sequence[Traced]) -> Iterator[None]:
+    """Run a batch of requests under the right trace.
 
     A batch serving one request (or several from one trace, e.g. a gateway batch's segments) runs in that
     trace. A batch serving several requests gets a span of its own in a trace of its own, linked to each of
@@ -161,9 +167,10 @@ def batch_context(name: str, requests: Sequence[tuple[otel_context.Context | Non
         yield
         return
     parents: dict[int, otel_context.Context] = {}
-    for context, _ in requests:
-        if context is not None:
-            parents.setdefault(trace.get_current_span(context).get_span_context().span_id, context)
+    for request in requests:
+        if request.trace_context is not None:
+            span_id = trace.get_current_span(request.trace_context).get_span_context().span_id
+            parents.setdefault(span_id, request.trace_context)
     if len(parents) <= 1:
         context = next(iter(parents.values()), None)
         token = otel_context.attach(context) if context is not None else None
@@ -182,12 +189,12 @@ def batch_context(name: str, requests: Sequence[tuple[otel_context.Context | Non
         yield
 
 
-def _record_waits(
-    name: str, requests: Sequence[tuple[otel_context.Context | None, int]], batch: trace.SpanContext | None
-) -> None:
+def _record_waits(name: str, requests: Sequence[Traced], batch: trace.SpanContext | None) -> None:
     now = time.time_ns()
     links = [trace.Link(batch)] if batch is not None else None
-    for context, queued_at in requests:
-        if context is not None and queued_at:
-            wait = tracer.start_span(f"{name}.batch_wait", context=context, start_time=queued_at, links=links)
+    for request in requests:
+        if request.trace_context is not None and request.queued_at_ns:
+            wait = tracer.start_span(
+                f"{name}.batch_wait", context=request.trace_context, start_time=request.queued_at_ns, links=links
+            )
             wait.end(end_time=now)

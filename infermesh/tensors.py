@@ -192,22 +192,38 @@ def decode_inputs(
     """All inputs of a ModelInferRequest as numpy arrays; checks raw/typed consistency and sizes.
     `max_element_bytes`: the longest BYTES element each input may hold (by name). `raw_contents`: the raw
     contents when they were kept apart from the message (views of the bytes received: no copy)."""
-    limits = max_element_bytes or {}
     if raw_contents is None:
         raw_contents = request.raw_input_contents
-    _check_raw_count(raw_contents, len(request.inputs))
+    if raw_contents:
+        for tensor in request.inputs:
+            if tensor.HasField("contents") and _has_typed_values(tensor.contents):
+                raise InvalidInput(f"input '{tensor.name}': data given both in contents and raw_input_contents")
+        return _decode_raw_inputs(_headers_of(request.inputs), raw_contents, max_element_bytes)
+    limits = max_element_bytes or {}
     tensors: dict[str, Tensor] = {}
-    for index, tensor in enumerate(request.inputs):
+    for tensor in request.inputs:
         name = tensor.name
         datatype = tensor.datatype
         shape = _checked_header(name, datatype, tensor.shape, tensors)
-        if raw_contents:
-            if tensor.HasField("contents") and _has_typed_values(tensor.contents):
-                raise InvalidInput(f"input '{name}': data given both in contents and raw_input_contents")
-            data = decode_raw(name, datatype, shape, raw_contents[index], limits.get(name))
-        else:
-            data = decode_contents(name, datatype, shape, tensor.contents, limits.get(name))
-        tensors[name] = Tensor(name, datatype, shape, data)
+        tensors[name] = Tensor(
+            name, datatype, shape, decode_contents(name, datatype, shape, tensor.contents, limits.get(name))
+        )
+    return tensors
+
+
+def _decode_raw_inputs(
+    headers: Sequence[InputHeader], raw_contents: Sequence[Buffer], max_element_bytes: ElementLimits | None
+) -> dict[str, Tensor]:
+    """Inputs sent raw, one buffer per header (how every hop inside the mesh sends them)."""
+    _check_raw_count(raw_contents, len(headers))
+    if len(raw_contents) != len(headers):
+        raise InvalidInput("request has no raw contents for its inputs")
+    limits = max_element_bytes or {}
+    tensors: dict[str, Tensor] = {}
+    for header, raw in zip(headers, raw_contents, strict=True):
+        shape = _checked_header(header.name, header.datatype, header.shape, tensors)
+        data = decode_raw(header.name, header.datatype, shape, raw, limits.get(header.name))
+        tensors[header.name] = Tensor(header.name, header.datatype, shape, data)
     return tensors
 
 
@@ -302,17 +318,8 @@ class RawInputs:
         return self._headers
 
     def tensors(self, max_element_bytes: ElementLimits | None = None) -> dict[str, Tensor]:
-        limits = max_element_bytes or {}
         if self._tensors is None:
-            if len(self._raw) != len(self._headers):
-                _check_raw_count(self._raw, len(self._headers))
-                raise InvalidInput("request has no raw contents for its inputs")
-            tensors: dict[str, Tensor] = {}
-            for header, raw in zip(self._headers, self._raw, strict=True):
-                shape = _checked_header(header.name, header.datatype, header.shape, tensors)
-                data = decode_raw(header.name, header.datatype, shape, raw, limits.get(header.name))
-                tensors[header.name] = Tensor(header.name, header.datatype, shape, data)
-            self._tensors = tensors
+            self._tensors = _decode_raw_inputs(self._headers, self._raw, max_element_bytes)
         return self._tensors
 
     def raw(self) -> list[Buffer]:
@@ -324,9 +331,8 @@ class DecodedInputs:
 
     __slots__ = ("_tensors",)
 
-    def __init__(self, tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> None:
-        items = tensors.values() if isinstance(tensors, Mapping) else tensors
-        self._tensors = {t.name: t for t in items}
+    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+        self._tensors = dict(tensors)
 
     @property
     def headers(self) -> list[InputHeader]:

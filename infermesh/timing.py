@@ -17,7 +17,8 @@ MODEL_QUEUE = "infermesh_timing_model_queue_ms"  # waiting in the model service'
 FORWARD = "infermesh_timing_forward_ms"  # the forward pass of the batch that carried the request
 TRANSPORT = "infermesh_timing_transport_ms"  # between the hops: gateway↔router and router↔model service
 
-PARTS = (GATEWAY, ROUTER_WAIT, ROUTER, FEATURE_READ, MODEL_QUEUE, FORWARD, TRANSPORT)
+MEASURED_AT_HOPS = (GATEWAY, ROUTER_WAIT, ROUTER, FEATURE_READ, MODEL_QUEUE, FORWARD)  # all but transport
+PARTS = (*MEASURED_AT_HOPS, TRANSPORT)
 
 
 def wanted(parameters: Mapping[str, object]) -> bool:

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 from infermesh import __version__, metrics, timing
 from infermesh.dataplane import (
     Call,
+    DataplaneBase,
     InferAnswer,
     InferRequest,
     InferResponse,
     ModelIndexEntry,
     ModelInfo,
     ServerInfo,
-    StreamError,
-    serve_stream,
 )
 from infermesh.errors import FailedPrecondition
 from infermesh.model_config import ModelConfig
@@ -36,7 +34,7 @@ SERVER_NAME = "infermesh-model-service"
 EXTENSIONS = ("dynamic_batching", "repository_index", "model_stream_infer")
 
 
-class ModelServiceCore:
+class ModelServiceCore(DataplaneBase):
     """What every transport of the model service calls."""
 
     def __init__(self, settings: ModelServiceSettings, registry: ModelRegistry | None = None) -> None:
@@ -76,12 +74,6 @@ class ModelServiceCore:
         await asyncio.gather(*(batcher.close() for batcher in self.batchers.values()))
 
     # Health ------------------------------------------------------------------------------------------
-
-    def authenticate(self, call: Call) -> Call:
-        return call  # reached only from inside the mesh
-
-    async def server_live(self, call: Call) -> bool:
-        return True
 
     async def server_ready(self, call: Call) -> bool:
         """Ready once every model was loaded or refused, until shutdown. Model readiness is per model."""
@@ -158,6 +150,3 @@ class ModelServiceCore:
             request.id,
             parameters,
         )
-
-    def stream(self, requests: AsyncIterator[tuple[Call, InferRequest]]) -> AsyncIterator[InferAnswer | StreamError]:
-        return serve_stream(self, requests)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,17 +19,16 @@ from infermesh import __version__, metrics, telemetry, timing
 from infermesh.coalescer import Coalescer, Pending
 from infermesh.dataplane import (
     Call,
+    DataplaneBase,
     InferAnswer,
     InferRequest,
     InferResponse,
     ModelIndexEntry,
     ModelInfo,
     ServerInfo,
-    StreamError,
-    serve_stream,
 )
 from infermesh.deadline import Deadline
-from infermesh.errors import DomainError, Overloaded, Unavailable
+from infermesh.errors import DomainError, NotFound, Overloaded, Unavailable
 from infermesh.features import DEFAULTED_ENTITIES, FeatureBlock, FeatureQuery
 from infermesh.model_config import ModelConfig, ModelEntry, find_model
 from infermesh.retry import with_retries
@@ -87,7 +86,7 @@ class RetryPolicy:
     backoff_max_s: float = 0.05
 
 
-class RouterCore:
+class RouterCore(DataplaneBase):
     def __init__(
         self,
         models: Mapping[str, ModelEntry],
@@ -112,12 +111,6 @@ class RouterCore:
 
     # Health and metadata -----------------------------------------------------------------------------
 
-    def authenticate(self, call: Call) -> Call:
-        return call  # reached only from inside the mesh
-
-    async def server_live(self, call: Call) -> bool:
-        return True
-
     async def server_ready(self, call: Call) -> bool:
         return self.replicas.up_count > 0
 
@@ -125,10 +118,9 @@ class RouterCore:
         return ServerInfo(SERVER_NAME, __version__, EXTENSIONS)
 
     async def model_ready(self, call: Call, name: str, version: str) -> bool:
-        entry = self.models.get(name)
-        if entry is None:
-            return False
-        if version and entry.versions and version not in entry.versions:
+        try:
+            find_model(self.models, name).resolve_version(version)
+        except NotFound:
             return False
         return self.replicas.up_count > 0
 
@@ -152,21 +144,21 @@ class RouterCore:
     # Inference ---------------------------------------------------------------------------------------
 
     async def infer(self, call: Call, request: InferRequest) -> InferAnswer:
-        """A plain request: a batch of one segment."""
-        segment = Segment(0, request.id, request.parameters)  # rows: all of the request's, once validated
+        """A plain request: a batch of one segment, all of its rows."""
+        segment = Segment(0, request.id, request.parameters)  # rows: set once the inputs are validated
         batch = InferBatch(request.model, request.version, request.inputs, request.outputs, [segment])
-        result = await self.infer_batch(call, batch)
+        result = await self._serve(call, batch, one_request=True)
         (answer,) = result.segments
         if answer.error is not None:
             raise answer.error
         return InferResponse(result.model, result.version, answer.outputs, request.id, answer.flags)
 
-    def stream(self, requests: AsyncIterator[tuple[Call, InferRequest]]) -> AsyncIterator[InferAnswer | StreamError]:
-        return serve_stream(self, requests)
-
     async def infer_batch(self, call: Call, batch: InferBatch) -> BatchResult:
         """Each segment succeeds or fails on its own, as if sent alone; a failure of the batch as a whole (unknown
         model, malformed inputs, no replica) raises."""
+        return await self._serve(call, batch, one_request=False)
+
+    async def _serve(self, call: Call, batch: InferBatch, one_request: bool) -> BatchResult:
         started = time.perf_counter()
         entry = find_model(self.models, batch.model)
         config = entry.config
@@ -176,7 +168,7 @@ class RouterCore:
         batch_rows = validate_headers(config.name, config.inputs, config.max_batch_size, batch.inputs.headers)
         tensors = batch.inputs.tensors(config.element_limits)
         segments = batch.segments
-        if len(segments) == 1 and segments[0].rows == 0:
+        if one_request:
             segments[0].rows = batch_rows
         check_segments(segments, batch_rows)
         rows = [segment.rows for segment in segments]

@@ -8,7 +8,8 @@ from typing import Any
 import grpc
 
 from infermesh import batch_codec
-from infermesh.method_handlers import call_of
+from infermesh.dataplane import Call
+from infermesh.method_handlers import deadline_of
 from infermesh.proto import router_pb2, router_pb2_grpc
 from router.core import RouterCore
 
@@ -23,5 +24,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def InferBatch(
         self, request: router_pb2.InferBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> router_pb2.InferBatchResponse:
-        result = await self.core.infer_batch(call_of(context, self.default_timeout_s), batch_codec.infer_batch(request))
+        call = Call(deadline_of(context, self.default_timeout_s))  # callers inside the mesh: no credentials
+        result = await self.core.infer_batch(call, batch_codec.infer_batch(request))
         return batch_codec.batch_response(result)

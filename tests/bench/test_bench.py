@@ -100,19 +100,7 @@ async def test_overhead_scenario_and_reports(mesh: LocalMesh, demo_dir: Path, tm
     data = {
         "started": "now",
         "seconds": 1.0,
-        "machine": {
-            "nproc": 2,
-            "cpu": "test",
-            "memory_gib": 1,
-            "os": "Linux",
-            "python": "3.11",
-            "torch": "x",
-            "grpcio": "x",
-            "tritonclient": "x",
-            "redis_server": "Redis server v=7",
-            "cuda": False,
-            "gpu": None,
-        },
+        "machine": _MACHINE,
         "options": {"warmup_s": 0.1, "duration_s": 0.4},
         "scenarios": [outcome],
     }
