@@ -19,6 +19,7 @@ class ApiKey:
     key: str
     tenant: str
     models: Sequence[str]
+    role: str = "user"  # "admin" may use the repository API
 
 
 @dataclass
@@ -85,7 +86,7 @@ class LocalMesh:
                 json.dumps(
                     {
                         "keys": [
-                            {"sha256": hash_key(k.key), "tenant": k.tenant, "models": list(k.models)}
+                            {"sha256": hash_key(k.key), "tenant": k.tenant, "models": list(k.models), "role": k.role}
                             for k in options.api_keys
                         ],
                         "tenants": options.tenants,
@@ -121,7 +122,6 @@ class LocalMesh:
                 "router",
                 run_dir,
                 {
-                    "model_repository": self.repository,
                     "feature_service_address": self.feature_service.address,
                     "model_replicas": ",".join(r.address for r in self.model_services),
                     **options.router,
@@ -136,7 +136,6 @@ class LocalMesh:
                 {
                     "host": options.gateway_host,
                     "port": options.gateway_port,
-                    "model_repository": self.repository,
                     "router_address": self.router.address,
                     "api_keys_path": keys_path,
                     **options.gateway,

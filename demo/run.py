@@ -1,7 +1,9 @@
 """`make run`: the whole mesh on this machine until Ctrl-C.
 
 Uses the Redis at $REDIS_URL when set, else starts a private redis-server with its data under .run/.
-The demo API key comes from $INFERMESH_DEMO_API_KEY, else a new one is generated and printed.
+The demo API key (tenant 'demo': scores with `fraud` and `bench_mlp`) comes from $INFERMESH_DEMO_API_KEY, the
+admin key (tenant 'ops', role admin: may also list, load, unload and inspect the models with the `infermesh` CLI
+or tritonclient) from $INFERMESH_DEMO_ADMIN_KEY; either is generated when unset, and both are printed.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ def main() -> None:
     args = parser.parse_args()
 
     api_key = os.environ.get("INFERMESH_DEMO_API_KEY") or new_api_key()
+    admin_key = os.environ.get("INFERMESH_DEMO_ADMIN_KEY") or new_api_key()
     options = MeshOptions(
         demo_dir=args.demo_dir,
         run_dir=args.run_dir,
-        api_keys=[ApiKey(api_key, "demo", ["fraud", "bench_mlp"])],
+        api_keys=[ApiKey(api_key, "demo", ["fraud", "bench_mlp"]), ApiKey(admin_key, "ops", ["*"], role="admin")],
         gateway_port=args.port,
         replicas=args.replicas,
         redis_url=os.environ.get("REDIS_URL") or None,
@@ -47,6 +50,7 @@ def main() -> None:
             f"""
 infermesh is serving the Open Inference Protocol on {endpoint}
   API key (tenant 'demo'): {api_key}
+  admin key (tenant 'ops', manages models): {admin_key}
   logs: {args.run_dir}/*.log   redis: {mesh.redis_url}
 
 Score a transaction (tritonclient):
@@ -59,6 +63,12 @@ With grpcurl (server reflection is on):
     {{"name":"merchant_id","datatype":"BYTES","shape":[1],"contents":{{"bytes_contents":["bTc="]}}}},
     {{"name":"amount","datatype":"FP32","shape":[1],"contents":{{"fp32_contents":[129.99]}}}}]}}' \\
     {endpoint} inference.GRPCInferenceService/ModelInfer
+
+Manage the models (admin key):
+  INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models list --url {endpoint}
+  INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models stats fraud --url {endpoint}
+  tritonclient: grpcclient.InferenceServerClient("{endpoint}").load_model(
+    "fraud", headers={{"authorization": "Bearer {admin_key}"}})
 
 Ctrl-C stops everything.""",
             flush=True,

@@ -359,6 +359,11 @@ class KeyStore:
         if not tenant.allows(model):
             raise PermissionDenied(f"tenant '{tenant.name}' may not use model '{model}'")
 
+    @staticmethod
+    def authorize_admin(tenant: Tenant) -> None:
+        if not tenant.is_admin:
+            raise PermissionDenied("the model repository API needs an admin key or token")
+
 
 def write_key_file(path: Path, api_key: str, tenant: str, models: list[str], *, role: Role = "user") -> None:
     """A key file of one key (its hash only), written whole then renamed into place: a gateway reloading it

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping
 from dataclasses import replace
 
 from gateway.auth import KeyStore, Tenant
@@ -23,14 +22,16 @@ from infermesh.dataplane import (
     ModelInfo,
     ServerInfo,
 )
-from infermesh.errors import DomainError, Overloaded
-from infermesh.model_config import ModelConfig, ModelEntry, find_model
+from infermesh.errors import DomainError, InvalidInput, Overloaded, Unavailable
+from infermesh.model_config import ModelConfig, ModelEntry, find_model, parse_checked
+from infermesh.repository import RepositoryState
+from infermesh.statistics import ModelStatistics
 from infermesh.validation import validate_headers
 
 access_log = logging.getLogger("infermesh.access")
 
 SERVER_NAME = "infermesh"
-EXTENSIONS = ("model_repository", "infermesh_features")
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "infermesh_features")
 
 
 class Admission:
@@ -54,20 +55,29 @@ class Admission:
 class GatewayCore(DataplaneBase):
     def __init__(
         self,
-        models: Mapping[str, ModelEntry],
         keys: KeyStore,
         max_inflight: int,
         router: RouterPort,
         calls: RouterCalls,
         access_log_rate: float = 0.0,
     ) -> None:
-        self.models = dict(models)
         self.keys = keys
         self.admission = Admission(max_inflight)
         self.router = router
         self.router_calls = calls
         self.quotas = TenantQuotas()
         self.access_log_rate = access_log_rate
+        self._entries: tuple[RepositoryState, dict[str, ModelEntry]] | None = None
+
+    @property
+    def models(self) -> dict[str, ModelEntry]:
+        """The mesh's models as the router last said: the gateway keeps no copy of the repository of its own."""
+        state = self.router.repository
+        if state is None:
+            raise Unavailable("the gateway does not know the mesh's models yet; retry shortly")
+        if self._entries is None or self._entries[0] is not state:
+            self._entries = (state, state.entries())
+        return self._entries[1]
 
     def authenticate(self, call: Call) -> Call:
         if isinstance(call.principal, Tenant):
@@ -98,7 +108,10 @@ class GatewayCore(DataplaneBase):
         return ServerInfo(SERVER_NAME, __version__, EXTENSIONS)
 
     async def model_ready(self, call: Call, name: str, version: str) -> bool:
-        self.authorized_model(call, name, version)
+        try:
+            self.authorized_model(call, name, version)
+        except Unavailable:  # a known model or version that is not ready (loading, unloading, unloaded)
+            return False
         return await self.router.model_ready(name, version)
 
     async def model_metadata(self, call: Call, name: str, version: str) -> ModelInfo:
@@ -112,15 +125,44 @@ class GatewayCore(DataplaneBase):
         metrics.label_request(name, resolved)
         return entry.config
 
-    async def repository_index(self, call: Call, ready_only: bool) -> list[ModelIndexEntry]:
-        """The models the caller's tenant may use."""
+    # The repository API (admin only) and statistics ---------------------------------------------------------
+
+    def _admin(self, call: Call) -> Tenant:
         tenant = self.tenant(call)
-        state = "READY" if await self.router.ready() else "UNAVAILABLE"
-        return [
-            ModelIndexEntry(name, entry.latest, state)
-            for name, entry in sorted(self.models.items())
-            if tenant.allows(name) and (state == "READY" or not ready_only)
-        ]
+        self.keys.authorize_admin(tenant)
+        return tenant
+
+    async def repository_index(self, call: Call, ready_only: bool) -> list[ModelIndexEntry]:
+        """Every model version of the mesh with its state (Triton's repository index), as the router has it now."""
+        self._admin(call)
+        await self.router.refresh_repository(call.deadline.remaining())
+        state = self.router.repository
+        if state is None:
+            raise Unavailable("the mesh's models are not known yet; retry shortly")
+        return state.index(ready_only)
+
+    async def repository_load(self, call: Call, name: str, config_json: str | None) -> None:
+        self._admin(call)
+        if config_json is not None:
+            parse_checked(name, config_json)  # refused here, before any hop sees it
+        await self.router.load(name, config_json, call.deadline)
+        await self.router.refresh_repository(call.deadline.remaining())
+
+    async def repository_unload(self, call: Call, name: str) -> None:
+        self._admin(call)
+        await self.router.unload(name, call.deadline)
+        await self.router.refresh_repository(call.deadline.remaining())
+
+    async def model_statistics(self, call: Call, name: str, version: str) -> list[ModelStatistics]:
+        """Triton's statistics of the models the caller's tenant may use."""
+        tenant = self.tenant(call)
+        if name:
+            self.keys.authorize(tenant, name)  # PERMISSION_DENIED before NOT_FOUND: names do not leak
+            find_model(self.models, name)
+        elif version:
+            raise InvalidInput("statistics of a version need the model's name")
+        found = await self.router.statistics(name, version, call.deadline)
+        return [stats for stats in found if tenant.allows(stats.name)]
 
     # Inference ---------------------------------------------------------------------------------------
 
@@ -144,7 +186,7 @@ class GatewayCore(DataplaneBase):
             raise
         finally:
             # Only names the mesh knows: a model or version the caller made up is not logged.
-            entry = self.models.get(request.model)
+            entry = self.router_models().get(request.model)
             version = ""
             if entry is not None and status == "OK":
                 version = entry.resolve_version(request.version)
@@ -188,6 +230,12 @@ class GatewayCore(DataplaneBase):
             timing.TRANSPORT: timing.ms(transport),
         }
         return self.router.with_flags(routed.data, spent)
+
+    def router_models(self) -> dict[str, ModelEntry]:
+        try:
+            return self.models
+        except Unavailable:
+            return {}
 
     async def close(self) -> None:
         await self.router_calls.close()

@@ -14,7 +14,9 @@ from infermesh.dataplane import InferRequest
 from infermesh.deadline import Deadline
 from infermesh.errors import DomainError
 from infermesh.model_config import ModelEntry
+from infermesh.repository import RepositoryState
 from infermesh.segments import InferBatch, Segment, merge
+from infermesh.statistics import ModelStatistics
 from infermesh.tensors import NUMPY_DTYPE, element_count
 
 
@@ -30,6 +32,21 @@ class RouterPort(Protocol):
     async def ready(self) -> bool: ...
 
     async def model_ready(self, name: str, version: str) -> bool: ...
+
+    @property
+    def repository(self) -> RepositoryState | None:
+        """The mesh's models as the router last said (None until it first did)."""
+        ...
+
+    async def refresh_repository(self, timeout_s: float) -> bool:
+        """Read the router's repository state again; True when it changed."""
+        ...
+
+    async def load(self, model: str, config_json: str | None, deadline: Deadline) -> None: ...
+
+    async def unload(self, model: str, deadline: Deadline) -> None: ...
+
+    async def statistics(self, model: str, version: str, deadline: Deadline) -> list[ModelStatistics]: ...
 
     def flags_of(self, encoded_response: bytes) -> dict[str, str]:
         """The response parameters (infermesh_* flags) of a serialised ModelInferResponse."""

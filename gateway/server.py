@@ -13,7 +13,7 @@ from gateway.router_calls import RouterCalls
 from gateway.router_client import RouterClient
 from gateway.settings import GatewaySettings
 from infermesh import oip_servicer
-from infermesh.model_config import load_repository
+from infermesh.errors import DomainError
 from infermesh.service import Service
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ class GatewayService(Service):
     name = "gateway"
     settings: GatewaySettings
     _reload: asyncio.Task[None] | None = None
+    _repository: asyncio.Task[None] | None = None
 
     async def register(self, server: Any) -> list[str]:
         settings = self.settings
@@ -42,7 +43,6 @@ class GatewayService(Service):
             settings.jwt_leeway_s,
         )
         self.core = GatewayCore(
-            load_repository(settings.model_repository),
             keys,
             settings.max_inflight,
             self.router,
@@ -53,7 +53,21 @@ class GatewayService(Service):
         return [oip_servicer.SERVICE]
 
     async def warm_up(self) -> None:
+        await self._refresh_repository()
         self._reload = asyncio.create_task(self._reload_credentials())
+        self._repository = asyncio.create_task(self._repository_loop())
+
+    async def _refresh_repository(self) -> None:
+        # The router not up (yet): requests are UNAVAILABLE until it is; the loop keeps asking.
+        with contextlib.suppress(DomainError):
+            await self.router.refresh_repository(max(0.1, self.settings.repository_refresh_s))
+
+    async def _repository_loop(self) -> None:
+        """The mesh's models as the router knows them: metadata, validation and the index follow loads and
+        unloads (and poll-mode changes) without a private copy of the repository."""
+        while True:
+            await asyncio.sleep(self.settings.repository_refresh_s)
+            await self._refresh_repository()
 
     async def _reload_credentials(self) -> None:
         """Keys and signing keys rotate without a restart: the files are watched (a stat per interval)."""
@@ -63,9 +77,10 @@ class GatewayService(Service):
                 log.info("credentials reloaded")
 
     async def close(self) -> None:
-        if self._reload is not None:
-            self._reload.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reload
+        for task in (self._reload, self._repository):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.core.close()
         await self.router.close()

@@ -41,6 +41,9 @@ class GatewaySettings(ServiceSettings):
     max_inflight: int = Field(256, ge=1, description="Concurrent requests admitted; beyond it RESOURCE_EXHAUSTED.")
     max_message_bytes: int = Field(16 * 1024 * 1024, description="Largest request accepted.")
     router_attempts: int = Field(2, ge=1, description="Attempts per router call when the router is unavailable.")
+    repository_refresh_s: float = Field(
+        1.0, gt=0, description="How often the mesh's models (configs and version states) are read from the router."
+    )
     coalesce: bool = Field(
         True, description="Merge concurrent requests for one model into one router call (each keeps its answer)."
     )

@@ -14,6 +14,7 @@ from typing import Protocol
 from infermesh.deadline import Deadline
 from infermesh.errors import DomainError
 from infermesh.model_config import ModelConfig, TensorSpec
+from infermesh.statistics import ModelStatistics
 from infermesh.tensors import Inputs, Tensor
 
 ParameterValue = bool | int | float | str
@@ -50,7 +51,7 @@ class ModelInfo:
 class ModelIndexEntry:
     name: str
     version: str
-    state: str  # READY or UNAVAILABLE
+    state: str  # READY, LOADING, UNLOADING or UNAVAILABLE
     reason: str = ""
 
 
@@ -106,6 +107,17 @@ class Dataplane(Protocol):
     async def model_config(self, call: Call, name: str, version: str) -> ModelConfig: ...
 
     async def repository_index(self, call: Call, ready_only: bool) -> list[ModelIndexEntry]: ...
+
+    async def repository_load(self, call: Call, name: str, config_json: str | None) -> None:
+        """(Re)load the model from the repository, or with this config (JSON) instead of its own; returns once
+        every version it serves is ready."""
+        ...
+
+    async def repository_unload(self, call: Call, name: str) -> None: ...
+
+    async def model_statistics(self, call: Call, name: str, version: str) -> list[ModelStatistics]:
+        """Triton's statistics per model version; an empty name or version: all of them."""
+        ...
 
     async def infer(self, call: Call, request: InferRequest) -> InferAnswer: ...
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from infermesh.errors import InvalidInput, NotFound
+from infermesh.errors import InvalidInput, NotFound, Unavailable
 from infermesh.tensors import DATATYPES
 
 MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.json"
 MAX_ENTITY_ID_BYTES = 256  # the longest entity id a feature lookup accepts
 
 log = logging.getLogger(__name__)
@@ -70,9 +72,50 @@ class FeatureSpec(BaseModel):
         return sum(len(entity.features) for entity in self.entities) + len(self.request_inputs)
 
 
+class LatestVersions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    num_versions: int = Field(1, ge=1)
+
+
+class AllVersions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SpecificVersions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    versions: list[int] = Field(min_length=1)
+
+
+class VersionPolicy(BaseModel):
+    """Triton's `version_policy`: which of the version folders are served. None given: the newest one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    latest: LatestVersions | None = None
+    all: AllVersions | None = None
+    specific: SpecificVersions | None = None
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> VersionPolicy:
+        if sum(choice is not None for choice in (self.latest, self.all, self.specific)) > 1:
+            raise ValueError("version_policy: give one of latest, all, specific")
+        return self
+
+    def select(self, available: Sequence[str]) -> list[str]:
+        """The versions to serve of those available (numeric folder names), ascending."""
+        ordered = sorted(available, key=int)
+        if self.all is not None:
+            return ordered
+        if self.specific is not None:
+            wanted = {str(version) for version in self.specific.versions}
+            return [version for version in ordered if version in wanted]
+        count = self.latest.num_versions if self.latest is not None else 1
+        return ordered[-count:]
+
+
 class ModelConfig(BaseModel):
     name: str
     platform: str = "pytorch_torchscript"
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
     max_batch_size: int = Field(256, ge=1)
     dynamic_batching: DynamicBatching = Field(default_factory=DynamicBatching)
     inputs: list[TensorSpec]
@@ -123,24 +166,47 @@ class ModelConfig(BaseModel):
         return selected
 
 
-class ModelEntry(BaseModel):
-    """A model found in the repository, with its ready versions (ascending)."""
+READY = "READY"  # Triton's repository index states
+LOADING = "LOADING"
+UNLOADING = "UNLOADING"
+UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStatus:
+    """One version of a model as the repository index shows it: its state and, when not READY, why."""
+
+    version: str
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model as a hop knows it: its config, the versions it may serve now (READY, ascending) and the state of
+    every version it knows of (the repository index)."""
 
     config: ModelConfig
-    path: Path
     versions: list[str]
+    statuses: tuple[VersionStatus, ...] = ()
 
     @property
     def latest(self) -> str:
-        """Newest version, or "" (the model service's choice) where this hop sees no version folders."""
+        """The newest ready version, or "" when none is."""
         return self.versions[-1] if self.versions else ""
 
     def resolve_version(self, requested: str) -> str:
-        if not requested or not self.versions:
-            return requested or self.latest
-        if requested not in self.versions:
-            raise NotFound(f"model '{self.config.name}' has no version '{requested}'")
-        return requested
+        """The version a request means: the one named when it is ready, else the newest ready one. NotFound for a
+        version the model does not have; Unavailable for one that is not ready (loading, unloading, failed)."""
+        name = self.config.name
+        if requested in self.versions or (not requested and self.versions):
+            return requested or self.versions[-1]
+        if not requested:
+            raise Unavailable(f"model '{name}' has no ready version")
+        for status in self.statuses:
+            if status.version == requested:
+                raise Unavailable(f"model '{name}' version '{requested}' is not ready ({status.state})")
+        raise NotFound(f"model '{name}' has no version '{requested}'")
 
 
 def find_model(models: Mapping[str, ModelEntry], name: str) -> ModelEntry:
@@ -151,25 +217,40 @@ def find_model(models: Mapping[str, ModelEntry], name: str) -> ModelEntry:
     return entry
 
 
-def load_repository(root: Path, require_weights: bool = False) -> dict[str, ModelEntry]:
-    """Read every `<root>/<model>/config.json`. Versions are numeric folders (with weights, if required)."""
-    models: dict[str, ModelEntry] = {}
-    if not root.is_dir():
-        return models
-    for config_path in sorted(root.glob("*/config.json")):
-        try:
-            config = ModelConfig.model_validate(json.loads(config_path.read_text()))
-        except (OSError, ValueError) as error:  # pydantic's ValidationError is a ValueError
-            # One broken model must not take the others down: refuse it, say why in the log.
-            log.error("invalid model config %s: %s", config_path, error)
-            continue
-        folder = config_path.parent
-        versions = sorted(
-            (p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
-            key=int,
-        )
-        if require_weights:
-            versions = [v for v in versions if (folder / v / MODEL_FILE).is_file()]
-        if versions or not require_weights:
-            models[config.name] = ModelEntry(config=config, path=folder, versions=versions)
-    return models
+def read_config(folder: Path) -> ModelConfig:
+    """`<folder>/config.json`; ValueError (pydantic's ValidationError is one) or OSError when it is not usable."""
+    return parse_config((folder / CONFIG_FILE).read_text())
+
+
+def parse_config(text: str) -> ModelConfig:
+    """A model config from its JSON text (a repository file or a load's override); ValueError when invalid."""
+    return ModelConfig.model_validate(json.loads(text))
+
+
+def parse_checked(name: str, config_json: str) -> ModelConfig:
+    """A load's config override for model `name`: InvalidInput (naming what is wrong) unless valid and for it."""
+    try:
+        config = parse_config(config_json)
+    except ValueError as error:  # invalid JSON or a pydantic ValidationError
+        raise InvalidInput(f"model '{name}': invalid config: {first_line(error)}") from None
+    if config.name != name:
+        raise InvalidInput(f"model '{name}': its config names model '{config.name}'")
+    return config
+
+
+def first_line(error: BaseException) -> str:
+    """A short, single-line account of an error (a config's first validation error with where it is)."""
+    if isinstance(error, ValidationError) and error.errors():
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where}: {first['msg']}"[:300] if where else str(first["msg"])[:300]
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def version_folders(folder: Path) -> list[str]:
+    """The numeric version folders of a model that hold weights, ascending."""
+    if not folder.is_dir():
+        return []
+    found = [p.name for p in folder.iterdir() if p.name.isdigit() and (p / MODEL_FILE).is_file()]
+    return sorted(found, key=int)

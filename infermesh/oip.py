@@ -21,6 +21,7 @@ from infermesh.dataplane import (
 from infermesh.errors import InvalidInput
 from infermesh.model_config import ModelConfig, TensorSpec
 from infermesh.proto import inference_pb2 as pb
+from infermesh.statistics import BatchStatistics, Duration, ModelStatistics
 from infermesh.tensors import MAX_INPUTS, MessageInputs, Tensor, decode_raw, to_raw
 from infermesh.wire import split_raw_contents
 
@@ -180,10 +181,21 @@ def model_config(config: ModelConfig) -> pb.ModelConfigResponse:
         return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"  # the enum value's name
 
     batching = config.dynamic_batching
+    policy = config.version_policy
+    if policy.all is not None:
+        version_policy = pb.ModelVersionPolicy(all=pb.ModelVersionPolicy.All())
+    elif policy.specific is not None:
+        version_policy = pb.ModelVersionPolicy(
+            specific=pb.ModelVersionPolicy.Specific(versions=policy.specific.versions)
+        )
+    else:
+        latest = policy.latest.num_versions if policy.latest is not None else 1
+        version_policy = pb.ModelVersionPolicy(latest=pb.ModelVersionPolicy.Latest(num_versions=latest))
     return pb.ModelConfigResponse(
         config=pb.ModelConfig(
             name=config.name,
             platform=config.platform,
+            version_policy=version_policy,
             backend="pytorch",
             max_batch_size=config.max_batch_size,
             input=[
@@ -206,3 +218,99 @@ def repository_index(entries: Iterable[ModelIndexEntry]) -> pb.RepositoryIndexRe
             for e in entries
         ]
     )
+
+
+CONFIG_PARAMETER = "config"  # RepositoryModelLoad: a full model config (JSON) to apply instead of the repository's
+
+
+def load_config_of(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> str | None:
+    """The `config` override of a RepositoryModelLoad, if any. Triton's file overrides (`file:…`) are not taken:
+    model files come from the repository (see `infermesh models publish`)."""
+    for key in parameters:
+        if key.startswith("file:"):
+            raise InvalidInput(f"load parameter '{key[:64]}': model files are not taken over the API; publish them")
+    parameter = parameters.get(CONFIG_PARAMETER)
+    if parameter is None:
+        return None
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind == "string_param":
+        return str(parameter.string_param)
+    if kind == "bytes_param":
+        try:
+            return bytes(parameter.bytes_param).decode()
+        except UnicodeDecodeError:
+            raise InvalidInput("load parameter 'config' is not UTF-8 text") from None
+    raise InvalidInput("load parameter 'config' must be a string holding the model config as JSON")
+
+
+def _duration(duration: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=duration.count, ns=duration.ns)
+
+
+def _from_duration(message: pb.StatisticDuration) -> Duration:
+    return Duration(message.count, message.ns)
+
+
+def model_statistics(entries: Iterable[ModelStatistics]) -> pb.ModelStatisticsResponse:
+    return pb.ModelStatisticsResponse(
+        model_stats=[
+            pb.ModelStatistics(
+                name=e.name,
+                version=e.version,
+                last_inference=e.last_inference_ms,
+                inference_count=e.inference_count,
+                execution_count=e.execution_count,
+                inference_stats=pb.InferStatistics(
+                    success=_duration(e.success),
+                    fail=_duration(e.fail),
+                    queue=_duration(e.queue),
+                    compute_input=_duration(e.compute_input),
+                    compute_infer=_duration(e.compute_infer),
+                    compute_output=_duration(e.compute_output),
+                    cache_hit=pb.StatisticDuration(),
+                    cache_miss=pb.StatisticDuration(),
+                ),
+                batch_stats=[
+                    pb.InferBatchStatistics(
+                        batch_size=b.batch_size,
+                        compute_input=_duration(b.compute_input),
+                        compute_infer=_duration(b.compute_infer),
+                        compute_output=_duration(b.compute_output),
+                    )
+                    for _, b in sorted(e.batches.items())
+                ],
+            )
+            for e in entries
+        ]
+    )
+
+
+def statistics_of(response: pb.ModelStatisticsResponse) -> list[ModelStatistics]:
+    found = []
+    for m in response.model_stats:
+        stats = m.inference_stats
+        found.append(
+            ModelStatistics(
+                m.name,
+                m.version,
+                m.last_inference,
+                m.inference_count,
+                m.execution_count,
+                _from_duration(stats.success),
+                _from_duration(stats.fail),
+                _from_duration(stats.queue),
+                _from_duration(stats.compute_input),
+                _from_duration(stats.compute_infer),
+                _from_duration(stats.compute_output),
+                {
+                    b.batch_size: BatchStatistics(
+                        b.batch_size,
+                        _from_duration(b.compute_input),
+                        _from_duration(b.compute_infer),
+                        _from_duration(b.compute_output),
+                    )
+                    for b in m.batch_stats
+                },
+            )
+        )
+    return found

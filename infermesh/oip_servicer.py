@@ -20,6 +20,11 @@ from infermesh.proto import inference_pb2 as pb
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
+# A repository call without a deadline of its own gets this long: loading and warming a model takes far longer than
+# an inference, and a load cut short by the default inference timeout would be reported failed while it goes on.
+REPOSITORY_TIMEOUT_S = 300.0
+
+
 class OipServicer:
     def __init__(self, dataplane: Dataplane, default_timeout_s: float) -> None:
         self.dataplane = dataplane
@@ -54,6 +59,25 @@ class OipServicer:
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> Any:
         return oip.repository_index(await self.dataplane.repository_index(self._call(context), request.ready))
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> Any:
+        entries = await self.dataplane.model_statistics(self._call(context), request.name, request.version)
+        return oip.model_statistics(entries)
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        call = self.dataplane.authenticate(call_of(context, REPOSITORY_TIMEOUT_S))
+        config_json = oip.load_config_of(request.parameters)
+        await self.dataplane.repository_load(call, request.model_name, config_json)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        call = self.dataplane.authenticate(call_of(context, REPOSITORY_TIMEOUT_S))
+        await self.dataplane.repository_unload(call, request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, encoded: bytes, context: grpc.aio.ServicerContext) -> InferAnswer:
         # The request arrives as bytes: parsed only once the caller is authenticated, and kept (a hop may
@@ -114,6 +138,9 @@ def add_to_server(servicer: OipServicer, server: Any) -> None:
         "ModelMetadata": _unary(servicer.ModelMetadata, pb.ModelMetadataRequest),
         "ModelConfig": _unary(servicer.ModelConfig, pb.ModelConfigRequest),
         "RepositoryIndex": _unary(servicer.RepositoryIndex, pb.RepositoryIndexRequest),
+        "ModelStatistics": _unary(servicer.ModelStatistics, pb.ModelStatisticsRequest),
+        "RepositoryModelLoad": _unary(servicer.RepositoryModelLoad, pb.RepositoryModelLoadRequest),
+        "RepositoryModelUnload": _unary(servicer.RepositoryModelUnload, pb.RepositoryModelUnloadRequest),
         # Parsed after authentication, bytes kept; an answer already in wire form goes back byte for byte.
         "ModelInfer": grpc.unary_unary_rpc_method_handler(
             servicer.ModelInfer, request_deserializer=None, response_serializer=oip.encode_answer

@@ -65,6 +65,3 @@ class ServiceSettings(BaseSettings):
     max_connection_age_grace_s: float = Field(
         30.0, ge=0, description="How long calls on a connection closed for its age may still finish."
     )
-    model_repository: Path = Field(
-        Path("model_repository"), description="Folder of <model>/config.json (+ <version>/ weights)."
-    )

@@ -24,6 +24,7 @@ from infermesh import metrics, telemetry
 from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, DomainError, QueueFull, Unavailable
 from infermesh.model_config import DynamicBatching
+from infermesh.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Batcher:
         inject_delay_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         thread_initializer: Callable[[], None] | None = None,
+        statistics: ModelStatistics | None = None,
     ) -> None:
         self.model = model
         self.version = version
@@ -85,6 +87,7 @@ class Batcher:
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self.statistics = statistics if statistics is not None else ModelStatistics(model, version)
         # One thread: forward passes of a model version never overlap, so batches do not fight for cores.
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"forward-{model}-{version}", initializer=thread_initializer
@@ -233,7 +236,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         try:
             parts = [request.inputs for request in batch]
-            start_ns, end_ns, outputs = await loop.run_in_executor(self._executor, self._forward, parts)
+            start_ns, input_ns, end_ns, outputs = await loop.run_in_executor(self._executor, self._forward, parts)
         except asyncio.CancelledError:
             self._fail(batch, Unavailable(f"model '{self.model}' is shutting down"))
             raise
@@ -246,25 +249,36 @@ class Batcher:
             return
         finally:
             self._running = []
+        split_from = time.perf_counter_ns()
         try:
             self._split(batch, rows, outputs, start_ns, end_ns)
         except Exception as error:
             log.exception("model output does not split", extra={"fields": {"model": self.model}})
             self._fail(batch, error)
+            return
+        output_ns = time.perf_counter_ns() - split_from
+        statistics = self.statistics
+        statistics.record_batch(
+            len(batch), rows, input_ns, end_ns - start_ns - input_ns, output_ns, end_ns // 1_000_000
+        )
+        for request in batch:
+            statistics.queue.add(dispatched_ns - request.enqueued_ns)
 
-    def _forward(self, parts: list[Arrays]) -> tuple[int, int, Arrays]:
-        """In the worker thread: concatenation too, so that large batches do not hold up the event loop."""
+    def _forward(self, parts: list[Arrays]) -> tuple[int, int, int, Arrays]:
+        """In the worker thread: concatenation too, so that large batches do not hold up the event loop. Returns
+        the wall-clock start, the nanoseconds the inputs took to assemble, the wall-clock end and the outputs."""
         start_ns = time.time_ns()
         started = time.perf_counter()
         if len(parts) == 1:
             inputs = parts[0]
         else:
             inputs = {name: np.concatenate([part[name] for part in parts], axis=0) for name in parts[0]}
+        input_ns = int((time.perf_counter() - started) * 1e9)
         if self._inject_delay_s:
             time.sleep(self._inject_delay_s)  # simulated slow replica: part of the forward pass on purpose
         outputs = self._run_batch(inputs)
         self._forward_latency.observe(time.perf_counter() - started)
-        return start_ns, time.time_ns(), outputs
+        return start_ns, input_ns, time.time_ns(), outputs
 
     def _split(self, batch: list[_Request], rows: int, outputs: Arrays, start_ns: int, end_ns: int) -> None:
         for name, array in outputs.items():
@@ -285,6 +299,14 @@ class Batcher:
         for request in batch:
             if not request.future.done():
                 request.future.set_exception(error)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Take no new requests, let those queued or computing finish (for up to `timeout_s`), then close."""
+        self._closed = True  # no request joins from now on, so these are the last
+        unanswered = [request.future for request in (*self._pending, *self._running) if not request.future.done()]
+        if unanswered:
+            await asyncio.wait(unanswered, timeout=timeout_s)
+        await self.close()
 
     async def close(self) -> None:
         """Stop the loop; every queued or computing request fails with Unavailable so nothing hangs."""

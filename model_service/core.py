@@ -6,8 +6,8 @@ model has a feature_spec (the router joins the features), else its declared `inp
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 
 from infermesh import __version__, metrics, timing
 from infermesh.dataplane import (
@@ -20,18 +20,21 @@ from infermesh.dataplane import (
     ModelInfo,
     ServerInfo,
 )
-from infermesh.errors import FailedPrecondition
+from infermesh.errors import DomainError, NotFound
 from infermesh.model_config import ModelConfig
+from infermesh.repository import RepositoryState
+from infermesh.statistics import ModelStatistics
 from infermesh.tensors import Tensor
 from infermesh.validation import validate_headers
 from model_service.batcher import Batcher
-from model_service.registry import ModelRegistry
+from model_service.lifecycle import ModelLifecycle
+from model_service.registry import LoadedModel, ModelRegistry
 from model_service.settings import ModelServiceSettings
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "infermesh-model-service"
-EXTENSIONS = ("dynamic_batching", "repository_index", "model_stream_infer")
+EXTENSIONS = ("dynamic_batching", "model_repository", "model_configuration", "statistics", "model_stream_infer")
 
 
 class ModelServiceCore(DataplaneBase):
@@ -42,28 +45,32 @@ class ModelServiceCore(DataplaneBase):
         self.registry = registry or ModelRegistry(
             settings.model_repository, device=settings.device, amp=settings.amp, torch_threads=settings.torch_threads
         )
-        self.batchers: dict[tuple[str, str], Batcher] = {}
+        self.lifecycle = ModelLifecycle(self.registry, self._start_batcher, settings.unload_grace_s)
         self._loaded = False
         self._closing = False
 
+    @property
+    def batchers(self) -> dict[tuple[str, str], Batcher]:
+        return self.lifecycle.batchers
+
+    def _start_batcher(self, model: LoadedModel, statistics: ModelStatistics) -> Batcher:
+        batcher = Batcher(
+            model.name,
+            model.version,
+            model.predict,
+            model.config.max_batch_size,
+            model.config.dynamic_batching,
+            device=str(model.device),
+            inject_delay_s=self.settings.inject_delay_ms / 1000,
+            thread_initializer=self.registry.configure_thread,
+            statistics=statistics,
+        )
+        batcher.start()
+        return batcher
+
     async def load(self) -> None:
         """Verify, load and warm up every model (in a thread: the server keeps answering health meanwhile)."""
-        await asyncio.to_thread(self.registry.load_all)
-        inject_delay_s = self.settings.inject_delay_ms / 1000
-        for (name, version), model in self.registry.loaded.items():
-            batcher = Batcher(
-                name,
-                version,
-                model.predict,
-                model.config.max_batch_size,
-                model.config.dynamic_batching,
-                device=str(model.device),
-                inject_delay_s=inject_delay_s,
-                thread_initializer=self.registry.configure_thread,
-            )
-            batcher.start()
-            self.batchers[(name, version)] = batcher
-            metrics.MODEL_LOADED.labels(name, version).set(1)
+        await self.lifecycle.load_all()
         self._loaded = True
 
     def draining(self) -> None:
@@ -71,7 +78,11 @@ class ModelServiceCore(DataplaneBase):
 
     async def close(self) -> None:
         self._closing = True
-        await asyncio.gather(*(batcher.close() for batcher in self.batchers.values()))
+        await self.lifecycle.close()
+
+    def repository_state(self) -> RepositoryState:
+        """This replica's models and version states (the router reads it: infermesh.repository_service)."""
+        return self.registry.state()
 
     # Health ------------------------------------------------------------------------------------------
 
@@ -101,42 +112,57 @@ class ModelServiceCore(DataplaneBase):
         """The model's config as this service serves it: its `inputs` are the served ones."""
         entry = self.registry.entry(name)
         if version:
-            self.registry.resolve(name, version)  # NotFound for a version the repository lacks
+            entry.resolve_version(version)  # NotFound / Unavailable for a version not served
         config = entry.config
         if config.model_input is None:
             return config
         return config.model_copy(update={"inputs": config.served_inputs, "feature_spec": None, "model_input": None})
 
+    # Repository and statistics ---------------------------------------------------------------------------
+
     async def repository_index(self, call: Call, ready_only: bool) -> list[ModelIndexEntry]:
-        index: list[ModelIndexEntry] = []
-        for name, entry in self.registry.entries.items():
-            for version in entry.versions:
-                if (name, version) in self.registry.loaded:
-                    index.append(ModelIndexEntry(name, version, "READY", ""))
-                elif not ready_only:
-                    reason = self.registry.failures.get((name, version), "not loaded")
-                    index.append(ModelIndexEntry(name, version, "UNAVAILABLE", reason))
-        return index
+        return self.registry.state().index(ready_only)
+
+    async def repository_load(self, call: Call, name: str, config_json: str | None) -> None:
+        await self.lifecycle.load(name, config_json)
+
+    async def repository_unload(self, call: Call, name: str) -> None:
+        await self.lifecycle.unload(name)
+
+    async def model_statistics(self, call: Call, name: str, version: str) -> list[ModelStatistics]:
+        if name:
+            entry = self.registry.entry(name)  # NotFound for a model this service does not know
+            if version and version not in {status.version for status in entry.statuses}:
+                raise NotFound(f"model '{name}' has no version '{version}'")
+        return [
+            statistics
+            for (model, model_version), statistics in sorted(self.lifecycle.statistics.items())
+            if (not name or model == name) and (not version or model_version == version)
+        ]
 
     # Inference ---------------------------------------------------------------------------------------
 
     async def infer(self, call: Call, request: InferRequest) -> InferAnswer:
         """Validate against the served signature, queue for a batch, answer the requested outputs (default:
         all, in declared order) with the version that served them."""
+        started_ns = time.perf_counter_ns()
         name = request.model
         self.registry.entry(name)  # NotFound before anything else for an unknown model
         metrics.label_request(name)  # the version once resolved: a client-chosen one is not a label
-        model = self.registry.get(name, request.version)
-        config = model.config
-        output_specs = config.select_outputs(request.outputs)
-        rows = validate_headers(config.name, config.served_inputs, config.max_batch_size, request.inputs.headers)
-        tensors = request.inputs.tensors()
-        batcher = self.batchers.get((name, model.version))
-        if batcher is None:  # loaded but not started: only between load_all and the end of load()
-            raise FailedPrecondition(f"model '{name}' version '{model.version}' is not serving")
-        arrays = {spec.name: tensors[spec.name].data for spec in model.input_specs}
-        spent: dict[str, float] | None = {} if timing.wanted(request.parameters) else None
-        results = await batcher.submit(arrays, rows, call.deadline, spent)
+        model, batcher = self.lifecycle.serving(name, request.version)
+        statistics = batcher.statistics
+        try:
+            config = model.config
+            output_specs = config.select_outputs(request.outputs)
+            rows = validate_headers(config.name, config.served_inputs, config.max_batch_size, request.inputs.headers)
+            tensors = request.inputs.tensors()
+            arrays = {spec.name: tensors[spec.name].data for spec in model.input_specs}
+            spent: dict[str, float] | None = {} if timing.wanted(request.parameters) else None
+            results = await batcher.submit(arrays, rows, call.deadline, spent)
+        except DomainError:
+            statistics.fail.add(time.perf_counter_ns() - started_ns)
+            raise
+        statistics.success.add(time.perf_counter_ns() - started_ns)
         metrics.label_request(name, model.version)  # the version actually served, not the (maybe empty) one asked
         replica_id = self.settings.replica_id
         parameters = {"replica_id": replica_id} if replica_id else {}

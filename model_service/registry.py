@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
+import secrets
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +19,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infermesh.errors import FailedPrecondition, NotFound
-from infermesh.model_config import MODEL_FILE, ModelConfig, ModelEntry, TensorSpec, find_model, load_repository
+from infermesh.errors import DomainError, InvalidInput, NotFound
+from infermesh.model_config import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    READY,
+    UNAVAILABLE,
+    ModelConfig,
+    ModelEntry,
+    TensorSpec,
+    VersionStatus,
+    first_line,
+    parse_checked,
+    version_folders,
+)
+from infermesh.repository import ModelState, RepositoryState
 from infermesh.tensors import NUMPY_DTYPE
 
 log = logging.getLogger(__name__)
@@ -63,16 +78,18 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_checksum(weights: Path) -> None:
-    """Raise ValueError unless `<weights>.sha256` exists and its first token is the file's SHA-256."""
+def verify_checksum(weights: Path, data: bytes) -> str:
+    """The SHA-256 of `data` (the bytes read from `weights`); ValueError unless `<weights>.sha256` exists and its
+    first token is that digest."""
     sidecar = weights.with_name(weights.name + CHECKSUM_SUFFIX)
     if not sidecar.is_file():
         raise ValueError(f"missing checksum file {sidecar.name}")
     tokens = sidecar.read_text().split()
     expected = tokens[0].lower() if tokens else ""
-    actual = sha256_of(weights)
+    actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise ValueError(f"SHA-256 mismatch: file has {actual}, {sidecar.name} says {expected or '(empty)'}")
+    return actual
 
 
 def _to_torch(array: np.ndarray, datatype: str, device: torch.device) -> torch.Tensor:
@@ -120,6 +137,7 @@ class LoadedModel:
     module: torch.jit.ScriptModule
     device: torch.device
     amp: bool = False
+    digest: str = ""  # SHA-256 of the weights it was loaded from
     input_specs: list[TensorSpec] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -164,82 +182,239 @@ def _example_shape(spec: TensorSpec, rows: int) -> tuple[int, ...]:
     return (rows, *(dim if dim > 0 else 1 for dim in spec.shape[1:]))
 
 
+@dataclass
+class _Model:
+    """A model of the repository as this service holds it: the config in force, its loaded versions and the
+    state of every version it knows of."""
+
+    config: ModelConfig
+    config_json: str
+    loaded: dict[str, LoadedModel] = field(default_factory=dict)
+    statuses: dict[str, VersionStatus] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What loading a model means now: the config to apply and, of the versions its policy serves, those to
+    (re)load (new, changed weights or a changed config) and those to retire."""
+
+    name: str
+    config: ModelConfig
+    config_json: str
+    to_load: list[str]
+    to_retire: list[str]
+    folder: Path
+
+
 class ModelRegistry:
-    """Every model of the repository and the state of each version (ready, or refused with a reason)."""
+    """The models of the repository this service loaded, and the state of each version (Triton's READY, LOADING,
+    UNLOADING, UNAVAILABLE with a reason). The blocking parts (reading the folder, loading weights) run in a
+    worker thread; the state changes run on the event loop (model_service.lifecycle), one model at a time."""
 
     def __init__(self, root: Path, device: str = "auto", amp: bool = False, torch_threads: int = 1) -> None:
         self.root = root
         self.device = resolve_device(device)
         self.amp = amp
         self.torch_threads = torch_threads
-        self.entries: dict[str, ModelEntry] = {}
-        self.loaded: dict[tuple[str, str], LoadedModel] = {}
-        self.failures: dict[tuple[str, str], str] = {}
+        self.models: dict[str, _Model] = {}
+        self._boot = secrets.token_hex(4)  # a restarted service is a new generation even at the same count
+        self._changes = 0
+        self._entries: dict[str, ModelEntry] = {}
+        self._entries_at = -1
 
     def configure_thread(self) -> None:
         """Apply `torch_threads` to the calling thread: with OpenMP the intra-op thread count is per thread."""
         torch.set_num_threads(self.torch_threads)
 
-    def load_all(self) -> None:
-        """Read the repository, then verify, load and warm up every version. Blocking: call it in a thread."""
-        self.configure_thread()
-        self.entries = load_repository(self.root, require_weights=True)
-        for name, entry in self.entries.items():
-            for version in entry.versions:
-                try:
-                    self.loaded[(name, version)] = self._load(entry, version)
-                except Exception as error:  # one bad model must not keep the others from serving
-                    self.failures[(name, version)] = str(error)
-                    log.error(
-                        "model refused",
-                        extra={"fields": {"model": name, "version": version, "reason": str(error)}},
-                    )
-                else:
-                    log.info(
-                        "model ready", extra={"fields": {"model": name, "version": version, "device": str(self.device)}}
-                    )
+    # Reading the repository (blocking) ----------------------------------------------------------------
 
-    def _load(self, entry: ModelEntry, version: str) -> LoadedModel:
-        config = entry.config
+    def discover(self) -> list[str]:
+        """The model folders of the repository (each with a config.json)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.root.glob(f"*/{CONFIG_FILE}"))
+
+    def plan(self, name: str, config_json: str | None = None) -> LoadPlan:
+        """What `load(name)` has to do: re-read the model's folder (its config, unless one is given) and compare
+        with what is loaded. NotFound for a model the repository lacks; InvalidInput for an invalid config."""
+        folder = self.root / name
+        if not folder.is_dir() or not name or name.startswith(".") or folder.parent != self.root:
+            raise NotFound(f"model '{name}' is not in the model repository")
+        if config_json is None:
+            try:
+                config_json = (folder / CONFIG_FILE).read_text()
+            except OSError as error:
+                raise InvalidInput(f"model '{name}': cannot read its {CONFIG_FILE}: {error.strerror}") from None
+        config = parse_checked(name, config_json)
+        normalized = config.model_dump_json()
+        wanted = config.version_policy.select(version_folders(folder))
+        held = self.models.get(name)
+        loaded = held.loaded if held is not None else {}
+        same_config = held is not None and held.config_json == normalized
+        to_load = [
+            version
+            for version in wanted
+            if not same_config or version not in loaded or loaded[version].digest != _expected_digest(folder, version)
+        ]
+        to_retire = [version for version in loaded if version not in wanted]
+        return LoadPlan(name, config, normalized, to_load, to_retire, folder)
+
+    def load_version(self, plan: LoadPlan, version: str) -> LoadedModel:
+        """Verify, load and warm up one version (blocking). The module is loaded from the very bytes that were
+        hashed, so a file changed in between cannot slip through."""
+        config = plan.config
         unsupported = [spec.name for spec in config.served_inputs if spec.datatype not in TORCH_DTYPE]
         if unsupported:
             raise ValueError(f"inputs {unsupported} have datatypes torch cannot take")
-        weights = entry.path / version / MODEL_FILE
-        verify_checksum(weights)
+        weights = plan.folder / version / MODEL_FILE
+        data = weights.read_bytes()
+        digest = verify_checksum(weights, data)
         with warnings.catch_warnings():
             # TorchScript is deprecated upstream in favour of torch.export, yet it is the format we serve.
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(weights), map_location=self.device)  # type: ignore[no-untyped-call]  # torch.jit is unannotated
+            module = torch.jit.load(io.BytesIO(data), map_location=self.device)  # type: ignore[no-untyped-call]  # torch.jit is unannotated
         module.eval()
-        model = LoadedModel(config=config, version=version, module=module, device=self.device, amp=self.amp)
+        model = LoadedModel(config, version, module, self.device, self.amp, digest)
         model.warm_up()
         return model
 
+    def load_all(self) -> None:
+        """Load every model of the repository by its version policy, without batchers (blocking; for tools and
+        tests — the service loads through model_service.lifecycle)."""
+        self.configure_thread()
+        for name in self.discover():
+            try:
+                plan = self.plan(name)
+            except DomainError as error:
+                log.error("model refused", extra={"fields": {"model": name, "reason": str(error)}})
+                continue
+            self.apply_config(plan)
+            for version in plan.to_load:
+                try:
+                    self.put(self.load_version(plan, version))
+                except Exception as error:  # one bad model must not keep the others from serving
+                    self.refuse(name, version, error)
+
+    # State changes (on the event loop) ----------------------------------------------------------------
+
+    def apply_config(self, plan: LoadPlan) -> None:
+        held = self.models.get(plan.name)
+        if held is None:
+            self.models[plan.name] = _Model(plan.config, plan.config_json)
+        else:
+            held.config, held.config_json = plan.config, plan.config_json
+        self._changed()
+
+    def set_state(self, name: str, version: str, state: str, reason: str = "") -> None:
+        self.models[name].statuses[version] = VersionStatus(version, state, reason)
+        self._changed()
+
+    def put(self, model: LoadedModel) -> LoadedModel | None:
+        """Serve this loaded version (READY); the one it replaces, if any, is returned for draining."""
+        held = self.models[model.name]
+        previous = held.loaded.get(model.version)
+        held.loaded[model.version] = model
+        held.statuses[model.version] = VersionStatus(model.version, READY)
+        self._changed()
+        log.info("model ready", extra={"fields": {"model": model.name, "version": model.version}})
+        return previous
+
+    def refuse(self, name: str, version: str, error: BaseException) -> str:
+        """A version that failed to load: UNAVAILABLE with the reason, unless an earlier load of it still serves."""
+        reason = load_failure_reason(error)
+        log.error("model refused", extra={"fields": {"model": name, "version": version, "reason": reason}})
+        held = self.models[name]
+        if version not in held.loaded:
+            held.statuses[version] = VersionStatus(version, UNAVAILABLE, reason)
+        self._changed()
+        return reason
+
+    def remove(self, name: str, version: str, reason: str = "unloaded") -> LoadedModel | None:
+        """Stop serving a version (UNAVAILABLE, unloaded); the loaded model is returned for draining."""
+        held = self.models[name]
+        model = held.loaded.pop(version, None)
+        held.statuses[version] = VersionStatus(version, UNAVAILABLE, reason)
+        self._changed()
+        return model
+
+    def _changed(self) -> None:
+        self._changes += 1
+
+    # Queries --------------------------------------------------------------------------------------------
+
+    @property
+    def generation(self) -> str:
+        return f"{self._boot}-{self._changes}"
+
+    def state(self) -> RepositoryState:
+        return RepositoryState(
+            self.generation,
+            {
+                name: ModelState(held.config, held.config_json, tuple(held.statuses[v] for v in _ascending(held)))
+                for name, held in self.models.items()
+            },
+        )
+
+    @property
+    def failures(self) -> dict[tuple[str, str], str]:
+        return {
+            (name, status.version): status.reason
+            for name, held in self.models.items()
+            for status in held.statuses.values()
+            if status.state == UNAVAILABLE
+        }
+
     def entry(self, name: str) -> ModelEntry:
-        return find_model(self.entries, name)
+        """The model with its ready versions; NotFound if this service does not know it. Built once per change:
+        every request looks it up."""
+        if self._entries_at != self._changes:
+            self._entries = {
+                model: ModelEntry(
+                    held.config, sorted(held.loaded, key=int), tuple(held.statuses[v] for v in _ascending(held))
+                )
+                for model, held in self.models.items()
+            }
+            self._entries_at = self._changes
+        entry = self._entries.get(name)
+        if entry is None:
+            raise NotFound(f"model '{name}' not found")
+        return entry
 
     def ready_versions(self, name: str) -> list[str]:
-        return [version for version in self.entry(name).versions if (name, version) in self.loaded]
-
-    def resolve(self, name: str, version: str = "") -> str:
-        """The version a request means: the one named, or the latest ready one. NotFound if unknown."""
-        entry = self.entry(name)
-        if version:
-            return entry.resolve_version(version)
-        ready = self.ready_versions(name)
-        return ready[-1] if ready else entry.latest
+        return self.entry(name).versions
 
     def get(self, name: str, version: str = "") -> LoadedModel:
-        """The ready model version; NotFound if unknown, FailedPrecondition if it was refused at load."""
-        resolved = self.resolve(name, version)
-        model = self.loaded.get((name, resolved))
-        if model is None:
-            raise FailedPrecondition(f"model '{name}' version '{resolved}' is not ready")
-        return model
+        """The loaded version a request means (the newest ready one when none is named); NotFound for an unknown
+        model or version, Unavailable for a version that is not ready."""
+        resolved = self.entry(name).resolve_version(version)
+        return self.models[name].loaded[resolved]
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
             self.get(name, version)
-        except (NotFound, FailedPrecondition):
+        except DomainError:
             return False
         return True
+
+
+def _ascending(held: _Model) -> list[str]:
+    return sorted(held.statuses, key=int)
+
+
+def _expected_digest(folder: Path, version: str) -> str:
+    sidecar = folder / version / (MODEL_FILE + CHECKSUM_SUFFIX)
+    try:
+        tokens = sidecar.read_text().split()
+    except OSError:
+        return ""
+    return tokens[0].lower() if tokens else ""
+
+
+def load_failure_reason(error: BaseException) -> str:
+    """What an admin is told about a version that did not load: the first line of what failed (our checks, the
+    warm-up, torch's reader of a bytes buffer: no paths), the OS's reason for a file it could not read."""
+    if isinstance(error, OSError):
+        return f"cannot read the weights: {error.strerror or type(error).__name__}"
+    if isinstance(error, ValueError | RuntimeError | DomainError):
+        return first_line(error)
+    return "failed to load (see the model service's log)"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -9,10 +11,14 @@ from infermesh.settings import ServiceSettings
 
 
 class ModelServiceSettings(ServiceSettings):
-    """Settings of one model service replica; `model_repository` is inherited."""
+    """Settings of one model service replica. The model services alone read the model repository; the router and
+    gateway learn models from them."""
 
     model_config = SettingsConfigDict(env_prefix="MODEL_SERVICE_", extra="ignore")
 
+    model_repository: Path = Field(
+        Path("model_repository"), description="Folder of <model>/config.json (+ <version>/ weights)."
+    )
     port: int = Field(8031, description="gRPC port; 0 picks a free one (written to port_file).")
     device: str = Field(
         "auto", description="Torch device for every model: auto (cuda if available, else cpu), cpu, cuda, cuda:N."
@@ -20,6 +26,18 @@ class ModelServiceSettings(ServiceSettings):
     torch_threads: int = Field(1, ge=1, description="Intra-op threads torch may use for one forward pass.")
     amp: bool = Field(False, description="Run forward passes under torch.autocast (float16); only applies on CUDA.")
     replica_id: str = Field("", description="Name of this replica, reported in infer response parameters and metadata.")
+    repository_poll_s: float = Field(
+        0.0,
+        ge=0.0,
+        description="Poll mode: re-read the model repository this often and load, reload or unload what changed "
+        "(0: off; models change through the repository API only).",
+    )
+    unload_grace_s: float = Field(
+        2.0,
+        ge=0.0,
+        description="How long a version announced as UNLOADING keeps serving, so that every router (which polls "
+        "replica states each repository_refresh_s) stops sending to it first.",
+    )
     inject_delay_ms: float = Field(
         0.0, ge=0.0, description="Test/bench only: extra delay per batch, to simulate a slow replica."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -14,6 +15,10 @@ from infermesh.deadline import Deadline
 from infermesh.features import FeatureBlock, FeatureQuery
 from infermesh.method_handlers import error_from_rpc
 from infermesh.proto import feature_store_pb2, feature_store_pb2_grpc, inference_pb2_grpc
+from infermesh.proto import inference_pb2 as pb
+from infermesh.repository import RepositoryState
+from infermesh.repository_service import RepositoryClient
+from infermesh.statistics import ModelStatistics
 from infermesh.tensors import Tensor
 from router.core import ModelAnswer
 
@@ -71,6 +76,7 @@ class ModelServiceClient:
         self.channel = insecure_channel(address, max_message_bytes)
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._repository = RepositoryClient(self.channel, f"model service {address}")
 
     async def infer(
         self, model: str, version: str, inputs: Sequence[Tensor], deadline: Deadline, timed: bool = False
@@ -84,6 +90,28 @@ class ModelServiceClient:
             raise error_from_rpc(error, "model service") from None
         spent = {k: v.string_param for k, v in response.parameters.items() if k in timing.PARTS} if timed else {}
         return ModelAnswer(response.model_version, oip.response_outputs(response), spent)
+
+    async def load(self, model: str, config_json: str | None, deadline: Deadline) -> None:
+        request = pb.RepositoryModelLoadRequest(model_name=model)
+        if config_json is not None:
+            request.parameters[oip.CONFIG_PARAMETER].string_param = config_json
+        await self._call(self._stub.RepositoryModelLoad, request, deadline)
+
+    async def unload(self, model: str, deadline: Deadline) -> None:
+        await self._call(self._stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=model), deadline)
+
+    async def statistics(self, model: str, version: str, deadline: Deadline) -> list[ModelStatistics]:
+        request = pb.ModelStatisticsRequest(name=model, version=version)
+        return oip.statistics_of(await self._call(self._stub.ModelStatistics, request, deadline))
+
+    async def _call(self, method: Any, request: Any, deadline: Deadline) -> Any:
+        try:
+            return await method(request, timeout=deadline.remaining())
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, f"model service {self.address}") from None
+
+    async def repository_state(self, timeout_s: float) -> RepositoryState | None:
+        return self._repository.state if await self._repository.refresh(timeout_s) else None
 
     async def health_check(self, timeout_s: float) -> bool:
         try:

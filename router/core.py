@@ -9,9 +9,10 @@ client protocols (implemented over gRPC in `router.clients`), so this module imp
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,9 +29,10 @@ from infermesh.dataplane import (
     ServerInfo,
 )
 from infermesh.deadline import Deadline
-from infermesh.errors import DomainError, NotFound, Overloaded, Unavailable
+from infermesh.errors import DomainError, Overloaded, Unavailable
 from infermesh.features import DEFAULTED_ENTITIES, FeatureBlock, FeatureQuery
-from infermesh.model_config import ModelConfig, ModelEntry, find_model
+from infermesh.model_config import ModelConfig, ModelEntry, find_model, parse_checked
+from infermesh.repository import RepositoryState
 from infermesh.retry import with_retries
 from infermesh.segments import (
     BatchResult,
@@ -41,6 +43,7 @@ from infermesh.segments import (
     slice_rows,
     split_tensors,
 )
+from infermesh.statistics import ModelStatistics, add_up
 from infermesh.tensors import Tensor
 from infermesh.validation import validate_headers
 from router import join
@@ -78,6 +81,16 @@ class ModelClient(Protocol):
         """`timed`: ask the model service for its per-hop timing (infermesh.timing)."""
         ...
 
+    async def load(self, model: str, config_json: str | None, deadline: Deadline) -> None: ...
+
+    async def unload(self, model: str, deadline: Deadline) -> None: ...
+
+    async def statistics(self, model: str, version: str, deadline: Deadline) -> list[ModelStatistics]: ...
+
+    async def repository_state(self, timeout_s: float) -> RepositoryState | None:
+        """The replica's repository state when it changed since the last call, else None."""
+        ...
+
 
 @dataclass(slots=True)
 class RetryPolicy:
@@ -89,7 +102,6 @@ class RetryPolicy:
 class RouterCore(DataplaneBase):
     def __init__(
         self,
-        models: Mapping[str, ModelEntry],
         replicas: ReplicaSet,
         features: FeatureReader,
         retry: RetryPolicy,
@@ -97,7 +109,6 @@ class RouterCore(DataplaneBase):
         max_inflight_batches: int = 4,
         max_pending_requests: int = 4096,
     ) -> None:
-        self.models = dict(models)
         self.replicas = replicas
         self.features = features
         self.retry = retry
@@ -108,6 +119,67 @@ class RouterCore(DataplaneBase):
         self._max_pending_requests = max_pending_requests
         # One coalescer per (model, version): only requests for the same model version share a batch.
         self._coalescers: dict[tuple[str, str], Coalescer] = {}
+        self._entries: tuple[RepositoryState, dict[str, ModelEntry]] | None = None
+
+    # The repository: what the replicas serve --------------------------------------------------------------
+
+    @property
+    def models(self) -> dict[str, ModelEntry]:
+        """Every model the replicas know, with the versions some healthy replica has READY."""
+        state = self.replicas.repository()
+        if self._entries is None or self._entries[0] is not state:
+            self._entries = (state, state.entries())
+        return self._entries[1]
+
+    def repository_state(self) -> RepositoryState:
+        """The replicas' states merged (the gateway reads it: infermesh.repository_service)."""
+        return self.replicas.repository()
+
+    async def refresh_repository(self, timeout_s: float) -> None:
+        """Ask every replica for its repository state (a small message when it did not change)."""
+        replicas = list(self.replicas.replicas.values())
+        states = await asyncio.gather(
+            *(replica.client.repository_state(timeout_s) for replica in replicas), return_exceptions=True
+        )
+        for replica, state in zip(replicas, states, strict=True):
+            if isinstance(state, RepositoryState):
+                self.replicas.set_repository(replica, state)
+            elif isinstance(state, Exception) and not isinstance(state, DomainError):
+                # Not a failed call (health sees those) but a state that does not read: keep the last one.
+                log.error("replica repository state unreadable", extra={"fields": {"replica": replica.address}})
+
+    async def repository_index(self, call: Call, ready_only: bool) -> list[ModelIndexEntry]:
+        return self.replicas.repository().index(ready_only)
+
+    async def repository_load(self, call: Call, name: str, config_json: str | None) -> None:
+        """Load on every healthy replica at once; each warms the new versions before they take requests."""
+        if config_json is not None:
+            parse_checked(name, config_json)  # an invalid config is refused here, before any replica sees it
+        await self._on_every_replica(lambda client: client.load(name, config_json, call.deadline))
+
+    async def repository_unload(self, call: Call, name: str) -> None:
+        find_model(self.models, name)
+        await self._on_every_replica(lambda client: client.unload(name, call.deadline))
+
+    async def _on_every_replica(self, operation: Callable[[ModelClient], Awaitable[None]]) -> None:
+        """Run a repository operation on every healthy replica; the first failure is the answer, once all ended.
+        The replicas' states are read again afterwards, so the answer comes with the mesh's view up to date."""
+        replicas = [r for r in self.replicas.replicas.values() if r.healthy]
+        if not replicas:
+            raise Unavailable("no model service replica is available")
+        outcomes = await asyncio.gather(*(operation(r.client) for r in replicas), return_exceptions=True)
+        await self.refresh_repository(timeout_s=2.0)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def model_statistics(self, call: Call, name: str, version: str) -> list[ModelStatistics]:
+        """The replicas' figures added up per model version."""
+        if name:
+            find_model(self.models, name)
+        replicas = [r for r in self.replicas.replicas.values() if r.healthy]
+        parts = await asyncio.gather(*(r.client.statistics(name, version, call.deadline) for r in replicas))
+        return add_up(stats for part in parts for stats in part)
 
     # Health and metadata -----------------------------------------------------------------------------
 
@@ -119,10 +191,11 @@ class RouterCore(DataplaneBase):
 
     async def model_ready(self, call: Call, name: str, version: str) -> bool:
         try:
-            find_model(self.models, name).resolve_version(version)
-        except NotFound:
+            resolved = find_model(self.models, name).resolve_version(version)
+        except DomainError:
             return False
-        return self.replicas.up_count > 0
+        now = time.monotonic()
+        return any(r.available(now) and r.serves((name, resolved)) for r in self.replicas.replicas.values())
 
     async def model_metadata(self, call: Call, name: str, version: str) -> ModelInfo:
         config = await self.model_config(call, name, version)
@@ -132,14 +205,6 @@ class RouterCore(DataplaneBase):
         entry = find_model(self.models, name)
         metrics.label_request(name, entry.resolve_version(version))
         return entry.config
-
-    async def repository_index(self, call: Call, ready_only: bool) -> list[ModelIndexEntry]:
-        state = "READY" if self.replicas.up_count > 0 else "UNAVAILABLE"
-        return [
-            ModelIndexEntry(name, entry.latest, state)
-            for name, entry in sorted(self.models.items())
-            if state == "READY" or not ready_only
-        ]
 
     # Inference ---------------------------------------------------------------------------------------
 
@@ -330,7 +395,7 @@ class RouterCore(DataplaneBase):
         async def attempt() -> ModelAnswer:
             # Prefer a replica not tried yet; once all were, any (after backoff) beats failing early.
             untried = len(tried) < len(self.replicas.replicas)
-            replica = self.replicas.choose(tried if untried else frozenset())
+            replica = self.replicas.choose(tried if untried else frozenset(), serving=(name, version))
             tried.add(replica.address)
             return await self._call_replica(replica, name, version, inputs, deadline, timed)
 

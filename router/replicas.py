@@ -17,6 +17,8 @@ from typing import Any
 
 from infermesh import metrics
 from infermesh.errors import Unavailable
+from infermesh.model_config import READY, UNLOADING
+from infermesh.repository import RepositoryState, merge
 
 
 @dataclass(eq=False)
@@ -29,9 +31,14 @@ class Replica:
     failures: int = field(default=0)
     latency_s: float = 0.0  # peak-EWMA of call latency
     latency_at: float = 0.0  # when latency_s was last updated (monotonic)
+    repository: RepositoryState | None = None  # the replica's models and version states, as it last said
+    ready: frozenset[tuple[str, str]] = frozenset()  # (model, version) it takes requests for: READY or UNLOADING
 
     def available(self, now: float) -> bool:
         return self.healthy and now >= self.ejected_until
+
+    def serves(self, key: tuple[str, str] | None) -> bool:
+        return key is None or key in self.ready
 
     def cost(self, now: float, decay_s: float) -> float:
         latency = self.latency_s * math.exp(-(now - self.latency_at) / decay_s) if self.latency_s else 0.0
@@ -59,6 +66,7 @@ class ReplicaSet:
         self._decay_s = latency_decay_s
         self._random = random.Random(seed)
         self.replicas: dict[str, Replica] = {}
+        self._merged: RepositoryState | None = None  # the replicas' states merged; None: recompute
 
     def update(self, addresses: Iterable[str]) -> list[Replica]:
         """Make the set match `addresses`; returns the removed replicas (their clients need closing)."""
@@ -69,16 +77,47 @@ class ReplicaSet:
         for address in wanted:
             if address not in self.replicas:
                 self.replicas[address] = Replica(address, self._client_factory(address))
+        self._merged = None
         self._publish()
         return removed
 
-    def choose(self, exclude: set[str] | frozenset[str] = frozenset()) -> Replica:
+    def set_repository(self, replica: Replica, state: RepositoryState) -> None:
+        """What the replica said it serves: from now on a model version goes only to replicas that take it."""
+        replica.repository = state
+        # UNLOADING too: a version announced to leave keeps taking requests through its grace, so a request that
+        # resolved it just before the announcement still finds its replica.
+        replica.ready = frozenset(
+            (name, status.version)
+            for name, model in state.models.items()
+            for status in model.versions
+            if status.state in (READY, UNLOADING)
+        )
+        self._merged = None
+
+    def repository(self) -> RepositoryState:
+        """The mesh's models: the replicas' states merged (a version is READY where a healthy replica has it READY;
+        an unhealthy replica's models stay known, as UNAVAILABLE)."""
+        if self._merged is None:
+            self._merged = merge(
+                r.repository if r.healthy else r.repository.unavailable("replica unavailable")
+                for r in self.replicas.values()
+                if r.repository is not None
+            )
+        return self._merged
+
+    def choose(
+        self, exclude: set[str] | frozenset[str] = frozenset(), serving: tuple[str, str] | None = None
+    ) -> Replica:
+        """Of the replicas that serve `serving` (model, version), the less loaded of two random ones."""
         now = time.monotonic()
-        candidates = [r for r in self.replicas.values() if r.address not in exclude and r.available(now)]
+        able = [r for r in self.replicas.values() if r.address not in exclude and r.serves(serving)]
+        candidates = [r for r in able if r.available(now)]
         if not candidates:
             # Every replica is ejected or already tried: an ejected one is better than failing outright.
-            candidates = [r for r in self.replicas.values() if r.address not in exclude]
+            candidates = able
         if not candidates:
+            if serving is not None and not any(r.serves(serving) for r in self.replicas.values()):
+                raise Unavailable(f"no model service replica serves model '{serving[0]}' version '{serving[1]}'")
             raise Unavailable("no model service replica is available")
         if len(candidates) == 1:
             return candidates[0]
@@ -103,6 +142,7 @@ class ReplicaSet:
     def set_health(self, replica: Replica, healthy: bool) -> None:
         if replica.healthy != healthy:
             replica.healthy = healthy
+            self._merged = None
             if healthy:
                 replica.ejected_until = 0.0
             self._publish()

@@ -7,8 +7,7 @@ import contextlib
 import logging
 from typing import Any
 
-from infermesh import oip_servicer
-from infermesh.model_config import load_repository
+from infermesh import oip_servicer, repository_service
 from infermesh.proto import router_pb2_grpc
 from infermesh.service import Service
 from router.clients import FeatureServiceClient, ModelServiceClient
@@ -36,7 +35,6 @@ class RouterService(Service):
             lambda address: ModelServiceClient(address, settings.max_message_bytes), eject_s=settings.eject_s
         )
         self.core = RouterCore(
-            load_repository(settings.model_repository),
             self.replicas,
             self.features,
             RetryPolicy(settings.max_attempts, settings.backoff_initial_ms / 1000, settings.backoff_max_ms / 1000),
@@ -46,17 +44,20 @@ class RouterService(Service):
         )
         oip_servicer.add_to_server(oip_servicer.OipServicer(self.core, settings.default_timeout_s), server)
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.core, settings.default_timeout_s), server)
-        return [oip_servicer.SERVICE, SERVICE]
+        repository_service.add_to_server(self.core, server)
+        return [oip_servicer.SERVICE, SERVICE, repository_service.SERVICE]
 
     async def warm_up(self) -> None:
-        if not self.core.models:
-            log.warning("no models in repository", extra={"fields": {"path": str(self.settings.model_repository)}})
         try:
             await self._discover()
         except OSError:
             # Kubernetes: the headless Service has no ready pod yet. Start with none; discovery retries.
             log.warning("model service DNS lookup failed at start; retrying every discovery_interval_s")
         await self._probe_health()
+        await self._refresh_repository()
+        if not self.core.models:
+            log.warning("the model replicas serve no model yet")
+        self._tasks.append(asyncio.create_task(self._repository_loop()))
         if not await self.core.load_feature_defaults():
             self._tasks.append(asyncio.create_task(self._feature_defaults_loop()))
         self._tasks.append(asyncio.create_task(self._health_loop()))
@@ -110,6 +111,16 @@ class RouterService(Service):
         # so a readiness probe takes it out of rotation. The server's own status stays SERVING: the process is
         # fine, and a liveness probe must not restart it for its replicas' sake.
         return self.replicas.up_count > 0
+
+    async def _refresh_repository(self) -> None:
+        await self.core.refresh_repository(max(0.1, self.settings.repository_refresh_s))
+
+    async def _repository_loop(self) -> None:
+        """The replicas' model states, read often: a version announced UNLOADING stops getting requests well
+        within the replicas' unload grace, and a new one takes requests soon after it is READY."""
+        while True:
+            await asyncio.sleep(self.settings.repository_refresh_s)
+            await self._refresh_repository()
 
     async def _health_loop(self) -> None:
         while True:

@@ -21,6 +21,12 @@ class RouterSettings(ServiceSettings):
     )
     discovery_interval_s: float = Field(5.0, description="How often model_service_dns is re-resolved.")
     health_interval_s: float = Field(1.0, description="How often each replica's gRPC health is checked.")
+    repository_refresh_s: float = Field(
+        0.5,
+        gt=0,
+        description="How often each replica's model states are read (keep it well under the model services' "
+        "unload_grace_s).",
+    )
     eject_s: float = Field(2.0, description="How long a replica that failed a call is avoided.")
     max_attempts: int = Field(3, ge=1, description="Attempts per downstream call (first try included).")
     backoff_initial_ms: float = Field(2.0, description="First retry backoff (exponential, full jitter).")

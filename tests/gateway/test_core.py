@@ -17,9 +17,11 @@ from gateway.core import Admission, GatewayCore
 from gateway.router_calls import RouterCalls, batch_rows_within
 from infermesh.dataplane import Call, EncodedInferResponse, InferRequest
 from infermesh.deadline import Deadline
-from infermesh.errors import DomainError, InvalidInput, Overloaded, PermissionDenied, Unauthenticated
-from infermesh.model_config import ModelConfig, ModelEntry
+from infermesh.errors import DomainError, InvalidInput, Overloaded, PermissionDenied, Unauthenticated, Unavailable
+from infermesh.model_config import ModelConfig, ModelEntry, VersionStatus
+from infermesh.repository import ModelState, RepositoryState
 from infermesh.segments import InferBatch
+from infermesh.statistics import ModelStatistics
 from infermesh.tensors import DecodedInputs, Tensor
 
 
@@ -74,7 +76,7 @@ def entry_with_outputs(outputs: list[dict[str, object]], max_batch_size: int = 1
             "outputs": outputs,
         }
     )
-    return ModelEntry(config=config, path=".", versions=["1"])
+    return ModelEntry(config, ["1"])
 
 
 def test_coalesced_rows_keep_the_response_within_a_message() -> None:
@@ -98,7 +100,9 @@ def test_coalesced_rows_keep_the_response_within_a_message() -> None:
 class Router:
     """Stands in for the router: answers a forwarded request with its bytes, a batch with a line per segment."""
 
-    def __init__(self) -> None:
+    def __init__(self, repository: RepositoryState | None = None) -> None:
+        self.repository = repository
+        self.loads: list[tuple[str, str | None]] = []
         self.forwarded: list[bytes] = []
         self.batches: list[InferBatch] = []
         self.gate = asyncio.Event()
@@ -119,6 +123,18 @@ class Router:
     async def model_ready(self, name: str, version: str) -> bool:
         return True
 
+    async def refresh_repository(self, timeout_s: float) -> bool:
+        return False
+
+    async def load(self, model: str, config_json: str | None, deadline: Deadline) -> None:
+        self.loads.append((model, config_json))
+
+    async def unload(self, model: str, deadline: Deadline) -> None:
+        self.loads.append((model, "unload"))
+
+    async def statistics(self, model: str, version: str, deadline: Deadline) -> list[ModelStatistics]:
+        return [ModelStatistics(name, "1") for name in ("fraud", "secret") if not model or model == name]
+
     def flags_of(self, encoded_response: bytes) -> dict[str, str]:
         return {"infermesh_stale_rows": "0"}
 
@@ -133,11 +149,18 @@ class Undecodable(DecodedInputs):
         raise AssertionError("decoded before the caller was checked")
 
 
-def gateway(keys: KeyStore, router: Router, max_inflight: int = 8) -> GatewayCore:
+def fraud_repository() -> RepositoryState:
     entry = entry_with_outputs([{"name": "y", "datatype": "FP32", "shape": [-1]}])
-    models = {"fraud": entry.model_copy(update={"config": entry.config.model_copy(update={"name": "fraud"})})}
+    config = entry.config.model_copy(update={"name": "fraud"})
+    ready = (VersionStatus("1", "READY"),)
+    return RepositoryState("g1", {"fraud": ModelState(config, config.model_dump_json(), ready)})
+
+
+def gateway(keys: KeyStore, router: Router, max_inflight: int = 8) -> GatewayCore:
+    if router.repository is None:
+        router.repository = fraud_repository()
     calls = RouterCalls(router, max_inflight_batches=1, max_pending=64, enabled=True, max_message_bytes=1 << 20)
-    return GatewayCore(models, keys, max_inflight, router, calls)
+    return GatewayCore(keys, max_inflight, router, calls)
 
 
 def x_request(request_id: str, rows: int = 1, encoded: bytes = b"") -> InferRequest:
@@ -204,13 +227,49 @@ async def test_bad_input_and_overload_are_refused_at_the_gateway(keys: tuple[Key
     assert router.forwarded == [b"held"]
 
 
-async def test_the_repository_index_shows_only_the_tenant_s_models(tmp_path: Path) -> None:
-    key = new_api_key()
-    write_key_file(tmp_path / "keys.json", key, "acme", ["other"])
-    core = gateway(KeyStore.load(tmp_path / "keys.json"), Router())
-    assert await core.repository_index(Call(Deadline.after(5), f"Bearer {key}"), False) == []
+async def test_the_repository_api_is_for_admins_and_statistics_for_the_tenant_s_models(tmp_path: Path) -> None:
+    user, admin = new_api_key(), new_api_key()
+    write_key_file(tmp_path / "user.json", user, "acme", ["fraud"])
+    write_key_file(tmp_path / "admin.json", admin, "ops", ["*"], role="admin")
+    router = Router()
+    as_user = gateway(KeyStore.load(tmp_path / "user.json"), router)
+    as_admin = gateway(KeyStore.load(tmp_path / "admin.json"), router)
+    user_call, admin_call = Call(Deadline.after(5), f"Bearer {user}"), Call(Deadline.after(5), f"Bearer {admin}")
+    for refused in (
+        as_user.repository_index(user_call, False),
+        as_user.repository_load(user_call, "fraud", None),
+        as_user.repository_unload(user_call, "fraud"),
+    ):
+        with pytest.raises(PermissionDenied, match="admin"):
+            await refused
+    assert router.loads == []
+    index = await as_admin.repository_index(admin_call, False)
+    assert [(e.name, e.version, e.state) for e in index] == [("fraud", "1", "READY")]
+    await as_admin.repository_load(admin_call, "fraud", None)
+    await as_admin.repository_unload(admin_call, "fraud")
+    assert router.loads == [("fraud", None), ("fraud", "unload")]
+    with pytest.raises(InvalidInput, match="invalid config"):
+        await as_admin.repository_load(admin_call, "fraud", "{not json")
+    with pytest.raises(InvalidInput, match="names model 'other'"):
+        await as_admin.repository_load(
+            admin_call, "fraud", fraud_repository().models["fraud"].config_json.replace('"fraud"', '"other"')
+        )
+    # Statistics: only the tenant's models, and a model it may not see is PERMISSION_DENIED, never NOT_FOUND.
+    assert [s.name for s in await as_user.model_statistics(user_call, "", "")] == ["fraud"]
     with pytest.raises(PermissionDenied):
-        await core.model_metadata(Call(Deadline.after(5), f"Bearer {key}"), "fraud", "")
+        await as_user.model_statistics(user_call, "secret", "")
+    with pytest.raises(PermissionDenied):
+        await as_user.model_metadata(user_call, "secret", "")
+
+
+async def test_before_the_router_told_the_models_requests_are_unavailable(tmp_path: Path) -> None:
+    key = new_api_key()
+    write_key_file(tmp_path / "keys.json", key, "acme", ["fraud"])
+    router = Router()
+    core = gateway(KeyStore.load(tmp_path / "keys.json"), router)
+    router.repository = None
+    with pytest.raises(Unavailable, match="does not know the mesh's models yet"):
+        await core.infer(Call(Deadline.after(5), f"Bearer {key}"), x_request("early"))
 
 
 async def test_the_table_of_coalescing_groups_is_bounded_and_makes_room_from_idle_groups() -> None:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from infermesh.errors import FailedPrecondition, NotFound
+from infermesh.errors import NotFound, Unavailable
 from model_service.registry import ModelRegistry, resolve_device
-from tests.model_service.models import PairModel, pair_config, tiny_fraud_module, write_model
+from tests.model_service.models import PairModel, pair_config, tiny_fraud_module, write_model, write_model_config
 
 
 def load(repo: Path) -> ModelRegistry:
@@ -50,8 +50,10 @@ def test_checksum_mismatch_is_refused_and_other_models_still_load(small_repo: Pa
     registry = load(small_repo)
     assert not registry.is_ready("pair")
     assert "SHA-256 mismatch" in registry.failures[("pair", "1")]
-    with pytest.raises(FailedPrecondition, match="'pair' version '1' is not ready"):
+    with pytest.raises(Unavailable, match="'pair' has no ready version"):
         registry.get("pair")
+    with pytest.raises(Unavailable, match="'pair' version '1' is not ready"):
+        registry.get("pair", "1")
     assert registry.is_ready("tiny_fraud")
 
 
@@ -87,13 +89,14 @@ def test_version_resolution(tmp_path: Path) -> None:
     write_model(tmp_path, pair_config(), PairModel(), version="2")
     write_model(tmp_path, pair_config(), PairModel(), version="10")
     (tmp_path / "pair" / "10" / "model.pt.sha256").write_text("bad\n")
+    write_model_config(tmp_path, {**pair_config(), "version_policy": {"all": {}}})
     registry = load(tmp_path)
     assert registry.get("pair").version == "2"  # latest READY version: 10 was refused
     assert registry.get("pair", "1").version == "1"
     assert registry.ready_versions("pair") == ["1", "2"]
     with pytest.raises(NotFound, match="model 'pair' has no version '3'"):
         registry.get("pair", "3")
-    with pytest.raises(FailedPrecondition):
+    with pytest.raises(Unavailable):
         registry.get("pair", "10")
     with pytest.raises(NotFound, match="model 'nope' not found"):
         registry.get("nope")

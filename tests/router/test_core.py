@@ -14,7 +14,8 @@ from infermesh.dataplane import Call, InferRequest, InferResponse
 from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, InvalidInput, NotFound, Overloaded, Unavailable
 from infermesh.features import FeatureBlock, FeatureQuery, FeatureStatus
-from infermesh.model_config import ModelConfig, ModelEntry
+from infermesh.model_config import ModelConfig, VersionStatus
+from infermesh.repository import ModelState, RepositoryState
 from infermesh.segments import InferBatch, Segment
 from infermesh.tensors import DecodedInputs, Tensor
 from router.core import ModelAnswer, RetryPolicy, RouterCore
@@ -110,11 +111,20 @@ class Model:
         pass
 
 
+def serving(model_config: ModelConfig, *versions: str) -> RepositoryState:
+    """A replica's repository state: these versions of the model READY."""
+    statuses = tuple(VersionStatus(version, "READY") for version in versions)
+    return RepositoryState(
+        "g1", {model_config.name: ModelState(model_config, model_config.model_dump_json(), statuses)}
+    )
+
+
 def make_core(replicas: dict[str, Model], features: Features, on_missing: str = "default", **kwargs) -> RouterCore:
     replica_set = ReplicaSet(lambda address: replicas[address], eject_s=60, seed=1)
     replica_set.update(replicas)
-    entry = ModelEntry(config=config(on_missing), path=".", versions=["1"])
-    return RouterCore({"fraud": entry}, replica_set, features, RetryPolicy(3, 0.0001, 0.001), **kwargs)
+    for replica in replica_set.replicas.values():
+        replica_set.set_repository(replica, serving(config(on_missing), "1"))
+    return RouterCore(replica_set, features, RetryPolicy(3, 0.0001, 0.001), **kwargs)
 
 
 def request(users: list[str], merchants: list[str], amounts: list[float]) -> dict[str, Tensor]:

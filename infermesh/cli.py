@@ -1,0 +1,446 @@
+"""`infermesh`: the command line for the people who run the mesh.
+
+`infermesh models list|load|unload|stats` call a gateway's model repository and statistics extensions of the
+Open Inference Protocol (the calls tritonclient's `get_model_repository_index`, `load_model`, `unload_model`
+and `get_inference_statistics` make); `infermesh models publish` writes a new TorchScript version into a model
+repository folder, complete or not at all, for the model services to pick up.
+
+The API key comes from $INFERMESH_API_KEY only: an option would show in `ps` and in the shell's history.
+Exit codes: 0 done; 1 refused (by the server, or a publish that would overwrite or write junk); 2 usage;
+3 the server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from infermesh.model_config import CONFIG_FILE, MODEL_FILE
+from infermesh.proto import inference_pb2 as pb
+from infermesh.proto import inference_pb2_grpc as pb_grpc
+
+DEFAULT_URL = "127.0.0.1:8001"
+DEFAULT_REPOSITORY = ".run/demo/model_repository"
+URL_ENV = "INFERMESH_URL"
+KEY_ENV = "INFERMESH_API_KEY"
+REPOSITORY_ENV = "INFERMESH_MODEL_REPOSITORY"
+SLOW_TIMEOUT_S = 120.0  # load and unload wait for the model services to (un)load and warm up
+TIMEOUT_S = 10.0
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+COPY_CHUNK = 1 << 20
+# The integrity sidecar next to the weights, as model_service.registry checks it (not imported from there: it
+# loads torch, which `infermesh models list` should not wait for).
+CHECKSUM_SUFFIX = ".sha256"
+
+
+class Refused(Exception):
+    """An operation refused here (exit 1); the message says why."""
+
+
+class Unreachable(Exception):
+    """No connection to the server within the timeout (exit 3)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to call: address, overall deadline, transport security, credential."""
+
+    url: str
+    timeout_s: float
+    tls: bool
+    ca: bytes | None
+    api_key: str
+
+
+class Gateway:
+    """One channel to a gateway: connected on entry (fails fast as Unreachable), closed on exit. Every call
+    shares the one deadline of the command."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self._deadline = time.monotonic() + target.timeout_s
+        if target.tls:
+            credentials = grpc.ssl_channel_credentials(root_certificates=target.ca)
+            self._channel = grpc.secure_channel(target.url, credentials)
+        else:
+            self._channel = grpc.insecure_channel(target.url)
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+
+    def __enter__(self) -> Gateway:
+        try:
+            why = self._connect()
+        except BaseException:
+            self._channel.close()
+            raise
+        if why:
+            self._channel.close()
+            raise Unreachable(f"cannot reach {self.target.url} ({why})")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._channel.close()
+
+    def _connect(self) -> str:
+        """Empty once the channel is READY; else why not. A refused connection, a failed name lookup or TLS
+        handshake shows as TRANSIENT_FAILURE at once, so an absent server is reported without waiting."""
+        settled = threading.Event()
+        states: list[grpc.ChannelConnectivity] = []
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            states.append(state)
+            if state in (
+                grpc.ChannelConnectivity.READY,
+                grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                grpc.ChannelConnectivity.SHUTDOWN,
+            ):
+                settled.set()
+
+        self._channel.subscribe(watch, try_to_connect=True)
+        try:
+            if not settled.wait(self._remaining()):
+                return f"no connection within {self.target.timeout_s:g}s"
+        finally:
+            self._channel.unsubscribe(watch)
+        if grpc.ChannelConnectivity.READY in states:
+            return ""
+        return "connection or TLS handshake failed" if self.target.tls else "connection failed"
+
+    def _remaining(self) -> float:
+        return max(self._deadline - time.monotonic(), 0.001)
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of every call: what is left of the deadline, and the credential."""
+        metadata = [("authorization", f"Bearer {self.target.api_key}")] if self.target.api_key else []
+        return {"timeout": self._remaining(), "metadata": metadata}
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in [header, *rows]]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (sys.maxsize, version)
+
+
+def _emit(as_json: bool, document: object, text: str) -> None:
+    print(json.dumps(document, indent=2) if as_json else text)
+
+
+# ---- models list / load / unload / stats --------------------------------------------------------------------
+
+
+def list_models(gateway: Gateway, as_json: bool) -> None:
+    request = pb.RepositoryIndexRequest()  # every version, whatever its state
+    response: pb.RepositoryIndexResponse = gateway.stub.RepositoryIndex(request, **gateway.options())
+    models = sorted(response.models, key=lambda m: (m.name, _version_key(m.version)))
+    rows = [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason} for m in models]
+    table = [list(row.values()) for row in rows]
+    _emit(as_json, rows, _table(["MODEL", "VERSION", "STATE", "REASON"], table) if rows else "no models")
+
+
+def load_model(gateway: Gateway, model: str, config_text: str | None, as_json: bool) -> None:
+    request = pb.RepositoryModelLoadRequest(model_name=model)
+    if config_text is not None:  # as tritonclient's load_model(config=...) sends it
+        request.parameters["config"].string_param = config_text
+    gateway.stub.RepositoryModelLoad(request, **gateway.options())
+    _emit(as_json, {"model": model, "loaded": True}, f"loaded {model}")
+
+
+def unload_model(gateway: Gateway, model: str, as_json: bool) -> None:
+    gateway.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=model), **gateway.options())
+    _emit(as_json, {"model": model, "unloaded": True}, f"unloaded {model}")
+
+
+def _mean_ms(duration: pb.StatisticDuration) -> float | None:
+    return round(duration.ns / duration.count / 1e6, 3) if duration.count else None
+
+
+def _last_inference(ms_since_epoch: int) -> str | None:
+    if not ms_since_epoch:
+        return None
+    return datetime.fromtimestamp(ms_since_epoch / 1000, tz=UTC).isoformat(timespec="milliseconds")
+
+
+def model_stats(gateway: Gateway, model: str, version: str, as_json: bool) -> None:
+    request = pb.ModelStatisticsRequest(name=model, version=version)
+    response: pb.ModelStatisticsResponse = gateway.stub.ModelStatistics(request, **gateway.options())
+    rows: list[dict[str, Any]] = []
+    for s in sorted(response.model_stats, key=lambda s: (s.name, _version_key(s.version))):
+        stats = s.inference_stats
+        rows.append(
+            {
+                "name": s.name,
+                "version": s.version,
+                "inference_count": s.inference_count,
+                "execution_count": s.execution_count,
+                "success_count": stats.success.count,
+                "success_mean_ms": _mean_ms(stats.success),
+                "fail_count": stats.fail.count,
+                "queue_mean_ms": _mean_ms(stats.queue),
+                "compute_infer_mean_ms": _mean_ms(stats.compute_infer),
+                "last_inference": _last_inference(s.last_inference),
+            }
+        )
+    header = ["MODEL", "VERSION", "INFERENCES", "EXECUTIONS", "SUCCESS", "SUCCESS_MS", "FAIL", "QUEUE_MS"]
+    header += ["INFER_MS", "LAST_INFERENCE"]
+    table = [["-" if value is None else str(value) for value in row.values()] for row in rows]
+    for line in table:
+        line[-1] = "never" if line[-1] == "-" else line[-1]
+    _emit(as_json, rows, _table(header, table) if rows else "no statistics")
+
+
+# ---- models publish -----------------------------------------------------------------------------------------
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _copy_hashing(source: Path, target: Path) -> tuple[str, int]:
+    """Copy `source` to `target`, durably; the SHA-256 and size of exactly the bytes written."""
+    digest = hashlib.sha256()
+    size = 0
+    with source.open("rb") as reader, target.open("xb") as writer:
+        while chunk := reader.read(COPY_CHUNK):
+            writer.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+        writer.flush()
+        os.fsync(writer.fileno())
+    return digest.hexdigest(), size
+
+
+def _check_torchscript(path: Path, shown_as: Path) -> None:
+    import torch  # only publish needs it, and it takes seconds to import
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice is not the user's concern
+            torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]  # torch.jit is unannotated
+    except Exception as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise Refused(f"{shown_as} is not a loadable TorchScript archive: {first_line}") from None
+
+
+def publish(repository: Path, model: str, version: str, source: Path, as_json: bool) -> None:
+    """Write `source` as `<repository>/<model>/<version>/model.pt` plus its `.sha256`: assembled in a hidden
+    folder next to the versions, checked as the model service will check it, and renamed into place in one step,
+    so a model service scanning the repository sees the version complete or not at all."""
+    model_dir = repository / model
+    if not (model_dir / CONFIG_FILE).is_file():
+        raise Refused(f"no model '{model}' in {repository}: {model_dir / CONFIG_FILE} does not exist")
+    final = model_dir / version
+    if final.exists():
+        raise Refused(f"version {version} of {model} exists ({final}); publish a new version number")
+    if not source.is_file():
+        raise Refused(f"{source} is not a file")
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
+    try:
+        weights = staging / MODEL_FILE
+        sha256, size = _copy_hashing(source, weights)
+        _check_torchscript(weights, shown_as=source)  # the very bytes that will be served
+        sidecar = staging / (MODEL_FILE + CHECKSUM_SUFFIX)
+        with sidecar.open("x") as stream:
+            stream.write(f"{sha256}  {MODEL_FILE}\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the version from a service running as another user
+        _fsync_folder(staging)
+        if final.exists():  # someone else published it meanwhile
+            raise Refused(f"version {version} of {model} exists ({final}); publish a new version number")
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_folder(model_dir)
+    document = {
+        "model": model,
+        "version": version,
+        "path": str(final / MODEL_FILE),
+        "bytes": size,
+        "sha256": sha256,
+    }
+    text = (
+        f"published {model} version {version}\n"
+        f"  {final / MODEL_FILE} ({size} bytes)\n"
+        f"  {final / (MODEL_FILE + CHECKSUM_SUFFIX)} (sha256 {sha256})\n"
+        f"to serve it: infermesh models load {model}"
+    )
+    _emit(as_json, document, text)
+
+
+# ---- arguments ----------------------------------------------------------------------------------------------
+
+
+def _version(text: str) -> str:
+    if not re.fullmatch(r"[1-9][0-9]*", text):
+        raise argparse.ArgumentTypeError(f"must be a positive integer such as 2 (got {text!r})")
+    return text
+
+
+def _model_name(text: str) -> str:
+    if not text or text.startswith(".") or "/" in text or "\\" in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"not a model name: {text!r}")
+    return text
+
+
+def _parser() -> argparse.ArgumentParser:
+    connection = argparse.ArgumentParser(add_help=False)
+    group = connection.add_argument_group("connection (the API key comes from $INFERMESH_API_KEY)")
+    group.add_argument(
+        "--url", default=os.environ.get(URL_ENV) or DEFAULT_URL, help=f"gateway address (${URL_ENV}, else %(default)s)"
+    )
+    group.add_argument(
+        "--timeout", type=float, default=None, help="seconds for the whole command (120 for load/unload, else 10)"
+    )
+    group.add_argument("--tls", action="store_true", help="connect with TLS (the system's root certificates)")
+    group.add_argument("--ca", type=Path, help="PEM file of the root certificates to trust (implies --tls)")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    parser = argparse.ArgumentParser(prog="infermesh", description="Manage the models an infermesh gateway serves.")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
+    models = groups.add_parser("models", help="list, load, unload, inspect and publish models")
+    commands = models.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    listing = commands.add_parser("list", parents=[connection, output], help="every model version, its state and why")
+    load = commands.add_parser("load", parents=[connection, output], help="load (or reload) a model")
+    load.add_argument("model", metavar="MODEL", type=_model_name)
+    load.add_argument("--config", type=Path, metavar="FILE", help="a full model config (JSON) to apply")
+    unload = commands.add_parser("unload", parents=[connection, output], help="unload a model")
+    unload.add_argument("model", metavar="MODEL", type=_model_name)
+    stats = commands.add_parser("stats", parents=[connection, output], help="inference statistics")
+    stats.add_argument("model", metavar="MODEL", nargs="?", default="", help="one model (default: all)")
+    stats.add_argument("--version", default="", metavar="V", help="one version of MODEL")
+    publish = commands.add_parser(
+        "publish", parents=[output], help="write a TorchScript file into the repository as a new version"
+    )
+    publish.add_argument(
+        "--repository",
+        type=Path,
+        default=Path(os.environ.get(REPOSITORY_ENV) or DEFAULT_REPOSITORY),
+        metavar="DIR",
+        help=f"the model repository (${REPOSITORY_ENV}, else %(default)s)",
+    )
+    publish.add_argument("model", metavar="MODEL", type=_model_name)
+    publish.add_argument("version", metavar="VERSION", type=_version)
+    publish.add_argument("file", metavar="FILE", type=Path, help="a TorchScript archive (torch.jit.save)")
+    for command in (listing, load, unload, stats, publish):
+        command.set_defaults(command_parser=command)  # usage errors found later show the command's usage
+    return parser
+
+
+def _read_config(parser: argparse.ArgumentParser, path: Path) -> str:
+    """The config file's text, checked to be a JSON object before anything is sent."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        parser.error(f"--config {path}: cannot read it: {error}")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        parser.error(f"--config {path}: not valid JSON: {error}")
+    if not isinstance(document, dict):
+        parser.error(f"--config {path}: a model config is a JSON object, not {type(document).__name__}")
+    return text
+
+
+def _target(parser: argparse.ArgumentParser, args: argparse.Namespace, slow: bool) -> Target:
+    timeout_s = args.timeout if args.timeout is not None else (SLOW_TIMEOUT_S if slow else TIMEOUT_S)
+    if timeout_s <= 0:
+        parser.error("--timeout must be positive")
+    ca = None
+    if args.ca is not None:
+        try:
+            ca = args.ca.read_bytes()
+        except OSError as error:
+            parser.error(f"--ca {args.ca}: cannot read it: {error}")
+    return Target(args.url, timeout_s, args.tls or ca is not None, ca, os.environ.get(KEY_ENV, "").strip())
+
+
+def _hint(code: grpc.StatusCode) -> str:
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        if not os.environ.get(KEY_ENV, "").strip():
+            return f"hint: set {KEY_ENV} to an API key (make run prints an admin key)"
+        return f"hint: the key in {KEY_ENV} is not accepted; check it"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return f"hint: the key in {KEY_ENV} may not do this; managing models needs an admin key"
+    return ""
+
+
+@contextlib.contextmanager
+def _reported() -> Iterator[list[int]]:
+    """Turns the ways a command fails into a message on stderr and an exit code (no traceback)."""
+    code = [EXIT_OK]
+    try:
+        yield code
+    except Unreachable as error:
+        print(f"error: {error}", file=sys.stderr)
+        code[0] = EXIT_UNREACHABLE
+    except Refused as error:
+        print(f"error: {error}", file=sys.stderr)
+        code[0] = EXIT_REFUSED
+    except grpc.RpcError as error:
+        status = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+        details = error.details() if callable(getattr(error, "details", None)) else str(error)
+        print(f"error: {status.name}: {details}", file=sys.stderr)
+        if hint := _hint(status):
+            print(hint, file=sys.stderr)
+        code[0] = EXIT_REFUSED
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code[0] = EXIT_REFUSED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    parser: argparse.ArgumentParser = args.command_parser
+    as_json: bool = args.json
+    command: str = args.command
+    if command == "stats" and args.version and not args.model:
+        parser.error("--version needs a MODEL")
+    config_text = _read_config(parser, args.config) if command == "load" and args.config is not None else None
+    actions: dict[str, Callable[[Gateway], None]] = {
+        "list": lambda gateway: list_models(gateway, as_json),
+        "load": lambda gateway: load_model(gateway, args.model, config_text, as_json),
+        "unload": lambda gateway: unload_model(gateway, args.model, as_json),
+        "stats": lambda gateway: model_stats(gateway, args.model, args.version, as_json),
+    }
+    try:
+        with _reported() as code:
+            if command == "publish":
+                publish(args.repository, args.model, args.version, args.file, as_json)
+            else:
+                target = _target(parser, args, slow=command in ("load", "unload"))
+                with Gateway(target) as gateway:
+                    actions[command](gateway)
+    except KeyboardInterrupt:
+        return 130
+    return code[0]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""The mesh's own repository-state API (protos/repository.proto) over gRPC: served by the model services (each
+its own loaded state) and the router (its replicas' merged), read by the router and the gateway."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import grpc
+
+from infermesh.channels import insecure_channel
+from infermesh.method_handlers import error_from_rpc
+from infermesh.model_config import VersionStatus
+from infermesh.proto import repository_pb2, repository_pb2_grpc
+from infermesh.repository import ModelState, RepositoryState
+
+SERVICE = repository_pb2.DESCRIPTOR.services_by_name["ModelRepository"].full_name
+
+
+class RepositorySource(Protocol):
+    def repository_state(self) -> RepositoryState: ...
+
+
+def snapshot_message(state: RepositoryState, known_generation: str) -> repository_pb2.RepositorySnapshot:
+    if known_generation and known_generation == state.generation:
+        return repository_pb2.RepositorySnapshot(generation=state.generation, unchanged=True)
+    return repository_pb2.RepositorySnapshot(
+        generation=state.generation,
+        models=[
+            repository_pb2.ModelState(
+                name=name,
+                config_json=model.config_json,
+                versions=[
+                    repository_pb2.VersionState(version=s.version, state=s.state, reason=s.reason)
+                    for s in model.versions
+                ],
+            )
+            for name, model in sorted(state.models.items())
+        ],
+    )
+
+
+def state_of(message: repository_pb2.RepositorySnapshot) -> RepositoryState:
+    return RepositoryState(
+        message.generation,
+        {
+            model.name: ModelState.of(
+                model.config_json, (VersionStatus(v.version, v.state, v.reason) for v in model.versions)
+            )
+            for model in message.models
+        },
+    )
+
+
+class RepositoryServicer(repository_pb2_grpc.ModelRepositoryServicer):
+    def __init__(self, source: RepositorySource) -> None:
+        self.source = source
+
+    async def Snapshot(self, request: repository_pb2.SnapshotRequest, context: grpc.aio.ServicerContext) -> Any:
+        return snapshot_message(self.source.repository_state(), request.known_generation)
+
+
+def add_to_server(source: RepositorySource, server: Any) -> None:
+    repository_pb2_grpc.add_ModelRepositoryServicer_to_server(RepositoryServicer(source), server)
+
+
+class RepositoryClient:
+    """Reads a hop's repository state; an unchanged state costs one small message."""
+
+    def __init__(self, channel: grpc.aio.Channel, peer: str) -> None:
+        self._stub = repository_pb2_grpc.ModelRepositoryStub(channel)
+        self._peer = peer
+        self.state: RepositoryState | None = None
+
+    @staticmethod
+    def connect(target: str, max_message_bytes: int) -> RepositoryClient:
+        return RepositoryClient(insecure_channel(target, max_message_bytes), target)
+
+    async def refresh(self, timeout_s: float) -> bool:
+        """Fetch the state if it changed; True when it did. Raises the hop's error as a DomainError."""
+        known = self.state.generation if self.state is not None else ""
+        try:
+            reply = await self._stub.Snapshot(repository_pb2.SnapshotRequest(known_generation=known), timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, self._peer) from None
+        if reply.unchanged:
+            return False
+        self.state = state_of(reply)
+        return True
