@@ -71,10 +71,10 @@ def start_mesh(
     **options: Any,
 ) -> LocalMesh:
     """The whole mesh as `make run` starts it (private Redis on a free port, free service ports). `api_key`
-    is the bench tenant's (every model, no quota); `tenant_keys` ({tenant: key}) add tenants allowed `fraud`,
+    is the bench tenant's (every model, no quota, admin); `tenant_keys` ({tenant: key}) add tenants allowed `fraud`,
     whose quotas, if any, come in `tenants=`."""
     repository = repository or bench_repository(demo_dir, run_dir)
-    keys = [ApiKey(api_key, BENCH_TENANT, ["*"])]
+    keys = [ApiKey(api_key, BENCH_TENANT, ["*"], role="admin")]  # admin: scenario 11 changes models
     keys += [ApiKey(key, tenant, ["fraud"]) for tenant, key in (tenant_keys or {}).items()]
     mesh_options = MeshOptions(
         demo_dir=demo_dir,

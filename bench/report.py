@@ -407,6 +407,24 @@ def _malformed(s: dict[str, Any]) -> list[str]:
     ]
 
 
+def _models(s: dict[str, Any]) -> list[str]:
+    summary = s["summary"]
+    rows = [[c["what"], f"{c['at_s']:.1f} s", f"{c['load_s']:.2f} s"] for c in summary["changes"]]
+    before, during = summary["before"], summary["during"]
+    return [
+        f"`fraud` through the gateway, closed loop c={summary['concurrency']}, two replicas, while its versions "
+        "change through Triton's repository API (`load_model`, admin key); each load returns once every replica "
+        "serves the new versions and has retired the old ones (most of the 2 s is `MODEL_SERVICE_UNLOAD_GRACE_S`, "
+        "during which a retired version still serves while the routers stop sending to it).",
+        "",
+        *_table(["change", "at", "load call took"], rows),
+        "",
+        f"**Failed requests: {summary['failed']}** of {summary['requests']}. p50 / p99 before the first change "
+        f"{_f(before['p50_ms'])} / {_f(before['p99_ms'])} ms, from it on {_f(during['p50_ms'])} / "
+        f"{_f(during['p99_ms'])} ms.",
+    ]
+
+
 RENDER = {
     "floor": _floor,
     "overhead": _overhead,
@@ -419,6 +437,7 @@ RENDER = {
     "tenants": _tenants,
     "malformed": _malformed,
     "soak": _soak,
+    "models": _models,
 }
 
 
@@ -646,6 +665,7 @@ def markdown(data: dict[str, Any], *, plot_path: str | None, full: bool, gpu: di
         "make bench BENCH_ARGS='--scenarios overhead,failover --duration 10 --concurrency 1,16,64'",
         "make bench BENCH_ARGS='--scenarios features --concurrency 128,256'   # feature reads past 100 at once",
         "make bench BENCH_ARGS='--scenarios overload'                          # shedding at 3 x capacity",
+        "make bench BENCH_ARGS='--scenarios models'                           # versions changed under load",
         "make bench BENCH_ARGS='--scenarios tenants,malformed'                 # fair share, malformed requests",
         "make bench BENCH_ARGS='--scenarios batching --device cuda'           # scenario 3 on a GPU",
         "```",
@@ -725,6 +745,17 @@ SPEED_CHANGES = (
         "two back-to-back pairs of scenarios 1 and 3 (before→after, then after→before), a slow phase of this "
         "machine (direct calls also moved ±25 % between runs); CPU per request from /proc over 8,000 requests "
         "at c=64 per side: no change beyond noise",
+    ),
+    (
+        "model versions per replica: the router sends a version only to replicas that take it, the model "
+        "service counts Triton's statistics per batch and request, version states looked up per request (#13)",
+        "c=64 1,423 / 1,442 and 1,694 / 1,497 req/s; CPU per request at c=64: gateway 0.606 / 0.604 and 0.521"
+        " / 0.585 ms, router 0.189 / 0.187 and 0.163 / 0.184 ms; c=1 p50 with timing 7.17 / 6.90 ms",
+        "1,327 / 1,321 and 1,499 / 1,676 req/s; gateway 0.646 / 0.646 and 0.578 / 0.517 ms, router 0.209 / "
+        "0.208 and 0.186 / 0.170 ms; 6.69 / 6.33 ms",
+        "two back-to-back pairs (before→after, then after→before), two 6 s rounds at c=64 each, CPU from "
+        "/proc; c=1: 2,000 sequential requests per side with `infermesh_timing` (every hop's part unchanged "
+        "or lower): no change beyond this machine's noise",
     ),
 )
 

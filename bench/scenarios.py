@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -62,7 +63,8 @@ class BenchOptions:
     concurrency: tuple[int, ...] = (1, 8, 32, 64, 128)
     feature_concurrency: tuple[int, ...] | None = None  # default: `concurrency`
     open_loop_fraction: float = 0.5  # open-loop rate as a share of the capacity measured in the sweep
-    fault_duration_s: float = 24.0  # failover / outage runs (the fault happens inside)
+    fault_duration_s: float = 24.0  # failover / outage / model-change runs (the fault happens inside)
+    model_change_concurrency: int = 16
     fault_concurrency: int = 16
     slow_delay_ms: float = 25.0  # scenario 6: extra time per batch on the slow replica
     slow_concurrency: tuple[int, ...] = (1, 8, 32)
@@ -1256,6 +1258,75 @@ async def soak(ctx: Context) -> dict[str, Any]:
     }
 
 
+# 11. Model changes under load --------------------------------------------------------------------------------
+
+
+async def model_changes(ctx: Context) -> dict[str, Any]:
+    """`fraud` through the gateway at c=16 while its versions change (Triton's repository API, admin key): a new
+    version folder loaded (policy latest 1: version 2 in, 1 out), back to version 1 by a config override, both
+    versions, and back to the folder's policy. Zero failed requests is the requirement."""
+    options = ctx.options
+    duration = options.fault_duration_s
+    concurrency = options.model_change_concurrency
+    clock = _Timed()
+    changes: list[dict[str, Any]] = []
+    async with ctx.dedicated_mesh("model-changes") as mesh:
+        folder = mesh.repository / "fraud"
+        config = json.loads((folder / "config.json").read_text())
+        admin = {"authorization": f"Bearer {ctx.api_key}"}
+        steps = [
+            ("load: version 2 in, 1 out", None),
+            ("config: version 1 only", {**config, "version_policy": {"specific": {"versions": [1]}}}),
+            ("config: versions 1 and 2", {**config, "version_policy": {"all": {}}}),
+            ("load: the folder's policy (2 only)", None),
+        ]
+
+        async def script(client: aioclient.InferenceServerClient) -> None:
+            staging = folder / ".staging-2"
+            await asyncio.to_thread(shutil.copytree, folder / "1", staging)
+            staging.rename(folder / "2")
+            for index, (what, override) in enumerate(steps):
+                await clock.at(duration * (0.15 + 0.2 * index))
+                started = clock.mark(what)
+                text = json.dumps(override) if override is not None else ""
+                await client.load_model("fraud", config=text or None, headers=admin)
+                changes.append(
+                    {"what": what, "at_s": round(started, 3), "load_s": round(clock.runs[0].now() - started, 3)}
+                )
+                ctx.log(f"model changes: {what} at t={started:.2f}s took {changes[-1]['load_s']:.2f}s")
+
+        async with _client(mesh.gateway_address) as client, _client(mesh.gateway_address) as admin_client:
+            send = FraudViaGateway(client, ctx.api_key)
+            changing = asyncio.create_task(script(admin_client))
+            recording = await ctx.closed(
+                send, concurrency, f"model changes · c={concurrency}", duration_s=duration, started=clock.started
+            )
+            await changing
+    samples = recording.measured()
+    total = summarize(samples, (0.0, duration))
+    first_change = changes[0]["at_s"] if changes else duration
+    before = summarize([s for s in samples if s.end < first_change], (0.0, first_change))
+    during = summarize([s for s in samples if s.start >= first_change], (first_change, duration))
+    failed = sum(total["errors"].values())
+    defects = []
+    if failed:
+        defects.append(f"model changes: {failed} of {total['requests']} requests failed {total['errors']}")
+    return {
+        "runs": [_run(recording, "gateway while models change")],
+        "summary": {
+            "concurrency": concurrency,
+            "changes": changes,
+            "requests": total["requests"],
+            "failed": failed,
+            "errors": total["errors"],
+            "before": {"p50_ms": _r(before["latency_ms"]["p50"]), "p99_ms": _r(before["latency_ms"]["p99"])},
+            "during": {"p50_ms": _r(during["latency_ms"]["p50"]), "p99_ms": _r(during["latency_ms"]["p99"])},
+        },
+        "timelines": {"gateway while models change": timeline(recording)},
+        "defects": defects,
+    }
+
+
 Scenario = Callable[[Context], Awaitable[dict[str, Any]]]
 SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "floor": ("0. Transport floor", transport_floor),
@@ -1269,6 +1340,7 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "tenants": ("8. Fair share between tenants", tenants),
     "malformed": ("9. Cost of rejecting malformed requests", malformed),
     "soak": ("10. Soak", soak),
+    "models": ("11. Model changes under load", model_changes),
 }
 
 

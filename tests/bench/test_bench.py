@@ -222,6 +222,22 @@ _MACHINE = {
 }
 
 
+async def test_model_changes_scenario(demo_dir: Path, tmp_path: Path) -> None:
+    options = BenchOptions(fault_duration_s=4.0, warmup_s=0.1, mesh_warmup_s=0.0, model_change_concurrency=4)
+    ctx = Context(demo_dir, tmp_path, options)
+    outcome = await run_scenario(ctx, "models")
+    summary = outcome["summary"]
+    assert outcome["defects"] == [] and summary["failed"] == 0 and summary["requests"] > 0
+    assert [c["what"] for c in summary["changes"]] == [
+        "load: version 2 in, 1 out",
+        "config: version 1 only",
+        "config: versions 1 and 2",
+        "load: the folder's policy (2 only)",
+    ]
+    assert all(c["load_s"] > 0 for c in summary["changes"])
+    assert "**Failed requests: 0**" in "\n".join(report.RENDER["models"](outcome))
+
+
 def test_cli_options() -> None:
     args = parse_args(["--quick", "--scenarios", "overhead,failover", "--concurrency", "2,4"])
     assert args.names == ["overhead", "failover"]
@@ -239,6 +255,7 @@ def test_cli_options() -> None:
         "tenants",
         "malformed",
         "soak",
+        "models",
     ]
     with pytest.raises(SystemExit):
         parse_args(["--scenarios", "nope"])
