@@ -189,7 +189,10 @@ class GatewayCore(DataplaneBase):
             entry = self.router_models().get(request.model)
             version = ""
             if entry is not None and status == "OK":
-                version = entry.resolve_version(request.version)
+                try:
+                    version = entry.resolve_version(request.version)
+                except DomainError:  # the version left service since it answered: log the line without it
+                    version = ""
             try:
                 tenant = self.tenant(call).name  # authenticated already, but for a call made in-process
             except DomainError:
