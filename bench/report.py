@@ -757,6 +757,16 @@ SPEED_CHANGES = (
         "/proc; c=1: 2,000 sequential requests per side with `infermesh_timing` (every hop's part unchanged "
         "or lower): no change beyond this machine's noise",
     ),
+    (
+        "feature reads within a per-model budget behind a circuit breaker (router), failed batches bisected "
+        "(model service; nothing added when a pass succeeds)",
+        "c=64 1,575 / 1,408 and 1,349 / 1,221 req/s; CPU per request at c=64: gateway 0.554 / 0.610 and 0.655"
+        " / 0.704 ms, router 0.179 / 0.196 and 0.202 / 0.220 ms; c=1 p50 6.40 and 7.34 ms",
+        "1,562 / 1,398 and 1,430 / 1,310 req/s; gateway 0.547 / 0.623 and 0.610 / 0.658 ms, router 0.176 / "
+        "0.200 and 0.195 / 0.217 ms; 5.92 and 6.85 ms",
+        "two back-to-back pairs (before→after, then after→before), two 6 s rounds at c=64 each, CPU from "
+        "/proc: no change beyond this machine's noise (it slowed by ~10 % over the four runs)",
+    ),
 )
 
 FIXED_DEFECTS = (

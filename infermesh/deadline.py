@@ -25,6 +25,10 @@ class Deadline:
         """The deadline of a batch serving several requests: the last of theirs."""
         return max(deadlines, key=lambda deadline: deadline.at)
 
+    def within(self, seconds: float) -> Deadline:
+        """This deadline, or `seconds` from now if that is sooner: a budget for one dependency's call."""
+        return Deadline(min(self.at, time.monotonic() + seconds))
+
     def remaining(self) -> float:
         """Seconds left, never negative."""
         return max(0.0, self.at - time.monotonic())

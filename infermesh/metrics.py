@@ -61,6 +61,12 @@ FEATURE_STALE = Counter("infermesh_feature_stale", "Entity rows older than the v
 FEATURE_DEFAULTED = Counter(
     "infermesh_feature_defaults_used", "Rows served with default features (policy 'default').", ["model"]
 )
+CIRCUIT_OPEN = Gauge(
+    "infermesh_circuit_open", "1 while the circuit breaker to a dependency is open or probing.", ["dependency"]
+)
+SHORT_CIRCUITED = Counter(
+    "infermesh_short_circuited", "Calls not made because the dependency's circuit breaker was open.", ["dependency"]
+)
 RETRIES = Counter("infermesh_retries", "Downstream calls retried, by target and status code.", ["target", "code"])
 REPLICAS_UP = Gauge("infermesh_replicas_up", "Model service replicas the router considers healthy.")
 

@@ -66,6 +66,13 @@ class FeatureSpec(BaseModel):
     on_missing: Literal["default", "reject"] = Field(
         "default", description="Unknown entity: use the view's defaults (and say so) or reject the request."
     )
+    timeout_ms: float = Field(
+        100.0,
+        gt=0,
+        description="Budget of the feature read (the request's deadline if sooner). Past it, or while the feature "
+        "store's circuit breaker is open, policy 'default' answers with the views' defaults (flagged) and 'reject' "
+        "fails at once (UNAVAILABLE).",
+    )
 
     @property
     def width(self) -> int:

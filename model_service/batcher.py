@@ -5,6 +5,8 @@ of them arrived; then one forward pass runs over their concatenated rows in a de
 (torch releases the GIL, so the event loop keeps accepting meanwhile) and the outputs are split back.
 A full queue refuses at once (QueueFull → RESOURCE_EXHAUSTED); a request whose deadline passed while it
 queued is dropped before compute (DeadlineExceeded); a cancelled caller is simply left out of its batch.
+A forward pass that raises over several requests is bisected (its halves run again, in turn, on the same thread)
+so that only the requests whose own rows fail get the error; a retry never outlives a request's deadline.
 """
 
 from __future__ import annotations
@@ -240,15 +242,20 @@ class Batcher:
         except asyncio.CancelledError:
             self._fail(batch, Unavailable(f"model '{self.model}' is shutting down"))
             raise
-        except DomainError as error:
-            self._fail(batch, error)
-            return
         except Exception as error:
-            log.exception("forward pass failed", extra={"fields": {"model": self.model, "version": self.version}})
-            self._fail(batch, error)
+            if len(batch) == 1:
+                self._failed(batch[0], error)
+            else:  # still in `_running`: close() and drain() see the requests being isolated
+                await self._isolate(batch)
             return
         finally:
             self._running = []
+        self._answer(batch, rows, start_ns, input_ns, end_ns, outputs)
+
+    def _answer(
+        self, batch: list[_Request], rows: int, start_ns: int, input_ns: int, end_ns: int, outputs: Arrays
+    ) -> None:
+        """Split a successful forward pass's outputs back to its requests and count it."""
         split_from = time.perf_counter_ns()
         try:
             self._split(batch, rows, outputs, start_ns, end_ns)
@@ -262,7 +269,84 @@ class Batcher:
             len(batch), rows, input_ns, end_ns - start_ns - input_ns, output_ns, end_ns // 1_000_000
         )
         for request in batch:
-            statistics.queue.add(dispatched_ns - request.enqueued_ns)
+            statistics.queue.add(request.dispatched_ns - request.enqueued_ns)
+
+    async def _isolate(self, batch: list[_Request]) -> None:
+        """The forward pass over `batch` (two requests or more) raised: run its halves again, one after the other,
+        and split each half that raises in turn, so that only the requests whose own rows fail get an error. One
+        bad request costs at most 2·log2(len(batch)) more passes, and failed passes are capped (a model failing on
+        everything does not cost 2n-1 passes); nothing is recomputed for a request that was cancelled or whose
+        deadline passed meanwhile (that one gets DeadlineExceeded)."""
+        loop = asyncio.get_running_loop()
+        todo = self._halves(batch)  # a stack: the left half runs first
+        # Enough failed passes to single out two bad requests; past it the model fails on (nearly) everything, and
+        # bisecting further would hold up the queue behind it for 2n-1 passes: the rest get the error at once.
+        failures_left = 4 * max(1, (len(batch) - 1).bit_length())
+        try:
+            while todo:
+                part = self._live(todo.pop())
+                if not part:
+                    continue
+                rows = sum(request.rows for request in part)
+                try:
+                    parts = [request.inputs for request in part]
+                    start_ns, input_ns, end_ns, outputs = await loop.run_in_executor(
+                        self._executor, self._forward, parts
+                    )
+                except Exception as error:  # not CancelledError: that one ends the loop below
+                    failures_left -= 1
+                    if len(part) == 1:
+                        self._failed(part[0], error)
+                    elif failures_left <= 0:
+                        for request in [*part, *(r for rest in todo for r in self._live(rest))]:
+                            self._failed(request, error)
+                        todo.clear()
+                    else:
+                        todo.extend(self._halves(part))
+                    continue
+                for request in part:
+                    request.batch_rows = rows
+                self._answer(part, rows, start_ns, input_ns, end_ns, outputs)
+        except asyncio.CancelledError:
+            self._fail(batch, Unavailable(f"model '{self.model}' is shutting down"))
+            raise
+
+    def _halves(self, batch: list[_Request]) -> list[list[_Request]]:
+        """The two halves of a failed batch, by request and in order, as a stack (the left half on top)."""
+        log.info(
+            "batch split",
+            extra={"fields": {"model": self.model, "version": self.version, "requests": len(batch)}},
+        )
+        middle = len(batch) // 2
+        return [batch[middle:], batch[:middle]]
+
+    def _live(self, batch: list[_Request]) -> list[_Request]:
+        """The requests of `batch` still worth a forward pass: a cancelled one is left out, one whose deadline
+        passed fails with DeadlineExceeded."""
+        now = self._clock()
+        live: list[_Request] = []
+        for request in batch:
+            if request.future.done():
+                continue
+            if request.deadline is not None and request.deadline.at <= now:
+                request.future.set_exception(
+                    DeadlineExceeded(f"model '{self.model}': deadline passed before the request was recomputed")
+                )
+                continue
+            live.append(request)
+        return live
+
+    def _failed(self, request: _Request, error: Exception) -> None:
+        """A request's own rows made the forward pass raise: a DomainError reaches its caller as it is; anything
+        else is logged here (the method handler answers INTERNAL without its text)."""
+        if not isinstance(error, DomainError):
+            log.error(
+                "forward pass failed",
+                exc_info=error,
+                extra={"fields": {"model": self.model, "version": self.version}},
+            )
+        if not request.future.done():
+            request.future.set_exception(error)
 
     def _forward(self, parts: list[Arrays]) -> tuple[int, int, int, Arrays]:
         """In the worker thread: concatenation too, so that large batches do not hold up the event loop. Returns

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from infermesh import __version__, metrics, telemetry, timing
+from infermesh.breaker import BreakerState, CircuitBreaker
 from infermesh.coalescer import Coalescer, Pending
 from infermesh.dataplane import (
     Call,
@@ -29,7 +30,7 @@ from infermesh.dataplane import (
     ServerInfo,
 )
 from infermesh.deadline import Deadline
-from infermesh.errors import DomainError, Overloaded, Unavailable
+from infermesh.errors import DeadlineExceeded, DomainError, Overloaded, Unavailable
 from infermesh.features import DEFAULTED_ENTITIES, FeatureBlock, FeatureQuery
 from infermesh.model_config import ModelConfig, ModelEntry, find_model, parse_checked
 from infermesh.repository import RepositoryState
@@ -108,12 +109,16 @@ class RouterCore(DataplaneBase):
         max_batch_rows: int = 1024,
         max_inflight_batches: int = 4,
         max_pending_requests: int = 4096,
+        feature_breaker: CircuitBreaker | None = None,
     ) -> None:
         self.replicas = replicas
         self.features = features
         self.retry = retry
         # view → feature → default, for serving policy-'default' models while the feature store is down.
         self.feature_defaults: dict[str, dict[str, float]] = {}
+        # One for the feature store: while it is open, reads are not even tried (the policy answers at once).
+        self.feature_breaker = feature_breaker or CircuitBreaker(on_change=feature_breaker_changed)
+        metrics.CIRCUIT_OPEN.labels("feature_service").set(0)  # exported from the start, closed
         self._max_batch_rows = max_batch_rows
         self._max_inflight_batches = max_inflight_batches
         self._max_pending_requests = max_pending_requests
@@ -324,14 +329,19 @@ class RouterCore(DataplaneBase):
             features_unavailable = False
             with telemetry.span("router.feature_fetch", model=config.name, entities=plan.rows):
                 try:
-                    blocks = await self.fetch_features(plan.queries, deadline)
-                except Unavailable:
-                    # Policy 'default' keeps answering (flagged) through a feature store outage; 'reject' fails fast.
+                    blocks = await self.fetch_features(plan.queries, deadline.within(spec.timeout_ms / 1000))
+                except (Unavailable, Overloaded, DeadlineExceeded) as error:
+                    if deadline.expired:
+                        raise DeadlineExceeded(
+                            f"model '{config.name}': deadline passed while reading features"
+                        ) from error
+                    # Policy 'default' keeps answering (flagged) through a feature store outage or stall, within
+                    # the model's feature budget; 'reject' fails fast.
                     fallback = None
                     if spec.on_missing != "reject":
                         fallback = join.default_blocks(plan.queries, self.feature_defaults)
                     if fallback is None:
-                        raise
+                        raise Unavailable(f"features for model '{config.name}' are unavailable") from error
                     blocks, features_unavailable = fallback, True
             feature_read_s = time.perf_counter() - started
             fetch_latency.observe(feature_read_s)
@@ -376,16 +386,32 @@ class RouterCore(DataplaneBase):
             return False
         return True
 
-    async def fetch_features(self, queries: Sequence[FeatureQuery], deadline: Deadline) -> list[FeatureBlock]:
+    async def fetch_features(self, queries: Sequence[FeatureQuery], budget: Deadline) -> list[FeatureBlock]:
+        """Read features within `budget` (retried within it), through the feature store's circuit breaker:
+        Unavailable at once while it is open."""
+        breaker = self.feature_breaker
+        if not breaker.allow():
+            metrics.SHORT_CIRCUITED.labels("feature_service").inc()
+            raise Unavailable("the feature store is not answering (circuit open)")
+
         async def read() -> list[FeatureBlock]:
             try:
-                return await self.features.read(queries, deadline)
+                return await self.features.read(queries, budget)
             except (Unavailable, Overloaded) as error:
                 metrics.RETRIES.labels("feature_service", type(error).__name__).inc()
                 raise
 
         retry = self.retry
-        return await with_retries(read, deadline, retry.max_attempts, retry.backoff_initial_s, retry.backoff_max_s)
+        try:
+            blocks = await with_retries(read, budget, retry.max_attempts, retry.backoff_initial_s, retry.backoff_max_s)
+        except (Unavailable, Overloaded, DeadlineExceeded):
+            breaker.failure()
+            raise
+        except BaseException:
+            breaker.release()  # cancelled, or refused as invalid: says nothing of the store's health
+            raise
+        breaker.success()
+        return blocks
 
     async def call_model(
         self, name: str, version: str, inputs: Sequence[Tensor], deadline: Deadline, timed: bool = False
@@ -425,6 +451,12 @@ class RouterCore(DataplaneBase):
     async def close(self) -> None:
         for coalescer in self._coalescers.values():
             await coalescer.close()
+
+
+def feature_breaker_changed(state: BreakerState) -> None:
+    """The feature store's breaker changed state: the gauge and one log line say so."""
+    metrics.CIRCUIT_OPEN.labels("feature_service").set(0 if state == BreakerState.CLOSED else 1)
+    log.warning("circuit breaker", extra={"fields": {"dependency": "feature_service", "state": state.name}})
 
 
 def _model_timing(model: ModelAnswer) -> dict[str, str]:

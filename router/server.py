@@ -8,10 +8,11 @@ import logging
 from typing import Any
 
 from infermesh import oip_servicer, repository_service
+from infermesh.breaker import CircuitBreaker
 from infermesh.proto import router_pb2_grpc
 from infermesh.service import Service
 from router.clients import FeatureServiceClient, ModelServiceClient
-from router.core import RetryPolicy, RouterCore
+from router.core import RetryPolicy, RouterCore, feature_breaker_changed
 from router.discovery import resolve
 from router.replicas import ReplicaSet
 from router.servicer import SERVICE, RouterServicer
@@ -41,6 +42,9 @@ class RouterService(Service):
             max_batch_rows=settings.max_batch_rows,
             max_inflight_batches=settings.max_inflight_batches,
             max_pending_requests=settings.max_pending_requests,
+            feature_breaker=CircuitBreaker(
+                settings.feature_breaker_failures, settings.feature_breaker_open_s, on_change=feature_breaker_changed
+            ),
         )
         oip_servicer.add_to_server(oip_servicer.OipServicer(self.core, settings.default_timeout_s), server)
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.core, settings.default_timeout_s), server)

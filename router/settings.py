@@ -27,6 +27,12 @@ class RouterSettings(ServiceSettings):
         description="How often each replica's model states are read (keep it well under the model services' "
         "unload_grace_s).",
     )
+    feature_breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failed or timed-out feature reads that open the feature store's breaker."
+    )
+    feature_breaker_open_s: float = Field(
+        1.0, gt=0, description="How long the breaker stays open before one read probes the feature store again."
+    )
     eject_s: float = Field(2.0, description="How long a replica that failed a call is avoided.")
     max_attempts: int = Field(3, ge=1, description="Attempts per downstream call (first try included).")
     backoff_initial_ms: float = Field(2.0, description="First retry backoff (exponential, full jitter).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -145,5 +146,61 @@ async def test_feature_store_outage_default_answers_flagged_reject_fails_fast(de
             await seed_demo_features(mesh.redis_url, mesh.views_path)
             recovered = await client.infer("fraud_strict", inputs(1), headers=auth(), client_timeout=5)
             assert "infermesh_features_unavailable" not in recovered.get_response().parameters
+    finally:
+        await asyncio.to_thread(mesh.stop)
+
+
+async def test_a_stalled_redis_costs_default_requests_no_failure_and_reject_ones_fail_fast(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    """Redis stops answering (CLIENT PAUSE) for 3 s under load: `fraud` (policy default) keeps answering, flagged,
+    within its feature budget; `fraud_strict` (reject) fails at once; both recover by themselves."""
+    import redis.asyncio as aioredis
+
+    mesh = await asyncio.to_thread(start_mesh, demo_dir, tmp_path, replicas=1)
+    try:
+        admin = aioredis.from_url(mesh.redis_url)
+        answers: list[tuple[float, str]] = []  # (sent at, "ok" / "flagged" / status)
+        stop = asyncio.Event()
+        progress = asyncio.Condition()
+
+        async def answered(when: Callable[[], bool]) -> None:
+            async with progress:
+                await asyncio.wait_for(progress.wait_for(when), 15)
+
+        async def worker(client: aioclient.InferenceServerClient, offset: int) -> None:
+            i = offset
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    # 1 s: far less than the stall, so waiting it out would fail the request
+                    result = await client.infer("fraud", inputs(i), headers=auth(), client_timeout=1.0)
+                    flagged = "infermesh_features_unavailable" in result.get_response().parameters
+                    answers.append((sent, "flagged" if flagged else "ok"))
+                except InferenceServerException as error:
+                    answers.append((sent, str(error.status())))
+                async with progress:
+                    progress.notify_all()
+                i += 8
+
+        async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+            workers = [asyncio.create_task(worker(client, k)) for k in range(8)]
+            await answered(lambda: len(answers) >= 100)
+            paused_at = time.monotonic()
+            await admin.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+            await asyncio.sleep(2.0)  # well into the stall (a span of real time is what is being tested)
+            started = time.monotonic()
+            with pytest.raises(InferenceServerException) as caught:
+                await client.infer("fraud_strict", inputs(1), headers=auth(), client_timeout=2.0)
+            assert caught.value.status() == "StatusCode.UNAVAILABLE"
+            assert time.monotonic() - started < 1.0  # the breaker is open: not even tried
+            # After the stall: a probe closes the breaker and answers are whole again.
+            await answered(lambda: any(sent > paused_at + 3.0 and what == "ok" for sent, what in answers[-20:]))
+            stop.set()
+            await asyncio.gather(*workers)
+        during = [what for sent, what in answers if paused_at + 0.2 < sent < paused_at + 2.8]
+        assert during and set(during) == {"flagged"}, sorted(set(during))
+        assert all(what in ("ok", "flagged") for _, what in answers), {w for _, w in answers}
+        await admin.aclose()
     finally:
         await asyncio.to_thread(mesh.stop)

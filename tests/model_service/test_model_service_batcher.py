@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from infermesh.deadline import Deadline
-from infermesh.errors import DeadlineExceeded, QueueFull, Unavailable
+from infermesh.errors import DeadlineExceeded, InvalidInput, QueueFull, Unavailable
 from infermesh.model_config import DynamicBatching
 from model_service import batcher as batcher_module
 from model_service.batcher import Batcher
@@ -273,3 +275,214 @@ async def test_each_version_has_its_own_queue_depth_series() -> None:
     finally:
         for batcher in batchers:
             await batcher.close()
+
+
+# Failure isolation: a request whose rows make the forward pass raise fails alone; the batch is bisected.
+
+
+class PoisonModel:
+    """y = 2x, but a forward pass over any row whose x[:, 0] is negative raises `error`. Records every pass's rows
+    and the wall clock at which it began; `on_fail` runs (in the worker thread) after a failing pass; with
+    `gate_after_fail`, every pass after the first failure waits until `release` is set."""
+
+    def __init__(
+        self,
+        error: Callable[[], Exception] = lambda: RuntimeError("poisoned row 1.5"),
+        on_fail: Callable[[], None] | None = None,
+        gate_after_fail: bool = False,
+    ) -> None:
+        self.error = error
+        self.on_fail = on_fail
+        self.gate_after_fail = gate_after_fail
+        self.failed = False
+        self.release = threading.Event()
+        self.passes: list[np.ndarray] = []
+        self.started_ns: list[int] = []
+        self.started: asyncio.Queue[int] = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+
+    def __call__(self, inputs: Arrays) -> Arrays:
+        x = inputs["x"]
+        self.passes.append(x.copy())
+        self.started_ns.append(time.time_ns())
+        self.loop.call_soon_threadsafe(self.started.put_nowait, len(x))
+        if self.failed and self.gate_after_fail and not self.release.wait(10):
+            raise RuntimeError("test never released the forward pass")
+        if (x[:, 0] < 0).any():
+            self.failed = True
+            if self.on_fail is not None:
+                self.on_fail()
+            raise self.error()
+        return {"y": x * 2}
+
+
+def one_row(value: float) -> Arrays:
+    return {"x": np.array([[value, value + 0.5]], dtype=np.float32)}
+
+
+async def submit_all(batcher: Batcher, values: list[float]) -> list[Arrays | BaseException]:
+    """One single-row request per value, all queued before the batch closes; each result or error."""
+    tasks = [asyncio.create_task(batcher.submit(one_row(v), 1)) for v in values]
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def assert_answered(values: list[float], results: list[Arrays | BaseException], poisoned: set[int]) -> None:
+    for i, (value, result) in enumerate(zip(values, results, strict=True)):
+        if i in poisoned:
+            assert isinstance(result, BaseException), f"request {i} was poisoned yet answered"
+        else:
+            assert not isinstance(result, BaseException), f"clean request {i} failed: {result!r}"
+            np.testing.assert_array_equal(result["y"], one_row(value)["x"] * 2)
+
+
+async def test_a_poisoned_request_fails_alone_and_the_rest_of_its_batch_is_answered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = PoisonModel()
+    batcher = make_batcher(model, max_batch_size=8, delay_us=5_000_000)  # 8 one-row requests fill one batch
+    values = [float(10 * i) for i in range(8)]
+    values[5] = -1.0
+    with caplog.at_level(logging.INFO, logger=batcher_module.__name__):
+        results = await submit_all(batcher, values)
+    await batcher.close()
+
+    assert_answered(values, results, poisoned={5})
+    error = results[5]
+    assert isinstance(error, RuntimeError) and str(error) == "poisoned row 1.5"  # the object run_batch raised
+    assert len(model.passes[0]) == 8  # one batch first
+    assert len(model.passes) <= 1 + 2 * math.ceil(math.log2(8))  # bisection: 2 passes a level
+    # A clean row is in at most one pass a level: the whole batch, then the halves holding it until one answers.
+    for value in values:
+        if value >= 0:
+            assert sum(int((p[:, 0] == value).sum()) for p in model.passes) <= 1 + math.ceil(math.log2(8))
+    failed = [r for r in caplog.records if r.getMessage() == "forward pass failed"]
+    assert len(failed) == 1  # once, for the request that failed, not for every failed pass
+    assert failed[0].fields == {"model": "m", "version": "1"}  # type: ignore[attr-defined]
+    assert "poisoned" not in failed[0].getMessage()
+    splits = [r.fields for r in caplog.records if r.getMessage() == "batch split"]  # type: ignore[attr-defined]
+    assert splits[0] == {"model": "m", "version": "1", "requests": 8}
+
+
+async def test_a_clean_batch_runs_one_forward_pass() -> None:
+    model = PoisonModel()
+    batcher = make_batcher(model, max_batch_size=8, delay_us=5_000_000)
+    values = [float(10 * i) for i in range(8)]
+    results = await submit_all(batcher, values)
+    await batcher.close()
+    assert_answered(values, results, poisoned=set())
+    assert [len(p) for p in model.passes] == [8]
+
+
+async def test_two_poisoned_requests_both_fail_and_the_others_are_answered() -> None:
+    model = PoisonModel()
+    batcher = make_batcher(model, max_batch_size=8, delay_us=5_000_000)
+    values = [float(10 * i) for i in range(8)]
+    values[1] = values[6] = -1.0
+    results = await submit_all(batcher, values)
+    await batcher.close()
+    assert_answered(values, results, poisoned={1, 6})
+    assert len(model.passes) <= 1 + 2 * 2 * math.ceil(math.log2(8))
+
+
+async def test_a_model_failing_on_everything_costs_a_bounded_number_of_passes() -> None:
+    model = PoisonModel()
+    batcher = make_batcher(model, max_batch_size=16, delay_us=5_000_000)
+    values = [-1.0] * 16  # every request poisoned: full bisection would take 2n-1 = 31 passes
+    results = await submit_all(batcher, values)
+    await batcher.close()
+    assert_answered(values, results, poisoned=set(range(16)))
+    assert len(model.passes) <= 1 + 4 * 4  # the first pass, then at most 4·log2(16) failed ones
+
+
+async def test_a_domain_error_reaches_the_poisoned_request_as_it_is(caplog: pytest.LogCaptureFixture) -> None:
+    model = PoisonModel(error=lambda: InvalidInput("x: negative amount"))
+    batcher = make_batcher(model, max_batch_size=4, delay_us=5_000_000)
+    values = [1.0, -1.0, 3.0, 4.0]
+    with caplog.at_level(logging.INFO, logger=batcher_module.__name__):
+        results = await submit_all(batcher, values)
+    await batcher.close()
+    assert_answered(values, results, poisoned={1})
+    assert isinstance(results[1], InvalidInput) and str(results[1]) == "x: negative amount"
+    assert not [r for r in caplog.records if r.getMessage() == "forward pass failed"]  # a domain error is no fault
+
+
+async def test_isolation_counts_only_the_passes_that_answered() -> None:
+    model = PoisonModel()
+    batcher = make_batcher(model, max_batch_size=8, delay_us=5_000_000)
+    values = [float(10 * i) for i in range(8)]
+    values[5] = -1.0
+    await submit_all(batcher, values)
+    await batcher.close()
+    statistics = batcher.statistics
+    answered = [p for p in model.passes if not (p[:, 0] < 0).any()]
+    assert statistics.execution_count == len(answered) == 3  # [0-3], [6-7], [4]
+    assert statistics.inference_count == 7
+    assert sorted(statistics.batches) == [1, 2, 4]
+    assert statistics.queue.count == 7
+
+
+async def test_each_request_gets_the_timing_of_the_pass_that_answered_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorded: list[tuple[str, int, dict[str, object]]] = []
+
+    def record_span(name: str, start_ns: int, end_ns: int, **attributes: object) -> None:
+        recorded.append((name, start_ns, attributes))
+
+    monkeypatch.setattr(batcher_module.telemetry, "record_span", record_span)
+    model = PoisonModel()
+    batcher = make_batcher(model, max_batch_size=4, delay_us=5_000_000)
+    await submit_all(batcher, [1.0, 2.0, 3.0, -1.0])  # [1, 2] answers at the second pass, [3] at the fourth
+    await batcher.close()
+
+    forward = sorted(
+        (start_ns, attributes["batch_size"]) for name, start_ns, attributes in recorded if name == "model.forward"
+    )
+    assert [size for _, size in forward] == [2, 2, 1]  # the failed request has no forward span
+    assert forward[0][0] > model.started_ns[0]  # not the failed pass of all four
+    assert forward[0][0] <= model.started_ns[1] < forward[2][0] <= model.started_ns[3]
+
+
+async def test_a_request_whose_deadline_passes_during_isolation_is_not_recomputed() -> None:
+    now = [100.0]
+    model = PoisonModel(on_fail=lambda: now.__setitem__(0, 150.0))  # the failing pass outlasts `late`'s deadline
+    batcher = make_batcher(model, max_batch_size=4, delay_us=5_000_000, clock=lambda: now[0])
+    deadlines = [Deadline(200.0), Deadline(101.0), Deadline(200.0), Deadline(200.0)]
+    values = [1.0, 2.0, -1.0, 4.0]
+    tasks = [
+        asyncio.create_task(batcher.submit(one_row(v), 1, deadline=d)) for v, d in zip(values, deadlines, strict=True)
+    ]
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    await batcher.close()
+
+    assert isinstance(results[1], DeadlineExceeded)
+    assert isinstance(results[2], RuntimeError)
+    assert_answered(values, results, poisoned={1, 2})
+    assert len(model.passes[0]) == 4
+    assert sum(int((p[:, 0] == 2.0).sum()) for p in model.passes) == 1  # only in the pass that failed
+
+
+async def test_close_during_isolation_fails_what_is_left_with_unavailable() -> None:
+    model = PoisonModel(gate_after_fail=True)
+    batcher = make_batcher(model, max_batch_size=4, delay_us=5_000_000)
+    tasks = [asyncio.create_task(batcher.submit(one_row(v), 1)) for v in (1.0, -1.0, 3.0, 4.0)]
+    assert await model.started.get() == 4  # the whole batch: it fails
+    assert await model.started.get() == 2  # the first half's retry, held in the worker thread
+    await batcher.close()
+    model.release.set()
+    for task in tasks:
+        with pytest.raises(Unavailable):
+            await task
+    assert len(model.passes) == 2  # nothing more ran after close()
+
+
+async def test_drain_lets_isolation_finish() -> None:
+    model = PoisonModel(gate_after_fail=True)
+    batcher = make_batcher(model, max_batch_size=4, delay_us=5_000_000)
+    values = [1.0, -1.0, 3.0, 4.0]
+    tasks = [asyncio.create_task(batcher.submit(one_row(v), 1)) for v in values]
+    await model.started.get()
+    await model.started.get()
+    draining = asyncio.create_task(batcher.drain(10.0))
+    model.release.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    await draining
+    assert_answered(values, results, poisoned={1})

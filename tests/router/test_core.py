@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from infermesh.breaker import BreakerState, CircuitBreaker
 from infermesh.coalescer import Coalescer, Pending
 from infermesh.dataplane import Call, InferRequest, InferResponse
 from infermesh.deadline import Deadline
@@ -56,12 +57,18 @@ class Features:
         self.calls: list[list[FeatureQuery]] = []
         self.stale = stale or set()
         self.fail_times = 0
+        self.stalled: asyncio.Event | None = None  # set: every read hangs until the event is set
 
     async def defaults(self, deadline: Deadline) -> dict[str, dict[str, float]]:
         return {"user": {"a": -1.0, "b": -1.0}, "merchant": {"c": -9.0}}
 
     async def read(self, queries: Sequence[FeatureQuery], deadline: Deadline) -> list[FeatureBlock]:
         self.calls.append(list(queries))
+        if self.stalled is not None:  # as the gRPC client does: the call ends at its deadline
+            try:
+                await asyncio.wait_for(self.stalled.wait(), deadline.remaining())
+            except TimeoutError:
+                raise DeadlineExceeded("feature service: DEADLINE_EXCEEDED") from None
         if self.fail_times:
             self.fail_times -= 1
             raise Unavailable("feature store unavailable")
@@ -105,6 +112,8 @@ class Model:
         self.batches.append(len(features))
         score = features.sum(axis=1).astype(np.float32)
         spent = {"infermesh_timing_model_queue_ms": "0.100", "infermesh_timing_forward_ms": "0.200"} if timed else {}
+        if timed:
+            await asyncio.sleep(0.001)  # at least as long as the parts it reports took
         return ModelAnswer("1", {"score": Tensor("score", "FP32", score.shape, score)}, spent)
 
     async def close(self) -> None:
@@ -119,11 +128,16 @@ def serving(model_config: ModelConfig, *versions: str) -> RepositoryState:
     )
 
 
-def make_core(replicas: dict[str, Model], features: Features, on_missing: str = "default", **kwargs) -> RouterCore:
+def make_core(
+    replicas: dict[str, Model], features: Features, on_missing: str = "default", timeout_ms: float = 100, **kwargs
+) -> RouterCore:
     replica_set = ReplicaSet(lambda address: replicas[address], eject_s=60, seed=1)
     replica_set.update(replicas)
+    model_config = config(on_missing)
+    assert model_config.feature_spec is not None
+    model_config.feature_spec.timeout_ms = timeout_ms
     for replica in replica_set.replicas.values():
-        replica_set.set_repository(replica, serving(config(on_missing), "1"))
+        replica_set.set_repository(replica, serving(model_config, "1"))
     return RouterCore(replica_set, features, RetryPolicy(3, 0.0001, 0.001), **kwargs)
 
 
@@ -238,6 +252,39 @@ async def test_feature_store_outage_default_policy_answers_flagged() -> None:
     assert result.outputs[0].data.tolist() == [-9.0]  # -1 -1 -9 defaults + amount 2
     assert result.parameters["infermesh_features_unavailable"] == "true"
     assert result.parameters["infermesh_defaulted_entities"] == "user_id=u1,merchant_id=m1"
+
+
+async def test_a_stalled_feature_store_costs_one_budget_then_the_breaker_answers_at_once() -> None:
+    features = Features()
+    breaker = CircuitBreaker(failure_threshold=3, open_s=0.2)
+    core = make_core({"a": Model("a")}, features, timeout_ms=30, feature_breaker=breaker)
+    assert await core.load_feature_defaults()
+    features.stalled = asyncio.Event()  # reads hang, as against a paused Redis
+    for _ in range(3):  # each waits out the model's 30 ms budget, then answers from the defaults
+        result = await infer(core, "fraud", "", request(["u1"], ["m1"], [2.0]), [], deadline())
+        assert result.parameters["infermesh_features_unavailable"] == "true"
+    assert breaker.state == BreakerState.OPEN and len(features.calls) == 3
+    started = time.monotonic()
+    result = await infer(core, "fraud", "", request(["u2"], ["m1"], [2.0]), [], deadline())
+    assert time.monotonic() - started < 0.025  # open: not even tried
+    assert result.parameters["infermesh_features_unavailable"] == "true" and len(features.calls) == 3
+    # The store answers again: after open_s one read probes it, and its success closes the breaker.
+    features.stalled.set()
+    features.stalled = None
+    await asyncio.sleep(0.25)
+    result = await infer(core, "fraud", "", request(["u1"], ["m1"], [2.0]), [], deadline())
+    assert "infermesh_features_unavailable" not in result.parameters
+    assert breaker.state == BreakerState.CLOSED
+
+
+async def test_a_stalled_feature_store_fails_reject_models_within_the_budget_not_the_deadline() -> None:
+    features = Features()
+    core = make_core({"a": Model("a")}, features, on_missing="reject", timeout_ms=30)
+    features.stalled = asyncio.Event()
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="features for model 'fraud' are unavailable"):
+        await infer(core, "fraud", "", request(["u1"], ["m1"], [2.0]), [], deadline(5.0))
+    assert time.monotonic() - started < 1.0
 
 
 async def test_feature_store_outage_reject_policy_fails_fast() -> None:
