@@ -65,6 +65,8 @@ class BenchOptions:
     open_loop_fraction: float = 0.5  # open-loop rate as a share of the capacity measured in the sweep
     fault_duration_s: float = 24.0  # failover / outage / model-change runs (the fault happens inside)
     model_change_concurrency: int = 16
+    stall_s: float = 3.0  # Redis paused (CLIENT PAUSE) this long in scenario 12
+    stall_p99_budget_ms: float = 150.0
     fault_concurrency: int = 16
     slow_delay_ms: float = 25.0  # scenario 6: extra time per batch on the slow replica
     slow_concurrency: tuple[int, ...] = (1, 8, 32)
@@ -1327,6 +1329,89 @@ async def model_changes(ctx: Context) -> dict[str, Any]:
     }
 
 
+# 12. Redis stall -----------------------------------------------------------------------------------------------
+
+
+async def feature_store_stall(ctx: Context) -> dict[str, Any]:
+    """Redis stops answering for `stall_s` (CLIENT PAUSE ALL: connections stay open, nothing answers) under load:
+    `fraud` (on_missing=default) must keep answering within its feature budget (the target: no failure, p99 of the
+    requests sent during the stall ≤ 150 ms); `fraud_strict` (reject) fails fast."""
+    mesh = await ctx.mesh()
+    options = ctx.options
+    duration = max(options.fault_duration_s, options.stall_s * 3)
+    clock = _Timed()
+    times: dict[str, float] = {}
+    per_policy = max(1, options.fault_concurrency // 2)
+
+    async def script() -> None:
+        await clock.at(duration * 0.3)
+        admin = redis.Redis.from_url(mesh.redis_url)
+        try:
+            await asyncio.to_thread(admin.execute_command, "CLIENT", "PAUSE", int(options.stall_s * 1000), "ALL")
+        finally:
+            admin.close()
+        times["pause"] = clock.mark(f"CLIENT PAUSE {options.stall_s:g} s")
+        times["resume"] = times["pause"] + options.stall_s
+        ctx.log(f"stall: redis paused at t={times['pause']:.2f}s for {options.stall_s:g}s")
+
+    async with _client(mesh.gateway_address) as client:
+        loads = {
+            "default": FraudViaGateway(client, ctx.api_key, "fraud", seed=3),
+            "reject": FraudViaGateway(client, ctx.api_key, "fraud_strict", seed=4),
+        }
+        fault = asyncio.create_task(script())
+        recordings = await asyncio.gather(
+            *(
+                ctx.closed(
+                    send, per_policy, f"stall · {policy} · c={per_policy}", duration_s=duration, started=clock.started
+                )
+                for policy, send in loads.items()
+            )
+        )
+        await fault
+    policies: dict[str, Any] = {}
+    runs, timelines, defects = [], {}, []
+    for policy, recording in zip(loads, recordings, strict=True):
+        offset = recording.origin - clock.runs[0].origin
+        pause, resume = times["pause"] - offset, times["resume"] - offset
+        samples = recording.measured()
+        split = _phases(samples, pause, resume, duration)
+        phases = {
+            "before": _phase(split["before"], 0.0, pause),
+            "stall": _phase(split["during"], pause, resume),
+            "after": _phase(split["after"], resume, duration),
+        }
+        policies[policy] = {
+            "model": loads[policy].model,
+            "phases": {name: _phase_point(phase) for name, phase in phases.items()},
+        }
+        runs.append(_run(recording, f"stall · policy {policy}"))
+        timelines[f"stall · policy {policy}"] = timeline(recording)
+    stall = policies["default"]["phases"]["stall"]
+    if stall["errors"]:
+        defects.append(f"stall/default: {sum(stall['errors'].values())} requests failed {stall['errors']}")
+    if stall["p99_ms"] is not None and stall["p99_ms"] > options.stall_p99_budget_ms:
+        defects.append(
+            f"stall/default: p99 of the requests during the stall {stall['p99_ms']} ms "
+            f"(budget {options.stall_p99_budget_ms:g} ms)"
+        )
+    after = policies["default"]["phases"]["after"]
+    if after["errors"]:
+        defects.append(f"stall/default: {after['errors']} failed after Redis answered again")
+    return {
+        "runs": runs,
+        "summary": {
+            "concurrency_per_policy": per_policy,
+            "stall_s": options.stall_s,
+            "p99_budget_ms": options.stall_p99_budget_ms,
+            "events_s": {k: round(v, 3) for k, v in times.items()},
+            "policies": policies,
+        },
+        "timelines": timelines,
+        "defects": defects,
+    }
+
+
 Scenario = Callable[[Context], Awaitable[dict[str, Any]]]
 SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "floor": ("0. Transport floor", transport_floor),
@@ -1341,6 +1426,7 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "malformed": ("9. Cost of rejecting malformed requests", malformed),
     "soak": ("10. Soak", soak),
     "models": ("11. Model changes under load", model_changes),
+    "stall": ("12. Redis stall", feature_store_stall),
 }
 
 

@@ -15,21 +15,35 @@ from infermesh.batch_codec import batch_request, split_batch_response
 from infermesh.channels import insecure_channel
 from infermesh.deadline import Deadline
 from infermesh.errors import DomainError, Unavailable
-from infermesh.method_handlers import error_from_rpc
+from infermesh.method_handlers import answered_by, error_from_rpc
 from infermesh.proto import inference_pb2 as pb
 from infermesh.proto import inference_pb2_grpc, router_pb2
 from infermesh.repository import RepositoryState
 from infermesh.repository_service import RepositoryClient
-from infermesh.retry import with_retries
+from infermesh.retry import RetryBudget, with_retries
 from infermesh.segments import InferBatch
 from infermesh.statistics import ModelStatistics
 
 READY_CACHE_S = 1.0
+
+
+class RouterUnreachable(Unavailable):
+    """The call got no router's answer (it never reached one, or lost it on the way): the one kind of failure the
+    gateway sends again."""
+
+
 T = TypeVar("T")
 
 
 class RouterClient:
-    def __init__(self, target: str, max_message_bytes: int, attempts: int) -> None:
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int,
+        attempts: int,
+        budget_tokens: float = 20.0,
+        budget_ratio: float = 0.1,
+    ) -> None:
         self.channel = insecure_channel(target, max_message_bytes)
         # No (de)serializers: bytes in, bytes out.
         self._infer = self.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
@@ -51,17 +65,28 @@ class RouterClient:
         self._inference = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self._repository = RepositoryClient(self.channel, "router")
         self._attempts = attempts
+        self._budget = RetryBudget("router", budget_tokens, budget_ratio)
         self._ready_at = 0.0
         self._ready = False
 
     async def _retried(self, call: Callable[[float], Awaitable[T]], deadline: Deadline) -> T:
+        """One retry layer in the mesh: the router retries replicas and the feature store itself, so its own
+        answers (marked by the method handlers) are final here. Only a call that never got a router's answer
+        (connection refused or lost, a router restarting: another router may take it) is sent again, within the
+        deadline and the router's retry budget."""
+
         async def attempt() -> T:
             try:
                 return await call(deadline.remaining())
             except grpc.aio.AioRpcError as error:
-                raise error_from_rpc(error, "router") from None
+                translated = error_from_rpc(error, "router")
+                if isinstance(translated, Unavailable) and answered_by(error) is None:
+                    raise RouterUnreachable(str(translated)) from None
+                raise translated from None
 
-        return await with_retries(attempt, deadline, self._attempts, 0.002, 0.05, retry_on=(Unavailable,))
+        return await with_retries(
+            attempt, deadline, self._attempts, 0.002, 0.05, retry_on=(RouterUnreachable,), budget=self._budget
+        )
 
     async def infer(self, encoded_request: bytes, deadline: Deadline) -> bytes:
         answer: bytes = await self._retried(lambda timeout: self._infer(encoded_request, timeout=timeout), deadline)

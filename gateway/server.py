@@ -27,7 +27,13 @@ class GatewayService(Service):
 
     async def register(self, server: Any) -> list[str]:
         settings = self.settings
-        self.router = RouterClient(settings.router_address, settings.max_message_bytes, settings.router_attempts)
+        self.router = RouterClient(
+            settings.router_address,
+            settings.max_message_bytes,
+            settings.router_attempts,
+            settings.retry_budget_tokens,
+            settings.retry_budget_ratio,
+        )
         router_calls = RouterCalls(
             self.router,
             settings.coalesce_max_inflight_batches,

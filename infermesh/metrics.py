@@ -67,6 +67,11 @@ CIRCUIT_OPEN = Gauge(
 SHORT_CIRCUITED = Counter(
     "infermesh_short_circuited", "Calls not made because the dependency's circuit breaker was open.", ["dependency"]
 )
+RETRIES_THROTTLED = Counter(
+    "infermesh_retries_throttled",
+    "Retries not made because the downstream's retry budget was spent (it keeps failing).",
+    ["target"],
+)
 RETRIES = Counter("infermesh_retries", "Downstream calls retried, by target and status code.", ["target", "code"])
 REPLICAS_UP = Gauge("infermesh_replicas_up", "Model service replicas the router considers healthy.")
 

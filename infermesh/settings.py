@@ -62,6 +62,15 @@ class ServiceSettings(BaseSettings):
     max_connection_age_s: float = Field(
         1800.0, gt=0, description="A connection this old is closed (GOAWAY), so clients rebalance."
     )
+    retry_budget_tokens: float = Field(
+        20.0, gt=0, description="Retry budget per downstream (gRPC A6 throttling): tokens; a failed attempt takes one."
+    )
+    retry_budget_ratio: float = Field(
+        0.1,
+        gt=0,
+        description="Tokens a successful call gives back; retries stop while half the tokens or fewer are left, "
+        "so they stay within about this share of the calls.",
+    )
     max_connection_age_grace_s: float = Field(
         30.0, ge=0, description="How long calls on a connection closed for its age may still finish."
     )

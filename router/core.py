@@ -34,7 +34,7 @@ from infermesh.errors import DeadlineExceeded, DomainError, Overloaded, Unavaila
 from infermesh.features import DEFAULTED_ENTITIES, FeatureBlock, FeatureQuery
 from infermesh.model_config import ModelConfig, ModelEntry, find_model, parse_checked
 from infermesh.repository import RepositoryState
-from infermesh.retry import with_retries
+from infermesh.retry import RetryBudget, with_retries
 from infermesh.segments import (
     BatchResult,
     InferBatch,
@@ -98,6 +98,8 @@ class RetryPolicy:
     max_attempts: int = 3
     backoff_initial_s: float = 0.002
     backoff_max_s: float = 0.05
+    budget_tokens: float = 20.0  # each downstream's retry budget (infermesh.retry.RetryBudget)
+    budget_ratio: float = 0.1
 
 
 class RouterCore(DataplaneBase):
@@ -114,6 +116,9 @@ class RouterCore(DataplaneBase):
         self.replicas = replicas
         self.features = features
         self.retry = retry
+        # One retry budget per downstream: a failing one gets a few retries, not a multiple of the traffic.
+        self.feature_retries = RetryBudget("feature_service", retry.budget_tokens, retry.budget_ratio)
+        self.model_retries = RetryBudget("model_service", retry.budget_tokens, retry.budget_ratio)
         # view → feature → default, for serving policy-'default' models while the feature store is down.
         self.feature_defaults: dict[str, dict[str, float]] = {}
         # One for the feature store: while it is open, reads are not even tried (the policy answers at once).
@@ -403,7 +408,14 @@ class RouterCore(DataplaneBase):
 
         retry = self.retry
         try:
-            blocks = await with_retries(read, budget, retry.max_attempts, retry.backoff_initial_s, retry.backoff_max_s)
+            blocks = await with_retries(
+                read,
+                budget,
+                retry.max_attempts,
+                retry.backoff_initial_s,
+                retry.backoff_max_s,
+                budget=self.feature_retries,
+            )
         except (Unavailable, Overloaded, DeadlineExceeded):
             breaker.failure()
             raise
@@ -426,7 +438,14 @@ class RouterCore(DataplaneBase):
             return await self._call_replica(replica, name, version, inputs, deadline, timed)
 
         retry = self.retry
-        return await with_retries(attempt, deadline, retry.max_attempts, retry.backoff_initial_s, retry.backoff_max_s)
+        return await with_retries(
+            attempt,
+            deadline,
+            retry.max_attempts,
+            retry.backoff_initial_s,
+            retry.backoff_max_s,
+            budget=self.model_retries,
+        )
 
     async def _call_replica(
         self, replica: Replica, name: str, version: str, inputs: Sequence[Tensor], deadline: Deadline, timed: bool

@@ -38,7 +38,13 @@ class RouterService(Service):
         self.core = RouterCore(
             self.replicas,
             self.features,
-            RetryPolicy(settings.max_attempts, settings.backoff_initial_ms / 1000, settings.backoff_max_ms / 1000),
+            RetryPolicy(
+                settings.max_attempts,
+                settings.backoff_initial_ms / 1000,
+                settings.backoff_max_ms / 1000,
+                settings.retry_budget_tokens,
+                settings.retry_budget_ratio,
+            ),
             max_batch_rows=settings.max_batch_rows,
             max_inflight_batches=settings.max_inflight_batches,
             max_pending_requests=settings.max_pending_requests,

@@ -238,6 +238,21 @@ async def test_model_changes_scenario(demo_dir: Path, tmp_path: Path) -> None:
     assert "**Failed requests: 0**" in "\n".join(report.RENDER["models"](outcome))
 
 
+async def test_redis_stall_scenario(demo_dir: Path, tmp_path: Path) -> None:
+    options = BenchOptions(fault_duration_s=4.5, stall_s=1.5, warmup_s=0.1, mesh_warmup_s=0.0, fault_concurrency=4)
+    ctx = Context(demo_dir, tmp_path, options)
+    try:
+        outcome = await run_scenario(ctx, "stall")
+    finally:
+        await ctx.close()
+    default = outcome["summary"]["policies"]["default"]["phases"]
+    assert default["stall"]["requests"] > 0 and default["stall"]["errors"] == {}
+    assert default["stall"]["tags"].get("features_unavailable", 0) > 0  # answered from the defaults, flagged
+    reject = outcome["summary"]["policies"]["reject"]["phases"]
+    assert reject["stall"]["errors"].get("UNAVAILABLE", 0) > 0
+    assert "Policy `default` during the stall: 0 failed" in "\n".join(report.RENDER["stall"](outcome))
+
+
 def test_cli_options() -> None:
     args = parse_args(["--quick", "--scenarios", "overhead,failover", "--concurrency", "2,4"])
     assert args.names == ["overhead", "failover"]
@@ -256,6 +271,7 @@ def test_cli_options() -> None:
         "malformed",
         "soak",
         "models",
+        "stall",
     ]
     with pytest.raises(SystemExit):
         parse_args(["--scenarios", "nope"])

@@ -204,3 +204,34 @@ async def test_a_stalled_redis_costs_default_requests_no_failure_and_reject_ones
         await admin.aclose()
     finally:
         await asyncio.to_thread(mesh.stop)
+
+
+async def test_one_layer_retries_the_gateway_does_not_send_again_what_the_router_answered(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    """The router retries the replicas itself; when it gives up, its UNAVAILABLE is final at the gateway (which
+    used to send the request again, doubling the router's attempts)."""
+    mesh = await asyncio.to_thread(
+        start_mesh, demo_dir, tmp_path, replicas=1, router={"health_interval_s": 600, "repository_refresh_s": 600}
+    )
+    try:
+        assert mesh.router is not None
+        router_port = mesh.router.metrics_port
+        async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+            await client.infer("fraud", inputs(1), headers=auth())
+            mesh.model_services[0].kill()  # the router will not notice by its probes (600 s)
+
+            def router_calls() -> float:  # a request alone comes as ModelInfer, coalesced ones as InferBatch
+                return sum(
+                    metric(router_port, "infermesh_requests_total", f'method="{method}",model="fraud",service="router"')
+                    for method in ("ModelInfer", "InferBatch")
+                )
+
+            before = router_calls()
+            with pytest.raises(InferenceServerException) as caught:
+                await client.infer("fraud", inputs(2), headers=auth(), client_timeout=5)
+            assert caught.value.status() == "StatusCode.UNAVAILABLE"
+            assert router_calls() - before == 1
+            assert metric(router_port, "infermesh_retries_total", 'target="model_service"') >= 1  # it did retry
+    finally:
+        await asyncio.to_thread(mesh.stop)
