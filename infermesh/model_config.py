@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -230,8 +230,63 @@ def read_config(folder: Path) -> ModelConfig:
 
 
 def parse_config(text: str) -> ModelConfig:
-    """A model config from its JSON text (a repository file or a load's override); ValueError when invalid."""
-    return ModelConfig.model_validate(json.loads(text))
+    """A model config from its JSON text (a repository file or a load's override, in the repository's form or in
+    Triton's); ValueError when invalid."""
+    data = json.loads(text)
+    if isinstance(data, dict) and ("input" in data or "output" in data) and "inputs" not in data:
+        data = _from_triton(data)
+    return ModelConfig.model_validate(data)
+
+
+# Triton's model_config.proto data types → the protocol's datatypes.
+TRITON_DATATYPES = {"TYPE_STRING": "BYTES", **{f"TYPE_{name}": name for name in DATATYPES if name != "BYTES"}}
+# Triton's fields that _from_triton converts (the rest pass through: Triton-only ones are ignored).
+TRITON_CONVERTED_KEYS = frozenset({"input", "output", "max_batch_size", "dynamic_batching", "version_policy"})
+
+
+def _from_triton(config: dict[str, Any]) -> dict[str, Any]:
+    """A model config in Triton's form (model_config.proto as JSON: `input`/`output` with `data_type` and `dims`,
+    as `get_model_config(as_json=True)` returns it) in the repository's form. The mesh's own sections
+    (`feature_spec`, `model_input`, …) pass through as they are."""
+    batched = int(config.get("max_batch_size", 0) or 0) > 0
+
+    def tensors(specs: Any, what: str) -> list[dict[str, Any]]:
+        if not isinstance(specs, list):
+            raise ValueError(f"{what}: a list of tensors")
+        converted = []
+        for spec in specs:
+            if not isinstance(spec, dict) or "name" not in spec:
+                raise ValueError(f"{what}: each tensor needs a name")
+            data_type = str(spec.get("data_type", ""))
+            datatype = TRITON_DATATYPES.get(data_type)
+            if datatype is None:
+                raise ValueError(f"{what} '{spec['name']}': data_type {data_type or '(none)'} is not supported")
+            dims = [int(d) for d in spec.get("dims", [])]
+            converted.append({"name": spec["name"], "datatype": datatype, "shape": [-1, *dims] if batched else dims})
+        return converted
+
+    converted = {key: value for key, value in config.items() if key not in TRITON_CONVERTED_KEYS}
+    converted["inputs"] = tensors(config.get("input", []), "input")
+    converted["outputs"] = tensors(config.get("output", []), "output")
+    if batched:
+        converted["max_batch_size"] = int(config["max_batch_size"])
+    batching = config.get("dynamic_batching")
+    if isinstance(batching, dict):
+        converted["dynamic_batching"] = {
+            "max_queue_delay_us": int(batching.get("max_queue_delay_microseconds", 0) or 0)
+        }
+    elif "dynamic_batching" not in config:
+        converted["dynamic_batching"] = {"enabled": False}
+    policy = config.get("version_policy")
+    if isinstance(policy, dict):  # protobuf's JSON writes 64-bit numbers as strings
+        if isinstance(policy.get("specific"), dict):
+            versions = policy["specific"].get("versions", [])
+            converted["version_policy"] = {"specific": {"versions": [int(v) for v in versions]}}
+        elif isinstance(policy.get("latest"), dict):
+            converted["version_policy"] = {"latest": {"num_versions": int(policy["latest"].get("num_versions", 1))}}
+        elif "all" in policy:
+            converted["version_policy"] = {"all": {}}
+    return converted
 
 
 def parse_checked(name: str, config_json: str) -> ModelConfig:

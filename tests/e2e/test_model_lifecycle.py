@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -206,6 +207,24 @@ def test_an_unloaded_model_stops_serving_and_loads_again(mesh: LocalMesh) -> Non
     client.load_model("bench_mlp", headers=auth(ADMIN_KEY))
     assert set(index(client, "bench_mlp").values()) == {"READY"}
     assert client.is_model_ready("bench_mlp", headers=auth())
+
+
+def test_a_config_fetched_in_triton_s_form_loads_back_changed(mesh: LocalMesh) -> None:
+    """Triton's round trip: get_model_config(as_json=True), change it, load_model(config=...)."""
+    client = grpcclient.InferenceServerClient(mesh.gateway_address)
+    admin = auth(ADMIN_KEY)
+    config = client.get_model_config("bench_mlp", headers=admin, as_json=True)["config"]
+    assert int(config["max_batch_size"]) == 256
+    config["max_batch_size"] = 32
+    client.load_model("bench_mlp", config=json.dumps(config), headers=admin)
+    changed = client.get_model_config("bench_mlp", headers=admin, as_json=True)["config"]
+    assert int(changed["max_batch_size"]) == 32
+    x = grpcclient.InferInput("x", [33, 256], "FP32")
+    x.set_data_from_numpy(np.zeros((33, 256), dtype=np.float32))
+    too_many = lambda: client.infer("bench_mlp", [x], headers=auth())  # noqa: E731
+    assert status_of(too_many) == "StatusCode.INVALID_ARGUMENT"  # the new max_batch_size is in force
+    client.load_model("bench_mlp", headers=admin)  # the folder's config again
+    assert int(client.get_model_config("bench_mlp", headers=admin, as_json=True)["config"]["max_batch_size"]) == 256
 
 
 def rss_mib(pid: int) -> float:
