@@ -4,6 +4,7 @@ public signature, and forwards to the router (`gateway.router_calls`)."""
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import replace
@@ -12,6 +13,7 @@ from gateway.auth import KeyStore, Tenant
 from gateway.quotas import TenantQuotas
 from gateway.router_calls import Routed, RouterCalls, RouterPort
 from infermesh import __version__, metrics, timing
+from infermesh.admission import AdaptiveLimit
 from infermesh.dataplane import (
     Call,
     DataplaneBase,
@@ -35,21 +37,36 @@ EXTENSIONS = ("model_repository", "model_configuration", "statistics", "infermes
 
 
 class Admission:
-    """A bounded number of requests in flight; beyond it refuse at once (never queue)."""
+    """How many requests the gateway works on at once: an adaptive limit (infermesh.admission) under the static
+    cap `max_inflight`. Beyond it a request is refused at once with a retry hint; it never queues."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.inflight = 0
+    RETRY_AFTER_S = 0.05
 
-    def __enter__(self) -> Admission:
-        if self.inflight >= self.limit:
-            metrics.ADMISSION_REJECTED.labels("gateway", "max_inflight").inc()
-            raise Overloaded("server is at capacity, retry later")
-        self.inflight += 1
-        return self
+    def __init__(self, max_inflight: int, target_latency_s: float | None = None, min_inflight: int = 32) -> None:
+        # No target: the static cap alone.
+        self.limit = AdaptiveLimit(
+            max_inflight,
+            target_latency_s if target_latency_s is not None else math.inf,
+            min_limit=min_inflight,
+            on_change=metrics.ADMISSION_LIMIT.labels("gateway").set,
+        )
+        metrics.ADMISSION_LIMIT.labels("gateway").set(self.limit.limit)
+        self._refused = metrics.ADMISSION_REJECTED.labels("gateway", "max_inflight")
 
-    def __exit__(self, *exc: object) -> None:
-        self.inflight -= 1
+    @property
+    def inflight(self) -> int:
+        return self.limit.inflight
+
+    def acquire(self) -> float:
+        """A token for `release`; Overloaded when the limit is reached."""
+        started = self.limit.try_acquire()
+        if started is None:
+            self._refused.inc()
+            raise Overloaded("server is at capacity, retry later", retry_after_s=self.RETRY_AFTER_S)
+        return started
+
+    def release(self, token: float) -> None:
+        self.limit.release(token)
 
 
 class GatewayCore(DataplaneBase):
@@ -60,9 +77,11 @@ class GatewayCore(DataplaneBase):
         router: RouterPort,
         calls: RouterCalls,
         access_log_rate: float = 0.0,
+        admission_target_s: float | None = None,
+        admission_min_inflight: int = 32,
     ) -> None:
         self.keys = keys
-        self.admission = Admission(max_inflight)
+        self.admission = Admission(max_inflight, admission_target_s, admission_min_inflight)
         self.router = router
         self.router_calls = calls
         self.quotas = TenantQuotas()
@@ -211,14 +230,18 @@ class GatewayCore(DataplaneBase):
         timed_from = time.perf_counter() if timing.wanted(request.parameters) else None
         tenant, entry, resolved = self.authorized_model(call, request.model, request.version)
         metrics.label_request(entry.config.name, resolved)
-        with self.quotas.admit(tenant), self.admission:
-            config = entry.config
-            config.select_outputs(request.outputs)  # client-chosen names: checked before they are used anywhere
-            # The declared shapes first, the data only then, and bounded by them: a malformed request costs
-            # the same small time whatever it claims.
-            rows = validate_headers(config.name, config.inputs, config.max_batch_size, request.inputs.headers)
-            request.inputs.tensors(config.element_limits)
-            routed = await self.router_calls.infer(entry, request, rows, call.deadline)
+        with self.quotas.admit(tenant):
+            admitted = self.admission.acquire()  # refused at once, before any work, past the adaptive limit
+            try:
+                config = entry.config
+                config.select_outputs(request.outputs)  # client-chosen names: checked before they are used anywhere
+                # The declared shapes first, the data only then, and bounded by them: a malformed request costs
+                # the same small time whatever it claims.
+                rows = validate_headers(config.name, config.inputs, config.max_batch_size, request.inputs.headers)
+                request.inputs.tensors(config.element_limits)
+                routed = await self.router_calls.infer(entry, request, rows, call.deadline)
+            finally:
+                self.admission.release(admitted)
             if timed_from is None:
                 return EncodedInferResponse(routed.data)
             return EncodedInferResponse(self._with_timing(routed, timed_from))

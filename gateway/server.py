@@ -54,6 +54,8 @@ class GatewayService(Service):
             self.router,
             router_calls,
             settings.access_log_rate,
+            settings.admission_target_ms / 1000 if settings.admission_target_ms > 0 else None,
+            settings.admission_min_inflight,
         )
         oip_servicer.add_to_server(oip_servicer.OipServicer(self.core, settings.default_timeout_s), server)
         return [oip_servicer.SERVICE]

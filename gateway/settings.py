@@ -38,7 +38,22 @@ class GatewaySettings(ServiceSettings):
     credentials_reload_s: float = Field(
         1.0, gt=0, description="How often the key and JWKS files are checked for changes (a stat each)."
     )
-    max_inflight: int = Field(256, ge=1, description="Concurrent requests admitted; beyond it RESOURCE_EXHAUSTED.")
+    max_inflight: int = Field(
+        256, ge=1, description="The most requests admitted at once (the adaptive limit stays under it)."
+    )
+    admission_min_inflight: int = Field(
+        32,
+        ge=1,
+        description="The adaptive limit's floor: below it requests are too few to share batches, and goodput falls.",
+    )
+    admission_target_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Adaptive admission: the in-flight limit shrinks while the 90th percentile of admitted requests' "
+        "time in the gateway exceeds this, and grows back while it does not. 0 (the default): off, max_inflight "
+        "alone — on the 2-core bench machine the gateway's p90 at full throughput is above any useful target, so "
+        "a target costs throughput there (BENCHMARKS.md, overload); set it where the gateway has cores to spare.",
+    )
     max_message_bytes: int = Field(16 * 1024 * 1024, description="Largest request accepted.")
     router_attempts: int = Field(2, ge=1, description="Attempts per router call when the router is unavailable.")
     repository_refresh_s: float = Field(

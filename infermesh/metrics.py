@@ -32,6 +32,9 @@ ADMISSION_REJECTED = Counter(
     "Requests refused at once because a bound was reached.",
     ["service", "reason"],
 )
+ADMISSION_LIMIT = Gauge(
+    "infermesh_admission_limit", "Requests a service works on at once now (its adaptive limit).", ["service"]
+)
 QUEUE_DEPTH = Gauge(
     "infermesh_queue_depth",
     "Requests waiting in a batching queue, per queue: model version and, at the gateway, coalescing group.",

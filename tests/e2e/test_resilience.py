@@ -235,3 +235,31 @@ async def test_one_layer_retries_the_gateway_does_not_send_again_what_the_router
             assert metric(router_port, "infermesh_retries_total", 'target="model_service"') >= 1  # it did retry
     finally:
         await asyncio.to_thread(mesh.stop)
+
+
+async def test_adaptive_admission_refuses_past_its_limit_at_once_with_a_retry_hint(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    """With a latency target no request can meet, the gateway's adaptive limit falls to its floor and the excess is
+    refused with RESOURCE_EXHAUSTED and a retry hint, while requests within the limit are answered."""
+    gateway = {"admission_target_ms": 0.001, "admission_min_inflight": 2}
+    mesh = await asyncio.to_thread(start_mesh, demo_dir, tmp_path, replicas=1, gateway=gateway)
+    try:
+        assert mesh.gateway is not None
+        outcomes: list[str] = []
+
+        async def worker(client: aioclient.InferenceServerClient, offset: int) -> None:
+            for i in range(offset, offset + 80 * 12, 12):
+                try:
+                    await client.infer("fraud", inputs(i), headers=auth(), client_timeout=10)
+                    outcomes.append("ok")
+                except InferenceServerException as error:
+                    outcomes.append(str(error.status()))
+
+        async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+            await asyncio.gather(*(worker(client, k) for k in range(12)))
+        assert set(outcomes) <= {"ok", "StatusCode.RESOURCE_EXHAUSTED"}, set(outcomes)
+        assert outcomes.count("ok") > 0 and outcomes.count("StatusCode.RESOURCE_EXHAUSTED") > 0
+        assert metric(mesh.gateway.metrics_port, "infermesh_admission_limit", 'service="gateway"') == 2
+    finally:
+        await asyncio.to_thread(mesh.stop)

@@ -56,15 +56,16 @@ def test_missing_or_wrong_key_is_unauthenticated(keys: tuple[KeyStore, str], hea
         store.authenticate(header)
 
 
-def test_admission_refuses_beyond_limit_and_recovers() -> None:
+def test_admission_refuses_beyond_limit_with_a_retry_hint_and_recovers() -> None:
     admission = Admission(2)
-    with admission, admission:
-        with pytest.raises(Overloaded), admission:
-            pass
-        assert admission.inflight == 2
+    first, second = admission.acquire(), admission.acquire()
+    with pytest.raises(Overloaded) as refused:
+        admission.acquire()
+    assert refused.value.retry_after_s is not None and admission.inflight == 2
+    admission.release(first)
+    admission.release(second)
     assert admission.inflight == 0
-    with admission:
-        assert admission.inflight == 1
+    admission.release(admission.acquire())
 
 
 def entry_with_outputs(outputs: list[dict[str, object]], max_batch_size: int = 1024) -> ModelEntry:
