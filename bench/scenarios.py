@@ -314,6 +314,10 @@ async def mesh_overhead(ctx: Context) -> dict[str, Any]:
     }
 
 
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b and not (math.isnan(a) or math.isnan(b)) else None
+
+
 def _sub(a: float, b: float) -> float | None:
     if a is None or b is None or math.isnan(a) or math.isnan(b):
         return None
@@ -699,21 +703,32 @@ async def slow_replica(ctx: Context) -> dict[str, Any]:
                 share = round(served[1] / sum(served), 3) if sum(served) > 0 else None
                 runs.append(_run(recording, series, replica_calls=served, share_to_replica_1=share))
 
-    await sweep(await ctx.mesh(), "both replicas healthy")
+    healthy_series, slow_series = "both replicas healthy", f"replica 1 +{delay:g} ms"
+    unhedged_series = f"replica 1 +{delay:g} ms, no hedging"
+    await sweep(await ctx.mesh(), healthy_series)
     async with ctx.dedicated_mesh("slow", per_replica={1: {"inject_delay_ms": delay}}) as slow_mesh:
-        await sweep(slow_mesh, f"replica 1 +{delay:g} ms")
+        await sweep(slow_mesh, slow_series)
+    unhedged = {"per_replica": {1: {"inject_delay_ms": delay}}, "router": {"hedge_max_ratio": 0.0}}
+    async with ctx.dedicated_mesh("slow-unhedged", **unhedged) as unhedged_mesh:
+        await sweep(unhedged_mesh, unhedged_series)
     rows = []
     for concurrency in options.slow_concurrency:
-        healthy = next(r for r in runs if r["series"] == "both replicas healthy" and r["concurrency"] == concurrency)
-        slow = next(r for r in runs if r["series"] != "both replicas healthy" and r["concurrency"] == concurrency)
+
+        def at(series: str, concurrency: int = concurrency) -> dict[str, Any]:
+            return next(r for r in runs if r["series"] == series and r["concurrency"] == concurrency)
+
+        healthy, slow, plain = at(healthy_series), at(slow_series), at(unhedged_series)
         rows.append(
             {
                 "concurrency": concurrency,
                 "healthy": _point(healthy),
                 "slow": _point(slow),
+                "slow_unhedged": _point(plain),
                 "share_to_slow_replica": slow["share_to_replica_1"],
                 "added_p50_ms": _sub(slow["latency_ms"]["p50"], healthy["latency_ms"]["p50"]),
                 "added_p99_ms": _sub(slow["latency_ms"]["p99"], healthy["latency_ms"]["p99"]),
+                "p99_vs_healthy": _ratio(slow["latency_ms"]["p99"], healthy["latency_ms"]["p99"]),
+                "p99_vs_healthy_unhedged": _ratio(plain["latency_ms"]["p99"], healthy["latency_ms"]["p99"]),
             }
         )
     unexpected = _unexpected_errors(runs)

@@ -70,6 +70,8 @@ CIRCUIT_OPEN = Gauge(
 SHORT_CIRCUITED = Counter(
     "infermesh_short_circuited", "Calls not made because the dependency's circuit breaker was open.", ["dependency"]
 )
+HEDGES = Counter("infermesh_hedges", "Second copies sent of a call that was slow to answer.", ["target"])
+HEDGES_WON = Counter("infermesh_hedges_won", "Hedged calls the second copy answered first.", ["target"])
 RETRIES_THROTTLED = Counter(
     "infermesh_retries_throttled",
     "Retries not made because the downstream's retry budget was spent (it keeps failing).",

@@ -32,6 +32,7 @@ from infermesh.dataplane import (
 from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, DomainError, Overloaded, Unavailable
 from infermesh.features import DEFAULTED_ENTITIES, FeatureBlock, FeatureQuery
+from infermesh.hedging import HedgePolicy
 from infermesh.model_config import ModelConfig, ModelEntry, find_model, parse_checked
 from infermesh.repository import RepositoryState
 from infermesh.retry import RetryBudget, with_retries
@@ -112,6 +113,7 @@ class RouterCore(DataplaneBase):
         max_inflight_batches: int = 4,
         max_pending_requests: int = 4096,
         feature_breaker: CircuitBreaker | None = None,
+        hedging: HedgePolicy | None = None,
     ) -> None:
         self.replicas = replicas
         self.features = features
@@ -119,6 +121,7 @@ class RouterCore(DataplaneBase):
         # One retry budget per downstream: a failing one gets a few retries, not a multiple of the traffic.
         self.feature_retries = RetryBudget("feature_service", retry.budget_tokens, retry.budget_ratio)
         self.model_retries = RetryBudget("model_service", retry.budget_tokens, retry.budget_ratio)
+        self.hedging = hedging or HedgePolicy()
         # view → feature → default, for serving policy-'default' models while the feature store is down.
         self.feature_defaults: dict[str, dict[str, float]] = {}
         # One for the feature store: while it is open, reads are not even tried (the policy answers at once).
@@ -435,7 +438,10 @@ class RouterCore(DataplaneBase):
             untried = len(tried) < len(self.replicas.replicas)
             replica = self.replicas.choose(tried if untried else frozenset(), serving=(name, version))
             tried.add(replica.address)
-            return await self._call_replica(replica, name, version, inputs, deadline, timed)
+            delay = self.hedging.delay() if len(self.replicas.replicas) > 1 else None
+            if delay is None:
+                return await self._call_replica(replica, name, version, inputs, deadline, timed)
+            return await self._hedged(replica, delay, tried, name, version, inputs, deadline, timed)
 
         retry = self.retry
         return await with_retries(
@@ -446,6 +452,50 @@ class RouterCore(DataplaneBase):
             retry.backoff_max_s,
             budget=self.model_retries,
         )
+
+    async def _hedged(
+        self,
+        replica: Replica,
+        delay_s: float,
+        tried: set[str],
+        name: str,
+        version: str,
+        inputs: Sequence[Tensor],
+        deadline: Deadline,
+        timed: bool,
+    ) -> ModelAnswer:
+        """The call on `replica`; if it has not answered after `delay_s`, a copy on another replica too (within the
+        hedge budget). The first answer wins and the other call is cancelled (its replica drops the request from
+        its queue); if one fails, the other still may answer."""
+        first = asyncio.ensure_future(self._call_replica(replica, name, version, inputs, deadline, timed))
+        calls = [first]
+        try:
+            done, _ = await asyncio.wait(calls, timeout=delay_s)
+            if done or deadline.remaining() <= 0:
+                return await first
+            try:
+                other = self.replicas.choose(tried | {replica.address}, serving=(name, version))
+            except Unavailable:
+                return await first
+            if not self.hedging.spend():
+                return await first
+            tried.add(other.address)
+            metrics.HEDGES.labels("model_service").inc()
+            second = asyncio.ensure_future(self._call_replica(other, name, version, inputs, deadline, timed))
+            calls.append(second)
+            pending = set(calls)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for call in done:
+                    if call.exception() is None:
+                        if call is second:
+                            metrics.HEDGES_WON.labels("model_service").inc()
+                        return call.result()
+            return first.result()  # both failed: the first call's error (raises)
+        finally:
+            for call in calls:  # the loser, or both when this caller was cancelled
+                if not call.done():
+                    call.cancel()
 
     async def _call_replica(
         self, replica: Replica, name: str, version: str, inputs: Sequence[Tensor], deadline: Deadline, timed: bool
@@ -465,6 +515,7 @@ class RouterCore(DataplaneBase):
             replica.inflight -= 1
         result.seconds = time.monotonic() - started
         self.replicas.report_success(replica, result.seconds)
+        self.hedging.observe(result.seconds)
         return result
 
     async def close(self) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from infermesh import oip_servicer, repository_service
 from infermesh.breaker import CircuitBreaker
+from infermesh.hedging import HedgePolicy
 from infermesh.proto import router_pb2_grpc
 from infermesh.service import Service
 from router.clients import FeatureServiceClient, ModelServiceClient
@@ -48,6 +49,7 @@ class RouterService(Service):
             max_batch_rows=settings.max_batch_rows,
             max_inflight_batches=settings.max_inflight_batches,
             max_pending_requests=settings.max_pending_requests,
+            hedging=HedgePolicy(settings.hedge_max_ratio),
             feature_breaker=CircuitBreaker(
                 settings.feature_breaker_failures, settings.feature_breaker_open_s, on_change=feature_breaker_changed
             ),

@@ -33,6 +33,13 @@ class RouterSettings(ServiceSettings):
     feature_breaker_open_s: float = Field(
         1.0, gt=0, description="How long the breaker stays open before one read probes the feature store again."
     )
+    hedge_max_ratio: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Hedged model calls: a call slower than the recent p95 gets a copy on another replica, at most "
+        "this share of the calls (0: off).",
+    )
     eject_s: float = Field(2.0, description="How long a replica that failed a call is avoided.")
     max_attempts: int = Field(3, ge=1, description="Attempts per downstream call (first try included).")
     backoff_initial_ms: float = Field(2.0, description="First retry backoff (exponential, full jitter).")

@@ -15,6 +15,7 @@ from infermesh.dataplane import Call, InferRequest, InferResponse
 from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, InvalidInput, NotFound, Overloaded, Unavailable
 from infermesh.features import FeatureBlock, FeatureQuery, FeatureStatus
+from infermesh.hedging import HedgePolicy
 from infermesh.model_config import ModelConfig, VersionStatus
 from infermesh.repository import ModelState, RepositoryState
 from infermesh.segments import InferBatch, Segment
@@ -422,3 +423,39 @@ async def test_a_request_that_asks_gets_the_time_each_part_took_and_others_get_n
     assert sum(float(v) for v in timed.parameters.values()) <= elapsed_ms
     plain = await infer(core, "fraud", "", request(["u1"], ["m1"], [0]), [], deadline())
     assert plain.parameters == {}
+
+
+async def test_a_call_stuck_on_one_replica_is_hedged_on_another_and_the_loser_cancelled() -> None:
+    stuck = Model("stuck", gate=asyncio.Event())  # never answers
+    fast = Model("fast")
+    hedging = HedgePolicy(max_ratio=1.0, min_samples=1)
+    for _ in range(32):
+        hedging.observe(0.005)  # recent calls took 5 ms: a call still out after that gets a copy
+    core = make_core({"stuck": stuck, "fast": fast}, Features(), hedging=hedging)
+    features = Tensor("features", "FP32", (1, 4), np.ones((1, 4), np.float32))
+    started = time.monotonic()
+    for _ in range(6):
+        answer = await core.call_model("fraud", "1", [features], deadline(5.0))
+        assert answer.outputs["score"].data.tolist() == [4.0]
+    assert time.monotonic() - started < 1.0  # none waited for the stuck replica
+    assert len(fast.batches) == 6
+    await asyncio.sleep(0)  # let the cancelled calls unwind
+    assert all(replica.inflight == 0 for replica in core.replicas.replicas.values())
+
+
+async def test_hedges_stay_within_their_share_of_the_calls() -> None:
+    policy = HedgePolicy(max_ratio=0.05, min_samples=1, max_tokens=1.0)
+    for _ in range(32):
+        policy.observe(0.005)
+    hedged = 0
+    for _ in range(200):
+        assert policy.delay() == 0.005
+        hedged += policy.spend()  # as if every call were slow
+    assert hedged == 10  # 5 % of 200
+
+
+def test_no_hedge_before_enough_calls_were_seen() -> None:
+    policy = HedgePolicy(min_samples=64)
+    for _ in range(63):
+        policy.observe(0.001)
+    assert policy.delay() is None
