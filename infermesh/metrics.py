@@ -78,6 +78,7 @@ RETRIES_THROTTLED = Counter(
     ["target"],
 )
 RETRIES = Counter("infermesh_retries", "Downstream calls retried, by target and status code.", ["target", "code"])
+EJECTIONS = Counter("infermesh_ejections", "Model replicas ejected as outliers, by rule.", ["rule"])
 REPLICAS_UP = Gauge("infermesh_replicas_up", "Model service replicas the router considers healthy.")
 
 

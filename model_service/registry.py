@@ -8,6 +8,7 @@ refused (logged, reported not ready); the other models still load.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import io
 import logging
@@ -53,6 +54,23 @@ TORCH_DTYPE: dict[str, torch.dtype] = {
     "FP64": torch.float64,
     "BF16": torch.bfloat16,
 }
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+LARGE_BLOCK_BYTES = 128 * 1024
+
+
+def return_large_blocks_to_the_os() -> bool:
+    """Fix glibc's mmap threshold (its default, 128 KiB) so that it no longer grows. glibc raises the threshold to
+    the size of each large block freed (up to 32 MiB): after a model's weights are freed once, the next model's
+    weights come from the heap, and loading and unloading models fragments it, so RSS drifts by tens of MiB. A fixed
+    threshold keeps every weight tensor in its own mapping, returned to the OS when freed. False where there is no
+    glibc (nothing to do there)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES))
+    except (OSError, AttributeError):
+        return False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -212,6 +230,7 @@ class ModelRegistry:
     worker thread; the state changes run on the event loop (model_service.lifecycle), one model at a time."""
 
     def __init__(self, root: Path, device: str = "auto", amp: bool = False, torch_threads: int = 1) -> None:
+        return_large_blocks_to_the_os()  # before any weights are loaded
         self.root = root
         self.device = resolve_device(device)
         self.amp = amp

@@ -1,4 +1,4 @@
-"""Model service replicas: least-loaded of two random choices, ejection after failures. Pure logic.
+"""Model service replicas: least-loaded of two random choices, outlier ejection. Pure logic.
 
 "Load" is peak-EWMA cost (as in Finagle and Linkerd): the replica's recent latency times its in-flight
 calls + 1. In-flight counts alone cannot tell a slow replica from a fast one at low concurrency; the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ class Replica:
     healthy: bool = True
     ejected_until: float = 0.0
     failures: int = field(default=0)
+    outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=OUTCOME_WINDOW))  # recent calls: ok?
     latency_s: float = 0.0  # peak-EWMA of call latency
     latency_at: float = 0.0  # when latency_s was last updated (monotonic)
     repository: RepositoryState | None = None  # the replica's models and version states, as it last said
@@ -53,6 +55,23 @@ class Replica:
         self.latency_at = now
 
 
+OUTCOME_WINDOW = 32  # calls per replica that its success rate is taken over
+
+
+@dataclass(frozen=True)
+class Ejection:
+    """Outlier ejection, as Envoy's: a replica is avoided for `eject_s` after `consecutive_failures` failed calls
+    in a row, or when fewer than `min_success_rate` of its last calls succeeded (once it served `min_calls` of
+    them); never more than `max_ejected_share` of the replicas at once (at least one may always be ejected), so
+    a fault that hits every replica does not leave the router with none."""
+
+    eject_s: float = 2.0
+    consecutive_failures: int = 1
+    min_success_rate: float = 0.5
+    min_calls: int = 20
+    max_ejected_share: float = 0.5
+
+
 class ReplicaSet:
     def __init__(
         self,
@@ -60,9 +79,10 @@ class ReplicaSet:
         eject_s: float = 2.0,
         seed: int | None = None,
         latency_decay_s: float = 5.0,
+        ejection: Ejection | None = None,
     ) -> None:
         self._client_factory = client_factory
-        self._eject_s = eject_s
+        self.ejection = ejection or Ejection(eject_s=eject_s)
         self._decay_s = latency_decay_s
         self._random = random.Random(seed)
         self.replicas: dict[str, Replica] = {}
@@ -128,16 +148,34 @@ class ReplicaSet:
 
     def report_failure(self, replica: Replica) -> None:
         replica.failures += 1
-        replica.ejected_until = time.monotonic() + self._eject_s
-        self._publish()
+        replica.outcomes.append(False)
+        rule = self.ejection
+        consecutive = replica.failures >= rule.consecutive_failures
+        calls = len(replica.outcomes)
+        poor = calls >= min(rule.min_calls, OUTCOME_WINDOW) and sum(replica.outcomes) / calls < rule.min_success_rate
+        if (consecutive or poor) and self._may_eject(replica):
+            replica.ejected_until = time.monotonic() + rule.eject_s
+            replica.outcomes.clear()  # judged afresh when it comes back
+            metrics.EJECTIONS.labels("consecutive_failures" if consecutive else "success_rate").inc()
+            self._publish()
+
+    def _may_eject(self, replica: Replica) -> bool:
+        now = time.monotonic()
+        if not replica.available(now):
+            return True  # already out: the ejection is only extended
+        ejected = sum(1 for r in self.replicas.values() if r.healthy and not r.available(now))
+        allowed = max(1, int(self.ejection.max_ejected_share * len(self.replicas)))
+        return ejected < allowed
 
     def report_success(self, replica: Replica, latency_s: float | None = None) -> None:
         if latency_s is not None:
             replica.observe(latency_s, time.monotonic(), self._decay_s)
+        replica.outcomes.append(True)
         if replica.failures:
             replica.failures = 0
-            replica.ejected_until = 0.0
-            self._publish()
+            if replica.ejected_until:
+                replica.ejected_until = 0.0
+                self._publish()
 
     def set_health(self, replica: Replica, healthy: bool) -> None:
         if replica.healthy != healthy:

@@ -15,7 +15,7 @@ from infermesh.service import Service
 from router.clients import FeatureServiceClient, ModelServiceClient
 from router.core import RetryPolicy, RouterCore, feature_breaker_changed
 from router.discovery import resolve
-from router.replicas import ReplicaSet
+from router.replicas import Ejection, ReplicaSet
 from router.servicer import SERVICE, RouterServicer
 from router.settings import RouterSettings
 
@@ -34,7 +34,14 @@ class RouterService(Service):
         settings = self.settings
         self.features = FeatureServiceClient(settings.feature_service_address, settings.max_message_bytes)
         self.replicas = ReplicaSet(
-            lambda address: ModelServiceClient(address, settings.max_message_bytes), eject_s=settings.eject_s
+            lambda address: ModelServiceClient(address, settings.max_message_bytes),
+            ejection=Ejection(
+                settings.eject_s,
+                settings.eject_consecutive_failures,
+                settings.eject_min_success_rate,
+                settings.eject_min_calls,
+                settings.max_ejected_share,
+            ),
         )
         self.core = RouterCore(
             self.replicas,

@@ -40,7 +40,17 @@ class RouterSettings(ServiceSettings):
         description="Hedged model calls: a call slower than the recent p95 gets a copy on another replica, at most "
         "this share of the calls (0: off).",
     )
-    eject_s: float = Field(2.0, description="How long a replica that failed a call is avoided.")
+    eject_s: float = Field(2.0, description="How long an ejected replica (an outlier) is avoided.")
+    eject_consecutive_failures: int = Field(
+        1, ge=1, description="Failed calls in a row that eject a replica (a dead one fails every call at once)."
+    )
+    eject_min_success_rate: float = Field(
+        0.5, ge=0, le=1, description="A replica whose recent calls succeeded less often than this is ejected."
+    )
+    eject_min_calls: int = Field(20, ge=1, description="Recent calls a replica must have had to be judged by rate.")
+    max_ejected_share: float = Field(
+        0.5, ge=0, le=1, description="The most replicas ejected at once, as a share (at least one may always be)."
+    )
     max_attempts: int = Field(3, ge=1, description="Attempts per downstream call (first try included).")
     backoff_initial_ms: float = Field(2.0, description="First retry backoff (exponential, full jitter).")
     backoff_max_ms: float = Field(50.0, description="Largest retry backoff.")
