@@ -32,9 +32,20 @@ class Pending:
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     trace_context: Any = field(default_factory=telemetry.current_context)  # the request's trace, when traced
     queued_at_ns: int = 0  # time.time_ns() when it had to queue for a batch (0: it did not wait)
+    batch: list[Pending] | None = None  # the batch it was dispatched in, and that batch's task
+    batch_task: asyncio.Task[None] | None = None
 
 
 BatchRunner = Callable[[list[Pending]], Awaitable[None]]
+
+
+def _leave(pending: Pending) -> None:
+    """The caller of `pending` is gone (cancelled, or its deadline passed). If every caller of the batch it is in
+    has gone, the batch is cancelled too: its downstream calls are cancelled with it, and the hops below drop the
+    work from their queues. (Checked here, on the rare path, rather than with a callback on every request.)"""
+    batch, task = pending.batch, pending.batch_task
+    if batch is not None and task is not None and not task.done() and all(p.future.cancelled() for p in batch):
+        task.cancel()
 
 
 class Coalescer:
@@ -100,7 +111,11 @@ class Coalescer:
             async with asyncio.timeout(pending.deadline.at - time.monotonic()):
                 return await pending.future
         except TimeoutError as error:
+            _leave(pending)
             raise DeadlineExceeded("deadline exceeded while waiting for the model") from error
+        except asyncio.CancelledError:
+            _leave(pending)
+            raise
 
     async def submit_many(self, pendings: list[Pending]) -> list[Any]:
         """Several requests at once (e.g. the segments of a gateway batch); each gets its own result or
@@ -117,9 +132,10 @@ class Coalescer:
         try:
             await asyncio.wait(futures, timeout=deadline.remaining())
         finally:
-            for future in futures:
-                if not future.done():
-                    future.cancel()
+            for pending in pendings:
+                if not pending.future.done():
+                    pending.future.cancel()
+                    _leave(pending)
         return [
             DeadlineExceeded("deadline exceeded while waiting for the model")
             if future.cancelled()
@@ -136,6 +152,8 @@ class Coalescer:
             task = asyncio.create_task(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            for pending in batch:  # so that a caller who leaves can tell whether anyone still waits for it
+                pending.batch, pending.batch_task = batch, task
         self._depth.set(len(self._queue))
 
     def _take(self) -> list[Pending]:
@@ -176,6 +194,8 @@ class Coalescer:
             if not isinstance(error, Exception):
                 raise
         finally:
+            for pending in batch:  # no cycle left between the requests, their batch and its task
+                pending.batch = pending.batch_task = None
             self._inflight -= 1
             self._dispatch()
 

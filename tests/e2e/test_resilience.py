@@ -263,3 +263,46 @@ async def test_adaptive_admission_refuses_past_its_limit_at_once_with_a_retry_hi
         assert metric(mesh.gateway.metrics_port, "infermesh_admission_limit", 'service="gateway"') == 2
     finally:
         await asyncio.to_thread(mesh.stop)
+
+
+async def test_a_cancelled_request_is_dropped_downstream_not_computed(demo_dir: Path, tmp_path: Path) -> None:
+    """A client that gives up (cancels) while its request waits in the model service's queue: the cancellation
+    travels gateway → router → model service, which drops the request before computing it."""
+    # Several router calls in flight at the gateway, so the second request travels on at once instead of waiting
+    # at the gateway (where a cancel just drops it from the queue).
+    mesh = await asyncio.to_thread(
+        start_mesh,
+        demo_dir,
+        tmp_path,
+        replicas=1,
+        model_service={"inject_delay_ms": 500},
+        gateway={"coalesce_max_inflight_batches": 4},
+    )
+    try:
+        replica = mesh.model_services[0]
+        inflight = 'service="model_service"'
+
+        async def model_service_inflight(count: int) -> None:
+            give_up = time.monotonic() + 10
+            while metric(replica.metrics_port, "infermesh_inflight_requests", inflight) != count:
+                assert time.monotonic() < give_up, f"model service never had {count} requests in flight"
+                await asyncio.sleep(0.01)
+
+        async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+            await client.infer("fraud", inputs(1), headers=auth(), client_timeout=10)
+            stats = await client.get_inference_statistics("fraud", headers=auth(), as_json=True)
+            executed = int(stats["model_stats"][0].get("execution_count", 0))
+            held = asyncio.create_task(client.infer("fraud", inputs(2), headers=auth(), client_timeout=10))
+            await model_service_inflight(1)  # its batch is in the forward pass (500 ms)
+            victim = asyncio.create_task(client.infer("fraud", inputs(3), headers=auth(), client_timeout=10))
+            await model_service_inflight(2)  # queued behind it at the model service
+            victim.cancel()
+            await model_service_inflight(1)  # dropped there at once, not at the end of the forward pass
+            await held
+            await model_service_inflight(0)
+            stats = await client.get_inference_statistics("fraud", headers=auth(), as_json=True)
+            assert int(stats["model_stats"][0]["execution_count"]) - executed == 1  # the victim never ran
+        with pytest.raises(asyncio.CancelledError):
+            await victim
+    finally:
+        await asyncio.to_thread(mesh.stop)

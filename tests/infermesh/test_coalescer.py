@@ -46,3 +46,42 @@ async def test_a_request_alone_runs_in_its_callers_task() -> None:
     task = asyncio.create_task(coalescer.submit(Pending(None, 1, deadline())))
     assert await task == "ok"
     assert callers == [task]
+
+
+async def test_a_batch_all_of_whose_callers_left_is_cancelled_and_one_with_a_caller_left_is_not() -> None:
+    release_first = asyncio.Event()
+    shared_started = asyncio.Event()
+    cancelled: list[list[int]] = []
+
+    async def run(batch: list[Pending]) -> None:
+        payloads = [p.payload for p in batch]
+        try:
+            if payloads == [0]:
+                await release_first.wait()
+            else:
+                shared_started.set()
+                await asyncio.Event().wait()  # the downstream call that never answers
+        except asyncio.CancelledError:
+            cancelled.append(payloads)
+            raise
+        for pending in batch:
+            pending.future.set_result(pending.payload)
+
+    coalescer = Coalescer("router", "m", run, max_rows=2, max_inflight=1, max_pending=16)
+    first = asyncio.create_task(coalescer.submit(Pending(0, 1, deadline())))
+    await asyncio.sleep(0)  # the first request runs alone in its task and holds the only slot
+    callers = [asyncio.create_task(coalescer.submit(Pending(i, 1, deadline()))) for i in (1, 2)]
+    await asyncio.sleep(0)  # both queue
+    release_first.set()
+    assert await first == 0
+    await shared_started.wait()  # requests 1 and 2 share a batch, now running in its own task
+    callers[0].cancel()
+    await asyncio.sleep(0)
+    assert cancelled == []  # request 2 still waits for that batch
+    callers[1].cancel()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert cancelled == [[1, 2]]  # nobody is left: the batch (and its downstream call) is cancelled
+    await asyncio.gather(*callers, return_exceptions=True)
+    await asyncio.sleep(0)
+    assert coalescer.idle
