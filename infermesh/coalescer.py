@@ -9,6 +9,7 @@ Under load batches therefore grow by themselves, and the model service's batcher
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,8 @@ from typing import Any
 
 from infermesh import metrics, telemetry
 from infermesh.deadline import Deadline
-from infermesh.errors import DeadlineExceeded, Overloaded
+from infermesh.errors import DeadlineExceeded, Overloaded, Unavailable
+from infermesh.priority import DEFAULT_PRIORITY
 
 
 @dataclass(eq=False, slots=True)
@@ -32,6 +34,8 @@ class Pending:
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     trace_context: Any = field(default_factory=telemetry.current_context)  # the request's trace, when traced
     queued_at_ns: int = 0  # time.time_ns() when it had to queue for a batch (0: it did not wait)
+    priority: int = DEFAULT_PRIORITY  # smaller leaves the queue first (infermesh.priority)
+    queue_until: float = math.inf  # monotonic: still queued then, it is refused (its `timeout` parameter)
     batch: list[Pending] | None = None  # the batch it was dispatched in, and that batch's task
     batch_task: asyncio.Task[None] | None = None
 
@@ -104,8 +108,19 @@ class Coalescer:
         self._admit(1)
         if pending.trace_context is not None:
             pending.queued_at_ns = time.time_ns()
-        self._queue.append(pending)
+        self._enqueue(pending)
         self._dispatch()
+        if pending.queue_until < pending.deadline.at and pending.batch is None:
+            # A queue timeout (rare): refused the moment it passes while the request still waits for a batch.
+            try:
+                done, _ = await asyncio.wait((pending.future,), timeout=pending.queue_until - time.monotonic())
+            except asyncio.CancelledError:
+                pending.future.cancel()
+                _leave(pending)
+                raise
+            if not done and pending.batch is None:
+                pending.future.cancel()
+                raise Unavailable("request timeout expired: still queued after its timeout")
         try:
             # On timeout or cancellation the future is cancelled too, which tells the batch this caller is gone.
             async with asyncio.timeout(pending.deadline.at - time.monotonic()):
@@ -125,7 +140,8 @@ class Coalescer:
         for pending in pendings:
             if pending.trace_context is not None:
                 pending.queued_at_ns = now_ns
-        self._queue.extend(pendings)
+        for pending in pendings:
+            self._enqueue(pending)
         self._dispatch()
         futures = [p.future for p in pendings]
         deadline = Deadline.latest([p.deadline for p in pendings])
@@ -142,6 +158,18 @@ class Coalescer:
             else (future.exception() or future.result())
             for future in futures
         ]
+
+    def _enqueue(self, pending: Pending) -> None:
+        """Behind every request of its priority or a higher one (FIFO within a priority). The common case, all at
+        the default priority, is one comparison: the last request queued is not of a lower priority."""
+        queue = self._queue
+        if not queue or queue[-1].priority <= pending.priority:
+            queue.append(pending)
+            return
+        index = len(queue) - 1
+        while index > 0 and queue[index - 1].priority > pending.priority:
+            index -= 1
+        queue.insert(index, pending)
 
     def _dispatch(self) -> None:
         while self._queue and self._inflight < self._max_inflight:
@@ -168,6 +196,10 @@ class Coalescer:
             if pending.deadline.at <= now:
                 self._queue.popleft()
                 pending.future.set_exception(DeadlineExceeded("deadline exceeded before dispatch"))
+                continue
+            if pending.queue_until <= now:
+                self._queue.popleft()
+                pending.future.set_exception(Unavailable("request timeout expired: still queued after its timeout"))
                 continue
             if batch and (
                 rows + pending.rows > self._max_rows

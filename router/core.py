@@ -34,6 +34,7 @@ from infermesh.errors import DeadlineExceeded, DomainError, Overloaded, Unavaila
 from infermesh.features import DEFAULTED_ENTITIES, FeatureBlock, FeatureQuery
 from infermesh.hedging import HedgePolicy
 from infermesh.model_config import ModelConfig, ModelEntry, find_model, parse_checked
+from infermesh.priority import queue_policy
 from infermesh.repository import RepositoryState
 from infermesh.retry import RetryBudget, with_retries
 from infermesh.segments import (
@@ -254,6 +255,8 @@ class RouterCore(DataplaneBase):
         timed = [timing.wanted(segment.parameters) for segment in segments]
 
         if config.feature_spec is None:
+            for segment in segments:
+                queue_policy(segment.parameters)  # checked as for any model; no queue here to order
             model = await self.call_model(config.name, version, list(tensors.values()), deadline, any(timed))
             sliced_results, row = [], 0
             for count, wants_timing in zip(rows, timed, strict=True):
@@ -270,7 +273,9 @@ class RouterCore(DataplaneBase):
         pendings: list[Pending] = []
         for index, (part, count) in enumerate(zip(parts, rows, strict=True)):
             try:
-                pendings.append(Pending(join.join_request(spec, part, count, timed[index]), count, deadline))
+                priority, queue_until = queue_policy(segments[index].parameters)
+                joined = join.join_request(spec, part, count, timed[index])
+                pendings.append(Pending(joined, count, deadline, priority=priority, queue_until=queue_until))
             except DomainError as error:
                 results_by_index[index] = SegmentResult(count, error=error)
         coalescer = self._coalescer(entry, version)

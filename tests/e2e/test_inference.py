@@ -229,3 +229,18 @@ def test_model_config_for_perf_analyzer(client) -> None:
     assert (
         status_of(lambda: client.get_model_config("fraud", headers=auth(LIMITED_KEY))) == "StatusCode.PERMISSION_DENIED"
     )
+
+
+def test_triton_s_priority_and_timeout_parameters_are_taken_and_checked(client) -> None:
+    inputs = fraud_inputs(["u1"], ["m1"], [10.0])
+    result = client.infer("fraud", inputs, headers=auth(), priority=1, timeout=5_000_000)
+    assert result.as_numpy("fraud_probability").shape == (1,)
+    request = service_pb2.ModelInferRequest(model_name="fraud")  # tritonclient itself only sends integers
+    request.parameters["priority"].string_param = "urgent"
+    for name, datatype in (("user_id", "BYTES"), ("merchant_id", "BYTES"), ("amount", "FP32")):
+        request.inputs.add(name=name, datatype=datatype, shape=[1])
+    request.raw_input_contents.extend([b"\x02\x00\x00\x00u2", b"\x02\x00\x00\x00m1", b"\x00\x00\x80\x3f"])
+    with pytest.raises(grpc.RpcError) as caught:
+        client._client_stub.ModelInfer(request, metadata=list(auth().items()), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parameter 'priority' must be a non-negative integer" in caught.value.details()

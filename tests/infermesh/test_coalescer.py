@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
+
+import pytest
 
 from infermesh.coalescer import Coalescer, Pending
 from infermesh.deadline import Deadline
+from infermesh.errors import InvalidInput, Unavailable
+from infermesh.priority import DEFAULT_PRIORITY, queue_policy
 
 
 def deadline(seconds: float = 5.0) -> Deadline:
@@ -85,3 +90,39 @@ async def test_a_batch_all_of_whose_callers_left_is_cancelled_and_one_with_a_cal
     await asyncio.gather(*callers, return_exceptions=True)
     await asyncio.sleep(0)
     assert coalescer.idle
+
+
+async def test_queued_requests_leave_by_priority_then_in_order_and_a_queue_timeout_refuses_at_once() -> None:
+    release_first = asyncio.Event()
+    order: list[str] = []
+
+    async def run(batch: list[Pending]) -> None:
+        if batch[0].payload == "holder":
+            await release_first.wait()
+        order.extend(p.payload for p in batch)
+        for pending in batch:
+            pending.future.set_result(pending.payload)
+
+    coalescer = Coalescer("router", "m", run, max_rows=1, max_inflight=1, max_pending=16)
+    holder = asyncio.create_task(coalescer.submit(Pending("holder", 1, deadline())))
+    await asyncio.sleep(0)
+    queued = [("a", 10), ("b", 10), ("urgent-1", 1), ("late", 20), ("urgent-2", 1), ("c", 10)]
+    tasks = [asyncio.create_task(coalescer.submit(Pending(name, 1, deadline(), priority=p))) for name, p in queued]
+    impatient = asyncio.create_task(
+        coalescer.submit(Pending("impatient", 1, deadline(), queue_until=time.monotonic() + 0.02))
+    )
+    with pytest.raises(Unavailable, match="request timeout expired"):
+        await impatient  # refused while the slot is still held, not when a batch would have formed
+    assert not holder.done()
+    release_first.set()
+    await asyncio.gather(holder, *tasks)
+    assert order == ["holder", "urgent-1", "urgent-2", "a", "b", "c", "late"]
+
+
+def test_priority_and_timeout_parameters_are_checked() -> None:
+    assert queue_policy({}) == (DEFAULT_PRIORITY, float("inf"))
+    priority, until = queue_policy({"priority": 1, "timeout": 2_000_000})
+    assert priority == 1 and 1.9 < until - time.monotonic() <= 2.0
+    for bad in ({"priority": -1}, {"priority": "high"}, {"timeout": 1.5}, {"timeout": True}):
+        with pytest.raises(InvalidInput, match="must be a non-negative integer"):
+            queue_policy(bad)

@@ -1,0 +1,35 @@
+"""Triton's request `priority` and `timeout` parameters (as tritonclient's `infer(priority=, timeout=)` sends them),
+pure: which requests leave a queue first, and how long one may wait there.
+
+`priority` 0 (or none) is the default level, 10; a smaller number is served first (Triton: 1 is the highest), a
+larger one after the default. `timeout` is in microseconds: a request still queued for a batch after that long is
+refused (UNAVAILABLE, as Triton answers "Request timeout expired") instead of being served late.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from infermesh.errors import InvalidInput
+
+DEFAULT_PRIORITY = 10
+PRIORITY = "priority"
+TIMEOUT = "timeout"
+
+
+def _non_negative_integer(parameters: Mapping[str, object], name: str) -> int | None:
+    value = parameters.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"parameter '{name}' must be a non-negative integer")
+    return value
+
+
+def queue_policy(parameters: Mapping[str, object]) -> tuple[int, float]:
+    """(priority, the monotonic time the request may stay queued until: inf without a timeout)."""
+    priority = _non_negative_integer(parameters, PRIORITY) or DEFAULT_PRIORITY
+    timeout_us = _non_negative_integer(parameters, TIMEOUT)
+    until = time.monotonic() + timeout_us / 1e6 if timeout_us else float("inf")
+    return priority, until
