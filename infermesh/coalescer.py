@@ -19,7 +19,7 @@ from typing import Any
 from infermesh import metrics, telemetry
 from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, Overloaded, Unavailable
-from infermesh.priority import DEFAULT_PRIORITY
+from infermesh.priority import DEFAULT_PRIORITY, enqueue
 
 
 @dataclass(eq=False, slots=True)
@@ -108,7 +108,7 @@ class Coalescer:
         self._admit(1)
         if pending.trace_context is not None:
             pending.queued_at_ns = time.time_ns()
-        self._enqueue(pending)
+        enqueue(self._queue, pending)
         self._dispatch()
         if pending.queue_until < pending.deadline.at and pending.batch is None:
             # A queue timeout (rare): refused the moment it passes while the request still waits for a batch.
@@ -141,7 +141,7 @@ class Coalescer:
             if pending.trace_context is not None:
                 pending.queued_at_ns = now_ns
         for pending in pendings:
-            self._enqueue(pending)
+            enqueue(self._queue, pending)
         self._dispatch()
         futures = [p.future for p in pendings]
         deadline = Deadline.latest([p.deadline for p in pendings])
@@ -158,18 +158,6 @@ class Coalescer:
             else (future.exception() or future.result())
             for future in futures
         ]
-
-    def _enqueue(self, pending: Pending) -> None:
-        """Behind every request of its priority or a higher one (FIFO within a priority). The common case, all at
-        the default priority, is one comparison: the last request queued is not of a lower priority."""
-        queue = self._queue
-        if not queue or queue[-1].priority <= pending.priority:
-            queue.append(pending)
-            return
-        index = len(queue) - 1
-        while index > 0 and queue[index - 1].priority > pending.priority:
-            index -= 1
-        queue.insert(index, pending)
 
     def _dispatch(self) -> None:
         while self._queue and self._inflight < self._max_inflight:

@@ -9,7 +9,9 @@ refused (UNAVAILABLE, as Triton answers "Request timeout expired") instead of be
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Mapping
+from typing import Protocol, TypeVar
 
 from infermesh.errors import InvalidInput
 
@@ -33,3 +35,22 @@ def queue_policy(parameters: Mapping[str, object]) -> tuple[int, float]:
     timeout_us = _non_negative_integer(parameters, TIMEOUT)
     until = time.monotonic() + timeout_us / 1e6 if timeout_us else float("inf")
     return priority, until
+
+
+class Prioritized(Protocol):
+    priority: int
+
+
+Queued = TypeVar("Queued", bound=Prioritized)
+
+
+def enqueue(queue: deque[Queued], item: Queued) -> None:
+    """Behind every queued item of its priority or a higher one (FIFO within a priority). The common case, all at
+    the default priority, is one comparison: the last item queued is not of a lower priority."""
+    if not queue or queue[-1].priority <= item.priority:
+        queue.append(item)
+        return
+    index = len(queue) - 1
+    while index > 0 and queue[index - 1].priority > item.priority:
+        index -= 1
+    queue.insert(index, item)

@@ -26,6 +26,7 @@ from infermesh import metrics, telemetry
 from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, DomainError, QueueFull, Unavailable
 from infermesh.model_config import DynamicBatching
+from infermesh.priority import DEFAULT_PRIORITY, enqueue
 from infermesh.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class _Request:
     forward_end_ns: int = 0
     batch_rows: int = 0
     taken: bool = False  # off the queue (in a batch, dropped or failed)
+    priority: int = DEFAULT_PRIORITY  # smaller leaves the queue first (infermesh.priority)
 
 
 def _signature(inputs: Arrays) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -110,7 +112,12 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.model}")
 
     async def submit(
-        self, inputs: Arrays, rows: int, deadline: Deadline | None = None, timing: dict[str, float] | None = None
+        self,
+        inputs: Arrays,
+        rows: int,
+        deadline: Deadline | None = None,
+        timing: dict[str, float] | None = None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> Arrays:
         """Queue `rows` rows ([rows, ...] arrays) and wait for their outputs. Raises QueueFull at once if full.
         `timing`, when given, gets the seconds the request queued ("queue") and its batch's forward pass took
@@ -132,8 +139,9 @@ class Batcher:
             enqueued_at=loop.time(),
             enqueued_ns=time.time_ns(),
             signature=_signature(inputs),
+            priority=priority,
         )
-        self._pending.append(request)
+        enqueue(self._pending, request)
         self._pending_rows += rows
         self._queue_depth.set(len(self._pending))
         self._notify()

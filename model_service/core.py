@@ -22,6 +22,7 @@ from infermesh.dataplane import (
 )
 from infermesh.errors import DomainError, NotFound
 from infermesh.model_config import ModelConfig
+from infermesh.priority import queue_policy
 from infermesh.repository import RepositoryState
 from infermesh.statistics import ModelStatistics
 from infermesh.tensors import Tensor
@@ -158,7 +159,8 @@ class ModelServiceCore(DataplaneBase):
             tensors = request.inputs.tensors()
             arrays = {spec.name: tensors[spec.name].data for spec in model.input_specs}
             spent: dict[str, float] | None = {} if timing.wanted(request.parameters) else None
-            results = await batcher.submit(arrays, rows, call.deadline, spent)
+            priority, _ = queue_policy(request.parameters)  # the router passes its batch's best priority
+            results = await batcher.submit(arrays, rows, call.deadline, spent, priority)
         except DomainError:
             statistics.fail.add(time.perf_counter_ns() - started_ns)
             raise

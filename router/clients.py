@@ -14,6 +14,7 @@ from infermesh.channels import insecure_channel
 from infermesh.deadline import Deadline
 from infermesh.features import FeatureBlock, FeatureQuery
 from infermesh.method_handlers import error_from_rpc
+from infermesh.priority import DEFAULT_PRIORITY, PRIORITY
 from infermesh.proto import feature_store_pb2, feature_store_pb2_grpc, inference_pb2_grpc
 from infermesh.proto import inference_pb2 as pb
 from infermesh.repository import RepositoryState
@@ -79,11 +80,19 @@ class ModelServiceClient:
         self._repository = RepositoryClient(self.channel, f"model service {address}")
 
     async def infer(
-        self, model: str, version: str, inputs: Sequence[Tensor], deadline: Deadline, timed: bool = False
+        self,
+        model: str,
+        version: str,
+        inputs: Sequence[Tensor],
+        deadline: Deadline,
+        timed: bool = False,
+        priority: int = DEFAULT_PRIORITY,
     ) -> ModelAnswer:
         request = oip.infer_request_message(model, version, inputs)
         if timed:
             request.parameters[timing.TIMING].bool_param = True
+        if priority != DEFAULT_PRIORITY:
+            request.parameters[PRIORITY].uint64_param = priority
         try:
             response = await self._stub.ModelInfer(request, timeout=deadline.remaining())
         except grpc.aio.AioRpcError as error:

@@ -34,7 +34,7 @@ from infermesh.errors import DeadlineExceeded, DomainError, Overloaded, Unavaila
 from infermesh.features import DEFAULTED_ENTITIES, FeatureBlock, FeatureQuery
 from infermesh.hedging import HedgePolicy
 from infermesh.model_config import ModelConfig, ModelEntry, find_model, parse_checked
-from infermesh.priority import queue_policy
+from infermesh.priority import DEFAULT_PRIORITY, queue_policy
 from infermesh.repository import RepositoryState
 from infermesh.retry import RetryBudget, with_retries
 from infermesh.segments import (
@@ -79,9 +79,15 @@ class ModelAnswer:
 
 class ModelClient(Protocol):
     async def infer(
-        self, model: str, version: str, inputs: Sequence[Tensor], deadline: Deadline, timed: bool = False
+        self,
+        model: str,
+        version: str,
+        inputs: Sequence[Tensor],
+        deadline: Deadline,
+        timed: bool = False,
+        priority: int = DEFAULT_PRIORITY,
     ) -> ModelAnswer:
-        """`timed`: ask the model service for its per-hop timing (infermesh.timing)."""
+        """`timed`: ask the model service for its per-hop timing (infermesh.timing); `priority`: its queue's."""
         ...
 
     async def load(self, model: str, config_json: str | None, deadline: Deadline) -> None: ...
@@ -373,7 +379,8 @@ class RouterCore(DataplaneBase):
             rows = len(joined.features)
             features = Tensor(model_input.name, "FP32", (rows, joined.features.shape[1]), joined.features)
             timed = any(p.payload.timed for p, _ in kept)
-            model = await self.call_model(config.name, version, [features], deadline, timed)
+            priority = min(p.priority for p, _ in kept)  # the batch queues at the model as its most urgent request
+            model = await self.call_model(config.name, version, [features], deadline, timed, priority)
             lo = 0
             for pending, flags in kept:
                 hi = lo + pending.rows
@@ -434,7 +441,13 @@ class RouterCore(DataplaneBase):
         return blocks
 
     async def call_model(
-        self, name: str, version: str, inputs: Sequence[Tensor], deadline: Deadline, timed: bool = False
+        self,
+        name: str,
+        version: str,
+        inputs: Sequence[Tensor],
+        deadline: Deadline,
+        timed: bool = False,
+        priority: int = DEFAULT_PRIORITY,
     ) -> ModelAnswer:
         tried: set[str] = set()
 
@@ -445,8 +458,8 @@ class RouterCore(DataplaneBase):
             tried.add(replica.address)
             delay = self.hedging.delay() if len(self.replicas.replicas) > 1 else None
             if delay is None:
-                return await self._call_replica(replica, name, version, inputs, deadline, timed)
-            return await self._hedged(replica, delay, tried, name, version, inputs, deadline, timed)
+                return await self._call_replica(replica, name, version, inputs, deadline, timed, priority)
+            return await self._hedged(replica, delay, tried, name, version, inputs, deadline, timed, priority)
 
         retry = self.retry
         return await with_retries(
@@ -468,11 +481,12 @@ class RouterCore(DataplaneBase):
         inputs: Sequence[Tensor],
         deadline: Deadline,
         timed: bool,
+        priority: int = DEFAULT_PRIORITY,
     ) -> ModelAnswer:
         """The call on `replica`; if it has not answered after `delay_s`, a copy on another replica too (within the
         hedge budget). The first answer wins and the other call is cancelled (its replica drops the request from
         its queue); if one fails, the other still may answer."""
-        first = asyncio.ensure_future(self._call_replica(replica, name, version, inputs, deadline, timed))
+        first = asyncio.ensure_future(self._call_replica(replica, name, version, inputs, deadline, timed, priority))
         calls = [first]
         try:
             done, _ = await asyncio.wait(calls, timeout=delay_s)
@@ -486,7 +500,7 @@ class RouterCore(DataplaneBase):
                 return await first
             tried.add(other.address)
             metrics.HEDGES.labels("model_service").inc()
-            second = asyncio.ensure_future(self._call_replica(other, name, version, inputs, deadline, timed))
+            second = asyncio.ensure_future(self._call_replica(other, name, version, inputs, deadline, timed, priority))
             calls.append(second)
             pending = set(calls)
             while pending:
@@ -503,12 +517,22 @@ class RouterCore(DataplaneBase):
                     call.cancel()
 
     async def _call_replica(
-        self, replica: Replica, name: str, version: str, inputs: Sequence[Tensor], deadline: Deadline, timed: bool
+        self,
+        replica: Replica,
+        name: str,
+        version: str,
+        inputs: Sequence[Tensor],
+        deadline: Deadline,
+        timed: bool,
+        priority: int = DEFAULT_PRIORITY,
     ) -> ModelAnswer:
         replica.inflight += 1
         started = time.monotonic()
         try:
-            result: ModelAnswer = await replica.client.infer(name, version, inputs, deadline, timed)
+            if priority == DEFAULT_PRIORITY:  # as most calls are: the client's signature without it
+                result: ModelAnswer = await replica.client.infer(name, version, inputs, deadline, timed)
+            else:
+                result = await replica.client.infer(name, version, inputs, deadline, timed, priority)
         except Unavailable:
             self.replicas.report_failure(replica)
             metrics.RETRIES.labels("model_service", "UNAVAILABLE").inc()

@@ -486,3 +486,17 @@ async def test_drain_lets_isolation_finish() -> None:
     results = await asyncio.gather(*tasks, return_exceptions=True)
     await draining
     assert_answered(values, results, poisoned={1})
+
+
+async def test_queued_requests_are_served_by_priority_then_in_order() -> None:
+    model = RecordingModel(gated=True)
+    batcher = make_batcher(model, enabled=False)  # one request per forward pass: the order is visible
+    first = asyncio.create_task(batcher.submit(one_row(0.0), 1))
+    await model.started.get()  # the worker is busy with the first request; the rest queue
+    queued = [(1.0, 10), (2.0, 10), (3.0, 1), (4.0, 20), (5.0, 1)]
+    tasks = [asyncio.create_task(batcher.submit(one_row(v), 1, priority=p)) for v, p in queued]
+    await until(lambda: batcher.queued == len(queued))
+    model.release.set()
+    await asyncio.gather(first, *tasks)
+    await batcher.close()
+    assert [float(batch[0, 0]) for batch in model.batches] == [0.0, 3.0, 5.0, 1.0, 2.0, 4.0]

@@ -17,6 +17,7 @@ from infermesh.errors import DeadlineExceeded, InvalidInput, NotFound, Overloade
 from infermesh.features import FeatureBlock, FeatureQuery, FeatureStatus
 from infermesh.hedging import HedgePolicy
 from infermesh.model_config import ModelConfig, VersionStatus
+from infermesh.priority import DEFAULT_PRIORITY
 from infermesh.repository import ModelState, RepositoryState
 from infermesh.segments import InferBatch, Segment
 from infermesh.tensors import DecodedInputs, Tensor
@@ -103,8 +104,18 @@ class Model:
         self.fail_with = fail_with
         self.gate = gate
         self.batches: list[int] = []
+        self.priorities: list[int] = []
 
-    async def infer(self, model: str, version: str, inputs: Sequence[Tensor], deadline: Deadline, timed: bool = False):
+    async def infer(
+        self,
+        model: str,
+        version: str,
+        inputs: Sequence[Tensor],
+        deadline: Deadline,
+        timed: bool = False,
+        priority: int = DEFAULT_PRIORITY,
+    ):
+        self.priorities.append(priority)
         if self.gate is not None:
             await self.gate.wait()
         if self.fail_with is not None:
@@ -459,3 +470,16 @@ def test_no_hedge_before_enough_calls_were_seen() -> None:
     for _ in range(63):
         policy.observe(0.001)
     assert policy.delay() is None
+
+
+async def test_a_request_s_priority_travels_to_the_model_service_and_a_bad_one_is_refused() -> None:
+    model = Model("a")
+    core = make_core({"a": model}, Features())
+    urgent = InferRequest("fraud", "", DecodedInputs(request(["u1"], ["m1"], [1.0])), parameters={"priority": 1})
+    await core.infer(Call(deadline()), urgent)
+    plain = InferRequest("fraud", "", DecodedInputs(request(["u2"], ["m1"], [1.0])))
+    await core.infer(Call(deadline()), plain)
+    assert model.priorities == [1, DEFAULT_PRIORITY]
+    bad = InferRequest("fraud", "", DecodedInputs(request(["u1"], ["m1"], [1.0])), parameters={"timeout": -5})
+    with pytest.raises(InvalidInput, match="parameter 'timeout' must be a non-negative integer"):
+        await core.infer(Call(deadline()), bad)
