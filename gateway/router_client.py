@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
-from infermesh import oip
 from infermesh.batch_codec import batch_request, split_batch_response
 from infermesh.channels import insecure_channel
 from infermesh.deadline import Deadline
 from infermesh.errors import DomainError, Unavailable
 from infermesh.method_handlers import answered_by, error_from_rpc
 from infermesh.proto import inference_pb2 as pb
-from infermesh.proto import inference_pb2_grpc, router_pb2
+from infermesh.proto import router_pb2
 from infermesh.repository import RepositoryState
 from infermesh.repository_service import RepositoryClient
 from infermesh.retry import RetryBudget, with_retries
@@ -62,7 +61,6 @@ class RouterClient:
             request_serializer=pb.ModelReadyRequest.SerializeToString,
             response_deserializer=pb.ModelReadyResponse.FromString,
         )
-        self._inference = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self._repository = RepositoryClient(self.channel, "router")
         self._attempts = attempts
         self._budget = RetryBudget("router", budget_tokens, budget_ratio)
@@ -122,26 +120,13 @@ class RouterClient:
         return await self._repository.refresh(timeout_s)
 
     async def load(self, model: str, config_json: str | None, deadline: Deadline) -> None:
-        request = pb.RepositoryModelLoadRequest(model_name=model)
-        if config_json is not None:
-            request.parameters[oip.CONFIG_PARAMETER].string_param = config_json
-        await self._call(self._inference.RepositoryModelLoad, request, deadline)
+        await self._repository.load(model, config_json, deadline)
 
     async def unload(self, model: str, deadline: Deadline) -> None:
-        await self._call(
-            self._inference.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=model), deadline
-        )
+        await self._repository.unload(model, deadline)
 
     async def statistics(self, model: str, version: str, deadline: Deadline) -> list[ModelStatistics]:
-        request = pb.ModelStatisticsRequest(name=model, version=version)
-        return oip.statistics_of(await self._call(self._inference.ModelStatistics, request, deadline))
-
-    async def _call(self, method: Any, request: Any, deadline: Deadline) -> Any:
-        """A repository or statistics call: not retried (a load is not idempotent in time)."""
-        try:
-            return await method(request, timeout=deadline.remaining())
-        except grpc.aio.AioRpcError as error:
-            raise error_from_rpc(error, "router") from None
+        return await self._repository.statistics(model, version, deadline)
 
     def flags_of(self, encoded_response: bytes) -> dict[str, str]:
         parameters = pb.ModelInferResponse.FromString(encoded_response).parameters

@@ -117,6 +117,3 @@ def generation_of(parts: Iterable[str]) -> str:
 
 def _version_key(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (0, version)
-
-
-__all__ = ["LOADING", "READY", "UNAVAILABLE", "UNLOADING", "ModelState", "RepositoryState", "VersionStatus", "merge"]

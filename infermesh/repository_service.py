@@ -7,11 +7,14 @@ from typing import Any, Protocol
 
 import grpc
 
+from infermesh import oip
 from infermesh.channels import insecure_channel
+from infermesh.deadline import Deadline
 from infermesh.method_handlers import error_from_rpc
 from infermesh.model_config import VersionStatus
-from infermesh.proto import repository_pb2, repository_pb2_grpc
+from infermesh.proto import inference_pb2, inference_pb2_grpc, repository_pb2, repository_pb2_grpc
 from infermesh.repository import ModelState, RepositoryState
+from infermesh.statistics import ModelStatistics
 
 SERVICE = repository_pb2.DESCRIPTOR.services_by_name["ModelRepository"].full_name
 
@@ -64,10 +67,12 @@ def add_to_server(source: RepositorySource, server: Any) -> None:
 
 
 class RepositoryClient:
-    """Reads a hop's repository state; an unchanged state costs one small message."""
+    """A hop's model repository, from the hop above: its state (an unchanged state costs one small message), and
+    Triton's load, unload and statistics calls (not retried: a load is not idempotent in time)."""
 
     def __init__(self, channel: grpc.aio.Channel, peer: str) -> None:
         self._stub = repository_pb2_grpc.ModelRepositoryStub(channel)
+        self._inference = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
         self._peer = peer
         self.state: RepositoryState | None = None
 
@@ -86,3 +91,23 @@ class RepositoryClient:
             return False
         self.state = state_of(reply)
         return True
+
+    async def load(self, model: str, config_json: str | None, deadline: Deadline) -> None:
+        request = inference_pb2.RepositoryModelLoadRequest(model_name=model)
+        if config_json is not None:
+            request.parameters[oip.CONFIG_PARAMETER].string_param = config_json
+        await self._call(self._inference.RepositoryModelLoad, request, deadline)
+
+    async def unload(self, model: str, deadline: Deadline) -> None:
+        request = inference_pb2.RepositoryModelUnloadRequest(model_name=model)
+        await self._call(self._inference.RepositoryModelUnload, request, deadline)
+
+    async def statistics(self, model: str, version: str, deadline: Deadline) -> list[ModelStatistics]:
+        request = inference_pb2.ModelStatisticsRequest(name=model, version=version)
+        return oip.statistics_of(await self._call(self._inference.ModelStatistics, request, deadline))
+
+    async def _call(self, method: Any, request: Any, deadline: Deadline) -> Any:
+        try:
+            return await method(request, timeout=deadline.remaining())
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, self._peer) from None

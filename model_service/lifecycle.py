@@ -77,7 +77,6 @@ class ModelLifecycle:
                     continue
                 self._serve(model)
             await self._retire(name, plan.to_retire)
-            self._fingerprints[name] = await asyncio.to_thread(self._fingerprint, name)
             if failures:
                 raise FailedPrecondition(f"model '{name}' failed to load: " + "; ".join(failures))
 
@@ -143,8 +142,11 @@ class ModelLifecycle:
                     await self.unload(name)
                 self._fingerprints.pop(name, None)
                 continue
-            if await asyncio.to_thread(self._fingerprint, name) == self._fingerprints.get(name):
+            fingerprint = await asyncio.to_thread(self._fingerprint, name)
+            if fingerprint == self._fingerprints.get(name):
                 continue
+            # Read only here (poll mode): the first poll, or one after an explicit load, finds nothing to change.
+            self._fingerprints[name] = fingerprint
             try:
                 await self.load(name)
             except (FailedPrecondition, NotFound, ValueError) as error:

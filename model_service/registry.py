@@ -88,14 +88,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_checksum(weights: Path, data: bytes) -> str:
     """The SHA-256 of `data` (the bytes read from `weights`); ValueError unless `<weights>.sha256` exists and its
     first token is that digest."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import grpc
 import numpy as np
@@ -16,7 +15,6 @@ from infermesh.features import FeatureBlock, FeatureQuery
 from infermesh.method_handlers import error_from_rpc
 from infermesh.priority import DEFAULT_PRIORITY, PRIORITY
 from infermesh.proto import feature_store_pb2, feature_store_pb2_grpc, inference_pb2_grpc
-from infermesh.proto import inference_pb2 as pb
 from infermesh.repository import RepositoryState
 from infermesh.repository_service import RepositoryClient
 from infermesh.statistics import ModelStatistics
@@ -101,23 +99,13 @@ class ModelServiceClient:
         return ModelAnswer(response.model_version, oip.response_outputs(response), spent)
 
     async def load(self, model: str, config_json: str | None, deadline: Deadline) -> None:
-        request = pb.RepositoryModelLoadRequest(model_name=model)
-        if config_json is not None:
-            request.parameters[oip.CONFIG_PARAMETER].string_param = config_json
-        await self._call(self._stub.RepositoryModelLoad, request, deadline)
+        await self._repository.load(model, config_json, deadline)
 
     async def unload(self, model: str, deadline: Deadline) -> None:
-        await self._call(self._stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=model), deadline)
+        await self._repository.unload(model, deadline)
 
     async def statistics(self, model: str, version: str, deadline: Deadline) -> list[ModelStatistics]:
-        request = pb.ModelStatisticsRequest(name=model, version=version)
-        return oip.statistics_of(await self._call(self._stub.ModelStatistics, request, deadline))
-
-    async def _call(self, method: Any, request: Any, deadline: Deadline) -> Any:
-        try:
-            return await method(request, timeout=deadline.remaining())
-        except grpc.aio.AioRpcError as error:
-            raise error_from_rpc(error, f"model service {self.address}") from None
+        return await self._repository.statistics(model, version, deadline)
 
     async def repository_state(self, timeout_s: float) -> RepositoryState | None:
         return self._repository.state if await self._repository.refresh(timeout_s) else None
