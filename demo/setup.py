@@ -1,6 +1,7 @@
 """`python -m demo.setup --out DIR`: feature view registry and the trained model repository for the demo.
 
-Writes DIR/feature_views.json and DIR/model_repository/{fraud,bench_mlp}. Feature rows are seeded into
+Writes DIR/feature_views.json and DIR/model_repository/{fraud,fraud_large,bench_mlp} (fraud: versions 1 and 2,
+its config serving 1). Feature rows are seeded into
 Redis when the mesh starts (the Redis is private to each run).
 """
 
@@ -13,12 +14,12 @@ from pathlib import Path
 
 def prepare(out: Path) -> None:
     from demo.seed import write_demo_views
-    from demo.train import train_fraud_model, write_bench_model
+    from demo.train import train_demo_fraud_models, write_bench_model
 
     out.mkdir(parents=True, exist_ok=True)
     write_demo_views(out / "feature_views.json")
     repository = out / "model_repository"
-    train_fraud_model(repository)
+    train_demo_fraud_models(repository)
     write_bench_model(repository)
 
 

@@ -1,4 +1,5 @@
-"""Train the demo `fraud` model on synthetic transactions and write the model repository.
+"""Train the demo `fraud` models (versions 1 and 2, and the larger `fraud_large`) on synthetic transactions and
+write the model repository.
 
 Each model is exported as TorchScript (`<repo>/<model>/<version>/model.pt`, with a `model.pt.sha256`
 sidecar the model service verifies) next to its `<repo>/<model>/config.json`. Also writes `bench_mlp`,
@@ -50,13 +51,16 @@ BENCH_HIDDEN = 2048
 class FraudNet(nn.Module):
     """13 features → fraud probability. Log transform and standardisation are buffers of the module."""
 
-    def __init__(self, log_mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def __init__(
+        self, log_mask: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, hidden: tuple[int, int] = (32, 16)
+    ) -> None:
         super().__init__()
         self.register_buffer("log_mask", log_mask)
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
+        first, second = hidden
         self.net = nn.Sequential(
-            nn.Linear(len(FEATURE_NAMES), 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1)
+            nn.Linear(len(FEATURE_NAMES), first), nn.ReLU(), nn.Linear(first, second), nn.ReLU(), nn.Linear(second, 1)
         )
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,9 +140,9 @@ def write_config(repo: Path, config: dict[str, object]) -> Path:
     return path
 
 
-def fraud_config() -> dict[str, object]:
+def fraud_config(name: str = "fraud") -> dict[str, object]:
     return {
-        "name": "fraud",
+        "name": name,
         "platform": "pytorch_torchscript",
         "max_batch_size": 1024,
         "dynamic_batching": {"max_queue_delay_us": 0, "max_queue_size": 2048},
@@ -160,7 +164,13 @@ def fraud_config() -> dict[str, object]:
     }
 
 
-def train_fraud(seed: int = 0) -> tuple[FraudNet, float, float]:
+# The demo's fraud models: version 1 is served; version 2 (another seed and sample, wider) is the candidate for a
+# canary or a shadow; `fraud_large` is the larger model the cascade hands unsure answers to.
+FRAUD_VERSIONS = {"1": (0, (32, 16)), "2": (1, (48, 24))}
+FRAUD_LARGE_HIDDEN = (128, 64)
+
+
+def train_fraud(seed: int = 0, hidden: tuple[int, int] = (32, 16)) -> tuple[FraudNet, float, float]:
     """Train on the demo world (the one the feature store is seeded with); returns (model, held-out AUC, seconds)."""
     started = time.perf_counter()
     world = make_world()
@@ -174,7 +184,7 @@ def train_fraud(seed: int = 0) -> tuple[FraudNet, float, float]:
         transformed = torch.where(log_mask, torch.log1p(torch.clamp(x_train, min=0.0)), x_train)
         mean = transformed.mean(dim=0)
         std = transformed.std(dim=0).clamp(min=1e-6)
-        model = FraudNet(log_mask, mean, std)
+        model = FraudNet(log_mask, mean, std, hidden)
         optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
         loss_fn = nn.BCEWithLogitsLoss()
         generator = torch.Generator().manual_seed(seed)
@@ -191,23 +201,36 @@ def train_fraud(seed: int = 0) -> tuple[FraudNet, float, float]:
     return model, roc_auc(holdout.label, scores), time.perf_counter() - started
 
 
-def train_fraud_model(repo: Path, version: str = "1", seed: int = 0) -> Path:
-    """Train `fraud`, write `<repo>/fraud/<version>/model.pt` (+ .sha256, training.json) and the config.
+def train_fraud_model(
+    repo: Path, version: str = "1", seed: int = 0, hidden: tuple[int, int] = (32, 16), name: str = "fraud"
+) -> Path:
+    """Train a fraud model, write `<repo>/<name>/<version>/model.pt` (+ .sha256, training.json) and its config.
 
     Returns the path of model.pt; the held-out AUC is in `training.json` next to it.
     """
-    model, auc, seconds = train_fraud(seed)
-    path = save_torchscript(model, repo / "fraud" / version / MODEL_FILE)
+    model, auc, seconds = train_fraud(seed, hidden)
+    path = save_torchscript(model, repo / name / version / MODEL_FILE)
     summary = {
         "auc": round(auc, 4),
         "train_rows": TRAIN_ROWS,
         "holdout_rows": HOLDOUT_ROWS,
         "seconds": round(seconds, 2),
         "seed": seed,
+        "hidden": list(hidden),
     }
     (path.parent / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_config(repo, fraud_config())
+    write_config(repo, fraud_config(name))
     return path
+
+
+def train_demo_fraud_models(repo: Path) -> list[Path]:
+    """`fraud` versions 1 and 2 and `fraud_large` (its config serves version 1 until a rollout names 2)."""
+    paths = [train_fraud_model(repo, version, seed, hidden) for version, (seed, hidden) in FRAUD_VERSIONS.items()]
+    config = fraud_config()
+    config["version_policy"] = {"specific": {"versions": [1]}}
+    write_config(repo, config)
+    paths.append(train_fraud_model(repo, "1", 2, FRAUD_LARGE_HIDDEN, name="fraud_large"))
+    return paths
 
 
 def bench_config() -> dict[str, object]:
@@ -233,13 +256,11 @@ def write_bench_model(repo: Path, version: str = "1", seed: int = 0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, required=True, help="Model repository folder to write.")
-    parser.add_argument("--version", default="1", help="Version folder of the fraud model.")
-    parser.add_argument("--seed", type=int, default=0, help="Training seed.")
     args = parser.parse_args()
     started = time.perf_counter()
-    fraud = train_fraud_model(args.repo, args.version, args.seed)
-    summary = json.loads((fraud.parent / "training.json").read_text())
-    print(f"fraud: held-out AUC {summary['auc']:.4f}, trained in {summary['seconds']:.1f}s → {fraud}")
+    for fraud in train_demo_fraud_models(args.repo):
+        summary = json.loads((fraud.parent / "training.json").read_text())
+        print(f"{fraud.parent.parent.name}: held-out AUC {summary['auc']:.4f}, trained in {summary['seconds']:.1f}s")
     bench = write_bench_model(args.repo)
     print(f"bench_mlp → {bench}")
     print(f"done in {time.perf_counter() - started:.1f}s")

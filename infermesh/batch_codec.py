@@ -56,7 +56,9 @@ def split_batch_response(
             answers.append(errors.error_for(result.code, result.message))
             continue
         rows = segment.rows
-        answer = oip_pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version)
+        answer = oip_pb.ModelInferResponse(
+            model_name=response.model_name, model_version=result.model_version or response.model_version
+        )
         answer.id = segment.id
         for spec, slicer in outputs:
             answer.outputs.add(name=spec.name, datatype=spec.datatype, shape=[rows, *spec.shape[1:]])
@@ -106,7 +108,8 @@ def batch_response(result: BatchResult) -> pb.InferBatchResponse:
         if segment.error is None:
             for tensor in segment.outputs:
                 parts[tensor.name].append(tensor)
-            response.segments.add(code=Code.OK, flags=segment.flags)
+            version = segment.version if segment.version != result.version else ""
+            response.segments.add(code=Code.OK, flags=segment.flags, model_version=version)
         else:
             response.segments.add(code=segment.error.code, message=str(segment.error))
     for name, tensors in parts.items():

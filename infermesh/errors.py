@@ -98,6 +98,14 @@ class FailedPrecondition(DomainError):
     code = Code.FAILED_PRECONDITION
 
 
+class ModelFailed(DomainError):
+    """A hop below failed on this request itself (a model's forward pass raised on its rows): not the replica's
+    fault, so neither retried elsewhere nor held against the replica; a traffic split answers it from the
+    baseline. Its message only says which hop failed."""
+
+    code = Code.INTERNAL
+
+
 # And back: the error a status code stands for, when a downstream hop answers with it.
 _ERROR_BY_CODE: dict[Code, type[DomainError]] = {
     cls.code: cls
@@ -110,13 +118,15 @@ _ERROR_BY_CODE: dict[Code, type[DomainError]] = {
         DeadlineExceeded,
         Unavailable,
         FailedPrecondition,
+        ModelFailed,
     )
 }
 
 
 def error_for(code: int, message: str) -> DomainError:
-    """The domain error a downstream status stands for. Codes with no domain meaning here (CANCELLED,
-    INTERNAL, UNKNOWN…) become Unavailable: the hop below failed, and a retry elsewhere may succeed."""
+    """The domain error a downstream status stands for. INTERNAL is ModelFailed (the hop failed on this request);
+    codes with no domain meaning here (CANCELLED, UNKNOWN…) become Unavailable: the hop below failed, and a retry
+    elsewhere may succeed."""
     try:
         error_type = _ERROR_BY_CODE.get(Code(code), Unavailable)
     except ValueError:

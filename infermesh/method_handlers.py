@@ -73,6 +73,8 @@ def error_from_rpc(error: grpc.aio.AioRpcError, target: str) -> errors.DomainErr
     """Translate a downstream failure. Details of our own services' errors are client-safe by design; a
     failure of the call itself (CANCELLED, INTERNAL…) says only which hop failed."""
     code = errors.Code(error.code().value[0])
+    if code == errors.Code.INTERNAL:  # its details are the hop's generic text: name the hop instead
+        return errors.ModelFailed(f"{target} failed on this request")
     translated = errors.error_for(code, error.details() or f"{target}: {code.name}")
     if translated.code != code:  # a status with no domain meaning: its details are not ours to pass on
         return errors.Unavailable(

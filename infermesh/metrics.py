@@ -81,6 +81,48 @@ RETRIES = Counter("infermesh_retries", "Downstream calls retried, by target and 
 EJECTIONS = Counter("infermesh_ejections", "Model replicas ejected as outliers, by rule.", ["rule"])
 REPLICAS_UP = Gauge("infermesh_replicas_up", "Model service replicas the router considers healthy.")
 
+# Progressive delivery (router.traffic): arms, mirrors, the guard.
+TRAFFIC_REQUESTS = Counter(
+    "infermesh_traffic_requests", "Requests of models with a traffic section, by answering version and arm.",
+    ["arm", "model", "version"],
+)  # fmt: skip
+TRAFFIC_WEIGHT = Gauge(
+    "infermesh_traffic_weight", "Share of a model's traffic (percent) each version gets now.", ["model", "version"]
+)
+SHADOW_DIVERGENCE = Gauge(
+    "infermesh_shadow_divergence",
+    "Mean |difference| per output between a version's answer and the served (or baseline) answer, last batch "
+    "compared. arm: shadow (mirror to a shadow version) or canary (a canary's request sent to the baseline too).",
+    ["arm", "model", "output", "version"],
+)
+SHADOW_FLIPS = Counter(
+    "infermesh_shadow_flips", "Compared rows whose score lies on the other side of the flip threshold.",
+    ["arm", "model", "output", "version"],
+)  # fmt: skip
+SHADOW_COMPARED_ROWS = Counter(
+    "infermesh_shadow_compared_rows", "Rows whose answers were compared.", ["arm", "model", "version"]
+)
+SHADOW_LATENCY = Histogram(
+    "infermesh_shadow_latency_seconds", "Mirrored calls to shadow versions.", ["model", "version"],
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+MIRRORS_DROPPED = Counter(
+    "infermesh_mirrors_dropped", "Mirrored calls not sent: too many in flight, or they failed.", ["model", "reason"]
+)
+GUARD_ERROR_RATIO = Gauge(
+    "infermesh_guard_error_ratio", "A guarded version's error ratio over the guard's window.", ["model", "version"]
+)
+GUARD_P99 = Gauge(
+    "infermesh_guard_p99_seconds", "A guarded version's p99 over the guard's window.", ["model", "version"]
+)
+ROLLBACKS = Counter(
+    "infermesh_rollbacks", "Versions the guard took out of the split, by the rule broken.", ["model", "rule", "version"]
+)
+CASCADES = Counter(
+    "infermesh_cascades", "Requests of a cascading model, by outcome: small, large, skipped (no time or failed).",
+    ["model", "outcome"],
+)  # fmt: skip
+
 
 @dataclass(slots=True)
 class RequestLabels:

@@ -119,6 +119,85 @@ class VersionPolicy(BaseModel):
         return ordered[-count:]
 
 
+class Cascade(BaseModel):
+    """Hybrid routing: the model answers first; a request whose `output` (the first output unless named) has a
+    row inside the band is answered by the larger `model` instead, within the request's deadline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str = Field(min_length=1)
+    when_output_between: tuple[float, float]
+    output: str = ""
+
+    @model_validator(mode="after")
+    def _band(self) -> Cascade:
+        low, high = self.when_output_between
+        if not low <= high:
+            raise ValueError("cascade.when_output_between: [low, high] with low <= high")
+        return self
+
+
+class Guard(BaseModel):
+    """Automatic rollback of a non-baseline version of the split whose figures over the last `window_s` break a
+    limit, once it has served `min_requests` there. Divergence is measured on `compare_sample` of its requests,
+    also sent to the baseline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    window_s: float = Field(30.0, gt=0, le=3600)
+    min_requests: int = Field(50, ge=1)
+    max_error_ratio: float | None = Field(0.01, ge=0, le=1)
+    max_p99_ms: float | None = Field(None, gt=0)
+    max_divergence: float | None = Field(None, ge=0)
+    compare_sample: float = Field(0.1, ge=0, le=1)
+
+
+class Traffic(BaseModel):
+    """Progressive delivery of a model's versions (router.traffic applies it): a weighted split (canary, A/B;
+    sticky per value of an input when asked), shadow versions that get a mirror of the traffic and never answer,
+    a cascade to a larger model, and a guard that rolls a failing version back to the baseline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    baseline: str
+    split: dict[str, int] = Field(default_factory=dict)
+    sticky_input: str = ""
+    shadow: list[str] = Field(default_factory=list, max_length=4)
+    shadow_sample: float = Field(1.0, ge=0, le=1, description="Share of the traffic mirrored to the shadows.")
+    flip_threshold: float = Field(0.5, description="A score on one side of it in one answer, not in the other: a flip.")
+    cascade: Cascade | None = None
+    guard: Guard | None = None
+    rolled_back: dict[str, str] = Field(
+        default_factory=dict, description="Versions the guard took out of the split, and why (the router sets it)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Traffic:
+        for version in [self.baseline, *self.split, *self.shadow]:
+            if not version.isdigit():
+                raise ValueError(f"traffic: version '{version}' is not a version number")
+        if self.split:
+            if any(weight < 0 for weight in self.split.values()):
+                raise ValueError("traffic.split: weights must not be negative")
+            total = sum(self.split.values())
+            if total != 100:
+                raise ValueError(f"traffic.split: weights must add up to 100, not {total}")
+            if self.baseline not in self.split:
+                raise ValueError(f"traffic.split: the baseline '{self.baseline}' must be one of its versions")
+        overlap = set(self.shadow) & ({self.baseline} | set(self.split))
+        if overlap:
+            raise ValueError(f"traffic.shadow: version {sorted(overlap)[0]} also answers (baseline or split)")
+        return self
+
+    @property
+    def weights(self) -> dict[str, int]:
+        """The split in force: every version the split names (the baseline alone when it names none)."""
+        return dict(self.split) if self.split else {self.baseline: 100}
+
+    @property
+    def versions(self) -> list[str]:
+        """Every version the section names: each is loaded and served, whatever the version policy picks."""
+        named = {self.baseline, *self.split, *self.shadow}
+        return sorted(named, key=int)
+
+
 class ModelConfig(BaseModel):
     name: str
     platform: str = "pytorch_torchscript"
@@ -131,6 +210,7 @@ class ModelConfig(BaseModel):
     model_input: TensorSpec | None = Field(
         None, description="With a feature_spec: the joined tensor the model service receives."
     )
+    traffic: Traffic | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -144,7 +224,32 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"model {self.name}: a feature_spec needs model_input")
             if self.model_input.shape[-1] != self.feature_spec.width:
                 raise ValueError(f"model {self.name}: model_input width != feature_spec width")
+        traffic = self.traffic
+        if traffic is not None:
+            if traffic.sticky_input and traffic.sticky_input not in {spec.name for spec in self.inputs}:
+                raise ValueError(f"model {self.name}: traffic.sticky_input '{traffic.sticky_input}' is not an input")
+            cascade = traffic.cascade
+            if cascade is not None:
+                if cascade.model == self.name:
+                    raise ValueError(f"model {self.name}: traffic.cascade names the model itself")
+                if cascade.output and cascade.output not in {spec.name for spec in self.outputs}:
+                    raise ValueError(f"model {self.name}: traffic.cascade.output '{cascade.output}' is not an output")
         return self
+
+    def served_versions(self, available: Sequence[str]) -> list[str]:
+        """The versions to serve of the version folders available: those the traffic section names (every one must
+        exist: InvalidInput names a missing one), else those the version policy picks."""
+        if self.traffic is None:
+            return self.version_policy.select(available)
+        missing = [version for version in self.traffic.versions if version not in available]
+        if missing:
+            raise InvalidInput(f"model '{self.name}': traffic names version '{missing[0]}', which it does not have")
+        return self.traffic.versions
+
+    @cached_property
+    def serving_json(self) -> str:
+        """The config less its traffic section: a change of traffic alone reloads nothing."""
+        return self.model_dump_json(exclude={"traffic"})
 
     @cached_property
     def served_inputs(self) -> list[TensorSpec]:
@@ -203,10 +308,13 @@ class ModelEntry:
         return self.versions[-1] if self.versions else ""
 
     def resolve_version(self, requested: str) -> str:
-        """The version a request means: the one named when it is ready, else the newest ready one. NotFound for a
+        """The version a request means: the one named when it is ready, else the baseline of its traffic section or
+        the newest ready one. NotFound for a
         version the model does not have; Unavailable for one that is not ready (loading, unloading, failed)."""
         name = self.config.name
         if requested in self.versions or (not requested and self.versions):
+            if not requested and self.config.traffic is not None and self.config.traffic.baseline in self.versions:
+                return self.config.traffic.baseline  # a model with a traffic section: its baseline by default
             return requested or self.versions[-1]
         if not requested:
             raise Unavailable(f"model '{name}' has no ready version")
@@ -241,7 +349,22 @@ def parse_config(text: str) -> ModelConfig:
 # Triton's model_config.proto data types → the protocol's datatypes.
 TRITON_DATATYPES = {"TYPE_STRING": "BYTES", **{f"TYPE_{name}": name for name in DATATYPES if name != "BYTES"}}
 # Triton's fields that _from_triton converts (the rest pass through: Triton-only ones are ignored).
-TRITON_CONVERTED_KEYS = frozenset({"input", "output", "max_batch_size", "dynamic_batching", "version_policy"})
+TRITON_CONVERTED_KEYS = frozenset(
+    {"input", "output", "max_batch_size", "dynamic_batching", "version_policy", "parameters"}
+)
+# The mesh's own sections, carried in Triton's config as `parameters` entries of JSON text.
+MESH_SECTIONS = ("feature_spec", "model_input", "traffic")
+MESH_PARAMETER_PREFIX = "infermesh."
+
+
+def mesh_sections(config: ModelConfig) -> dict[str, str]:
+    """The mesh's sections of a config, as Triton `parameters` (name → JSON text)."""
+    sections: dict[str, str] = {}
+    for section in MESH_SECTIONS:
+        value = getattr(config, section)
+        if value is not None:
+            sections[MESH_PARAMETER_PREFIX + section] = value.model_dump_json()
+    return sections
 
 
 def _from_triton(config: dict[str, Any]) -> dict[str, Any]:
@@ -266,6 +389,16 @@ def _from_triton(config: dict[str, Any]) -> dict[str, Any]:
         return converted
 
     converted = {key: value for key, value in config.items() if key not in TRITON_CONVERTED_KEYS}
+    parameters = config.get("parameters")
+    if not isinstance(parameters, dict):
+        parameters = {}
+    for section in MESH_SECTIONS:
+        parameter = parameters.get(MESH_PARAMETER_PREFIX + section)
+        if section not in converted and isinstance(parameter, dict) and "string_value" in parameter:
+            try:
+                converted[section] = json.loads(parameter["string_value"])
+            except json.JSONDecodeError:
+                raise ValueError(f"parameters: {MESH_PARAMETER_PREFIX + section} is not JSON") from None
     converted["inputs"] = tensors(config.get("input", []), "input")
     converted["outputs"] = tensors(config.get("output", []), "output")
     if batched:

@@ -19,7 +19,7 @@ from infermesh.dataplane import (
     StreamError,
 )
 from infermesh.errors import InvalidInput
-from infermesh.model_config import ModelConfig, TensorSpec
+from infermesh.model_config import ModelConfig, TensorSpec, mesh_sections
 from infermesh.proto import inference_pb2 as pb
 from infermesh.statistics import BatchStatistics, Duration, ModelStatistics
 from infermesh.tensors import MAX_INPUTS, MessageInputs, Tensor, decode_raw, to_raw
@@ -175,7 +175,8 @@ def model_metadata(info: ModelInfo) -> pb.ModelMetadataResponse:
 
 
 def model_config(config: ModelConfig) -> pb.ModelConfigResponse:
-    """Triton's ModelConfig view of a model's public signature (dims exclude the batch dimension)."""
+    """Triton's ModelConfig view of a model's public signature (dims exclude the batch dimension), with the
+    mesh's own sections as parameters."""
 
     def data_type(datatype: str) -> str:
         return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"  # the enum value's name
@@ -207,6 +208,7 @@ def model_config(config: ModelConfig) -> pb.ModelConfigResponse:
             dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=batching.max_queue_delay_us)
             if batching.enabled
             else None,
+            parameters={key: pb.ModelParameter(string_value=value) for key, value in mesh_sections(config).items()},
         )
     )
 

@@ -79,9 +79,14 @@ class RepositoryState:
             state = self.models[name]
             if not state.versions and not ready_only:
                 rows.append(ModelIndexEntry(name, "", UNAVAILABLE, "no version to serve"))
+            traffic = state.config.traffic
+            rolled_back = traffic.rolled_back if traffic is not None else {}
             for status in state.versions:
                 if status.state == READY or not ready_only:
-                    rows.append(ModelIndexEntry(name, status.version, status.state, status.reason))
+                    reason = status.reason
+                    if not reason and status.version in rolled_back:
+                        reason = f"rolled back: {rolled_back[status.version]}"
+                    rows.append(ModelIndexEntry(name, status.version, status.state, reason))
         return rows
 
 

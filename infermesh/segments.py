@@ -47,6 +47,7 @@ class SegmentResult:
     outputs: list[Tensor] = field(default_factory=list)
     flags: dict[str, str] = field(default_factory=dict)
     error: errors.DomainError | None = None
+    version: str = ""  # the version that answered it, when not the batch's
 
 
 @dataclass(slots=True)

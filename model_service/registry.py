@@ -258,10 +258,10 @@ class ModelRegistry:
                 raise InvalidInput(f"model '{name}': cannot read its {CONFIG_FILE}: {error.strerror}") from None
         config = parse_checked(name, config_json)
         normalized = config.model_dump_json()
-        wanted = config.version_policy.select(version_folders(folder))
+        wanted = config.served_versions(version_folders(folder))
         held = self.models.get(name)
         loaded = held.loaded if held is not None else {}
-        same_config = held is not None and held.config_json == normalized
+        same_config = held is not None and held.config.serving_json == config.serving_json
         to_load = [
             version
             for version in wanted

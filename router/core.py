@@ -14,7 +14,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+import numpy as np
 
 from infermesh import __version__, metrics, telemetry, timing
 from infermesh.breaker import BreakerState, CircuitBreaker
@@ -33,7 +35,7 @@ from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, DomainError, Overloaded, Unavailable
 from infermesh.features import DEFAULTED_ENTITIES, FeatureBlock, FeatureQuery
 from infermesh.hedging import HedgePolicy
-from infermesh.model_config import ModelConfig, ModelEntry, find_model, parse_checked
+from infermesh.model_config import ModelConfig, ModelEntry, Traffic, find_model, parse_checked
 from infermesh.priority import DEFAULT_PRIORITY, queue_policy
 from infermesh.repository import RepositoryState
 from infermesh.retry import RetryBudget, with_retries
@@ -51,11 +53,26 @@ from infermesh.tensors import Tensor
 from infermesh.validation import validate_headers
 from router import join
 from router.replicas import Replica, ReplicaSet
+from router.traffic import (
+    ANSWERED_BY,
+    ARM,
+    CANARY,
+    CASCADE,
+    FALLBACK,
+    REQUESTED,
+    Mirror,
+    TrafficControl,
+    is_version_failure,
+    rolled_back_config,
+)
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "infermesh-router"
 EXTENSIONS = ("model_repository", "infermesh_features")
+
+# Mirrored calls (shadows, a canary's comparison) queue behind every request at the model service.
+MIRROR_PRIORITY = 1000
 
 # What a feature-joined request gets back from its shared batch: the served version, its outputs, its flags.
 _Answer = tuple[str, dict[str, Tensor], dict[str, str]]
@@ -121,6 +138,8 @@ class RouterCore(DataplaneBase):
         max_pending_requests: int = 4096,
         feature_breaker: CircuitBreaker | None = None,
         hedging: HedgePolicy | None = None,
+        max_mirrors: int = 64,
+        mirror_timeout_s: float = 1.0,
     ) -> None:
         self.replicas = replicas
         self.features = features
@@ -138,8 +157,13 @@ class RouterCore(DataplaneBase):
         self._max_inflight_batches = max_inflight_batches
         self._max_pending_requests = max_pending_requests
         # One coalescer per (model, version): only requests for the same model version share a batch.
-        self._coalescers: dict[tuple[str, str], Coalescer] = {}
+        self._coalescers: dict[tuple[str, str], _ModelCoalescer] = {}
         self._entries: tuple[RepositoryState, dict[str, ModelEntry]] | None = None
+        self.traffic = TrafficControl(on_rollback=self._rolled_back)
+        # Mirrored calls in flight (and rollbacks being recorded): bounded, dropped and counted past the bound.
+        self._mirror_tasks: set[asyncio.Task[None]] = set()
+        self._max_mirrors = max_mirrors
+        self._mirror_timeout_s = mirror_timeout_s
 
     # The repository: what the replicas serve --------------------------------------------------------------
 
@@ -236,7 +260,7 @@ class RouterCore(DataplaneBase):
         (answer,) = result.segments
         if answer.error is not None:
             raise answer.error
-        return InferResponse(result.model, result.version, answer.outputs, request.id, answer.flags)
+        return InferResponse(result.model, answer.version or result.version, answer.outputs, request.id, answer.flags)
 
     async def infer_batch(self, call: Call, batch: InferBatch) -> BatchResult:
         """Each segment succeeds or fails on its own, as if sent alone; a failure of the batch as a whole (unknown
@@ -257,34 +281,56 @@ class RouterCore(DataplaneBase):
             segments[0].rows = batch_rows
         check_segments(segments, batch_rows)
         rows = [segment.rows for segment in segments]
-        deadline = call.deadline
         timed = [timing.wanted(segment.parameters) for segment in segments]
+        work = _Work(entry, output_names, segments, rows, timed, call.deadline)
+        if config.traffic is None:
+            results = await self._answer(work, version, whole=tensors)
+        else:
+            parts = [tensors] if len(rows) == 1 else split_tensors(tensors, rows)
+            results = await self._answer_by_traffic(work, parts, version if batch.version else "")
+        _add_router_time(results, timed, started)
+        return BatchResult(config.name, results[0].version or version, output_names, results)
 
+    async def _answer(
+        self,
+        work: _Work,
+        version: str,
+        whole: dict[str, Tensor] | None = None,
+        parts: list[dict[str, Tensor]] | None = None,
+    ) -> list[SegmentResult]:
+        """Every segment of `work` answered by `version` (or its own error): the segments' tensors as one batch
+        (`whole`) or one per segment (`parts`), whichever the caller has."""
+        config = work.entry.config
+        rows, timed, output_names, deadline = work.rows, work.timed, work.output_names, work.deadline
         if config.feature_spec is None:
-            for segment in segments:
+            for segment in work.segments:
                 queue_policy(segment.parameters)  # checked as for any model; no queue here to order
-            model = await self.call_model(config.name, version, list(tensors.values()), deadline, any(timed))
+            inputs = whole if whole is not None else _concatenate(parts or [])
+            model = await self.call_model(config.name, version, list(inputs.values()), deadline, any(timed))
+            if config.traffic is not None:
+                self._mirror(config, version, list(inputs.values()), model.outputs)
             sliced_results, row = [], 0
             for count, wants_timing in zip(rows, timed, strict=True):
                 sliced = [slice_rows(model.outputs[n], row, row + count) for n in output_names if n in model.outputs]
                 flags = _model_timing(model) if wants_timing else {}
-                sliced_results.append(SegmentResult(count, sliced, flags))
+                sliced_results.append(SegmentResult(count, sliced, flags, version=model.version))
                 row += count
-            _add_router_time(sliced_results, timed, started)
-            return BatchResult(config.name, model.version, output_names, sliced_results)
+            return sliced_results
 
         spec = config.feature_spec
-        parts = [tensors] if len(rows) == 1 else split_tensors(tensors, rows)
+        if parts is None:
+            assert whole is not None
+            parts = [whole] if len(rows) == 1 else split_tensors(whole, rows)
         results_by_index: dict[int, SegmentResult] = {}
         pendings: list[Pending] = []
         for index, (part, count) in enumerate(zip(parts, rows, strict=True)):
             try:
-                priority, queue_until = queue_policy(segments[index].parameters)
+                priority, queue_until = queue_policy(work.segments[index].parameters)
                 joined = join.join_request(spec, part, count, timed[index])
                 pendings.append(Pending(joined, count, deadline, priority=priority, queue_until=queue_until))
             except DomainError as error:
                 results_by_index[index] = SegmentResult(count, error=error)
-        coalescer = self._coalescer(entry, version)
+        coalescer = self._coalescer(work.entry, version)
         answers: list[_Answer | BaseException]
         if len(pendings) == 1:
             try:
@@ -293,7 +339,6 @@ class RouterCore(DataplaneBase):
                 answers = [error]
         else:
             answers = await coalescer.submit_many(pendings) if pendings else []
-        served = version
         pending_answers = iter(answers)
         results: list[SegmentResult] = []
         for index, count in enumerate(rows):
@@ -308,15 +353,185 @@ class RouterCore(DataplaneBase):
                 raise answer
             else:
                 served, outputs, flags = answer
-                results.append(SegmentResult(count, [outputs[n] for n in output_names], flags))
-        _add_router_time(results, timed, started)
-        return BatchResult(config.name, served, output_names, results)
+                results.append(SegmentResult(count, [outputs[n] for n in output_names], flags, version=served))
+        return results
+
+    async def _answer_by_traffic(
+        self, work: _Work, parts: list[dict[str, Tensor]], requested: str
+    ) -> list[SegmentResult]:
+        """A model with a traffic section: each segment goes where the split sends it (unless the request named its
+        version); one that fails on a non-baseline version is answered by the baseline; then the cascade, if any."""
+        config = work.entry.config
+        traffic = config.traffic
+        assert traffic is not None
+        routed = not requested
+        if routed:
+            sticky = traffic.sticky_input
+            arms = [self.traffic.choose(config, part.get(sticky) if sticky else None) for part in parts]
+        else:
+            arms = [(requested, REQUESTED)] * len(parts)
+        results = await self._answer_arms(work, parts, arms)
+        baseline = traffic.baseline
+        failed = [
+            index
+            for index, (result, (version, _)) in enumerate(zip(results, arms, strict=True))
+            if routed and version != baseline and result.error is not None and is_version_failure(result.error)
+        ]
+        if failed and work.deadline.remaining() > 0:
+            fallback = [(baseline, FALLBACK)] * len(failed)
+            retried = await self._answer_arms(work.subset(failed), [parts[i] for i in failed], fallback)
+            for index, result in zip(failed, retried, strict=True):
+                results[index] = result
+                arms[index] = (baseline, FALLBACK)
+        if routed and traffic.cascade is not None:
+            await self._cascade(work, parts, results, arms)
+        for result, (_, arm) in zip(results, arms, strict=True):
+            if result.error is None:
+                result.flags[ARM] = arm
+                metrics.TRAFFIC_REQUESTS.labels(arm, config.name, result.version).inc()
+        return results
+
+    async def _answer_arms(
+        self, work: _Work, parts: list[dict[str, Tensor]], arms: list[tuple[str, str]]
+    ) -> list[SegmentResult]:
+        """Each segment answered by the version of its arm: one batch per version, at once. A non-baseline version
+        of the split has each of its answers (or failures) counted by the guard."""
+        config = work.entry.config
+        baseline = config.traffic.baseline if config.traffic is not None else ""
+        groups: dict[str, list[int]] = {}
+        for index, (version, _) in enumerate(arms):
+            groups.setdefault(version, []).append(index)
+        results: list[SegmentResult] = [SegmentResult(0)] * len(parts)
+
+        async def answer(version: str, indexes: list[int]) -> None:
+            started = time.perf_counter()
+            group = work if len(indexes) == len(parts) else work.subset(indexes)
+            try:
+                answers = await self._answer(group, version, parts=[parts[i] for i in indexes])
+            except DomainError as error:  # the whole group failed (no replica serves the version, …)
+                answers = [SegmentResult(work.rows[i], error=error) for i in indexes]
+            elapsed = time.perf_counter() - started
+            for index, result in zip(indexes, answers, strict=True):
+                results[index] = result
+                if version != baseline and arms[index][1] == CANARY:
+                    failed = result.error is not None and is_version_failure(result.error)
+                    self.traffic.record(config, version, elapsed, failed)
+
+        await asyncio.gather(*(answer(version, indexes) for version, indexes in groups.items()))
+        return results
+
+    async def _cascade(
+        self, work: _Work, parts: list[dict[str, Tensor]], results: list[SegmentResult], arms: list[tuple[str, str]]
+    ) -> None:
+        """The segments whose answer has a row inside the cascade's band are answered by the larger model instead,
+        within the deadline; when it cannot answer in time, the first answer stands."""
+        config = work.entry.config
+        assert config.traffic is not None and config.traffic.cascade is not None
+        cascade = config.traffic.cascade
+        output = cascade.output or config.outputs[0].name
+        if output not in work.output_names:
+            return  # the request did not ask for the output the cascade decides on
+        position = work.output_names.index(output)
+        low, high = cascade.when_output_between
+        inside = []
+        for index, result in enumerate(results):
+            if result.error is None:
+                data = result.outputs[position].data
+                if np.any((data >= low) & (data <= high)):
+                    inside.append(index)
+        counter = metrics.CASCADES
+        counter.labels(config.name, "small").inc(len(results) - len(inside))
+        if not inside:
+            return
+        try:
+            large = find_model(self.models, cascade.model)
+            large_version = large.resolve_version("")
+            usable = all(spec.name in parts[0] for spec in large.config.inputs) and all(
+                name in {spec.name for spec in large.config.outputs} for name in work.output_names
+            )
+        except DomainError:
+            usable = False
+        remaining = work.deadline.remaining()
+        if not usable or remaining <= 0:
+            counter.labels(config.name, "skipped").inc(len(inside))
+            return
+        # Most of the time left, not all of it: the first answer must still reach the client if this fails.
+        larger = _Work(
+            large,
+            work.output_names,
+            [work.segments[i] for i in inside],
+            [work.rows[i] for i in inside],
+            [work.timed[i] for i in inside],
+            work.deadline.within(remaining * 0.8),
+        )
+        try:
+            answers = await self._answer(larger, large_version, parts=[parts[i] for i in inside])
+        except DomainError:
+            answers = [SegmentResult(0, error=Unavailable("cascade failed"))] * len(inside)
+        for index, answer in zip(inside, answers, strict=True):
+            if answer.error is None:
+                answer.flags[ANSWERED_BY] = large.config.name
+                results[index] = answer
+                arms[index] = (answer.version, CASCADE)
+                counter.labels(config.name, "large").inc()
+            else:
+                counter.labels(config.name, "skipped").inc()
+
+    def _mirror(self, config: ModelConfig, version: str, inputs: list[Tensor], outputs: dict[str, Tensor]) -> None:
+        """Send the copies the traffic section asks for of a batch `version` served (never waited for)."""
+        for mirror in self.traffic.mirrors(config, version):
+            if len(self._mirror_tasks) >= self._max_mirrors:
+                metrics.MIRRORS_DROPPED.labels(config.name, "busy").inc()
+                continue
+            task = asyncio.get_running_loop().create_task(self._send_mirror(config, mirror, inputs, outputs))
+            self._mirror_tasks.add(task)
+            task.add_done_callback(self._mirror_tasks.discard)
+
+    async def _send_mirror(
+        self, config: ModelConfig, mirror: Mirror, inputs: list[Tensor], outputs: dict[str, Tensor]
+    ) -> None:
+        """One mirrored call, at the lowest priority and without retries; its replica's health is not judged by it
+        (a slow shadow says nothing of the replica)."""
+        started = time.perf_counter()
+        try:
+            replica = self.replicas.choose(frozenset(), serving=(config.name, mirror.version))
+            replica.inflight += 1
+            try:
+                answer = await replica.client.infer(
+                    config.name, mirror.version, inputs, Deadline.after(self._mirror_timeout_s), False, MIRROR_PRIORITY
+                )
+            finally:
+                replica.inflight -= 1
+        except DomainError:
+            metrics.MIRRORS_DROPPED.labels(config.name, "failed").inc()
+            return
+        self.traffic.compared(config, mirror, outputs, answer.outputs, time.perf_counter() - started)
+
+    def _rolled_back(self, model: str, version: str, reason: str, traffic: Traffic) -> None:
+        """The guard rolled `version` back here: record it in the model's config on every replica, so that every
+        router and the repository index agree (until then this router's overlay holds it)."""
+        task = asyncio.get_running_loop().create_task(self._record_rollback(model, version, reason, traffic))
+        self._mirror_tasks.add(task)  # bounded by the versions of a split; kept until done
+        task.add_done_callback(self._mirror_tasks.discard)
+
+    async def _record_rollback(self, model: str, version: str, reason: str, traffic: Traffic) -> None:
+        state = self.replicas.repository().models.get(model)
+        if state is None or state.config.traffic != traffic:
+            return  # the config changed meanwhile: it is the operator's now
+        config_json = rolled_back_config(state.config, version, reason)
+        try:
+            await self._on_every_replica(lambda client: client.load(model, config_json, Deadline.after(10.0)))
+        except DomainError as error:
+            log.error("rollback not recorded in the config", extra={"fields": {"model": model, "error": str(error)}})
 
     def _coalescer(self, entry: ModelEntry, version: str) -> Coalescer:
         key = (entry.config.name, version)
         coalescer = self._coalescers.get(key)
+        if coalescer is not None and coalescer.config.serving_json != entry.config.serving_json and coalescer.idle:
+            coalescer = None  # the model's config changed: batches are built by the new one once the old ones left
         if coalescer is None:
-            coalescer = self._coalescers[key] = Coalescer(
+            coalescer = self._coalescers[key] = _ModelCoalescer(
+                entry.config,
                 "router",
                 entry.config.name,
                 self._batch_runner(entry, version),
@@ -381,6 +596,9 @@ class RouterCore(DataplaneBase):
             timed = any(p.payload.timed for p, _ in kept)
             priority = min(p.priority for p, _ in kept)  # the batch queues at the model as its most urgent request
             model = await self.call_model(config.name, version, [features], deadline, timed, priority)
+            current = self.models.get(config.name)  # the traffic section in force now, not when this was built
+            if current is not None and current.config.traffic is not None:
+                self._mirror(current.config, version, [features], model.outputs)
             lo = 0
             for pending, flags in kept:
                 hi = lo + pending.rows
@@ -550,6 +768,8 @@ class RouterCore(DataplaneBase):
     async def close(self) -> None:
         for coalescer in self._coalescers.values():
             await coalescer.close()
+        for task in list(self._mirror_tasks):  # mirrors and rollbacks being recorded: nobody waits for them
+            task.cancel()
 
 
 def feature_breaker_changed(state: BreakerState) -> None:
@@ -571,3 +791,44 @@ def _add_router_time(results: list[SegmentResult], timed: list[bool], started: f
     for result, wants_timing in zip(results, timed, strict=True):
         if wants_timing and result.error is None:
             result.flags[timing.ROUTER] = timing.ms(elapsed - timing.seconds_of(result.flags))
+
+
+class _ModelCoalescer(Coalescer):
+    """A model version's coalescer, with the config its batches are built for."""
+
+    def __init__(self, config: ModelConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config = config
+
+
+@dataclass(slots=True)
+class _Work:
+    """The segments of a request batch to answer, and what every answer needs."""
+
+    entry: ModelEntry
+    output_names: list[str]
+    segments: list[Segment]
+    rows: list[int]
+    timed: list[bool]
+    deadline: Deadline
+
+    def subset(self, indexes: Sequence[int]) -> _Work:
+        return _Work(
+            self.entry,
+            self.output_names,
+            [self.segments[i] for i in indexes],
+            [self.rows[i] for i in indexes],
+            [self.timed[i] for i in indexes],
+            self.deadline,
+        )
+
+
+def _concatenate(parts: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Segments' tensors as one batch (the first's, as they are, when there is one)."""
+    if len(parts) == 1:
+        return parts[0]
+    joined: dict[str, Tensor] = {}
+    for name, first in parts[0].items():
+        data = np.concatenate([part[name].data for part in parts])
+        joined[name] = Tensor(name, first.datatype, (len(data), *first.shape[1:]), data)
+    return joined

@@ -57,6 +57,8 @@ class RouterService(Service):
             max_inflight_batches=settings.max_inflight_batches,
             max_pending_requests=settings.max_pending_requests,
             hedging=HedgePolicy(settings.hedge_max_ratio),
+            max_mirrors=settings.max_mirrors,
+            mirror_timeout_s=settings.mirror_timeout_ms / 1000,
             feature_breaker=CircuitBreaker(
                 settings.feature_breaker_failures, settings.feature_breaker_open_s, on_change=feature_breaker_changed
             ),

@@ -59,3 +59,10 @@ class RouterSettings(ServiceSettings):
     max_pending_requests: int = Field(
         4096, ge=1, description="Requests waiting to be coalesced per model; beyond it RESOURCE_EXHAUSTED."
     )
+    max_mirrors: int = Field(
+        64,
+        ge=0,
+        description="Mirrored calls (shadow versions, a guarded canary's comparison with the baseline) in flight at "
+        "once; past it a mirror is dropped and counted (infermesh_mirrors_dropped_total), never waited for.",
+    )
+    mirror_timeout_ms: float = Field(1000.0, gt=0, description="Deadline of one mirrored call.")

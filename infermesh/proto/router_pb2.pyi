@@ -41,7 +41,7 @@ class InferBatchRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_inference_pb2.ModelInferRequest.InferInputTensor, _Mapping]]] = ..., raw_input_contents: _Optional[_Iterable[bytes]] = ..., outputs: _Optional[_Iterable[str]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
 
 class SegmentResult(_message.Message):
-    __slots__ = ("code", "message", "flags")
+    __slots__ = ("code", "message", "flags", "model_version")
     class FlagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,10 +52,12 @@ class SegmentResult(_message.Message):
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     flags: _containers.ScalarMap[str, str]
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., flags: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., flags: _Optional[_Mapping[str, str]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class InferBatchResponse(_message.Message):
     __slots__ = ("model_name", "model_version", "outputs", "raw_output_contents", "segments")

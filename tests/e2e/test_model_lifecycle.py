@@ -29,9 +29,14 @@ FAST_CHANGES = {
 
 
 def lifecycle_mesh(demo_dir: Path, run_dir: Path, **options: object) -> LocalMesh:
-    """The mesh on its own copy of the demo repository (versions are added to it), with an admin key."""
+    """The mesh on its own copy of the demo repository (versions are added to it), with an admin key. `fraud` starts
+    there as a model with one version and the default policy (the newest)."""
     repository = run_dir / "model_repository"
     shutil.copytree(demo_dir / "model_repository", repository)
+    shutil.rmtree(repository / "fraud" / "2")
+    config = json.loads((repository / "fraud" / "config.json").read_text())
+    config.pop("version_policy", None)
+    (repository / "fraud" / "config.json").write_text(json.dumps(config))
     settings = {**FAST_CHANGES, **options}
     mesh_options = MeshOptions(
         demo_dir=demo_dir,

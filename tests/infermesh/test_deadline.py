@@ -54,9 +54,14 @@ def test_each_error_names_its_status_and_crosses_a_hop_as_itself(error: type[err
     assert str(back) == "told"
 
 
-@pytest.mark.parametrize("code", [errors.Code.CANCELLED, errors.Code.INTERNAL, errors.Code.UNKNOWN, 99])
+@pytest.mark.parametrize("code", [errors.Code.CANCELLED, errors.Code.UNKNOWN, 99])
 def test_a_status_with_no_domain_meaning_is_unavailable(code: int) -> None:
     assert isinstance(errors.error_for(code, "x"), errors.Unavailable)
+
+
+def test_internal_is_a_failure_on_the_request_not_a_reason_to_retry() -> None:
+    failed = errors.error_for(errors.Code.INTERNAL, "x")
+    assert isinstance(failed, errors.ModelFailed) and not isinstance(failed, errors.Unavailable)
 
 
 class Context:
