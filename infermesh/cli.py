@@ -3,7 +3,9 @@
 `infermesh models list|load|unload|stats` call a gateway's model repository and statistics extensions of the
 Open Inference Protocol (the calls tritonclient's `get_model_repository_index`, `load_model`, `unload_model`
 and `get_inference_statistics` make); `infermesh models publish` writes a new TorchScript version into a model
-repository folder, complete or not at all, for the model services to pick up.
+repository folder, complete or not at all, for the model services to pick up. `infermesh rollout
+show|canary|shadow|cascade|promote|off` change a model's `traffic` section (canary with its guard, shadows,
+cascade) through the same load with a config override that tritonclient's `load_model(config=...)` sends.
 
 The API key comes from $INFERMESH_API_KEY only: an option would show in `ps` and in the shell's history.
 Exit codes: 0 done; 1 refused (by the server, or a publish that would overwrite or write junk); 2 usage;
@@ -31,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
-from infermesh.model_config import CONFIG_FILE, MODEL_FILE
+from infermesh.model_config import CONFIG_FILE, MESH_PARAMETER_PREFIX, MODEL_FILE
 from infermesh.proto import inference_pb2 as pb
 from infermesh.proto import inference_pb2_grpc as pb_grpc
 
@@ -158,17 +161,103 @@ def list_models(gateway: Gateway, as_json: bool) -> None:
     _emit(as_json, rows, _table(["MODEL", "VERSION", "STATE", "REASON"], table) if rows else "no models")
 
 
-def load_model(gateway: Gateway, model: str, config_text: str | None, as_json: bool) -> None:
+def load_model(gateway: Gateway, model: str, config_text: str | None, as_json: bool, quiet: bool = False) -> None:
     request = pb.RepositoryModelLoadRequest(model_name=model)
     if config_text is not None:  # as tritonclient's load_model(config=...) sends it
         request.parameters["config"].string_param = config_text
     gateway.stub.RepositoryModelLoad(request, **gateway.options())
-    _emit(as_json, {"model": model, "loaded": True}, f"loaded {model}")
+    if not quiet:
+        _emit(as_json, {"model": model, "loaded": True}, f"loaded {model}")
 
 
 def unload_model(gateway: Gateway, model: str, as_json: bool) -> None:
     gateway.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=model), **gateway.options())
     _emit(as_json, {"model": model, "unloaded": True}, f"unloaded {model}")
+
+
+TRAFFIC_PARAMETER = MESH_PARAMETER_PREFIX + "traffic"
+
+
+def _config_in_force(gateway: Gateway, model: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The model's config as Triton shows it (JSON), less its traffic section; and that section, if any."""
+    response = gateway.stub.ModelConfig(pb.ModelConfigRequest(name=model), **gateway.options())
+    config: dict[str, Any] = json_format.MessageToDict(response.config, preserving_proto_field_name=True)
+    parameter = config.get("parameters", {}).pop(TRAFFIC_PARAMETER, None)
+    traffic = json.loads(parameter["string_value"]) if parameter else None
+    return config, traffic
+
+
+def _baseline(gateway: Gateway, model: str, traffic: dict[str, Any] | None) -> str:
+    """The version answering now: the traffic section's baseline, else the newest version served."""
+    if traffic is not None:
+        return str(traffic["baseline"])
+    metadata = gateway.stub.ModelMetadata(pb.ModelMetadataRequest(name=model), **gateway.options())
+    if not metadata.versions:
+        raise Refused(f"model '{model}' serves no version to start a rollout from")
+    return max(metadata.versions, key=_version_key)
+
+
+def _apply_traffic(gateway: Gateway, model: str, config: dict[str, Any], traffic: dict[str, Any] | None) -> None:
+    if traffic is not None:
+        config["traffic"] = traffic
+    load_model(gateway, model, json.dumps(config), as_json=False, quiet=True)
+
+
+def rollout(gateway: Gateway, args: argparse.Namespace) -> None:
+    """Change `args.model`'s traffic section as `args.command` says; print the section in force afterwards."""
+    model: str = args.model
+    command: str = args.command
+    config, traffic = _config_in_force(gateway, model)
+    if command == "show":
+        index = gateway.stub.RepositoryIndex(pb.RepositoryIndexRequest(), **gateway.options())
+        versions = [
+            {"version": m.version, "state": m.state, "reason": m.reason} for m in index.models if m.name == model
+        ]
+        document = {"model": model, "traffic": traffic, "versions": versions}
+        rows = [[v["version"], v["state"], v["reason"]] for v in versions]
+        text = json.dumps(traffic, indent=2) if traffic is not None else "no traffic section: the version policy rules"
+        _emit(args.json, document, text + "\n" + _table(["VERSION", "STATE", "REASON"], rows))
+        return
+    if command == "off":
+        _apply_traffic(gateway, model, config, None)
+        _emit(args.json, {"model": model, "traffic": None}, f"{model}: no traffic section (the version policy rules)")
+        return
+    baseline = _baseline(gateway, model, traffic)
+    changed: dict[str, Any] = dict(traffic) if traffic is not None else {"baseline": baseline}
+    if command == "canary":
+        version: str = args.version
+        if version == baseline:
+            raise Refused(f"version {version} is the baseline; a canary is another version")
+        if not 0 <= args.weight <= 100:
+            raise Refused("--weight is a percentage: 0 to 100")
+        changed["split"] = {baseline: 100 - args.weight, version: args.weight}
+        changed["shadow"] = [v for v in changed.get("shadow", []) if v != version]
+        changed["rolled_back"] = {}
+        if args.sticky:
+            changed["sticky_input"] = args.sticky
+        if args.no_guard:
+            changed.pop("guard", None)
+        else:
+            changed["guard"] = {
+                "window_s": args.window_s,
+                "min_requests": args.min_requests,
+                "max_error_ratio": args.max_error_ratio,
+                "max_p99_ms": args.max_p99_ms,
+                "max_divergence": args.max_divergence,
+            }
+    elif command == "shadow":
+        changed["shadow"] = list(args.versions)
+        changed["shadow_sample"] = args.sample
+    elif command == "cascade":
+        low, high = args.between
+        changed["cascade"] = {"model": args.large_model, "when_output_between": [low, high], "output": args.output}
+    elif command == "promote":
+        changed["baseline"] = args.version
+        changed["split"] = {args.version: 100}
+        changed["shadow"] = [v for v in changed.get("shadow", []) if v != args.version]
+        changed["rolled_back"] = {}
+    _apply_traffic(gateway, model, config, changed)
+    _emit(args.json, {"model": model, "traffic": changed}, f"{model}: " + json.dumps(changed))
 
 
 def _mean_ms(duration: pb.StatisticDuration) -> float | None:
@@ -348,7 +437,41 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("model", metavar="MODEL", type=_model_name)
     publish.add_argument("version", metavar="VERSION", type=_version)
     publish.add_argument("file", metavar="FILE", type=Path, help="a TorchScript archive (torch.jit.save)")
-    for command in (listing, load, unload, stats, publish):
+    rollouts = groups.add_parser("rollout", help="canaries, shadows and cascades: a model's traffic section")
+    steps = rollouts.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    show = steps.add_parser("show", parents=[connection, output], help="the traffic section and each version's state")
+    show.add_argument("model", metavar="MODEL", type=_model_name)
+    canary = steps.add_parser(
+        "canary", parents=[connection, output], help="send a share of the traffic to VERSION, guarded"
+    )
+    canary.add_argument("model", metavar="MODEL", type=_model_name)
+    canary.add_argument("version", metavar="VERSION", type=_version)
+    canary.add_argument("--weight", type=int, default=10, help="percent of the traffic (default %(default)s)")
+    canary.add_argument("--sticky", metavar="INPUT", default="", help="one version per value of this input")
+    guard = canary.add_argument_group("guard (automatic rollback)")
+    guard.add_argument("--window-s", type=float, default=30.0, help="window of the figures (default %(default)s)")
+    guard.add_argument("--min-requests", type=int, default=50, help="before any verdict (default %(default)s)")
+    guard.add_argument("--max-error-ratio", type=float, default=0.01, help="default %(default)s")
+    guard.add_argument("--max-p99-ms", type=float, default=None, help="p99 latency limit (default: none)")
+    guard.add_argument("--max-divergence", type=float, default=None, help="mean |Δ| from the baseline (default: none)")
+    guard.add_argument("--no-guard", action="store_true", help="no automatic rollback")
+    shadow = steps.add_parser("shadow", parents=[connection, output], help="mirror the traffic to VERSIONs")
+    shadow.add_argument("model", metavar="MODEL", type=_model_name)
+    shadow.add_argument("versions", metavar="VERSION", type=_version, nargs="*", help="none: stop shadowing")
+    shadow.add_argument("--sample", type=float, default=1.0, help="share of the traffic mirrored (default 1)")
+    cascade = steps.add_parser(
+        "cascade", parents=[connection, output], help="answers inside a band go to a larger model"
+    )
+    cascade.add_argument("model", metavar="MODEL", type=_model_name)
+    cascade.add_argument("large_model", metavar="LARGE_MODEL", type=_model_name)
+    cascade.add_argument("--between", type=float, nargs=2, metavar=("LOW", "HIGH"), required=True)
+    cascade.add_argument("--output", default="", help="the output the band applies to (default: the first)")
+    promote = steps.add_parser("promote", parents=[connection, output], help="make VERSION the baseline, all traffic")
+    promote.add_argument("model", metavar="MODEL", type=_model_name)
+    promote.add_argument("version", metavar="VERSION", type=_version)
+    off = steps.add_parser("off", parents=[connection, output], help="drop the traffic section")
+    off.add_argument("model", metavar="MODEL", type=_model_name)
+    for command in (listing, load, unload, stats, publish, show, canary, shadow, cascade, promote, off):
         command.set_defaults(command_parser=command)  # usage errors found later show the command's usage
     return parser
 
@@ -429,12 +552,14 @@ def main(argv: list[str] | None = None) -> int:
         "unload": lambda gateway: unload_model(gateway, args.model, as_json),
         "stats": lambda gateway: model_stats(gateway, args.model, args.version, as_json),
     }
+    if args.group == "rollout":
+        actions = {command: lambda gateway: rollout(gateway, args)}
     try:
         with _reported() as code:
             if command == "publish":
                 publish(args.repository, args.model, args.version, args.file, as_json)
             else:
-                target = _target(parser, args, slow=command in ("load", "unload"))
+                target = _target(parser, args, slow=command in ("load", "unload") or args.group == "rollout")
                 with Gateway(target) as gateway:
                     actions[command](gateway)
     except KeyboardInterrupt:

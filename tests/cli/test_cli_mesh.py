@@ -17,6 +17,7 @@ from tests.cli.runner import run_cli
 from tests.e2e.meshes import DEMO_KEY, auth, fraud_inputs
 
 ADMIN_KEY = "test-cli-admin-key-0123456789"
+ADMIN_ENV = {"INFERMESH_API_KEY": ADMIN_KEY}
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +97,40 @@ def test_no_key_is_unauthenticated_with_a_hint(admin_mesh: LocalMesh) -> None:
     assert result.returncode == 1
     assert "error: UNAUTHENTICATED" in result.stderr
     assert "INFERMESH_API_KEY" in result.stderr
+
+
+def rollout(mesh: LocalMesh, *args: str) -> Any:
+    result = run_cli(
+        "rollout", *args, "--url", mesh.gateway_address, "--timeout", "60", "--json", INFERMESH_API_KEY=ADMIN_KEY
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def answered_by(mesh: LocalMesh, users: list[str]) -> set[str]:
+    client = grpcclient.InferenceServerClient(mesh.gateway_address)
+    try:
+        answers = [client.infer("fraud", fraud_inputs([u], ["m1"], [12.5]), headers=auth()) for u in users]
+    finally:
+        client.close()
+    return {answer.get_response().model_version for answer in answers}
+
+
+def test_rollout_canary_shadow_promote_and_off(admin_mesh: LocalMesh) -> None:
+    users = [f"u{i}" for i in range(40)]
+    canary = rollout(admin_mesh, "canary", "fraud", "2", "--weight", "30", "--sticky", "user_id")
+    assert canary["traffic"]["split"] == {"1": 70, "2": 30}
+    shown = rollout(admin_mesh, "show", "fraud")
+    assert shown["traffic"]["split"] == {"1": 70, "2": 30} and shown["traffic"]["guard"]["max_error_ratio"] == 0.01
+    assert {(v["version"], v["state"]) for v in shown["versions"]} == {("1", "READY"), ("2", "READY")}
+    assert answered_by(admin_mesh, users) == {"1", "2"}
+    shadowing = run_cli("rollout", "shadow", "fraud", "2", "--url", admin_mesh.gateway_address, **ADMIN_ENV)
+    assert shadowing.returncode == 1 and "version 2 also answers" in shadowing.stderr  # it is in the split
+    promoted = rollout(admin_mesh, "promote", "fraud", "2")
+    assert promoted["traffic"]["baseline"] == "2" and promoted["traffic"]["split"] == {"2": 100}
+    assert answered_by(admin_mesh, users) == {"2"}
+    refused = run_cli("rollout", "canary", "fraud", "2", "--url", admin_mesh.gateway_address, **ADMIN_ENV)
+    assert refused.returncode == 1 and "is the baseline" in refused.stderr
+    rollout(admin_mesh, "off", "fraud")  # the version policy again: the repository's config serves version 1
+    assert rollout(admin_mesh, "show", "fraud")["traffic"] is None
+    assert answered_by(admin_mesh, users) == {"1"}
