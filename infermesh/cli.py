@@ -194,7 +194,7 @@ def _baseline(gateway: Gateway, model: str, traffic: dict[str, Any] | None) -> s
     metadata = gateway.stub.ModelMetadata(pb.ModelMetadataRequest(name=model), **gateway.options())
     if not metadata.versions:
         raise Refused(f"model '{model}' serves no version to start a rollout from")
-    return max(metadata.versions, key=_version_key)
+    return str(max(metadata.versions, key=_version_key))
 
 
 def _apply_traffic(gateway: Gateway, model: str, config: dict[str, Any], traffic: dict[str, Any] | None) -> None:

@@ -169,6 +169,8 @@ def test_operational_alerts_exist() -> None:
         "feature staleness": "view:infermesh_feature_stale:ratio_rate5m",
         "replica down": "up{",
         "no model replica": "infermesh_replicas_up",
+        "rollbacks": "infermesh_rollbacks_total",
+        "shadow divergence": "infermesh_shadow_divergence",
     }
     for what, needle in covered.items():
         assert any(needle in rule["expr"] for rule in rules.values()), f"no alert on {what}"
@@ -244,6 +246,8 @@ def test_oncall_dashboard() -> None:
     assert "infermesh_inflight_requests" in text, "in-flight"
     assert "infermesh_replicas_up" in text and "up{job=" in text, "replicas"
     assert "infermesh_model_loaded" in text and "process_start_time_seconds" in text, "model versions, deploys"
+    for rollout in ("infermesh_traffic_requests_total", "infermesh_guard_error_ratio", "infermesh_rollbacks_total"):
+        assert rollout in text, f"the rollouts row lacks {rollout}"
     annotations = [a for a in dashboard["annotations"]["list"] if "expr" in a]
     assert any("process_start_time_seconds" in a["expr"] for a in annotations), "deploy markers on every graph"
 
