@@ -468,6 +468,22 @@ def _stall(s: dict[str, Any]) -> list[str]:
     ]
 
 
+def _rollouts(s: dict[str, Any]) -> list[str]:
+    summary = s["summary"]
+    rows = [
+        [r["setup"], f"c={r['concurrency']}", r["throughput_rps"], r["p50_ms"], r["p99_ms"], r["throughput_vs_without"]]
+        for r in summary["rows"]
+    ]
+    return [
+        "`fraud` through the gateway (the shared mesh, two replicas) with its `traffic` section loaded at run time: "
+        "none; a shadow getting a mirror of every batch; a 90/10 canary with its guard (10 % of the canary's "
+        "batches also sent to the baseline); both. Mirrors run at the lowest priority on the same replicas and "
+        "cores, so their cost shows as throughput here.",
+        "",
+        *_table(["setup", "load", "req/s", "p50 ms", "p99 ms", "req/s vs without"], rows),
+    ]
+
+
 RENDER = {
     "floor": _floor,
     "overhead": _overhead,
@@ -482,6 +498,7 @@ RENDER = {
     "soak": _soak,
     "models": _models,
     "stall": _stall,
+    "rollouts": _rollouts,
 }
 
 
@@ -570,6 +587,19 @@ def targets(data: dict[str, Any]) -> list[str]:
                     f"≤ {summary['budget_ms']:g} ms",
                     f"{_f(worst['cpu_per_rejection_ms'])} ms at most ({worst['kind']})",
                     met(all(cost <= summary["budget_ms"] for cost in costs) if costs else None),
+                ]
+            )
+    if "rollouts" in by_name:
+        summary = by_name["rollouts"]["summary"]
+        top = max(summary["concurrency"])
+        both = next((r for r in summary["rows"] if r["setup"].startswith("both") and r["concurrency"] == top), None)
+        if both is not None and both["throughput_vs_without"] is not None:
+            rows.append(
+                [
+                    f"shadowing and guarding together, throughput at c={top}",
+                    "≥ 90 % of without",
+                    f"{both['throughput_vs_without'] * 100:.0f} %",
+                    met(both["throughput_vs_without"] >= 0.9),
                 ]
             )
     if "soak" in by_name:

@@ -1292,9 +1292,9 @@ async def soak(ctx: Context) -> dict[str, Any]:
 
 
 async def model_changes(ctx: Context) -> dict[str, Any]:
-    """`fraud` through the gateway at c=16 while its versions change (Triton's repository API, admin key): a new
-    version folder loaded (policy latest 1: version 2 in, 1 out), back to version 1 by a config override, both
-    versions, and back to the folder's policy. Zero failed requests is the requirement."""
+    """`fraud` through the gateway at c=16 while its versions change (Triton's repository API, admin key): version 2
+    in and 1 out (a config override with policy latest 1), back to version 1, both versions, and back to the
+    folder's config (version 1 only). Zero failed requests is the requirement."""
     options = ctx.options
     duration = options.fault_duration_s
     concurrency = options.model_change_concurrency
@@ -1305,16 +1305,13 @@ async def model_changes(ctx: Context) -> dict[str, Any]:
         config = json.loads((folder / "config.json").read_text())
         admin = {"authorization": f"Bearer {ctx.api_key}"}
         steps = [
-            ("load: version 2 in, 1 out", None),
+            ("config: version 2 in, 1 out", {**config, "version_policy": {"latest": {"num_versions": 1}}}),
             ("config: version 1 only", {**config, "version_policy": {"specific": {"versions": [1]}}}),
             ("config: versions 1 and 2", {**config, "version_policy": {"all": {}}}),
-            ("load: the folder's policy (2 only)", None),
+            ("load: the folder's config (1 only)", None),
         ]
 
         async def script(client: aioclient.InferenceServerClient) -> None:
-            staging = folder / ".staging-2"
-            await asyncio.to_thread(shutil.copytree, folder / "1", staging)
-            staging.rename(folder / "2")
             for index, (what, override) in enumerate(steps):
                 await clock.at(duration * (0.15 + 0.2 * index))
                 started = clock.mark(what)
@@ -1440,6 +1437,78 @@ async def feature_store_stall(ctx: Context) -> dict[str, Any]:
     }
 
 
+# 13. Cost of the rollout machinery ------------------------------------------------------------------------------
+
+
+ROLLOUT_SETUPS: tuple[tuple[str, dict[str, Any] | None], ...] = (
+    ("without", None),
+    ("shadow: every batch mirrored to version 2", {"baseline": "1", "shadow": ["2"]}),
+    (
+        "guarded canary: 90/10, 10 % of the canary compared",
+        # Limits no healthy version breaks: the guard measures and compares, it must not roll back here.
+        {"baseline": "1", "split": {"1": 90, "2": 10}, "guard": {"min_requests": 50, "max_error_ratio": 0.5}},
+    ),
+    (
+        "both: canary 90/10 guarded, shadow of version 2 on the baseline",
+        {
+            "baseline": "1",
+            "split": {"1": 90, "3": 10},
+            "shadow": ["2"],
+            "guard": {"min_requests": 50, "max_error_ratio": 0.5},
+        },
+    ),
+)
+
+
+async def rollouts(ctx: Context) -> dict[str, Any]:
+    """`fraud` through the gateway at the sweep's lowest and highest concurrency, without a traffic section and
+    with a shadow, a guarded canary and both: what mirroring and guarding cost on the request path (the mirrors
+    themselves take cores on this machine too)."""
+    mesh = await ctx.mesh()
+    options = ctx.options
+    admin = {"authorization": f"Bearer {ctx.api_key}"}
+    config = json.loads((mesh.repository / "fraud" / "config.json").read_text())
+    concurrencies = sorted({min(options.concurrency), max(c for c in options.concurrency if c <= 64)})
+    runs: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    async with _client(mesh.gateway_address) as client:
+        send = FraudViaGateway(client, ctx.api_key)
+        try:
+            for what, traffic in ROLLOUT_SETUPS:
+                if traffic is None:
+                    await client.load_model("fraud", headers=admin)  # the folder's config: no traffic section
+                else:
+                    versions = sorted({traffic["baseline"], *traffic.get("split", {}), *traffic.get("shadow", [])})
+                    override = {**config, "traffic": traffic}
+                    if "3" in versions:  # the demo has versions 1 and 2: a copy of 2 stands in as another canary
+                        await asyncio.to_thread(_ensure_version_copy, mesh.repository / "fraud", "2", "3")
+                    await client.load_model("fraud", config=json.dumps(override), headers=admin)
+                for concurrency in concurrencies:
+                    recording = await ctx.closed(send, concurrency, f"rollouts · {what} · c={concurrency}")
+                    run = _run(recording, what)
+                    runs.append(run)
+                    rows.append({"setup": what, "concurrency": concurrency, **_point(run)})
+        finally:
+            await client.load_model("fraud", headers=admin)
+    without = {r["concurrency"]: r for r in rows if r["setup"] == ROLLOUT_SETUPS[0][0]}
+    for row in rows:
+        base = without[row["concurrency"]]
+        row["throughput_vs_without"] = _ratio(row["throughput_rps"], base["throughput_rps"])
+    unexpected = _unexpected_errors(runs)
+    return {
+        "runs": runs,
+        "summary": {"rows": rows, "concurrency": concurrencies},
+        "defects": [f"failed requests while rolling out: {unexpected}"] if unexpected else [],
+    }
+
+
+def _ensure_version_copy(folder: Path, source: str, target: str) -> None:
+    if not (folder / target).exists():
+        staging = folder / f".staging-{target}"
+        shutil.copytree(folder / source, staging)
+        staging.rename(folder / target)
+
+
 Scenario = Callable[[Context], Awaitable[dict[str, Any]]]
 SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "floor": ("0. Transport floor", transport_floor),
@@ -1455,6 +1524,7 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "soak": ("10. Soak", soak),
     "models": ("11. Model changes under load", model_changes),
     "stall": ("12. Redis stall", feature_store_stall),
+    "rollouts": ("13. Cost of shadowing and guarding", rollouts),
 }
 
 

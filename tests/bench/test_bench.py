@@ -23,7 +23,7 @@ from bench.loadgen import Sample, closed_loop, nearest_rank, open_loop, result, 
 from bench.scenarios import SCENARIOS, BenchOptions, Context, run_scenario
 from bench.workloads import FraudViaGateway, malformed_requests, retry_delay_s
 from demo.mesh import LocalMesh
-from tests.e2e.meshes import DEMO_KEY, FLOOD_KEY
+from tests.e2e.meshes import DEMO_KEY, FLOOD_KEY, metric
 
 RUN_KEYS = {"label", "mode", "duration_s", "warmup_s", "requests", "ok", "errors", "tags", "throughput_rps"}
 PERCENTILE_KEYS = {"p50", "p90", "p95", "p99", "mean", "max"}
@@ -229,10 +229,10 @@ async def test_model_changes_scenario(demo_dir: Path, tmp_path: Path) -> None:
     summary = outcome["summary"]
     assert outcome["defects"] == [] and summary["failed"] == 0 and summary["requests"] > 0
     assert [c["what"] for c in summary["changes"]] == [
-        "load: version 2 in, 1 out",
+        "config: version 2 in, 1 out",
         "config: version 1 only",
         "config: versions 1 and 2",
-        "load: the folder's policy (2 only)",
+        "load: the folder's config (1 only)",
     ]
     assert all(c["load_s"] > 0 for c in summary["changes"])
     assert "**Failed requests: 0**" in "\n".join(report.RENDER["models"](outcome))
@@ -251,6 +251,23 @@ async def test_redis_stall_scenario(demo_dir: Path, tmp_path: Path) -> None:
     reject = outcome["summary"]["policies"]["reject"]["phases"]
     assert reject["stall"]["errors"].get("UNAVAILABLE", 0) > 0
     assert "Policy `default` during the stall: 0 failed" in "\n".join(report.RENDER["stall"](outcome))
+
+
+async def test_rollouts_scenario(demo_dir: Path, tmp_path: Path) -> None:
+    options = BenchOptions(duration_s=0.5, warmup_s=0.1, mesh_warmup_s=0.0, concurrency=(1, 4))
+    ctx = Context(demo_dir, tmp_path, options)
+    try:
+        outcome = await run_scenario(ctx, "rollouts")
+        mesh = ctx.shared_mesh
+        assert mesh is not None and mesh.router is not None
+        mirrored = metric(mesh.router.metrics_port, "infermesh_shadow_compared_rows_total", 'version="2"')
+    finally:
+        await ctx.close()
+    rows = outcome["summary"]["rows"]
+    assert outcome["defects"] == [] and len(rows) == 8 and all(r["throughput_rps"] > 0 for r in rows)
+    assert mirrored > 0  # the shadow and the canary's comparisons really ran
+    text = "\n".join(report.RENDER["rollouts"](outcome)) + "\n".join(report.targets({"scenarios": [outcome]}))
+    assert "shadowing and guarding together, throughput at c=4" in text
 
 
 def test_cli_options() -> None:
@@ -272,6 +289,7 @@ def test_cli_options() -> None:
         "soak",
         "models",
         "stall",
+        "rollouts",
     ]
     with pytest.raises(SystemExit):
         parse_args(["--scenarios", "nope"])
