@@ -1484,16 +1484,23 @@ async def rollouts(ctx: Context) -> dict[str, Any]:
                         await asyncio.to_thread(_ensure_version_copy, mesh.repository / "fraud", "2", "3")
                     await client.load_model("fraud", config=json.dumps(override), headers=admin)
                 for concurrency in concurrencies:
+                    pids = env.mesh_pids(mesh)
+                    cpu_before = sum(env.cpu_seconds(pid) for pid in pids.values())
                     recording = await ctx.closed(send, concurrency, f"rollouts · {what} · c={concurrency}")
+                    cpu_s = sum(env.cpu_seconds(pid) for pid in pids.values()) - cpu_before
                     run = _run(recording, what)
                     runs.append(run)
-                    rows.append({"setup": what, "concurrency": concurrency, **_point(run)})
+                    # CPU of every mesh process per request (warm-up included on both sides): steadier than
+                    # throughput on a machine whose cores other work shares.
+                    cpu_ms = _per_request_ms(cpu_s, len(recording.samples))
+                    rows.append({"setup": what, "concurrency": concurrency, "cpu_ms": cpu_ms, **_point(run)})
         finally:
             await client.load_model("fraud", headers=admin)
     without = {r["concurrency"]: r for r in rows if r["setup"] == ROLLOUT_SETUPS[0][0]}
     for row in rows:
         base = without[row["concurrency"]]
         row["throughput_vs_without"] = _ratio(row["throughput_rps"], base["throughput_rps"])
+        row["cpu_vs_without"] = _ratio(row["cpu_ms"], base["cpu_ms"]) if row["cpu_ms"] and base["cpu_ms"] else None
     unexpected = _unexpected_errors(runs)
     return {
         "runs": runs,

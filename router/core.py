@@ -417,7 +417,11 @@ class RouterCore(DataplaneBase):
                     failed = result.error is not None and is_version_failure(result.error)
                     self.traffic.record(config, version, elapsed, failed)
 
-        await asyncio.gather(*(answer(version, indexes) for version, indexes in groups.items()))
+        if len(groups) == 1:  # the common case: no task to spawn
+            ((version, indexes),) = groups.items()
+            await answer(version, indexes)
+        else:
+            await asyncio.gather(*(answer(version, indexes) for version, indexes in groups.items()))
         return results
 
     async def _cascade(
