@@ -79,8 +79,8 @@ With grpcurl (server reflection is on):
     {endpoint} inference.GRPCInferenceService/ModelInfer
 
 Manage the models (admin key):
-  INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models list --url {endpoint}
-  INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models stats fraud --url {endpoint}
+  INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models list --url {endpoint}{score_tls}
+  INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models stats fraud --url {endpoint}{score_tls}
   tritonclient: grpcclient.InferenceServerClient("{endpoint}"{tritonclient_tls}).load_model(
     "fraud", headers={{"authorization": "Bearer {admin_key}"}})
 
