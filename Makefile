@@ -7,8 +7,9 @@ INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard protos/*.proto)
 DEMO_DIR ?= .run/demo
 DEMO_STAMP := $(DEMO_DIR)/.ready
+CERTS_DIR ?= .run/certs
 
-.PHONY: setup proto demo run test lint format bench clean
+.PHONY: setup proto demo certs run test lint format bench clean
 
 setup: $(INSTALLED)
 
@@ -29,8 +30,13 @@ $(DEMO_STAMP): $(INSTALLED) $(wildcard demo/*.py)
 	$(PY) -m demo.setup --out $(DEMO_DIR)
 	touch $@
 
+# Development CA (ca.pem) and a certificate per service for TLS / mutual TLS (existing files are kept).
+certs: $(INSTALLED)
+	$(PY) -m demo.certs --out $(CERTS_DIR)
+
+# TLS=1: every hop over TLS (mutual TLS inside) with the certificates of `make certs` (made when missing).
 run: demo
-	$(PY) -m demo.run --demo-dir $(DEMO_DIR)
+	$(PY) -m demo.run --demo-dir $(DEMO_DIR) $(if $(filter 1,$(TLS)),--tls-dir $(CERTS_DIR))
 
 test: demo
 	$(PY) -m ruff check .

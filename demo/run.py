@@ -4,6 +4,8 @@ Uses the Redis at $REDIS_URL when set, else starts a private redis-server with i
 The demo API key (tenant 'demo': scores with `fraud` and `bench_mlp`) comes from $INFERMESH_DEMO_API_KEY, the
 admin key (tenant 'ops', role admin: may also list, load, unload and inspect the models with the `infermesh` CLI
 or tritonclient) from $INFERMESH_DEMO_ADMIN_KEY; either is generated when unset, and both are printed.
+The private Redis requires a generated password (in <run-dir>/redis/password, 0600). With --tls-dir (`TLS=1 make
+run`) every hop is TLS with the development certificates there, made when missing (`make certs`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ def main() -> None:
         "--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8001")), help="gateway port; 0: a free one"
     )
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument(
+        "--tls-dir", type=Path, default=None, help="TLS on every hop with the certificates here (made if missing)"
+    )
     args = parser.parse_args()
 
     api_key = os.environ.get("INFERMESH_DEMO_API_KEY") or new_api_key()
@@ -39,6 +44,7 @@ def main() -> None:
         replicas=args.replicas,
         redis_url=os.environ.get("REDIS_URL") or None,
         persist_redis=True,
+        tls_dir=args.tls_dir,
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -46,28 +52,36 @@ def main() -> None:
     print("starting redis, feature service, 2 model replicas, router and gateway…", flush=True)
     with LocalMesh(options) as mesh:
         endpoint = mesh.gateway_address
+        redis = f"{mesh.redis.url} (password in {mesh.redis.password_file})" if mesh.redis else "$REDIS_URL"
+        if mesh.ca_file is None:
+            transport, score_tls, grpcurl_tls = "plaintext", "", "-plaintext"
+        else:
+            transport = f"TLS (CA {mesh.ca_file}; mutual TLS between the services)"
+            score_tls = f" --ca {mesh.ca_file}"
+            grpcurl_tls = f"-cacert {mesh.ca_file}"
+        tritonclient_tls = f', ssl=True,\n    root_certificates="{mesh.ca_file}"' if mesh.ca_file is not None else ""
         print(
             f"""
-infermesh is serving the Open Inference Protocol on {endpoint}
+infermesh is serving the Open Inference Protocol on {endpoint} ({transport})
   API key (tenant 'demo'): {api_key}
   admin key (tenant 'ops', manages models): {admin_key}
-  logs: {args.run_dir}/*.log   redis: {mesh.redis_url}
+  logs: {args.run_dir}/*.log   redis: {redis}
 
 Score a transaction (tritonclient):
-  INFERMESH_API_KEY={api_key} .venv/bin/python -m examples.score --url {endpoint} \\
+  INFERMESH_API_KEY={api_key} .venv/bin/python -m examples.score --url {endpoint}{score_tls} \\
     --user u42 --merchant m7 --amount 129.99
 
 With grpcurl (server reflection is on):
-  grpcurl -plaintext -H 'authorization: Bearer {api_key}' -d '{{"model_name":"fraud","inputs":[
+  grpcurl {grpcurl_tls} -H 'authorization: Bearer {api_key}' -d '{{"model_name":"fraud","inputs":[
     {{"name":"user_id","datatype":"BYTES","shape":[1],"contents":{{"bytes_contents":["dTQy"]}}}},
     {{"name":"merchant_id","datatype":"BYTES","shape":[1],"contents":{{"bytes_contents":["bTc="]}}}},
     {{"name":"amount","datatype":"FP32","shape":[1],"contents":{{"fp32_contents":[129.99]}}}}]}}' \\
     {endpoint} inference.GRPCInferenceService/ModelInfer
 
 Manage the models (admin key):
-  INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models list --url {endpoint}
-  INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models stats fraud --url {endpoint}
-  tritonclient: grpcclient.InferenceServerClient("{endpoint}").load_model(
+  INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models list --url {endpoint}{score_tls}
+  INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models stats fraud --url {endpoint}{score_tls}
+  tritonclient: grpcclient.InferenceServerClient("{endpoint}"{tritonclient_tls}).load_model(
     "fraud", headers={{"authorization": "Bearer {admin_key}"}})
 
 Ctrl-C stops everything.""",

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from demo import synthetic
+from feature_service.settings import FeatureServiceSettings
 from feature_service.store import FeatureStore
 from feature_service.views import load_views
 
@@ -92,10 +93,20 @@ def main() -> None:
     parser.add_argument("--redis-url", required=True, help="Redis to seed, e.g. redis://127.0.0.1:6380/0")
     parser.add_argument("--views", type=Path, required=True, help="Feature views JSON file to (re)write")
     parser.add_argument("--key-prefix", default="im", help="The feature service's FEATURE_SERVICE_KEY_PREFIX")
+    parser.add_argument("--username", default="", help="Redis ACL user (as FEATURE_SERVICE_REDIS_USERNAME)")
+    parser.add_argument("--password-file", type=Path, help="File holding the Redis password")
+    parser.add_argument("--ca-file", type=Path, help="CA of Redis's certificate (rediss://)")
     args = parser.parse_args()
+    # The feature service's own rules for credentials and TLS: what works for it works here.
+    url = FeatureServiceSettings(
+        redis_url=args.redis_url,
+        redis_username=args.username,
+        redis_password_file=args.password_file,
+        redis_ca_file=args.ca_file,
+    ).redis_connection_url()
     write_demo_views(args.views)
     started = time.perf_counter()
-    written = asyncio.run(seed_demo_features(args.redis_url, args.views, key_prefix=args.key_prefix))
+    written = asyncio.run(seed_demo_features(url, args.views, key_prefix=args.key_prefix))
     print(json.dumps({"written": written, "seconds": round(time.perf_counter() - started, 3)}))
 
 

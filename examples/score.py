@@ -1,7 +1,8 @@
 """Score card transactions for fraud through the infermesh gateway with the stock Triton client.
 
     python -m examples.score --url 127.0.0.1:8001 --user u42 --merchant m7 --amount 129.99
-The API key is read from $INFERMESH_API_KEY.
+The API key is read from $INFERMESH_API_KEY. With --ca (a gateway serving TLS, e.g. `TLS=1 make run`) the call
+goes over TLS and the gateway's certificate is verified against that CA.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 
-def score(url: str, api_key: str, users: list[str], merchants: list[str], amounts: list[float]):
-    client = grpcclient.InferenceServerClient(url)
+def score(url: str, api_key: str, users: list[str], merchants: list[str], amounts: list[float], ca: str | None = None):
+    client = (
+        grpcclient.InferenceServerClient(url, ssl=True, root_certificates=ca)
+        if ca
+        else grpcclient.InferenceServerClient(url)
+    )
     inputs = [
         grpcclient.InferInput("user_id", [len(users)], "BYTES"),
         grpcclient.InferInput("merchant_id", [len(merchants)], "BYTES"),
@@ -33,9 +38,10 @@ def main() -> None:
     parser.add_argument("--user", action="append", required=True)
     parser.add_argument("--merchant", action="append", required=True)
     parser.add_argument("--amount", action="append", type=float, required=True)
+    parser.add_argument("--ca", help="PEM CA of the gateway's certificate: call over TLS")
     args = parser.parse_args()
     api_key = os.environ.get("INFERMESH_API_KEY", "")
-    result = score(args.url, api_key, args.user, args.merchant, args.amount)
+    result = score(args.url, api_key, args.user, args.merchant, args.amount, args.ca)
     probabilities = result.as_numpy("fraud_probability")
     response = result.get_response()
     print(f"model fraud version {response.model_version}")

@@ -3,17 +3,45 @@
 from __future__ import annotations
 
 import logging
+import ssl
 
 import grpc
+from redis.exceptions import AuthenticationError
 
 from feature_service.servicer import SERVICE_NAME, FeatureStoreServicer
 from feature_service.settings import FeatureServiceSettings
 from feature_service.store import FeatureStore
 from feature_service.views import load_views
+from infermesh.errors import Unavailable
 from infermesh.proto import feature_store_pb2_grpc as pb_grpc
 from infermesh.service import Service
 
 log = logging.getLogger(__name__)
+
+
+class RedisStartError(RuntimeError):
+    """The feature service cannot use its Redis at start: the message says why, without the secret."""
+
+
+def _start_failure(cause: BaseException | None) -> str:
+    if isinstance(cause, AuthenticationError):
+        return (
+            "Redis refused the credentials (wrong password or ACL user): check redis_password_file / "
+            "redis_username (FEATURE_SERVICE_REDIS_PASSWORD_FILE, FEATURE_SERVICE_REDIS_USERNAME)"
+        )
+    if _caused_by_tls(cause):
+        return "TLS to Redis failed (its certificate does not verify against redis_ca_file, or Redis speaks no TLS)"
+    return f"Redis is unreachable ({type(cause).__name__})"
+
+
+def _caused_by_tls(error: BaseException | None) -> bool:
+    # redis-py reports a failed handshake as a ConnectionError whose cause (or text) is the ssl error.
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, ssl.SSLError) or "SSL" in str(error):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
 
 
 class FeatureService(Service):
@@ -34,7 +62,7 @@ class FeatureService(Service):
         settings = self.settings
         views = load_views(settings.views_path)
         store = FeatureStore.connect(
-            settings.redis_url,
+            settings.redis_connection_url(),
             views,
             timeout_s=settings.redis_timeout_s,
             key_prefix=settings.key_prefix,
@@ -42,7 +70,10 @@ class FeatureService(Service):
             max_connections=settings.redis_max_connections,
         )
         self.store = store  # assigned first so close() releases the client even if Redis is down now
-        await store.ping()
+        try:
+            await store.ping()
+        except Unavailable as error:
+            raise RedisStartError(_start_failure(error.__cause__)) from None
         await store.load_scripts()
         self.servicer.store = store
         log.info("feature views loaded", extra={"fields": {"views": sorted(views)}})

@@ -11,7 +11,7 @@ from typing import TypeVar
 import grpc
 
 from infermesh.batch_codec import batch_request, split_batch_response
-from infermesh.channels import insecure_channel
+from infermesh.channels import client_channel
 from infermesh.deadline import Deadline
 from infermesh.errors import DomainError, Unavailable
 from infermesh.method_handlers import answered_by, error_from_rpc
@@ -22,6 +22,7 @@ from infermesh.repository_service import RepositoryClient
 from infermesh.retry import RetryBudget, with_retries
 from infermesh.segments import InferBatch
 from infermesh.statistics import ModelStatistics
+from infermesh.tls import ClientTls
 
 READY_CACHE_S = 1.0
 
@@ -42,8 +43,9 @@ class RouterClient:
         attempts: int,
         budget_tokens: float = 20.0,
         budget_ratio: float = 0.1,
+        tls: ClientTls | None = None,
     ) -> None:
-        self.channel = insecure_channel(target, max_message_bytes)
+        self.channel = client_channel(target, max_message_bytes, tls)
         # No (de)serializers: bytes in, bytes out.
         self._infer = self.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         self._infer_batch = self.channel.unary_unary(

@@ -33,6 +33,7 @@ class GatewayService(Service):
             settings.router_attempts,
             settings.retry_budget_tokens,
             settings.retry_budget_ratio,
+            settings.client_tls(),
         )
         router_calls = RouterCalls(
             self.router,

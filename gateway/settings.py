@@ -55,6 +55,11 @@ class GatewaySettings(ServiceSettings):
         "a target costs throughput there (BENCHMARKS.md, overload); set it where the gateway has cores to spare.",
     )
     max_message_bytes: int = Field(16 * 1024 * 1024, description="Largest request accepted.")
+    tls_client_auth: bool = Field(
+        False,
+        description="With TLS on, require every client to present a certificate signed by tls_ca_file "
+        "(off: the public port takes any TLS client; callers authenticate with API keys or JWTs).",
+    )
     router_attempts: int = Field(2, ge=1, description="Attempts per router call when the router is unavailable.")
     repository_refresh_s: float = Field(
         1.0, gt=0, description="How often the mesh's models (configs and version states) are read from the router."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from infermesh import telemetry
+from infermesh.tls import ClientTls
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
@@ -26,9 +27,15 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
     ]
 
 
-def insecure_channel(target: str, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        target,
-        options=channel_options(max_message_bytes),
-        interceptors=telemetry.client_interceptors() or None,
-    )
+def client_channel(
+    target: str, max_message_bytes: int = 64 * 1024 * 1024, tls: ClientTls | None = None
+) -> grpc.aio.Channel:
+    """A channel to the next hop: plaintext, or TLS verifying the server against the mesh CA and presenting this
+    service's certificate. The certificate files are read here, once: a channel keeps them (docs/security.md)."""
+    options = channel_options(max_message_bytes)
+    interceptors = telemetry.client_interceptors() or None
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.aio.secure_channel(target, tls.credentials(), options=options, interceptors=interceptors)

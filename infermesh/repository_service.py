@@ -8,13 +8,14 @@ from typing import Any, Protocol
 import grpc
 
 from infermesh import oip
-from infermesh.channels import insecure_channel
+from infermesh.channels import client_channel
 from infermesh.deadline import Deadline
 from infermesh.method_handlers import error_from_rpc
 from infermesh.model_config import VersionStatus
 from infermesh.proto import inference_pb2, inference_pb2_grpc, repository_pb2, repository_pb2_grpc
 from infermesh.repository import ModelState, RepositoryState
 from infermesh.statistics import ModelStatistics
+from infermesh.tls import ClientTls
 
 SERVICE = repository_pb2.DESCRIPTOR.services_by_name["ModelRepository"].full_name
 
@@ -77,8 +78,8 @@ class RepositoryClient:
         self.state: RepositoryState | None = None
 
     @staticmethod
-    def connect(target: str, max_message_bytes: int) -> RepositoryClient:
-        return RepositoryClient(insecure_channel(target, max_message_bytes), target)
+    def connect(target: str, max_message_bytes: int, tls: ClientTls | None = None) -> RepositoryClient:
+        return RepositoryClient(client_channel(target, max_message_bytes, tls), target)
 
     async def refresh(self, timeout_s: float) -> bool:
         """Fetch the state if it changed; True when it did. Raises the hop's error as a DomainError."""

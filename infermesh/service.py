@@ -27,6 +27,7 @@ from infermesh import __version__, metrics, telemetry
 from infermesh.logs import configure_logging
 from infermesh.method_handlers import ServiceHandlers
 from infermesh.settings import ServiceSettings
+from infermesh.tls import ReloadingServerCredentials
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -51,6 +52,7 @@ class Service(ABC):
         self._stopping = asyncio.Event()
         self._service_names: list[str] = []
         self._serving = False  # between start and shutdown: service statuses follow service_serving()
+        self.tls_credentials: ReloadingServerCredentials | None = None
 
     @abstractmethod
     async def register(self, server: grpc.aio.Server) -> list[str]:
@@ -120,12 +122,20 @@ class Service(ABC):
             ],
             server,
         )
-        self.port = server.add_insecure_port(f"{_host_for_bind(settings.host)}:{settings.port}")
+        address = f"{_host_for_bind(settings.host)}:{settings.port}"
+        server_tls = settings.server_tls()
+        if server_tls is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.tls_credentials = ReloadingServerCredentials(server_tls)
+            self.port = server.add_secure_port(address, self.tls_credentials.credentials())
         if self.port == 0:
             raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
         if settings.health_port >= 0:
             # Probes get a server of their own: no call limit, no backlog shared with the API, so a saturated
             # or flooded API port never makes a liveness probe fail (and Kubernetes restart a busy pod).
+            # Plaintext even with TLS on: it answers only grpc.health.v1 statuses, and kubelet's gRPC probes
+            # speak no TLS.
             self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = self.health_server.add_insecure_port(
@@ -159,7 +169,14 @@ class Service(ABC):
         self._write_port_file()
         log.info(
             "serving",
-            extra={"fields": {"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}},
+            extra={
+                "fields": {
+                    "port": self.port,
+                    "metrics_port": self.metrics_port,
+                    "tls": server_tls is not None,
+                    "pid": os.getpid(),
+                }
+            },
         )
 
     async def stop(self, grace: float | None = None) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from infermesh.tls import ClientTls, ServerTls
 
 
 class ServiceSettings(BaseSettings):
@@ -74,3 +76,52 @@ class ServiceSettings(BaseSettings):
     max_connection_age_grace_s: float = Field(
         30.0, ge=0, description="How long calls on a connection closed for its age may still finish."
     )
+    # TLS (docs/security.md). None of them set: plaintext, the default.
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate (chain) the gRPC API port serves; with tls_key_file it turns TLS on. Re-read "
+        "when the file changes. Also presented to the next hop unless tls_client_cert_file is set.",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file (re-read on change).")
+    tls_ca_file: Path | None = Field(
+        None,
+        description="PEM CA of the mesh: verifies client certificates (tls_client_auth) and the server certificate "
+        "of every hop this service calls; setting it turns TLS on for outgoing calls.",
+    )
+    tls_client_auth: bool = Field(
+        True,
+        description="With TLS on, accept only clients presenting a certificate signed by tls_ca_file (mutual TLS).",
+    )
+    tls_client_cert_file: Path | None = Field(
+        None, description="Certificate presented when calling the next hop, if not tls_cert_file (e.g. a public one)."
+    )
+    tls_client_key_file: Path | None = Field(None, description="Private key of tls_client_cert_file.")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServiceSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if (self.tls_client_cert_file is None) != (self.tls_client_key_file is None):
+            raise ValueError("tls_client_cert_file and tls_client_key_file go together: set both or neither")
+        if self.tls_cert_file is not None and self.tls_client_auth and self.tls_ca_file is None:
+            raise ValueError("tls_client_auth needs tls_ca_file (the CA that signs client certificates)")
+        return self
+
+    def server_tls(self) -> ServerTls | None:
+        """TLS of the API port; None: plaintext."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        return ServerTls(
+            self.tls_cert_file,
+            self.tls_key_file,
+            self.tls_ca_file if self.tls_client_auth else None,
+            self.tls_client_auth,
+        )
+
+    def client_tls(self) -> ClientTls | None:
+        """TLS of the calls this service makes to the next hop; None: plaintext."""
+        if self.tls_ca_file is None:
+            return None
+        if self.tls_client_cert_file is not None:
+            return ClientTls(self.tls_ca_file, self.tls_client_cert_file, self.tls_client_key_file)
+        return ClientTls(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)

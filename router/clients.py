@@ -9,7 +9,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infermesh import oip, timing
-from infermesh.channels import insecure_channel
+from infermesh.channels import client_channel
 from infermesh.deadline import Deadline
 from infermesh.features import FeatureBlock, FeatureQuery
 from infermesh.method_handlers import error_from_rpc
@@ -19,12 +19,13 @@ from infermesh.repository import RepositoryState
 from infermesh.repository_service import RepositoryClient
 from infermesh.statistics import ModelStatistics
 from infermesh.tensors import Tensor
+from infermesh.tls import ClientTls
 from router.core import ModelAnswer
 
 
 class FeatureServiceClient:
-    def __init__(self, address: str, max_message_bytes: int) -> None:
-        self.channel = insecure_channel(address, max_message_bytes)
+    def __init__(self, address: str, max_message_bytes: int, tls: ClientTls | None = None) -> None:
+        self.channel = client_channel(address, max_message_bytes, tls)
         self._stub = feature_store_pb2_grpc.FeatureStoreStub(self.channel)
 
     async def read(self, queries: Sequence[FeatureQuery], deadline: Deadline) -> list[FeatureBlock]:
@@ -70,9 +71,9 @@ class FeatureServiceClient:
 class ModelServiceClient:
     """One replica. Inputs travel raw; outputs are read from raw_output_contents."""
 
-    def __init__(self, address: str, max_message_bytes: int) -> None:
+    def __init__(self, address: str, max_message_bytes: int, tls: ClientTls | None = None) -> None:
         self.address = address
-        self.channel = insecure_channel(address, max_message_bytes)
+        self.channel = client_channel(address, max_message_bytes, tls)
         self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._repository = RepositoryClient(self.channel, f"model service {address}")

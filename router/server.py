@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
@@ -32,9 +33,16 @@ class RouterService(Service):
 
     async def register(self, server: Any) -> list[str]:
         settings = self.settings
-        self.features = FeatureServiceClient(settings.feature_service_address, settings.max_message_bytes)
+        tls = settings.client_tls()
+        self.features = FeatureServiceClient(settings.feature_service_address, settings.max_message_bytes, tls)
+        # Replicas found through DNS are called by IP: their certificates must name the Service.
+        replica_tls = (
+            dataclasses.replace(tls, server_name=settings.model_service_dns.rpartition(":")[0])
+            if tls is not None and settings.model_service_dns
+            else tls
+        )
         self.replicas = ReplicaSet(
-            lambda address: ModelServiceClient(address, settings.max_message_bytes),
+            lambda address: ModelServiceClient(address, settings.max_message_bytes, replica_tls),
             ejection=Ejection(
                 settings.eject_s,
                 settings.eject_consecutive_failures,

@@ -74,13 +74,13 @@ def host_port(address: str) -> tuple[str, int]:
 
 # ------------------------------------------------------------------------------------------------ compose
 
-_INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+_INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
 
 
 def interpolate(value: Any) -> Any:
-    """Compose's `${VAR:-default}` with no variable set: what a plain `docker compose up` uses."""
+    """Compose's `${VAR:-default}` with no variable set: what a plain `docker compose up` uses (`$$` is a `$`)."""
     if isinstance(value, str):
-        return _INTERPOLATION.sub(lambda m: m.group("default") or "", value)
+        return _INTERPOLATION.sub(lambda m: "$" if m.group(0) == "$$" else m.group("default") or "", value)
     if isinstance(value, list):
         return [interpolate(item) for item in value]
     if isinstance(value, dict):
@@ -177,3 +177,20 @@ def deployment_module(deployment: dict[str, Any]) -> str | None:
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in selector.items())
+
+
+# ------------------------------------------------------------------------------------------------ redis ACL
+
+_ACL_RULE = re.compile(r"user infermesh on >%s (?P<rule>[^\\']+)")
+
+
+def redis_acl_rule(script: str) -> str:
+    """The `infermesh` ACL user's rule (without its password) in a Redis start script."""
+    found = _ACL_RULE.search(" ".join(script.split()))
+    assert found, "no `user infermesh on >%s ...` ACL line in the Redis start script"
+    return found.group("rule").strip()
+
+
+def redis_acl_rule_of_kubernetes() -> str:
+    redis = by_kind(kustomize_build("base"), "Deployment")["redis"]
+    return redis_acl_rule(redis["spec"]["template"]["spec"]["containers"][0]["args"][0])

@@ -23,6 +23,8 @@ from tests.deploy.artifacts import (
     compose_raw,
     compose_services,
     host_port,
+    redis_acl_rule,
+    redis_acl_rule_of_kubernetes,
     service_settings,
 )
 
@@ -86,16 +88,19 @@ def test_service_addresses_point_at_the_right_services() -> None:
     assert_points_at(settings["router"].model_service_dns, "model_service")  # DNS: one address per replica
     assert settings["router"].model_replicas == ""
     assert_points_at(settings["gateway"].router_address, "router")
-    assert settings["feature_service"].redis_url == "redis://redis:6379/0"
+    assert settings["feature_service"].redis_url == "rediss://redis:6379/0"
 
 
 def test_model_repository_and_views_come_from_the_init_volume() -> None:
     services = compose()["services"]
     init = services["init"]
-    assert init["volumes"] == ["demo:/demo"]
+    assert init["volumes"] == ["demo:/demo", "certs:/certs:ro"]
     command = init["command"][0]
     assert "python -m demo.setup --out /demo" in command
-    assert "python -m demo.seed --redis-url redis://redis:6379/0 --views /demo/feature_views.json" in command
+    assert "python -m demo.seed --redis-url rediss://redis:6379/0 --views /demo/feature_views.json" in command
+    # As the feature service: the ACL user, its password from the secret, the CA of Redis's certificate.
+    assert "--username infermesh --password-file /run/secrets/redis_password --ca-file /certs/ca.pem" in command
+    assert init["secrets"] == ["redis_password"]
     for module, (_name, service) in compose_services().items():
         settings = service_settings(module, compose_env(service))
         if module == "feature_service":
@@ -113,7 +118,14 @@ def test_model_repository_and_views_come_from_the_init_volume() -> None:
     assert "demo" in compose()["volumes"]
 
 
-@pytest.mark.parametrize(("module", "flags"), [("demo.setup", ["--out"]), ("demo.seed", ["--redis-url", "--views"])])
+@pytest.mark.parametrize(
+    ("module", "flags"),
+    [
+        ("demo.setup", ["--out"]),
+        ("demo.seed", ["--redis-url", "--views", "--username", "--password-file", "--ca-file"]),
+        ("demo.certs", ["--out", "--service-name"]),
+    ],
+)
 def test_init_uses_real_cli_flags(module: str, flags: list[str]) -> None:
     result = subprocess.run(
         [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60, check=True, cwd=ROOT
@@ -129,7 +141,7 @@ def test_start_order_follows_health() -> None:
             target = services[dependency]
             if "healthcheck" in target:
                 assert condition["condition"] == "service_healthy", f"{name} → {dependency}"
-            elif dependency == "init":
+            elif dependency in ("init", "certs"):  # one-shots
                 assert condition["condition"] == "service_completed_successfully"
             else:
                 assert condition["condition"] == "service_started"
@@ -148,12 +160,13 @@ def test_only_the_gateway_and_the_uis_are_published() -> None:
 
 def test_containers_are_hardened() -> None:
     services = compose()["services"]
-    for name in [name for name, _ in compose_services().values()] + ["init"]:
+    for name in [name for name, _ in compose_services().values()] + ["init", "certs"]:
         service = services[name]
         assert service["read_only"] is True, name
         assert service["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in service["security_opt"], name
         assert service["tmpfs"] == ["/tmp"], name
+        assert service.get("cap_add", ["CHOWN"]) == ["CHOWN"] and (name == "certs") == ("cap_add" in service)
 
 
 def test_two_model_replicas() -> None:
@@ -182,9 +195,59 @@ def test_redis_persistence_and_health() -> None:
     command = " ".join(redis["command"])
     assert "--appendonly yes" in command and "--appendfsync everysec" in command
     assert "--maxmemory-policy noeviction" in command
-    assert redis["volumes"] == ["redis-data:/data"]
-    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert redis["volumes"] == ["redis-data:/data", "certs:/certs:ro"]
+    (check,) = redis["healthcheck"]["test"][1:]
+    assert redis["healthcheck"]["test"][0] == "CMD-SHELL" and "--tls --cacert /certs/ca.pem --user infermesh" in check
+    assert 'REDISCLI_AUTH="$(cat /run/secrets/redis_password)"' in check, "the password stays off the command line"
     assert "ports" not in redis
+
+
+def test_redis_speaks_only_tls_to_an_acl_user_whose_password_is_a_secret() -> None:
+    document = compose()
+    redis = document["services"]["redis"]
+    script = redis["command"][0]
+    assert redis["entrypoint"] == ["/bin/sh", "-ec"] and redis["user"] == "999:1000"  # not root
+    assert "--port 0 --tls-port 6379" in script, "no plaintext port"
+    assert "--tls-cert-file /certs/redis.pem --tls-key-file /certs/redis.key --tls-ca-cert-file /certs/ca.pem" in script
+    assert "user default off" in script
+    assert '"$(cat /run/secrets/redis_password)" > /tmp/users.acl' in script and "umask 077" in script
+    assert redis_acl_rule(script) == redis_acl_rule_of_kubernetes(), "compose and Kubernetes grant the same"
+    assert redis["secrets"] == ["redis_password"]
+    assert compose_raw()["secrets"]["redis_password"]["file"] == (
+        "${INFERMESH_REDIS_PASSWORD_FILE:-./deploy/compose/redis_password.demo}"
+    )
+    feature_service = document["services"]["feature-service"]
+    settings = service_settings("feature_service", compose_env(feature_service))
+    assert settings.redis_url == "rediss://redis:6379/0" and settings.redis_username == "infermesh"
+    assert str(settings.redis_password_file) == "/run/secrets/redis_password"
+    assert str(settings.redis_ca_file) == "/certs/ca.pem"
+    assert feature_service["secrets"] == ["redis_password"]
+
+
+def test_every_hop_is_mutual_tls_with_certificates_for_the_names_called() -> None:
+    document = compose()
+    certs = document["services"]["certs"]
+    assert certs["volumes"] == ["certs:/certs"] and "certs" in document["volumes"]
+    generate = certs["command"][0]
+    assert "python -m demo.certs --out /certs" in generate
+    for module, (name, service) in compose_services().items():
+        settings = service_settings(module, compose_env(service))
+        server = settings.server_tls()
+        client = settings.client_tls()
+        assert server is not None and client is not None, f"{name} must serve and call over TLS"
+        assert (str(server.cert_file), str(server.key_file)) == (f"/certs/{module}.pem", f"/certs/{module}.key")
+        assert str(client.ca_file) == "/certs/ca.pem"
+        # Internal hops take only mesh certificates; the gateway's public port takes any TLS client.
+        assert server.require_client_cert == (module != "gateway"), name
+        assert "certs:/certs:ro" in service["volumes"], name
+        assert service["depends_on"].get("certs", document["services"]["redis"]["depends_on"]["certs"]) == {
+            "condition": "service_completed_successfully"
+        }
+        # Its certificate names the host its clients dial.
+        assert f"--service-name {module}={name}" in generate, name
+    assert "--service-name redis=redis" in generate
+    # Keys go to the user that reads them: the image's (10001) and redis's (999).
+    assert "chown -R 10001:10001 /certs" in generate and "chown 999:1000 /certs/redis.pem /certs/redis.key" in generate
 
 
 def test_tracing_goes_to_the_collector_and_on_to_jaeger() -> None:

@@ -7,6 +7,7 @@ import copy
 import json
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -35,6 +36,7 @@ OVERLAYS = ["overlays/cpu", "overlays/gpu"]
 # The oldest Kubernetes we support (native gRPC probes are GA since 1.27) and the newest schema we have.
 K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 NAMESPACE = "infermesh"
+CERT_MANAGER = "cert-manager.io/v1"
 Docs = tuple[dict[str, Any], ...]
 
 
@@ -65,6 +67,8 @@ def docs(request: pytest.FixtureRequest) -> Docs:
 @pytest.mark.parametrize("path", ["base", *OVERLAYS])
 def test_valid_against_the_kubernetes_schemas(path: str, version: str) -> None:
     for doc in kustomize_build(path):
+        if doc["apiVersion"] == CERT_MANAGER:
+            continue  # a CRD kubernetes-validate has no schema for: test_certificates checks these
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as error:
@@ -200,7 +204,10 @@ def test_router_reaches_the_feature_service(docs: Docs) -> None:
 
 def test_feature_service_uses_the_demo_redis_and_the_views_configmap(docs: Docs) -> None:
     deployment, settings = services_of(docs)["feature_service"]
-    redis_host, redis_port = host_port(settings.redis_url.removeprefix("redis://").split("/")[0])
+    redis_url = urlsplit(settings.redis_url)
+    assert redis_url.scheme == "rediss", "Redis over TLS"
+    redis_host, redis_port = redis_url.hostname, redis_url.port
+    assert redis_host is not None
     redis_service = by_kind(docs, "Service")[redis_host]
     assert redis_service["spec"]["ports"][0]["port"] == redis_port
     assert any("secretRef" in source for source in main_container(deployment)["envFrom"]), "Redis URL is a Secret"
@@ -216,7 +223,7 @@ def test_redis_is_persistent(docs: Docs) -> None:
     args = " ".join(main_container(redis)["args"])
     assert "--appendonly yes" in args and "--appendfsync everysec" in args and "noeviction" in args
     assert redis["spec"]["strategy"]["type"] == "Recreate"
-    (volume,) = pod_spec(redis)["volumes"]
+    volume = next(v for v in pod_spec(redis)["volumes"] if "persistentVolumeClaim" in v)
     claim = by_kind(docs, "PersistentVolumeClaim")[volume["persistentVolumeClaim"]["claimName"]]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
 
@@ -325,3 +332,223 @@ def test_gpu_overlay() -> None:
         other = modules[module][0]
         assert "nvidia.com/gpu" not in json.dumps(other), f"{module} needs no GPU"
         assert main_container(other)["image"] == f"infermesh:{infermesh.__version__}"
+
+
+# ------------------------------------------------------------------------------------------------ TLS
+
+
+def mounted_secret(docs: Docs, workload: dict[str, Any], path: str) -> tuple[str, str]:
+    """(Secret name, key) of the file at `path` in the workload's main container."""
+    for mount in main_container(workload).get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(prefix):
+            volume = next(v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"])
+            assert "secret" in volume, f"{path} is not from a Secret"
+            return volume["secret"]["secretName"], path.removeprefix(prefix)
+    raise AssertionError(f"nothing mounted at {path}")
+
+
+def generated(name: str) -> str:
+    """A generated ConfigMap's or Secret's name without kustomize's content hash."""
+    return re.sub(r"-[a-z0-9]{10}$", "", name)
+
+
+def certificates(docs: Docs) -> dict[str, dict[str, Any]]:
+    """secretName → Certificate."""
+    return {doc["spec"]["secretName"]: doc for doc in docs if doc["kind"] == "Certificate"}
+
+
+def test_certificates(docs: Docs) -> None:
+    issuers = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "Issuer"}
+    for doc in docs:
+        if doc["apiVersion"] == CERT_MANAGER:
+            assert doc["kind"] in ("Issuer", "Certificate"), doc["kind"]
+    ca_certificate = certificates(docs)["infermesh-ca"]
+    assert ca_certificate["spec"]["isCA"] is True
+    assert issuers[ca_certificate["spec"]["issuerRef"]["name"]]["spec"] == {"selfSigned": {}}
+    assert issuers["infermesh-ca"]["spec"] == {"ca": {"secretName": "infermesh-ca"}}
+    for secret, certificate in certificates(docs).items():
+        if secret == "infermesh-ca":
+            continue
+        spec = certificate["spec"]
+        assert spec["issuerRef"] == {"name": "infermesh-ca", "kind": "Issuer"}, secret
+        assert "server auth" in spec["usages"], secret
+        assert spec["privateKey"]["rotationPolicy"] == "Always" and spec["renewBefore"], secret
+
+
+def test_every_hop_is_mutual_tls_with_a_certificate_for_the_name_dialed(docs: Docs) -> None:
+    modules = services_of(docs)
+    issued = certificates(docs)
+    names: dict[str, list[str]] = {}
+    for module, (deployment, settings) in modules.items():
+        server, client = settings.server_tls(), settings.client_tls()
+        assert server is not None and client is not None, f"{module} must serve and call over TLS"
+        assert server.require_client_cert == (module != "gateway"), module
+        files = {mounted_secret(docs, deployment, str(path)) for path in (server.cert_file, server.key_file)}
+        (secret,) = {name for name, _ in files}
+        assert files == {(secret, "tls.crt"), (secret, "tls.key")}
+        assert mounted_secret(docs, deployment, str(client.ca_file)) == (secret, "ca.crt")
+        usages = issued[secret]["spec"]["usages"]
+        assert "client auth" in usages, f"{module} presents its certificate to the next hop"
+        names[module] = issued[secret]["spec"]["dnsNames"]
+    router, gateway = modules["router"][1], modules["gateway"][1]
+    # The host each client dials (and checks the certificate against) is in the callee's certificate.
+    assert host_port(gateway.router_address)[0] in names["router"]
+    assert host_port(router.feature_service_address)[0] in names["feature_service"]
+    assert host_port(router.model_service_dns)[0] in names["model_service"]  # pods are called by IP
+    redis_host = urlsplit(modules["feature_service"][1].redis_url).hostname
+    assert redis_host in issued["redis-tls"]["spec"]["dnsNames"]
+
+
+def test_redis_speaks_only_tls_to_an_acl_user(docs: Docs) -> None:
+    redis = by_kind(docs, "Deployment")["redis"]
+    container = main_container(redis)
+    script = container["args"][0]
+    assert container["command"] == ["/bin/sh", "-ec"]
+    assert "--port 0 --tls-port 6379" in script and "user default off" in script
+    assert '"$(cat /etc/redis/credentials/password)" > /tmp/users.acl' in script
+    assert mounted_secret(docs, redis, "/etc/redis/tls/tls.key") == ("redis-tls", "tls.key")
+    credentials, key = mounted_secret(docs, redis, "/etc/redis/credentials/password")
+    assert generated(credentials) == "redis-credentials" and key == "password"
+    tmp = next(v for v in pod_spec(redis)["volumes"] if v["name"] == "tmp")
+    assert tmp["emptyDir"]["medium"] == "Memory", "the ACL file holds the password: never on disk"
+    deployment, settings = services_of(docs)["feature_service"]
+    assert settings.redis_username == "infermesh"
+    assert mounted_secret(docs, deployment, str(settings.redis_password_file)) == (credentials, "password")
+    assert mounted_secret(docs, deployment, str(settings.redis_ca_file)) == ("feature-service-tls", "ca.crt")
+    assert configmap_or_secret_data(docs, "Secret", credentials)["password"]
+    seed = by_kind(docs, "Job")["demo-seed"]
+    args = " ".join(main_container(seed)["args"])
+    assert "--username infermesh --password-file /etc/infermesh/redis/password --ca-file /etc/infermesh/tls/ca.crt" in (
+        args
+    )
+    assert mounted_secret(docs, seed, "/etc/infermesh/redis/password") == (credentials, "password")
+
+
+# ------------------------------------------------------------------------------------------------ NetworkPolicy
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if not selects(selector.get("matchLabels", {}), labels):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", "the evaluator knows In only"
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def _peer_matches(peer: dict[str, Any], namespace: dict[str, str], pod: dict[str, str], own: str) -> bool:
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" in peer:
+        if not _matches(peer["namespaceSelector"], namespace):
+            return False
+    elif namespace.get("kubernetes.io/metadata.name") != own:
+        return False  # a podSelector alone means pods of the policy's own namespace
+    return _matches(peer.get("podSelector", {}), pod)
+
+
+def _allowed(
+    policies: list[dict[str, Any]],
+    direction: str,
+    subject: dict[str, str],
+    peer_namespace: dict[str, str],
+    peer: dict[str, str],
+    port: int,
+    protocol: str = "TCP",
+) -> bool:
+    """Kubernetes NetworkPolicy semantics for one direction of one connection of a pod in NAMESPACE."""
+    policy_type, rules_key, peers_key = (
+        ("Ingress", "ingress", "from") if direction == "ingress" else ("Egress", "egress", "to")
+    )
+    selecting = [
+        p for p in policies if policy_type in p["spec"]["policyTypes"] and _matches(p["spec"]["podSelector"], subject)
+    ]
+    if not selecting:
+        return True  # no policy isolates this pod in this direction
+    for policy in selecting:
+        for rule in policy["spec"].get(rules_key, []):
+            ports = rule.get("ports")
+            if ports is not None and not any(
+                p.get("port") == port and p.get("protocol", "TCP") == protocol for p in ports
+            ):
+                continue
+            peers = rule.get(peers_key)
+            if peers is None or any(_peer_matches(x, peer_namespace, peer, NAMESPACE) for x in peers):
+                return True
+    return False
+
+
+MESH = {"kubernetes.io/metadata.name": NAMESPACE}
+MONITORING = {"kubernetes.io/metadata.name": "monitoring"}
+KUBE_SYSTEM = {"kubernetes.io/metadata.name": "kube-system"}
+ELSEWHERE = {"kubernetes.io/metadata.name": "default"}
+DNS = {"k8s-app": "kube-dns"}
+
+
+def pod(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "infermesh"}
+
+
+@pytest.fixture(scope="module")
+def policies() -> list[dict[str, Any]]:
+    return list(by_kind(kustomize_build("overlays/cpu"), "NetworkPolicy").values())
+
+
+def connects(
+    policies: list[dict[str, Any]],
+    source: tuple[dict[str, str], dict[str, str]],
+    target: tuple[dict[str, str], dict[str, str]],
+    port: int,
+    protocol: str = "TCP",
+) -> bool:
+    """Whether a connection from `source` to `target` (each (namespace labels, pod labels)) gets through."""
+    (source_namespace, source_pod), (target_namespace, target_pod) = source, target
+    mesh_policies = policies  # all in NAMESPACE: they govern only pods there
+    egress = source_namespace != MESH or _allowed(
+        mesh_policies, "egress", source_pod, target_namespace, target_pod, port, protocol
+    )
+    ingress = target_namespace != MESH or _allowed(
+        mesh_policies, "ingress", target_pod, source_namespace, source_pod, port, protocol
+    )
+    return egress and ingress
+
+
+def test_the_namespace_denies_by_default(policies: list[dict[str, Any]]) -> None:
+    default = next(p for p in policies if p["metadata"]["name"] == "default-deny")
+    assert default["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+
+
+def test_network_policies_allow_each_hop_and_nothing_else(docs: Docs, policies: list[dict[str, Any]]) -> None:
+    modules = services_of(docs)
+    ports = {module: settings.port for module, (_, settings) in modules.items()}
+    metrics = {module: settings.metrics_port for module, (_, settings) in modules.items()}
+    names = {module: SERVICES[module].compose_name for module in SERVICES}
+    mesh = {module: (MESH, pod(name)) for module, name in names.items()}
+    redis, seed = (MESH, pod("redis")), (MESH, pod("demo-seed"))
+    hops = {
+        ("gateway", "router"),
+        ("router", "feature_service"),
+        ("router", "model_service"),
+    }
+    for source in SERVICES:
+        for target in SERVICES:
+            allowed = connects(policies, mesh[source], mesh[target], ports[target])
+            assert allowed == ((source, target) in hops), f"{source} → {target}:{ports[target]}"
+        assert connects(policies, mesh[source], redis, 6379) == (source == "feature_service"), f"{source} → redis"
+        # Prometheus in `monitoring` scrapes the metrics port; nothing else reaches it, nor the API ports.
+        assert connects(policies, (MONITORING, {"app": "prometheus"}), mesh[source], metrics[source]), source
+        assert not connects(policies, (ELSEWHERE, {"app": "x"}), mesh[source], metrics[source]), source
+        assert not connects(policies, (MONITORING, {"app": "prometheus"}), mesh[source], ports[source]) or (
+            source == "gateway"
+        )
+        # Cluster DNS, and nothing else outside the namespace.
+        assert connects(policies, mesh[source], (KUBE_SYSTEM, DNS), 53, "UDP"), source
+        assert not connects(policies, mesh[source], (ELSEWHERE, {"app": "x"}), 443), source
+    assert connects(policies, seed, redis, 6379)
+    assert not connects(policies, (MESH, pod("intruder")), redis, 6379)
+    # The gateway is the public endpoint: reachable from anywhere, on its API port only.
+    assert connects(policies, (ELSEWHERE, {"app": "client"}), mesh["gateway"], ports["gateway"])
+    assert not connects(policies, (ELSEWHERE, {"app": "client"}), mesh["router"], ports["router"])
+    assert not connects(policies, (ELSEWHERE, {"app": "client"}), mesh["gateway"], metrics["gateway"] + 1)
