@@ -42,7 +42,6 @@ CLIENT_ERRORS = (InvalidInput, NotFound, Unauthenticated, PermissionDenied, Dead
 
 # Latency bins of the guard's windows: 0.1 ms to 30 s, 8 per factor of ten (a p99 within ~15 %).
 _LATENCY_BOUNDS = np.geomspace(1e-4, 30.0, 45)
-_EVALUATE_EVERY_S = 0.25
 
 
 def is_version_failure(error: BaseException) -> bool:
@@ -129,46 +128,55 @@ class Figures:
 
 class Window:
     """A version's requests, failures, latency and divergence over the last `window_s`, in one-second bins
-    (bounded: at most `window_s` + 1 bins)."""
+    (bounded: at most `window_s` + 1 bins), with running totals so that reading the figures costs the same
+    whatever the traffic."""
 
     def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
         self._clock = clock
         self._seconds: deque[_Second] = deque()
+        self._total = _Second(0)
 
     def _current(self) -> _Second:
         now = int(self._clock())
         seconds = self._seconds
         if not seconds or seconds[-1].second != now:
             seconds.append(_Second(now))
+            total = self._total
             while seconds and seconds[0].second <= now - self.window_s:
-                seconds.popleft()
+                old = seconds.popleft()
+                total.requests -= old.requests
+                total.failures -= old.failures
+                total.latency -= old.latency
+                total.divergence_sum -= old.divergence_sum
+                total.divergence_count -= old.divergence_count
         return seconds[-1]
 
     def record(self, latency_s: float, failed: bool) -> None:
-        second = self._current()
+        second, total = self._current(), self._total
         second.requests += 1
-        second.failures += failed
-        if not failed:
-            second.latency[bisect.bisect_left(_LATENCY_BOUNDS, latency_s)] += 1
+        total.requests += 1
+        if failed:
+            second.failures += 1
+            total.failures += 1
+        else:
+            index = bisect.bisect_left(_LATENCY_BOUNDS, latency_s)
+            second.latency[index] += 1
+            total.latency[index] += 1
 
     def record_divergence(self, value: float) -> None:
-        second = self._current()
+        second, total = self._current(), self._total
         second.divergence_sum += value
         second.divergence_count += 1
+        total.divergence_sum += value
+        total.divergence_count += 1
 
     def figures(self) -> Figures:
         self._current()  # drops the bins that left the window
-        requests = failures = compared = 0
-        divergence = 0.0
-        latency = np.zeros(len(_LATENCY_BOUNDS) + 1, dtype=np.int64)
-        for second in self._seconds:
-            requests += second.requests
-            failures += second.failures
-            latency += second.latency
-            divergence += second.divergence_sum
-            compared += second.divergence_count
-        return Figures(requests, failures, _p99(latency), divergence / compared if compared else None)
+        total = self._total
+        compared = total.divergence_count
+        divergence = total.divergence_sum / compared if compared else None
+        return Figures(total.requests, total.failures, _p99(total.latency), divergence)
 
 
 def _p99(histogram: np.ndarray) -> float | None:
@@ -213,7 +221,6 @@ class _ModelTraffic:
     traffic: Traffic
     split: Split
     windows: dict[str, Window]  # per guarded (non-baseline) version of the split, and per shadow
-    next_evaluation: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +315,7 @@ class TrafficControl:
         if window is None:
             return
         window.record(latency_s, failed)
-        self._evaluate(config.name, state)
+        self._evaluate(config.name, state, version)
 
     def compared(
         self,
@@ -337,28 +344,24 @@ class TrafficControl:
         for output, count in found.flips.items():
             metrics.SHADOW_FLIPS.labels(mirror.arm, name, output, mirror.watched).inc(count)
         if mirror.arm == CANARY:
-            self._evaluate(name, state)
+            self._evaluate(name, state, mirror.watched)
 
-    def _evaluate(self, model: str, state: _ModelTraffic) -> None:
-        """The guard's verdict on each non-baseline version of the split, at most every _EVALUATE_EVERY_S."""
+    def _evaluate(self, model: str, state: _ModelTraffic, version: str) -> None:
+        """The guard's verdict on a non-baseline version of the split, after each request or comparison it had
+        (its figures are running totals: a constant cost)."""
         guard = state.traffic.guard
-        now = self._clock()
-        if guard is None or now < state.next_evaluation:
+        window = state.windows.get(version)
+        if guard is None or window is None or version not in state.split.versions:
+            return  # no guard, not guarded, or rolled back already
+        figures = window.figures()
+        metrics.GUARD_ERROR_RATIO.labels(model, version).set(figures.error_ratio)
+        if figures.p99_s is not None:
+            metrics.GUARD_P99.labels(model, version).set(figures.p99_s)
+        if figures.requests < guard.min_requests:
             return
-        state.next_evaluation = now + _EVALUATE_EVERY_S
-        for version in state.split.versions:
-            window = state.windows.get(version)
-            if window is None:
-                continue
-            figures = window.figures()
-            metrics.GUARD_ERROR_RATIO.labels(model, version).set(figures.error_ratio)
-            if figures.p99_s is not None:
-                metrics.GUARD_P99.labels(model, version).set(figures.p99_s)
-            if figures.requests < guard.min_requests:
-                continue
-            reason = _breach(guard, figures)
-            if reason is not None:
-                self._roll_back(model, state, version, *reason)
+        reason = _breach(guard, figures)
+        if reason is not None:
+            self._roll_back(model, state, version, *reason)
 
     def _roll_back(self, model: str, state: _ModelTraffic, version: str, rule: str, reason: str) -> None:
         traffic = state.traffic

@@ -161,7 +161,7 @@ def test_the_guard_rolls_back_a_failing_canary_once_it_has_enough_requests() -> 
     assert {arm for _, arm in arms} == {BASELINE, CANARY}
     for _ in range(19):
         control.record(guarded, "2", 0.001, failed=True)
-        clock.now += 0.3
+        clock.now += 0.3  # within the window of 30 s
     assert rollbacks == []  # fewer than min_requests: no verdict yet
     control.record(guarded, "2", 0.001, failed=True)
     assert rollbacks and rollbacks[0][:2] == ("fraud", "2") and "error ratio" in rollbacks[0][2]
@@ -181,10 +181,14 @@ def test_a_slow_canary_is_rolled_back_on_its_p99() -> None:
     guarded = config(
         baseline="1", split={"1": 90, "2": 10}, guard={"min_requests": 10, "max_error_ratio": None, "max_p99_ms": 50}
     )
-    for _ in range(10):
+    for _ in range(9):
         control.record(guarded, "2", 0.2, failed=False)
-        clock.now += 0.3  # the guard judges at most every 0.25 s
+    assert rollbacks == []
+    control.record(guarded, "2", 0.2, failed=False)  # the tenth: judged at once
     assert len(rollbacks) == 1 and rollbacks[0].startswith("p99")
+    for _ in range(10):  # requests already on their way to it are counted, but it is not rolled back twice
+        control.record(guarded, "2", 0.2, failed=False)
+    assert len(rollbacks) == 1
 
 
 def test_mirrors_go_to_the_shadows_of_the_baseline_and_from_a_guarded_canary_to_the_baseline() -> None:
@@ -212,6 +216,5 @@ def test_a_canary_that_diverges_from_the_baseline_is_rolled_back() -> None:
         control.record(guarded, "2", 0.001, failed=False)
     served = {"p": Tensor("p", "FP32", (2,), np.array([0.9, 0.9], dtype=np.float32))}
     baseline = {"p": Tensor("p", "FP32", (2,), np.array([0.1, 0.2], dtype=np.float32))}
-    clock.now += 0.3
     control.compared(guarded, Mirror("1", "2", CANARY), served, baseline, 0.001)
     assert len(rollbacks) == 1 and rollbacks[0].startswith("divergence")
