@@ -33,7 +33,7 @@ class FeatureService(Service):
         """Load the views, reach Redis and load the upsert script before reporting SERVING."""
         settings = self.settings
         views = load_views(settings.views_path)
-        store = FeatureStore.connect(
+        store = await FeatureStore.open(
             settings.redis_url,
             views,
             timeout_s=settings.redis_timeout_s,
@@ -43,6 +43,8 @@ class FeatureService(Service):
         )
         self.store = store  # assigned first so close() releases the client even if Redis is down now
         await store.ping()
+        if store.clustered:
+            log.info("feature store is a Redis Cluster")
         await store.load_scripts()
         self.servicer.store = store
         log.info("feature views loaded", extra={"fields": {"views": sorted(views)}})
