@@ -227,3 +227,60 @@ class RedisClusterServers:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class RedisSentinelServer:
+    """A private Redis Sentinel watching one primary as `service` (quorum 1: a single sentinel decides)."""
+
+    def __init__(self, data_dir: Path, primary_port: int, service: str = "features") -> None:
+        self.data_dir = data_dir.resolve()
+        self.primary_port = primary_port
+        self.service = service
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The feature service's URL for the primary this sentinel names."""
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}/0"
+
+    def start(self, attempts: int = 25, timeout_s: float = 10.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(attempts):
+            port = random.randint(20_000, 60_000)
+            config = self.data_dir / "sentinel.conf"  # sentinel rewrites its config file: one of its own
+            config.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.data_dir}\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} 1\n"
+                f"sentinel down-after-milliseconds {self.service} 1000\n"
+                f"sentinel failover-timeout {self.service} 5000\n"
+            )
+            process = subprocess.Popen(
+                [redis_binary(), str(config), "--sentinel", "--logfile", str(self.data_dir / "sentinel.log")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + timeout_s
+            with redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2) as client:
+                while time.monotonic() < deadline and process.poll() is None:
+                    try:
+                        if int(client.info("server")["process_id"]) == process.pid:
+                            self.process, self.port = process, port
+                            return self.url
+                        break
+                    except redis.ConnectionError:
+                        time.sleep(0.02)  # poll readiness
+            process.kill()
+            process.wait()
+        raise RuntimeError("could not start a private redis sentinel on a free port")
+
+    def primary_port_now(self) -> int:
+        with redis.Redis(host="127.0.0.1", port=self.port) as client:
+            _host, port = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        return int(port)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
