@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,7 +88,7 @@ async def test_reads_and_writes_follow_a_failover(
                 await store.write("user", [("u2", {"a": 5.0}, now_ms())])
                 block = await store.read("user", ["u1", "u2"], ["a"])
             except Unavailable:
-                time.sleep(0.1)  # the old primary's connections fail once while it turns replica
+                await asyncio.sleep(0.1)  # the old primary's connections fail once while it turns replica
         assert block is not None, "the store never reached the new primary"
         assert block.values.tolist() == [[1.0], [5.0]]
         assert (block.statuses == FeatureStatus.PRESENT).all()
