@@ -170,7 +170,7 @@ def create_sentinel_redis(url: str, timeout_s: float, max_connections: int = 64)
     one (the pool asks the sentinels again when a connection fails)."""
     sentinels, service, db, password = parse_sentinel_url(url)
     options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-    sentinel = Sentinel(sentinels, sentinel_kwargs=options, **options)
+    sentinel = Sentinel(sentinels, sentinel_kwargs=options, **options)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
     return cast(
         "aioredis.Redis",
         sentinel.master_for(
@@ -216,6 +216,8 @@ class FeatureStore:
             for name in self._views
         }
         self._columns: dict[tuple[str, tuple[str, ...]], _Columns] = {}
+        for view in self._views.values():
+            metrics.FEATURE_VIEW_MAX_AGE.labels(view.name).set(view.max_age_ms / 1000)
 
     @classmethod
     def connect(
@@ -337,6 +339,10 @@ class FeatureStore:
             view_blobs = blobs[start : start + count]
             start += count
             event_times, stored = unpack_vectors(view_blobs, view.width)
+            found_times = event_times[event_times > 0]
+            if found_times.size:
+                ages_s = np.maximum(now_ms - found_times, 0) / 1000  # a writer's clock ahead of ours: age 0
+                metrics.FEATURE_AGE.observe_many(view.name, ages_s)
             block, stale_rows = build_block(view, columns.names, columns.positions, event_times, stored, now_ms)
             lookups, misses, stale = self._counters[view.name]
             lookups.inc(count)

@@ -179,6 +179,38 @@ async def test_metrics_count_lookups_by_view(stub: pb_grpc.FeatureStoreStub, ser
     assert 'method="ReadFeatures",model="wide"' in text  # requests labelled with the view
 
 
+async def age_samples(service: ServiceProcess) -> dict[str, float]:
+    text = await asyncio.to_thread(scrape, f"http://127.0.0.1:{service.metrics_port}/metrics")
+    lines = [line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("infermesh_feature_age_seconds")]
+    return {name: float(value) for name, value in lines}
+
+
+async def test_feature_age_histogram_per_view(stub: pb_grpc.FeatureStoreStub, service: ServiceProcess) -> None:
+    """M5: the age of each vector read, per view; entities not found have no age and are not counted."""
+    t = now_ms()
+    rows = [
+        pb.FeatureRow(entity_id="fresh", values={"x": 1.0}, event_time_ms=t - 200),
+        pb.FeatureRow(entity_id="old", values={"x": 1.0}, event_time_ms=t - 7_200_000),  # two hours
+    ]
+    await stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="merchant", rows=rows))
+    before = await age_samples(service)
+    await stub.ReadFeatures(pb.ReadFeaturesRequest(feature_view="merchant", entity_ids=["fresh", "old", "none"]))
+    after = await age_samples(service)
+
+    def added(sample: str) -> float:
+        name = f"infermesh_feature_age_seconds_{sample}"
+        return after[name] - before.get(name, 0.0)
+
+    assert added('count{view="merchant"}') == 2
+    assert added('bucket{le="0.1",view="merchant"}') == 0
+    assert added('bucket{le="1",view="merchant"}') == 1  # fresh: ~0.2 s
+    assert added('bucket{le="3600",view="merchant"}') == 1
+    assert added('bucket{le="21600",view="merchant"}') == 2  # old: two hours
+    assert 7_200 < added('sum{view="merchant"}') < 7_300
+    text = await asyncio.to_thread(scrape, f"http://127.0.0.1:{service.metrics_port}/metrics")
+    assert 'infermesh_feature_view_max_age_seconds{view="user"} 60.0' in text
+
+
 def test_sigterm_exits_cleanly(redis_server: RedisServer, views_file: Path, tmp_path: Path) -> None:
     process = start_service(tmp_path, redis_server.url, views_file)
     try:
