@@ -250,3 +250,37 @@ def test_startup_fails_without_views_file(redis_server: RedisServer, tmp_path: P
             process.wait_ready(timeout_s=30)
     finally:
         process.kill()
+
+
+async def test_stream_write_answers_each_batch_in_order(stub: pb_grpc.FeatureStoreStub) -> None:
+    t = now_ms()
+
+    def batch(entity: str, value: float, event_time_ms: int) -> pb.WriteFeaturesRequest:
+        row = pb.FeatureRow(entity_id=entity, values={"x": value}, event_time_ms=event_time_ms)
+        return pb.WriteFeaturesRequest(feature_view="merchant", rows=[row])
+
+    call = stub.StreamWriteFeatures()
+    answers = []
+    for request in (batch("s1", 1.0, t), batch("s1", 2.0, t - 5), batch("s1", 3.0, t + 5)):
+        await call.write(request)
+        answers.append(await call.read())  # real-time: each update acknowledged before the next is sent
+    await call.done_writing()
+    assert [(a.written, a.skipped_older) for a in answers] == [(1, 0), (0, 1), (1, 0)]
+    response = await stub.ReadFeatures(pb.ReadFeaturesRequest(feature_view="merchant", entity_ids=["s1"]))
+    assert response.values[0] == 3.0  # the newest event won
+
+
+async def test_stream_write_ends_with_the_status_of_a_bad_batch(stub: pb_grpc.FeatureStoreStub) -> None:
+    good = pb.WriteFeaturesRequest(
+        feature_view="merchant", rows=[pb.FeatureRow(entity_id="s2", values={"x": 1.0}, event_time_ms=now_ms())]
+    )
+    bad = pb.WriteFeaturesRequest(
+        feature_view="merchant", rows=[pb.FeatureRow(entity_id="s3", values={"nope": 1.0}, event_time_ms=now_ms())]
+    )
+    call = stub.StreamWriteFeatures(iter([good, bad]))
+    first = await call.read()
+    assert first.written == 1
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await call.read()
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nope" in (failure.value.details() or "")
