@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from demo.processes import ServiceProcess
-from demo.redis_server import RedisServer
+from demo.redis_server import RedisClusterServers, RedisServer
 from gateway.auth import hash_key
 
 
@@ -32,6 +33,7 @@ class MeshOptions:
     gateway_host: str = "127.0.0.1"
     replicas: int = 2
     redis_url: str | None = None  # None: start a private redis-server
+    redis_cluster_shards: int = 0  # with no redis_url: > 0 starts a private Redis Cluster of this many masters
     persist_redis: bool = False
     seed_features: bool = True
     gateway: dict[str, object] = field(default_factory=dict)
@@ -45,7 +47,7 @@ class MeshOptions:
 class LocalMesh:
     def __init__(self, options: MeshOptions) -> None:
         self.options = options
-        self.redis: RedisServer | None = None
+        self.redis: RedisServer | RedisClusterServers | None = None
         self.redis_url = options.redis_url or ""
         self.feature_service: ServiceProcess | None = None
         self.model_services: list[ServiceProcess] = []
@@ -65,6 +67,11 @@ class LocalMesh:
         assert self.gateway is not None
         return f"{self.options.gateway_host}:{self.gateway.port}"
 
+    @property
+    def feature_service_address(self) -> str:
+        assert self.feature_service is not None
+        return self.feature_service.address
+
     def processes(self) -> list[ServiceProcess]:
         found = [self.gateway, self.router, *self.model_services, self.feature_service]
         return [p for p in found if p is not None]
@@ -75,7 +82,13 @@ class LocalMesh:
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
             if not self.redis_url:
-                self.redis = RedisServer(run_dir / "redis", persist=options.persist_redis)
+                if options.redis_cluster_shards > 0:
+                    # A fresh folder each time: a cluster's nodes.conf files only fit the ports they were made on.
+                    folder = run_dir / "redis-cluster"
+                    shutil.rmtree(folder, ignore_errors=True)
+                    self.redis = RedisClusterServers(folder, options.redis_cluster_shards)
+                else:
+                    self.redis = RedisServer(run_dir / "redis", persist=options.persist_redis)
                 self.redis_url = self.redis.start()
             if options.seed_features:
                 from demo.seed import seed_demo_features

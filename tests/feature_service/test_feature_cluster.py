@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 import redis
 
+from demo import synthetic
 from demo.redis_server import RedisClusterServers
+from demo.seed import seed_demo_features, write_demo_views
 from feature_service.store import FeatureStore
 from feature_service.views import FeatureView
 from infermesh.errors import Unavailable
@@ -123,10 +126,10 @@ async def test_shard_outage_is_unavailable_then_recovers(
 
 
 async def test_feature_service_process_on_a_cluster(
-    cluster: RedisClusterServers, views_file: object, tmp_path_factory: pytest.TempPathFactory
+    cluster: RedisClusterServers, views_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     cluster.flushall()
-    process = start_service(tmp_path_factory.mktemp("cluster_service"), cluster.nodes[2].url, views_file)  # type: ignore[arg-type]
+    process = start_service(tmp_path_factory.mktemp("cluster_service"), cluster.nodes[2].url, views_file)
     try:
         async with grpc.aio.insecure_channel(process.address) as channel:
             stub = pb_grpc.FeatureStoreStub(channel)
@@ -159,3 +162,17 @@ async def test_feature_service_process_on_a_cluster(
             assert len(response_after.statuses) == 2 * len(ENTITIES)  # answered again once the shard is back
     finally:
         process.stop()
+
+
+async def test_demo_seeding_works_against_a_cluster(cluster: RedisClusterServers, tmp_path: Path) -> None:
+    """`REDIS_URL=redis://<any node> make run` used to die here with a cross-slot error."""
+    cluster.flushall()
+    write_demo_views(tmp_path / "feature_views.json")
+    written = await seed_demo_features(cluster.nodes[0].url, tmp_path / "feature_views.json")
+    world = synthetic.make_world()
+    assert written == {"user": len(world.users), "merchant": len(world.merchants)}
+    keys = 0
+    for url in cluster.urls:
+        with redis.Redis.from_url(url) as client:
+            keys += client.dbsize()
+    assert keys == len(world.users) + len(world.merchants)
