@@ -886,7 +886,7 @@ SPEED_CHANGES = (
         "gateway c=64 1,098 / 1,233 req/s (single Redis)",
         "1,651 / 1,206 req/s",
         "two back-to-back pairs of scenario 1 at c=64, 5 s (before→after→before→after): no slowdown beyond this "
-        "machine's noise (the unchanged direct path moved 1,318–1,977 req/s over the same runs)",
+        "machine's noise (the unchanged direct path moved 1,318-1,977 req/s over the same runs)",
     ),
 )
 
