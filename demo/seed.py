@@ -73,7 +73,7 @@ async def seed_demo_features(
             world.merchants,
         ),
     }
-    store = FeatureStore.connect(redis_url, load_views(views_path), key_prefix=key_prefix)
+    store = await FeatureStore.open(redis_url, load_views(views_path), key_prefix=key_prefix)
     written: dict[str, int] = {}
     try:
         await store.load_scripts()

@@ -61,19 +61,24 @@ class FeatureService(Service):
         """Load the views, reach Redis and load the upsert script before reporting SERVING."""
         settings = self.settings
         views = load_views(settings.views_path)
-        store = FeatureStore.connect(
-            settings.redis_connection_url(),
-            views,
-            timeout_s=settings.redis_timeout_s,
-            key_prefix=settings.key_prefix,
-            max_entities_per_read=settings.max_entities_per_read,
-            max_connections=settings.redis_max_connections,
-        )
+        try:
+            store = await FeatureStore.open(
+                settings.redis_connection_url(),
+                views,
+                timeout_s=settings.redis_timeout_s,
+                key_prefix=settings.key_prefix,
+                max_entities_per_read=settings.max_entities_per_read,
+                max_connections=settings.redis_max_connections,
+            )
+        except Unavailable as error:  # the node the URL names did not answer, or refused us
+            raise RedisStartError(_start_failure(error.__cause__)) from None
         self.store = store  # assigned first so close() releases the client even if Redis is down now
         try:
             await store.ping()
         except Unavailable as error:
             raise RedisStartError(_start_failure(error.__cause__)) from None
+        if store.clustered:
+            log.info("feature store is a Redis Cluster")
         await store.load_scripts()
         self.servicer.store = store
         log.info("feature views loaded", extra={"fields": {"views": sorted(views)}})

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from feature_service.store import FeatureStore
 from infermesh.deadline import Deadline
-from infermesh.errors import Unavailable
+from infermesh.errors import DomainError, Unavailable
 from infermesh.features import FeatureBlock, FeatureQuery
-from infermesh.method_handlers import deadline_of
+from infermesh.method_handlers import deadline_of, status_for, stream_messages
 from infermesh.metrics import label_request
 from infermesh.proto import feature_store_pb2 as pb
 from infermesh.proto import feature_store_pb2_grpc as pb_grpc
@@ -104,12 +105,36 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         request: pb.WriteFeaturesRequest,
         context: grpc.aio.ServicerContext[pb.WriteFeaturesRequest, pb.WriteFeaturesResponse],
     ) -> pb.WriteFeaturesResponse:
+        return await self._write(request, self._deadline(context))
+
+    async def _write(self, request: pb.WriteFeaturesRequest, deadline: Deadline) -> pb.WriteFeaturesResponse:
         store = self._store()
         if request.feature_view in store.views:
             label_request(request.feature_view)
         rows = [(row.entity_id, row.values, row.event_time_ms) for row in request.rows]
-        result = await store.write(request.feature_view, rows, self._deadline(context))
+        result = await store.write(request.feature_view, rows, deadline)
         return pb.WriteFeaturesResponse(written=result.written, skipped_older=result.skipped_older)
+
+    async def StreamWriteFeatures(
+        self,
+        request_iterator: AsyncIterator[pb.WriteFeaturesRequest],
+        context: grpc.aio.ServicerContext[pb.WriteFeaturesRequest, pb.WriteFeaturesResponse],
+    ) -> AsyncIterator[pb.WriteFeaturesResponse]:
+        """Each message is written in turn (one at a time: answers keep the order of the requests) within
+        `default_timeout_s` of its arrival; a stream lives longer than any one deadline would allow."""
+        messages = stream_messages.get()
+        async for request in request_iterator:
+            started = messages.begin() if messages is not None else 0.0
+            code = "OK"
+            try:
+                response = await self._write(request, Deadline.after(self.default_timeout_s))
+            except DomainError as error:
+                code = status_for(error).name
+                raise
+            finally:
+                if messages is not None:
+                    messages.end(started, code)
+            yield response
 
     async def ListFeatureViews(
         self,

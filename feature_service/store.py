@@ -2,6 +2,12 @@
 
 One key per (view, entity), `{prefix}:fv:{view}:{entity_id}`, holding a vector in the layout of
 `feature_service.codec`. Redis outages surface as Unavailable; nothing here knows of gRPC.
+
+Three deployments, told apart by `open_redis` from the URL alone: one primary (`redis://`, `rediss://`), a
+primary that Sentinel fails over (`redis+sentinel://`), and a Redis Cluster (any node's `redis://` URL; the
+node says it is in cluster mode). On a cluster the keys of one read live on many shards, and MGET and multi-key
+scripts must stay within one hash slot: a read is one pipeline of GETs per shard, the shards asked in parallel,
+and a write one upsert script call per row (a row is one key, so each row stays atomic).
 """
 
 from __future__ import annotations
@@ -13,13 +19,16 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple, cast
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from feature_service.codec import _shorten, build_block, encode_row, unpack_vectors
@@ -34,6 +43,7 @@ log = logging.getLogger(__name__)
 WRITE_CHUNK_ROWS = 500  # rows per script call, so one call never blocks Redis for long
 _COLUMN_CACHE_SIZE = 1024
 # Server replies that mean "try again later" rather than a bug on our side.
+_PIPELINE_ERROR = "of pipeline caused error: "
 _TRANSIENT_REPLIES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "OOM", "TRYAGAIN", "CLUSTERDOWN")
 
 # Upsert of a batch of rows; last write wins by event time, partial rows merge into the stored vector.
@@ -96,6 +106,85 @@ def create_redis(url: str, timeout_s: float, max_connections: int = 64) -> aiore
     return aioredis.Redis.from_pool(pool)  # from_pool: closing the client closes the pool too
 
 
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+FeatureRedis = aioredis.Redis | RedisCluster
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
+    """`redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]` → (sentinels, service, db,
+    password). The password, if any, is the primary's; the sentinels are asked without one."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    password = None
+    if "@" in netloc:
+        credentials, netloc = netloc.rsplit("@", 1)
+        password = unquote(credentials.split(":", 1)[1]) if ":" in credentials else unquote(credentials)
+    sentinels = []
+    for address in netloc.split(","):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"sentinel URL: '{address}' is not host:port")
+        sentinels.append((host, int(port)))
+    path = [part for part in parts.path.split("/") if part]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("sentinel URL: the path must be /service_name or /service_name/db")
+    return sentinels, path[0], int(path[1]) if len(path) == 2 else 0, password
+
+
+async def open_redis(url: str, timeout_s: float, max_connections: int = 64) -> FeatureRedis:
+    """The client for `url`, whatever stands behind it: one primary, a Sentinel-managed primary, or a Redis
+    Cluster (asked once: a node in cluster mode says `cluster_enabled:1`). Raises Unavailable when the node the
+    URL names cannot be reached to tell."""
+    scheme = urlsplit(url).scheme
+    if scheme in SENTINEL_SCHEMES:
+        return create_sentinel_redis(url, timeout_s, max_connections)
+    client = create_redis(url, timeout_s, max_connections)
+    try:
+        info = await client.info("cluster")
+    except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+        await client.aclose()
+        raise Unavailable("feature store unavailable") from error
+    except ResponseError:
+        info = {}  # a server without the section (or one that refuses INFO) is not a cluster node
+    if not int(info.get("cluster_enabled", 0)):
+        return client
+    await client.aclose()
+    cluster = RedisCluster.from_url(
+        url,
+        max_connections=max_connections,  # per node
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),  # one re-discovery of the slots after a failed call, then fail fast
+        decode_responses=False,
+    )
+    try:
+        await cluster.initialize()
+    except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+        await cluster.aclose()
+        raise Unavailable("feature store unavailable") from error
+    return cluster
+
+
+def create_sentinel_redis(url: str, timeout_s: float, max_connections: int = 64) -> aioredis.Redis:
+    """A client of the primary that Sentinel names now; after a failover the next connection goes to the new
+    one (the pool asks the sentinels again when a connection fails)."""
+    sentinels, service, db, password = parse_sentinel_url(url)
+    options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    sentinel = Sentinel(sentinels, sentinel_kwargs=options, **options)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    return cast(
+        "aioredis.Redis",
+        sentinel.master_for(
+            service,
+            db=db,
+            password=password,
+            max_connections=max_connections,
+            retry=Retry(NoBackoff(), 1),
+            ssl=urlsplit(url).scheme.startswith("rediss"),
+            decode_responses=False,
+        ),
+    )
+
+
 class _Columns(NamedTuple):
     names: tuple[str, ...]
     positions: np.ndarray | None  # None: the whole stored vector in order
@@ -106,13 +195,14 @@ class FeatureStore:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: FeatureRedis,
         views: Mapping[str, FeatureView],
         *,
         key_prefix: str = "im",
         max_entities_per_read: int = 10_000,
     ) -> None:
         self._redis = redis
+        self._cluster = redis if isinstance(redis, RedisCluster) else None
         self._views = dict(views)
         self._max_entities = max_entities_per_read
         self._key_prefixes = {name: f"{key_prefix}:fv:{name}:" for name in self._views}
@@ -126,6 +216,8 @@ class FeatureStore:
             for name in self._views
         }
         self._columns: dict[tuple[str, tuple[str, ...]], _Columns] = {}
+        for view in self._views.values():
+            metrics.FEATURE_VIEW_MAX_AGE.labels(view.name).set(view.max_age_ms / 1000)
 
     @classmethod
     def connect(
@@ -145,6 +237,29 @@ class FeatureStore:
             key_prefix=key_prefix,
             max_entities_per_read=max_entities_per_read,
         )
+
+    @classmethod
+    async def open(
+        cls,
+        redis_url: str,
+        views: Mapping[str, FeatureView],
+        *,
+        timeout_s: float = 1.0,
+        key_prefix: str = "im",
+        max_entities_per_read: int = 10_000,
+        max_connections: int = 64,
+    ) -> FeatureStore:
+        """A store on whatever `redis_url` names (one primary, Sentinel or a cluster: see `open_redis`)."""
+        return cls(
+            await open_redis(redis_url, timeout_s, max_connections),
+            views,
+            key_prefix=key_prefix,
+            max_entities_per_read=max_entities_per_read,
+        )
+
+    @property
+    def clustered(self) -> bool:
+        return self._cluster is not None
 
     @property
     def views(self) -> Mapping[str, FeatureView]:
@@ -212,7 +327,10 @@ class FeatureStore:
         }
         with self._redis_errors("mget"), telemetry.span("redis.mget", **attributes):
             # decode_responses=False (create_redis): values come back as bytes, never str.
-            blobs = cast("list[bytes | None]", await self._redis.mget(keys))
+            if self._cluster is None:
+                blobs = cast("list[bytes | None]", await self._redis.mget(keys))
+            else:
+                blobs = await self._cluster_get(self._cluster, keys)
         now_ms = time.time_ns() // 1_000_000
 
         blocks: list[FeatureBlock] = []
@@ -221,6 +339,10 @@ class FeatureStore:
             view_blobs = blobs[start : start + count]
             start += count
             event_times, stored = unpack_vectors(view_blobs, view.width)
+            found_times = event_times[event_times > 0]
+            if found_times.size:
+                ages_s = np.maximum(now_ms - found_times, 0) / 1000  # a writer's clock ahead of ours: age 0
+                metrics.FEATURE_AGE.observe_many(view.name, ages_s)
             block, stale_rows = build_block(view, columns.names, columns.positions, event_times, stored, now_ms)
             lookups, misses, stale = self._counters[view.name]
             lookups.inc(count)
@@ -231,6 +353,15 @@ class FeatureStore:
                 stale.inc(stale_rows)
             blocks.append(block)
         return blocks
+
+    @staticmethod
+    async def _cluster_get(cluster: RedisCluster, keys: list[str]) -> list[bytes | None]:
+        """One pipeline of GETs per shard, the shards in parallel (the cluster pipeline groups commands by the
+        node serving their slot); MGET would need every key in one slot."""
+        async with cluster.pipeline() as pipeline:
+            for key in keys:
+                pipeline.get(key)
+            return cast("list[bytes | None]", await pipeline.execute())
 
     async def write(
         self, view: str, rows: Iterable[tuple[str, Mapping[str, float], int]], deadline: Deadline | None = None
@@ -272,6 +403,16 @@ class FeatureStore:
             "keys": len(keys),
         }
         with self._redis_errors("upsert"), telemetry.span("redis.upsert", **attributes):
+            if self._cluster is not None:
+                # One script call per row: its one key keeps it within a slot, and the row atomic.
+                async with self._cluster.pipeline() as cluster_pipeline:
+                    for position, key in enumerate(keys):
+                        # execute_command: the cluster pipeline blocks its evalsha() helper (scripts of many keys
+                        # could cross slots); ours has one key, routed by it like any keyed command.
+                        cluster_pipeline.execute_command(
+                            "EVALSHA", UPSERT_SHA, 1, key, *arguments[2 * position : 2 * position + 2]
+                        )
+                    return cast("list[list[int]]", await cluster_pipeline.execute())
             async with self._redis.pipeline(transaction=False) as pipeline:
                 for start in range(0, len(keys), WRITE_CHUNK_ROWS):
                     chunk_keys = keys[start : start + WRITE_CHUNK_ROWS]
@@ -316,12 +457,21 @@ class FeatureStore:
             yield
         except NoScriptError:
             raise
-        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as error:
+        except (
+            RedisConnectionError,
+            RedisTimeoutError,
+            ClusterError,  # CLUSTERDOWN, a shard's primary down
+            RedisClusterException,  # a slot no reachable shard serves
+            OSError,
+            TimeoutError,
+        ) as error:
             log.warning("feature store unreachable", extra={"fields": {"op": operation, "error": type(error).__name__}})
             raise Unavailable("feature store unavailable") from error
         except ResponseError as error:
-            if str(error).startswith(_TRANSIENT_REPLIES):
-                log.warning("feature store busy", extra={"fields": {"op": operation, "error": str(error)[:80]}})
+            # A cluster pipeline prefixes the reply with the failed command (and its key: client data, not logged).
+            reply = str(error).rpartition(_PIPELINE_ERROR)[2].lstrip("('\"")
+            if reply.startswith(_TRANSIENT_REPLIES):
+                log.warning("feature store busy", extra={"fields": {"op": operation, "error": reply[:80]}})
                 raise Unavailable("feature store unavailable") from error
             raise
 

@@ -1,5 +1,8 @@
 """`infermesh`: the command line for the people who run the mesh.
 
+`infermesh features get|ingest` inspect an entity's stored features and load CSV or Parquet files into a feature
+view, through the feature service's internal API (infermesh.feature_cli).
+
 `infermesh models list|load|unload|stats` call a gateway's model repository and statistics extensions of the
 Open Inference Protocol (the calls tritonclient's `get_model_repository_index`, `load_model`, `unload_model`
 and `get_inference_statistics` make); `infermesh models publish` writes a new TorchScript version into a model
@@ -30,16 +33,22 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from google.protobuf import json_format
 
+from infermesh import feature_cli
 from infermesh.model_config import CONFIG_FILE, MESH_PARAMETER_PREFIX, MODEL_FILE
+from infermesh.proto import feature_store_pb2 as fpb
+from infermesh.proto import feature_store_pb2_grpc as fpb_grpc
 from infermesh.proto import inference_pb2 as pb
 from infermesh.proto import inference_pb2_grpc as pb_grpc
 
 DEFAULT_URL = "127.0.0.1:8001"
+DEFAULT_FEATURE_URL = "127.0.0.1:8021"
+FEATURE_URL_ENV = "INFERMESH_FEATURE_SERVICE_URL"
+INGEST_TIMEOUT_S = 3600.0
 DEFAULT_REPOSITORY = ".run/demo/model_repository"
 URL_ENV = "INFERMESH_URL"
 KEY_ENV = "INFERMESH_API_KEY"
@@ -73,8 +82,8 @@ class Target:
     api_key: str
 
 
-class Gateway:
-    """One channel to a gateway: connected on entry (fails fast as Unreachable), closed on exit. Every call
+class Connection:
+    """One channel to a server: connected on entry (fails fast as Unreachable), closed on exit. Every call
     shares the one deadline of the command."""
 
     def __init__(self, target: Target) -> None:
@@ -85,9 +94,8 @@ class Gateway:
             self._channel = grpc.secure_channel(target.url, credentials)
         else:
             self._channel = grpc.insecure_channel(target.url)
-        self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
 
-    def __enter__(self) -> Gateway:
+    def __enter__(self) -> Self:
         try:
             why = self._connect()
         except BaseException:
@@ -133,6 +141,32 @@ class Gateway:
         """Keyword arguments of every call: what is left of the deadline, and the credential."""
         metadata = [("authorization", f"Bearer {self.target.api_key}")] if self.target.api_key else []
         return {"timeout": self._remaining(), "metadata": metadata}
+
+
+class Gateway(Connection):
+    """A gateway's Open Inference Protocol API (with its repository and statistics extensions)."""
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(target)
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+
+
+class FeatureService(Connection):
+    """The feature service's internal API (protos/feature_store.proto)."""
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(target)
+        self.stub = fpb_grpc.FeatureStoreStub(self._channel)
+
+    def view(self, name: str) -> fpb.FeatureView:
+        response: fpb.ListFeatureViewsResponse = self.stub.ListFeatureViews(
+            fpb.ListFeatureViewsRequest(), **self.options()
+        )
+        for view in response.views:
+            if view.name == name:
+                return view
+        known = sorted(view.name for view in response.views)
+        raise Refused(f"no feature view '{name}' (the feature service has {known})")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -382,6 +416,31 @@ def publish(repository: Path, model: str, version: str, source: Path, as_json: b
     _emit(as_json, document, text)
 
 
+# ---- features get / ingest ---------------------------------------------------------------------------------
+
+
+def get_features(service: FeatureService, view_name: str, entity_id: str, as_json: bool) -> None:
+    view = service.view(view_name)
+    request = fpb.ReadFeaturesRequest(feature_view=view_name, entity_ids=[entity_id])
+    response: fpb.ReadFeaturesResponse = service.stub.ReadFeatures(request, **service.options())
+    document, text = feature_cli.describe_entity(view, entity_id, response, time.time_ns() // 1_000_000)
+    _emit(as_json, document, text)
+    if not document["found"]:
+        raise Refused(f"entity {view.entity_key}={entity_id} has no features in view {view_name}")
+
+
+def ingest_features(service: FeatureService, view_name: str, path: Path, batch_rows: int, as_json: bool) -> None:
+    view = service.view(view_name)
+    options = service.options()
+    try:
+        summary = feature_cli.ingest(service.stub, view, path, batch_rows, options["timeout"], options["metadata"])
+    except feature_cli.SchemaError as error:
+        raise Refused(str(error)) from None
+    _emit(as_json, summary.as_dict(), feature_cli.format_summary(view_name, path, summary))
+    if summary.rejected:
+        raise Refused(f"{summary.rejected} rows rejected (the rest are written)")
+
+
 # ---- arguments ----------------------------------------------------------------------------------------------
 
 
@@ -471,7 +530,45 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("version", metavar="VERSION", type=_version)
     off = steps.add_parser("off", parents=[connection, output], help="drop the traffic section")
     off.add_argument("model", metavar="MODEL", type=_model_name)
-    for command in (listing, load, unload, stats, publish, show, canary, shadow, cascade, promote, off):
+    feature_connection = argparse.ArgumentParser(add_help=False)
+    feature_group = feature_connection.add_argument_group("connection")
+    feature_group.add_argument(
+        "--url",
+        default=os.environ.get(FEATURE_URL_ENV) or DEFAULT_FEATURE_URL,
+        help=f"feature service address (${FEATURE_URL_ENV}, else %(default)s; make run prints it)",
+    )
+    feature_group.add_argument(
+        "--timeout", type=float, default=None, help=f"seconds for the whole command ({INGEST_TIMEOUT_S:g} for ingest)"
+    )
+    feature_group.add_argument("--tls", action="store_true", help="connect with TLS (the system's root certificates)")
+    feature_group.add_argument("--ca", type=Path, help="PEM file of the root certificates to trust (implies --tls)")
+    features = groups.add_parser("features", help="inspect stored features, ingest files into a feature view")
+    feature_commands = features.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    get = feature_commands.add_parser(
+        "get", parents=[feature_connection, output], help="one entity's feature vector, event time and age"
+    )
+    get.add_argument("view", metavar="VIEW")
+    get.add_argument("entity", metavar="ENTITY", help="the entity id (e.g. u42)")
+    ingest = feature_commands.add_parser(
+        "ingest",
+        parents=[feature_connection, output],
+        help="upsert the rows of a CSV or Parquet file into a view (newest event wins; safe to re-run)",
+    )
+    ingest.add_argument("view", metavar="VIEW")
+    ingest.add_argument(
+        "file",
+        metavar="FILE",
+        type=Path,
+        help="columns: the view's entity key, event_time_ms (epoch ms) or event_time (timestamp), features",
+    )
+    ingest.add_argument(
+        "--batch-rows",
+        type=int,
+        default=feature_cli.DEFAULT_BATCH_ROWS,
+        metavar="N",
+        help="rows per write (default %(default)s)",
+    )
+    for command in (listing, load, unload, stats, publish, show, canary, shadow, cascade, promote, off, get, ingest):
         command.set_defaults(command_parser=command)  # usage errors found later show the command's usage
     return parser
 
@@ -491,8 +588,10 @@ def _read_config(parser: argparse.ArgumentParser, path: Path) -> str:
     return text
 
 
-def _target(parser: argparse.ArgumentParser, args: argparse.Namespace, slow: bool) -> Target:
-    timeout_s = args.timeout if args.timeout is not None else (SLOW_TIMEOUT_S if slow else TIMEOUT_S)
+def _target(parser: argparse.ArgumentParser, args: argparse.Namespace, slow: bool, default_s: float = 0.0) -> Target:
+    timeout_s = default_s or (SLOW_TIMEOUT_S if slow else TIMEOUT_S)
+    if args.timeout is not None:
+        timeout_s = args.timeout
     if timeout_s <= 0:
         parser.error("--timeout must be positive")
     ca = None
@@ -543,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     parser: argparse.ArgumentParser = args.command_parser
     as_json: bool = args.json
     command: str = args.command
+    if args.group == "features":
+        return _features_main(parser, args)
     if command == "stats" and args.version and not args.model:
         parser.error("--version needs a MODEL")
     config_text = _read_config(parser, args.config) if command == "load" and args.config is not None else None
@@ -562,6 +663,22 @@ def main(argv: list[str] | None = None) -> int:
                 target = _target(parser, args, slow=command in ("load", "unload") or args.group == "rollout")
                 with Gateway(target) as gateway:
                     actions[command](gateway)
+    except KeyboardInterrupt:
+        return 130
+    return code[0]
+
+
+def _features_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command == "ingest" and args.batch_rows < 1:
+        parser.error("--batch-rows must be at least 1")
+    target = _target(parser, args, slow=False, default_s=INGEST_TIMEOUT_S if args.command == "ingest" else 0.0)
+    target = Target(target.url, target.timeout_s, target.tls, target.ca, api_key="")  # internal API: no key
+    try:
+        with _reported() as code, FeatureService(target) as service:
+            if args.command == "get":
+                get_features(service, args.view, args.entity, args.json)
+            else:
+                ingest_features(service, args.view, args.file, args.batch_rows, args.json)
     except KeyboardInterrupt:
         return 130
     return code[0]

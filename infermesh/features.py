@@ -6,7 +6,7 @@ Transport-free: `protos/feature_store.proto` is its wire form (`FeatureStatus` h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
@@ -46,3 +46,13 @@ class FeatureBlock:
 DEFAULTED_ENTITIES = "infermesh_defaulted_entities"  # "user_id=u1,merchant_id=m9": served with view defaults
 STALE_ROWS = "infermesh_stale_rows"  # "0,3": rows with a value older than the view's max_age
 FEATURES_UNAVAILABLE = "infermesh_features_unavailable"  # "true": the feature store was down, defaults served
+STALE_DEFAULTED_ROWS = "infermesh_stale_defaulted_rows"  # "0,3": rows whose stale values were replaced by defaults
+# Ask for the age of the features served (request parameter, bool); the answer carries, as JSON, per entity input
+# the age in ms of the vector served for each row (-1: not found or a default served instead).
+FEATURE_AGES = "infermesh_feature_ages"
+FEATURE_AGES_MS = "infermesh_feature_ages_ms"  # '{"user_id": [1200, -1], "merchant_id": [50, 50]}'
+
+
+def ages_wanted(parameters: Mapping[str, object]) -> bool:
+    value = parameters.get(FEATURE_AGES)
+    return value is True or (isinstance(value, str) and value.lower() == "true")

@@ -66,6 +66,12 @@ class FeatureSpec(BaseModel):
     on_missing: Literal["default", "reject"] = Field(
         "default", description="Unknown entity: use the view's defaults (and say so) or reject the request."
     )
+    on_stale: Literal["serve", "default", "reject"] = Field(
+        "serve",
+        description="A value older than its view's max_age: serve it (rows listed in infermesh_stale_rows), use the "
+        "view's defaults instead (rows listed in infermesh_stale_defaulted_rows) or reject the request "
+        "(FAILED_PRECONDITION naming the entity).",
+    )
     timeout_ms: float = Field(
         100.0,
         gt=0,

@@ -33,7 +33,13 @@ from infermesh.dataplane import (
 )
 from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, DomainError, Overloaded, Unavailable
-from infermesh.features import DEFAULTED_ENTITIES, FeatureBlock, FeatureQuery
+from infermesh.features import (
+    DEFAULTED_ENTITIES,
+    STALE_DEFAULTED_ROWS,
+    FeatureBlock,
+    FeatureQuery,
+    ages_wanted,
+)
 from infermesh.hedging import HedgePolicy
 from infermesh.model_config import ModelConfig, ModelEntry, Traffic, find_model, parse_checked
 from infermesh.priority import DEFAULT_PRIORITY, queue_policy
@@ -326,7 +332,8 @@ class RouterCore(DataplaneBase):
         for index, (part, count) in enumerate(zip(parts, rows, strict=True)):
             try:
                 priority, queue_until = queue_policy(work.segments[index].parameters)
-                joined = join.join_request(spec, part, count, timed[index])
+                parameters = work.segments[index].parameters
+                joined = join.join_request(spec, part, count, timed[index], ages_wanted(parameters))
                 pendings.append(Pending(joined, count, deadline, priority=priority, queue_until=queue_until))
             except DomainError as error:
                 results_by_index[index] = SegmentResult(count, error=error)
@@ -583,14 +590,14 @@ class RouterCore(DataplaneBase):
                     blocks, features_unavailable = fallback, True
             feature_read_s = time.perf_counter() - started
             fetch_latency.observe(feature_read_s)
-            joined = join.join(spec, requests, plan, blocks, features_unavailable)
+            joined = join.join(spec, requests, plan, blocks, features_unavailable, self.feature_defaults)
             kept: list[tuple[Pending, dict[str, str]]] = []
             for pending, outcome in zip(batch, joined.outcomes, strict=True):
                 if isinstance(outcome, DomainError):
                     if not pending.future.done():
                         pending.future.set_exception(outcome)
                     continue
-                if DEFAULTED_ENTITIES in outcome:
+                if DEFAULTED_ENTITIES in outcome or STALE_DEFAULTED_ROWS in outcome:
                     defaulted_counter.inc()
                 kept.append((pending, outcome))
             if not kept:

@@ -49,6 +49,11 @@ class FeatureStoreStub:
                 request_serializer=infermesh_dot_proto_dot_feature__store__pb2.WriteFeaturesRequest.SerializeToString,
                 response_deserializer=infermesh_dot_proto_dot_feature__store__pb2.WriteFeaturesResponse.FromString,
                 _registered_method=True)
+        self.StreamWriteFeatures = channel.stream_stream(
+                '/infermesh.features.v1.FeatureStore/StreamWriteFeatures',
+                request_serializer=infermesh_dot_proto_dot_feature__store__pb2.WriteFeaturesRequest.SerializeToString,
+                response_deserializer=infermesh_dot_proto_dot_feature__store__pb2.WriteFeaturesResponse.FromString,
+                _registered_method=True)
         self.ListFeatureViews = channel.unary_unary(
                 '/infermesh.features.v1.FeatureStore/ListFeatureViews',
                 request_serializer=infermesh_dot_proto_dot_feature__store__pb2.ListFeatureViewsRequest.SerializeToString,
@@ -80,6 +85,14 @@ class FeatureStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamWriteFeatures(self, request_iterator, context):
+        """Real-time updates on one long-lived stream: each request is written as WriteFeatures writes it and answered,
+        in order, with its own counts. A bad request ends the stream with its status (earlier ones stay written).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListFeatureViews(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -101,6 +114,11 @@ def add_FeatureStoreServicer_to_server(servicer, server):
             ),
             'WriteFeatures': grpc.unary_unary_rpc_method_handler(
                     servicer.WriteFeatures,
+                    request_deserializer=infermesh_dot_proto_dot_feature__store__pb2.WriteFeaturesRequest.FromString,
+                    response_serializer=infermesh_dot_proto_dot_feature__store__pb2.WriteFeaturesResponse.SerializeToString,
+            ),
+            'StreamWriteFeatures': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamWriteFeatures,
                     request_deserializer=infermesh_dot_proto_dot_feature__store__pb2.WriteFeaturesRequest.FromString,
                     response_serializer=infermesh_dot_proto_dot_feature__store__pb2.WriteFeaturesResponse.SerializeToString,
             ),
@@ -189,6 +207,33 @@ class FeatureStore:
             request,
             target,
             '/infermesh.features.v1.FeatureStore/WriteFeatures',
+            infermesh_dot_proto_dot_feature__store__pb2.WriteFeaturesRequest.SerializeToString,
+            infermesh_dot_proto_dot_feature__store__pb2.WriteFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamWriteFeatures(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/infermesh.features.v1.FeatureStore/StreamWriteFeatures',
             infermesh_dot_proto_dot_feature__store__pb2.WriteFeaturesRequest.SerializeToString,
             infermesh_dot_proto_dot_feature__store__pb2.WriteFeaturesResponse.FromString,
             options,

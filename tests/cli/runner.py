@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CLI_ENV = ("INFERMESH_API_KEY", "INFERMESH_URL", "INFERMESH_MODEL_REPOSITORY")
+CLI_ENV = ("INFERMESH_API_KEY", "INFERMESH_URL", "INFERMESH_MODEL_REPOSITORY", "INFERMESH_FEATURE_SERVICE_URL")
 
 
 def run_cli(*args: str | Path, timeout_s: float = 60, **env: str) -> subprocess.CompletedProcess[str]:

@@ -179,6 +179,38 @@ async def test_metrics_count_lookups_by_view(stub: pb_grpc.FeatureStoreStub, ser
     assert 'method="ReadFeatures",model="wide"' in text  # requests labelled with the view
 
 
+async def age_samples(service: ServiceProcess) -> dict[str, float]:
+    text = await asyncio.to_thread(scrape, f"http://127.0.0.1:{service.metrics_port}/metrics")
+    lines = [line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("infermesh_feature_age_seconds")]
+    return {name: float(value) for name, value in lines}
+
+
+async def test_feature_age_histogram_per_view(stub: pb_grpc.FeatureStoreStub, service: ServiceProcess) -> None:
+    """M5: the age of each vector read, per view; entities not found have no age and are not counted."""
+    t = now_ms()
+    rows = [
+        pb.FeatureRow(entity_id="fresh", values={"x": 1.0}, event_time_ms=t - 200),
+        pb.FeatureRow(entity_id="old", values={"x": 1.0}, event_time_ms=t - 7_200_000),  # two hours
+    ]
+    await stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="merchant", rows=rows))
+    before = await age_samples(service)
+    await stub.ReadFeatures(pb.ReadFeaturesRequest(feature_view="merchant", entity_ids=["fresh", "old", "none"]))
+    after = await age_samples(service)
+
+    def added(sample: str) -> float:
+        name = f"infermesh_feature_age_seconds_{sample}"
+        return after[name] - before.get(name, 0.0)
+
+    assert added('count{view="merchant"}') == 2
+    assert added('bucket{le="0.1",view="merchant"}') == 0
+    assert added('bucket{le="1",view="merchant"}') == 1  # fresh: ~0.2 s
+    assert added('bucket{le="3600",view="merchant"}') == 1
+    assert added('bucket{le="21600",view="merchant"}') == 2  # old: two hours
+    assert 7_200 < added('sum{view="merchant"}') < 7_300
+    text = await asyncio.to_thread(scrape, f"http://127.0.0.1:{service.metrics_port}/metrics")
+    assert 'infermesh_feature_view_max_age_seconds{view="user"} 60.0' in text
+
+
 def test_sigterm_exits_cleanly(redis_server: RedisServer, views_file: Path, tmp_path: Path) -> None:
     process = start_service(tmp_path, redis_server.url, views_file)
     try:
@@ -218,3 +250,37 @@ def test_startup_fails_without_views_file(redis_server: RedisServer, tmp_path: P
             process.wait_ready(timeout_s=30)
     finally:
         process.kill()
+
+
+async def test_stream_write_answers_each_batch_in_order(stub: pb_grpc.FeatureStoreStub) -> None:
+    t = now_ms()
+
+    def batch(entity: str, value: float, event_time_ms: int) -> pb.WriteFeaturesRequest:
+        row = pb.FeatureRow(entity_id=entity, values={"x": value}, event_time_ms=event_time_ms)
+        return pb.WriteFeaturesRequest(feature_view="merchant", rows=[row])
+
+    call = stub.StreamWriteFeatures()
+    answers = []
+    for request in (batch("s1", 1.0, t), batch("s1", 2.0, t - 5), batch("s1", 3.0, t + 5)):
+        await call.write(request)
+        answers.append(await call.read())  # real-time: each update acknowledged before the next is sent
+    await call.done_writing()
+    assert [(a.written, a.skipped_older) for a in answers] == [(1, 0), (0, 1), (1, 0)]
+    response = await stub.ReadFeatures(pb.ReadFeaturesRequest(feature_view="merchant", entity_ids=["s1"]))
+    assert response.values[0] == 3.0  # the newest event won
+
+
+async def test_stream_write_ends_with_the_status_of_a_bad_batch(stub: pb_grpc.FeatureStoreStub) -> None:
+    good = pb.WriteFeaturesRequest(
+        feature_view="merchant", rows=[pb.FeatureRow(entity_id="s2", values={"x": 1.0}, event_time_ms=now_ms())]
+    )
+    bad = pb.WriteFeaturesRequest(
+        feature_view="merchant", rows=[pb.FeatureRow(entity_id="s3", values={"nope": 1.0}, event_time_ms=now_ms())]
+    )
+    call = stub.StreamWriteFeatures(iter([good, bad]))
+    first = await call.read()
+    assert first.written == 1
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await call.read()
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nope" in (failure.value.details() or "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Sequence
 
@@ -13,7 +14,7 @@ from infermesh.breaker import BreakerState, CircuitBreaker
 from infermesh.coalescer import Coalescer, Pending
 from infermesh.dataplane import Call, InferRequest, InferResponse
 from infermesh.deadline import Deadline
-from infermesh.errors import DeadlineExceeded, InvalidInput, NotFound, Overloaded, Unavailable
+from infermesh.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound, Overloaded, Unavailable
 from infermesh.features import FeatureBlock, FeatureQuery, FeatureStatus
 from infermesh.hedging import HedgePolicy
 from infermesh.model_config import ModelConfig, VersionStatus
@@ -28,9 +29,10 @@ PRESENT, NOT_FOUND, STALE = FeatureStatus.PRESENT, FeatureStatus.NOT_FOUND, Feat
 USERS = {"u1": [1.0, 2.0], "u2": [3.0, 4.0], "u3": [5.0, 6.0]}
 MERCHANTS = {"m1": [10.0]}
 DEFAULTS = {"user": [-1.0, -1.0], "merchant": [-9.0]}
+FRESH_AGE_MS, STALE_AGE_MS = 1_000, 999_000
 
 
-def config(on_missing: str = "default") -> ModelConfig:
+def config(on_missing: str = "default", on_stale: str = "serve") -> ModelConfig:
     return ModelConfig.model_validate(
         {
             "name": "fraud",
@@ -48,6 +50,7 @@ def config(on_missing: str = "default") -> ModelConfig:
                 ],
                 "request_inputs": ["amount"],
                 "on_missing": on_missing,
+                "on_stale": on_stale,
             },
             "model_input": {"name": "features", "datatype": "FP32", "shape": [-1, 4]},
         }
@@ -84,13 +87,15 @@ class Features:
                 status = (STALE if entity_id in self.stale else PRESENT) if found else NOT_FOUND
                 statuses.append([status] * len(query.feature_names))
             shape = (len(values), len(query.feature_names or ()))
+            status_array = np.array(statuses, np.uint8).reshape(shape)
+            ages = np.where(status_array == STALE, STALE_AGE_MS, np.where(status_array == NOT_FOUND, -1, FRESH_AGE_MS))
             blocks.append(
                 FeatureBlock(
                     query.view,
                     tuple(query.feature_names or ()),
                     np.array(values, np.float32),
-                    np.array(statuses, np.uint8),
-                    np.zeros(shape, np.int64),
+                    status_array,
+                    ages.astype(np.int64),
                 )
             )
         return blocks
@@ -141,11 +146,16 @@ def serving(model_config: ModelConfig, *versions: str) -> RepositoryState:
 
 
 def make_core(
-    replicas: dict[str, Model], features: Features, on_missing: str = "default", timeout_ms: float = 100, **kwargs
+    replicas: dict[str, Model],
+    features: Features,
+    on_missing: str = "default",
+    timeout_ms: float = 100,
+    on_stale: str = "serve",
+    **kwargs,
 ) -> RouterCore:
     replica_set = ReplicaSet(lambda address: replicas[address], eject_s=60, seed=1)
     replica_set.update(replicas)
-    model_config = config(on_missing)
+    model_config = config(on_missing, on_stale)
     assert model_config.feature_spec is not None
     model_config.feature_spec.timeout_ms = timeout_ms
     for replica in replica_set.replicas.values():
@@ -220,6 +230,37 @@ async def test_unknown_entity_reject_policy_names_entity_and_spares_others() -> 
     outcomes = await asyncio.gather(bad, good, return_exceptions=True)
     assert isinstance(outcomes[0], NotFound) and "user_id=ghost" in str(outcomes[0])
     assert outcomes[1].outputs[0].data.tolist() == [13.0]
+
+
+async def test_stale_values_replaced_by_defaults_under_on_stale_default() -> None:
+    core = make_core({"a": Model("a")}, Features(stale={"u2"}), on_stale="default")
+    await core.load_feature_defaults()
+    result = await infer(core, "fraud", "", request(["u1", "u2"], ["m1", "m1"], [0.0, 0.0]), [], deadline())
+    # u1: 1+2+10 ; u2 stale → its defaults -1, -1 (+10), not its stored 3+4
+    assert result.outputs[0].data.tolist() == [13.0, 8.0]
+    assert result.parameters == {"infermesh_stale_defaulted_rows": "1"}
+
+
+async def test_stale_values_refused_under_on_stale_reject_without_failing_neighbours() -> None:
+    core = make_core({"a": Model("a")}, Features(stale={"u2"}), on_stale="reject")
+    with pytest.raises(FailedPrecondition, match="user_id=u2"):
+        await infer(core, "fraud", "", request(["u1", "u2"], ["m1", "m1"], [0.0, 0.0]), [], deadline())
+    fresh = await infer(core, "fraud", "", request(["u1"], ["m1"], [0.0]), [], deadline())
+    assert fresh.outputs[0].data.tolist() == [13.0]
+
+
+async def test_feature_ages_returned_when_asked() -> None:
+    core = make_core({"a": Model("a")}, Features(stale={"u2"}), on_stale="default")
+    await core.load_feature_defaults()
+    tensors = request(["u1", "u2", "nobody"], ["m1", "m1", "m1"], [0.0, 0.0, 0.0])
+    asked = InferRequest("fraud", "", DecodedInputs(tensors), parameters={"infermesh_feature_ages": True})
+    response = await core.infer(Call(deadline()), asked)
+    assert isinstance(response, InferResponse)
+    ages = json.loads(response.parameters["infermesh_feature_ages_ms"])
+    # u2's stale vector was replaced by defaults, "nobody" has none: neither has an age
+    assert ages == {"user_id": [FRESH_AGE_MS, -1, -1], "merchant_id": [FRESH_AGE_MS] * 3}
+    plain = await infer(core, "fraud", "", request(["u1"], ["m1"], [0.0]), [], deadline())
+    assert "infermesh_feature_ages_ms" not in plain.parameters
 
 
 async def test_stale_rows_are_flagged() -> None:
