@@ -165,7 +165,9 @@ class RedisServer:
                     process.kill()
                     process.wait()
                     return False
-                except redis.ConnectionError:
+                except redis.RedisError:
+                    # Not up yet, or another server holds the port and answered (in its own protocol) before ours
+                    # gave up on binding it: poll again; the process check above tells which.
                     time.sleep(0.02)  # poll readiness
         finally:
             client.close()
