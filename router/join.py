@@ -37,6 +37,7 @@ class JoinRequest:
     ids: dict[str, list[str]]  # entity input → one id per row
     request_inputs: list[np.ndarray]  # [rows] float32 each, in feature_spec.request_inputs order
     timed: bool = False  # the client asked for per-hop timing
+    request_id: str = ""  # the client's request id (the prediction log keys its record by it)
 
 
 def join_request(spec: FeatureSpec, tensors: Mapping[str, Tensor], rows: int, timed: bool = False) -> JoinRequest:
