@@ -134,16 +134,29 @@ class PredictionLog:
         """Drain the buffer to the stream until cancelled (a batch per round trip)."""
         while True:
             batch = [await self._queue.get()]
-            while len(batch) < self._write_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await self._write(batch)
-            except (RedisError, OSError) as error:
-                self._unwritten.inc(len(batch))
-                log.warning("prediction log write failed", extra={"fields": {"error": type(error).__name__}})
+            if not await self._send(self._fill(batch)):
                 await asyncio.sleep(RETRY_PAUSE_S)
-            else:
-                self._written.inc(len(batch))
+
+    async def flush(self) -> None:
+        """Write what the buffer holds now (at shutdown; tests)."""
+        while not self._queue.empty():
+            await self._send(self._fill([]))
+
+    def _fill(self, batch: list[Record]) -> list[Record]:
+        while len(batch) < self._write_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
+
+    async def _send(self, batch: list[Record]) -> bool:
+        """Write a batch; False (counted as dropped) when Redis did not take it."""
+        try:
+            await self._write(batch)
+        except (RedisError, OSError) as error:
+            self._unwritten.inc(len(batch))
+            log.warning("prediction log write failed", extra={"fields": {"error": type(error).__name__}})
+            return False
+        self._written.inc(len(batch))
+        return True
 
     async def _write(self, batch: list[Record]) -> None:
         pipeline = self._redis.pipeline(transaction=False)

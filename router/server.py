@@ -136,6 +136,9 @@ class RouterService(Service):
         await self.core.close()
         await self.features.close()
         if self.prediction_log is not None:
+            with contextlib.suppress(TimeoutError):  # what the buffer holds, if Redis takes it within a second
+                async with asyncio.timeout(1.0):
+                    await self.prediction_log.flush()
             await self.prediction_log.close()
         for replica in list(self.replicas.replicas.values()):
             await replica.client.close()
