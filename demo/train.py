@@ -24,8 +24,10 @@ import torch
 from torch import nn
 
 from demo.synthetic import MERCHANT_FEATURES, USER_FEATURES, feature_matrix, make_world, sample_transactions
+from infermesh.drift import PROFILE_FILE, Profile, build_profile
 from infermesh.model_config import MODEL_FILE, ModelConfig
 
+FRAUD_OUTPUT = "fraud_probability"
 FEATURE_NAMES = [*USER_FEATURES, *MERCHANT_FEATURES, "amount"]
 # Counts, amounts and ages are heavy-tailed: the model sees log1p of them (rates and ratios stay as they are).
 LOG_FEATURES = {
@@ -151,7 +153,7 @@ def fraud_config(name: str = "fraud") -> dict[str, object]:
             {"name": "merchant_id", "datatype": "BYTES", "shape": [-1]},
             {"name": "amount", "datatype": "FP32", "shape": [-1]},
         ],
-        "outputs": [{"name": "fraud_probability", "datatype": "FP32", "shape": [-1]}],
+        "outputs": [{"name": FRAUD_OUTPUT, "datatype": "FP32", "shape": [-1]}],
         "feature_spec": {
             "entities": [
                 {"input": "user_id", "view": "user", "features": list(USER_FEATURES)},
@@ -170,8 +172,9 @@ FRAUD_VERSIONS = {"1": (0, (32, 16)), "2": (1, (48, 24))}
 FRAUD_LARGE_HIDDEN = (128, 64)
 
 
-def train_fraud(seed: int = 0, hidden: tuple[int, int] = (32, 16)) -> tuple[FraudNet, float, float]:
-    """Train on the demo world (the one the feature store is seeded with); returns (model, held-out AUC, seconds)."""
+def train_fraud(seed: int = 0, hidden: tuple[int, int] = (32, 16)) -> tuple[FraudNet, float, float, Profile]:
+    """Train on the demo world (the one the feature store is seeded with); returns (model, held-out AUC, seconds,
+    the baseline profile: the training features' histograms and the model's predictions on them)."""
     started = time.perf_counter()
     world = make_world()
     train = sample_transactions(world, TRAIN_ROWS, seed=1_000 + seed)
@@ -198,18 +201,27 @@ def train_fraud(seed: int = 0, hidden: tuple[int, int] = (32, 16)) -> tuple[Frau
         model.eval()
         with torch.inference_mode():
             scores = model(x_holdout).squeeze(1).numpy()
-    return model, roc_auc(holdout.label, scores), time.perf_counter() - started
+            trained_scores = model(x_train).squeeze(1).numpy()
+    columns = x_train.numpy()
+    profile = build_profile(
+        {name: columns[:, i] for i, name in enumerate(FEATURE_NAMES)},
+        {FRAUD_OUTPUT: trained_scores},
+        prediction=FRAUD_OUTPUT,
+    )
+    return model, roc_auc(holdout.label, scores), time.perf_counter() - started, profile
 
 
 def train_fraud_model(
     repo: Path, version: str = "1", seed: int = 0, hidden: tuple[int, int] = (32, 16), name: str = "fraud"
 ) -> Path:
-    """Train a fraud model, write `<repo>/<name>/<version>/model.pt` (+ .sha256, training.json) and its config.
+    """Train a fraud model, write `<repo>/<name>/<version>/model.pt` (+ .sha256, training.json, profile.json: the
+    baseline the router measures drift against) and its config.
 
     Returns the path of model.pt; the held-out AUC is in `training.json` next to it.
     """
-    model, auc, seconds = train_fraud(seed, hidden)
+    model, auc, seconds, profile = train_fraud(seed, hidden)
     path = save_torchscript(model, repo / name / version / MODEL_FILE)
+    (path.parent / PROFILE_FILE).write_text(profile.to_json() + "\n")
     summary = {
         "auc": round(auc, 4),
         "train_rows": TRAIN_ROWS,

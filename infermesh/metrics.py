@@ -179,6 +179,33 @@ CASCADES = Counter(
 )  # fmt: skip
 
 
+# Model quality (router.drift, router.prediction_log): drift of served traffic against each version's profile.
+FEATURE_DRIFT = Gauge(
+    "infermesh_feature_drift_psi",
+    "PSI of an input feature's served values over the drift window against the version's training profile "
+    "(0.1 drifting, 0.25 shifted).",
+    ["feature", "model", "version"],
+)
+PREDICTION_DRIFT = Gauge(
+    "infermesh_prediction_drift_psi",
+    "PSI of the version's predictions over the drift window against their distribution on the training data.",
+    ["model", "version"],
+)
+DRIFT_WINDOW_ROWS = Gauge(
+    "infermesh_drift_window_rows", "Rows a version's drift window holds now (PSI is exported from min_rows).",
+    ["model", "version"],
+)  # fmt: skip
+PREDICTION_LOG_RECORDS = Counter(
+    "infermesh_prediction_log_records", "Predictions sampled into the prediction log's buffer.", ["model"]
+)
+PREDICTION_LOG_WRITTEN = Counter("infermesh_prediction_log_written", "Prediction records written to the stream.")
+PREDICTION_LOG_DROPPED = Counter(
+    "infermesh_prediction_log_dropped",
+    "Prediction records dropped: buffer full (never waited for) or the stream could not be written.",
+    ["reason"],
+)
+
+
 @dataclass(slots=True)
 class RequestLabels:
     """Metric labels of the call being served, filled in by a core once it has resolved a known model (bounded

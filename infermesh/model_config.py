@@ -84,6 +84,11 @@ class FeatureSpec(BaseModel):
     def width(self) -> int:
         return sum(len(entity.features) for entity in self.entities) + len(self.request_inputs)
 
+    @property
+    def column_names(self) -> list[str]:
+        """The joined vector's columns in order: each entity's features, then the request inputs."""
+        return [name for entity in self.entities for name in entity.features] + list(self.request_inputs)
+
 
 class LatestVersions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -204,6 +209,17 @@ class Traffic(BaseModel):
         return sorted(named, key=int)
 
 
+class Monitoring(BaseModel):
+    """What the router records of a model's predictions (router.prediction_log): a sampled share of them, with the
+    joined feature vector, the outputs and keyed hashes of the entity ids; the raw request inputs only on opt-in."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    log_sample_rate: float = Field(0.0, ge=0, le=1, description="Share of the predictions logged (0: none).")
+    log_raw_inputs: bool = Field(
+        False, description="Log the raw request inputs too (entity ids in clear): only where that is allowed."
+    )
+
+
 class ModelConfig(BaseModel):
     name: str
     platform: str = "pytorch_torchscript"
@@ -217,6 +233,7 @@ class ModelConfig(BaseModel):
         None, description="With a feature_spec: the joined tensor the model service receives."
     )
     traffic: Traffic | None = None
+    monitoring: Monitoring | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -254,8 +271,8 @@ class ModelConfig(BaseModel):
 
     @cached_property
     def serving_json(self) -> str:
-        """The config less its traffic section: a change of traffic alone reloads nothing."""
-        return self.model_dump_json(exclude={"traffic"})
+        """The config less its traffic and monitoring sections: a change of those alone reloads nothing."""
+        return self.model_dump_json(exclude={"traffic", "monitoring"})
 
     @cached_property
     def served_inputs(self) -> list[TensorSpec]:
@@ -297,6 +314,7 @@ class VersionStatus:
     version: str
     state: str
     reason: str = ""
+    profile: str = ""  # the version's baseline profile (infermesh.drift), as JSON; "" when it has none
 
 
 @dataclass(frozen=True)
@@ -359,7 +377,7 @@ TRITON_CONVERTED_KEYS = frozenset(
     {"input", "output", "max_batch_size", "dynamic_batching", "version_policy", "parameters"}
 )
 # The mesh's own sections, carried in Triton's config as `parameters` entries of JSON text.
-MESH_SECTIONS = ("feature_spec", "model_input", "traffic")
+MESH_SECTIONS = ("feature_spec", "model_input", "traffic", "monitoring")
 MESH_PARAMETER_PREFIX = "infermesh."
 
 

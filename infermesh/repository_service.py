@@ -34,7 +34,9 @@ def snapshot_message(state: RepositoryState, known_generation: str) -> repositor
                 name=name,
                 config_json=model.config_json,
                 versions=[
-                    repository_pb2.VersionState(version=s.version, state=s.state, reason=s.reason)
+                    repository_pb2.VersionState(
+                        version=s.version, state=s.state, reason=s.reason, profile_json=s.profile
+                    )
                     for s in model.versions
                 ],
             )
@@ -48,7 +50,7 @@ def state_of(message: repository_pb2.RepositorySnapshot) -> RepositoryState:
         message.generation,
         {
             model.name: ModelState.of(
-                model.config_json, (VersionStatus(v.version, v.state, v.reason) for v in model.versions)
+                model.config_json, (VersionStatus(v.version, v.state, v.reason, v.profile_json) for v in model.versions)
             )
             for model in message.models
         },

@@ -148,6 +148,14 @@ def current_context() -> otel_context.Context | None:
     return otel_context.get_current() if _enabled else None
 
 
+def trace_id_of(context: otel_context.Context | None) -> str:
+    """The trace id (32 hex digits) of a request's trace context; "" when it is not traced."""
+    if context is None:
+        return ""
+    span_context = trace.get_current_span(context).get_span_context()
+    return format(span_context.trace_id, "032x") if span_context.is_valid else ""
+
+
 class Traced(Protocol):
     """A request waiting for a batch: its trace context, and when it queued (time.time_ns(); 0: it did not)."""
 

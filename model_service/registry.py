@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from infermesh.drift import MAX_PROFILE_BYTES, PROFILE_FILE, profile_for
 from infermesh.errors import DomainError, InvalidInput, NotFound
 from infermesh.model_config import (
     CONFIG_FILE,
@@ -148,6 +149,7 @@ class LoadedModel:
     device: torch.device
     amp: bool = False
     digest: str = ""  # SHA-256 of the weights it was loaded from
+    profile: str = ""  # its baseline profile (infermesh.drift) as JSON, validated; "" when it has none
     input_specs: list[TensorSpec] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -285,7 +287,7 @@ class ModelRegistry:
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(io.BytesIO(data), map_location=self.device)  # type: ignore[no-untyped-call]  # torch.jit is unannotated
         module.eval()
-        model = LoadedModel(config, version, module, self.device, self.amp, digest)
+        model = LoadedModel(config, version, module, self.device, self.amp, digest, read_profile(plan, version))
         model.warm_up()
         return model
 
@@ -325,7 +327,7 @@ class ModelRegistry:
         held = self.models[model.name]
         previous = held.loaded.get(model.version)
         held.loaded[model.version] = model
-        held.statuses[model.version] = VersionStatus(model.version, READY)
+        held.statuses[model.version] = VersionStatus(model.version, READY, profile=model.profile)
         self._changed()
         log.info("model ready", extra={"fields": {"model": model.name, "version": model.version}})
         return previous
@@ -406,6 +408,24 @@ class ModelRegistry:
         except DomainError:
             return False
         return True
+
+
+def read_profile(plan: LoadPlan, version: str) -> str:
+    """The version's profile.json, validated against its config and compacted; "" when it has none or it is not
+    usable (logged: the version serves all the same, without drift figures). The profile is data, not code: unlike
+    the weights it is not checksummed, only validated."""
+    path = plan.folder / version / PROFILE_FILE
+    try:
+        if path.stat().st_size > MAX_PROFILE_BYTES:
+            raise ValueError(f"{PROFILE_FILE} is larger than {MAX_PROFILE_BYTES} bytes")
+        return profile_for(plan.config, path.read_text()).to_json()
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        fields = {"model": plan.name, "version": version, "reason": reason}
+        log.error("profile ignored", extra={"fields": fields})
+        return ""
 
 
 def _ascending(held: _Model) -> list[str]:

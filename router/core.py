@@ -58,6 +58,8 @@ from infermesh.statistics import ModelStatistics, add_up
 from infermesh.tensors import Tensor
 from infermesh.validation import validate_headers
 from router import join
+from router.drift import DriftMonitors, DriftSettings
+from router.prediction_log import LoggedRequest, PredictionLog
 from router.replicas import Replica, ReplicaSet
 from router.traffic import (
     ANSWERED_BY,
@@ -146,6 +148,8 @@ class RouterCore(DataplaneBase):
         hedging: HedgePolicy | None = None,
         max_mirrors: int = 64,
         mirror_timeout_s: float = 1.0,
+        drift: DriftSettings | None = None,
+        prediction_log: PredictionLog | None = None,
     ) -> None:
         self.replicas = replicas
         self.features = features
@@ -170,6 +174,9 @@ class RouterCore(DataplaneBase):
         self._mirror_tasks: set[asyncio.Task[None]] = set()
         self._max_mirrors = max_mirrors
         self._mirror_timeout_s = mirror_timeout_s
+        # What the mesh watches of its answers: drift against each version's profile, a sampled prediction log.
+        self.drift = DriftMonitors(drift or DriftSettings(), self.replicas.repository)
+        self.prediction_log = prediction_log
 
     # The repository: what the replicas serve --------------------------------------------------------------
 
@@ -315,6 +322,9 @@ class RouterCore(DataplaneBase):
             model = await self.call_model(config.name, version, list(inputs.values()), deadline, any(timed))
             if config.traffic is not None:
                 self._mirror(config, version, list(inputs.values()), model.outputs)
+            self.drift.observe(config, model.version, model.outputs, inputs=inputs)
+            if self.prediction_log is not None:
+                self._log_segments(config, model, work, inputs)
             sliced_results, row = [], 0
             for count, wants_timing in zip(rows, timed, strict=True):
                 sliced = [slice_rows(model.outputs[n], row, row + count) for n in output_names if n in model.outputs]
@@ -334,6 +344,7 @@ class RouterCore(DataplaneBase):
                 priority, queue_until = queue_policy(work.segments[index].parameters)
                 parameters = work.segments[index].parameters
                 joined = join.join_request(spec, part, count, timed[index], ages_wanted(parameters))
+                joined.request_id = work.segments[index].id
                 pendings.append(Pending(joined, count, deadline, priority=priority, queue_until=queue_until))
             except DomainError as error:
                 results_by_index[index] = SegmentResult(count, error=error)
@@ -610,6 +621,9 @@ class RouterCore(DataplaneBase):
             current = self.models.get(config.name)  # the traffic section in force now, not when this was built
             if current is not None and current.config.traffic is not None:
                 self._mirror(current.config, version, [features], model.outputs)
+            self.drift.observe(config, model.version, model.outputs, features=joined.features)
+            if self.prediction_log is not None:
+                self._log_batch(current.config if current is not None else config, model, kept, joined.features)
             lo = 0
             for pending, flags in kept:
                 hi = lo + pending.rows
@@ -626,6 +640,45 @@ class RouterCore(DataplaneBase):
                 lo = hi
 
         return run
+
+    def _log_batch(
+        self, config: ModelConfig, model: ModelAnswer, kept: list[tuple[Pending, dict[str, str]]], features: np.ndarray
+    ) -> None:
+        """The sampled requests of a feature-joined batch into the prediction log (nothing when the model does not
+        log: one check)."""
+        assert self.prediction_log is not None
+        sampled = self.prediction_log.sample(config, len(kept))
+        if not sampled:
+            return
+        spec = config.feature_spec
+        starts = np.cumsum([0] + [pending.rows for pending, _ in kept]).tolist()
+        records = []
+        for index in sampled:
+            pending, flags = kept[index]
+            request: join.JoinRequest = pending.payload
+            raw: dict[str, Any] = {}
+            if config.monitoring is not None and config.monitoring.log_raw_inputs and spec is not None:
+                raw = {**request.ids, **dict(zip(spec.request_inputs, request.request_inputs, strict=True))}
+            rows = (starts[index], starts[index + 1])
+            records.append(LoggedRequest(request.request_id, rows, flags, request.ids, pending.trace_context, raw))
+        self.prediction_log.record(config, model.version, records, model.outputs, features)
+
+    def _log_segments(self, config: ModelConfig, model: ModelAnswer, work: _Work, inputs: dict[str, Tensor]) -> None:
+        """The sampled requests of a batch of a model without a feature_spec (its inputs are the raw inputs)."""
+        assert self.prediction_log is not None
+        sampled = self.prediction_log.sample(config, len(work.rows))
+        if not sampled:
+            return
+        starts = np.cumsum([0, *work.rows]).tolist()
+        context = telemetry.current_context()
+        records = []
+        for index in sampled:
+            lo, hi = starts[index], starts[index + 1]
+            raw: dict[str, Any] = {}
+            if config.monitoring is not None and config.monitoring.log_raw_inputs:
+                raw = {name: tensor.data[lo:hi] for name, tensor in inputs.items()}
+            records.append(LoggedRequest(work.segments[index].id, (lo, hi), {}, {}, context, raw))
+        self.prediction_log.record(config, model.version, records, model.outputs)
 
     async def load_feature_defaults(self, timeout_s: float = 2.0) -> bool:
         try:

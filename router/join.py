@@ -43,6 +43,7 @@ class JoinRequest:
     request_inputs: list[np.ndarray]  # [rows] float32 each, in feature_spec.request_inputs order
     timed: bool = False  # the client asked for per-hop timing
     ages: bool = False  # the client asked for the age of the features served
+    request_id: str = ""  # the client's request id (the prediction log keys its record by it)
 
 
 def join_request(

@@ -13,14 +13,38 @@ from infermesh.breaker import CircuitBreaker
 from infermesh.hedging import HedgePolicy
 from infermesh.proto import router_pb2_grpc
 from infermesh.service import Service
+from router import prediction_log
 from router.clients import FeatureServiceClient, ModelServiceClient
 from router.core import RetryPolicy, RouterCore, feature_breaker_changed
 from router.discovery import resolve
+from router.drift import DriftSettings
+from router.prediction_log import PredictionLog
 from router.replicas import Ejection, ReplicaSet
 from router.servicer import SERVICE, RouterServicer
 from router.settings import RouterSettings
 
 log = logging.getLogger(__name__)
+
+
+def open_prediction_log(settings: RouterSettings) -> PredictionLog | None:
+    """The prediction log the settings ask for (None: off). Its key and password are read here, never logged."""
+    if not settings.prediction_log_redis_url:
+        return None
+    if settings.prediction_log_hash_key_file is None:
+        raise ValueError("prediction_log_hash_key_file is required with prediction_log_redis_url")
+    key = settings.prediction_log_hash_key_file.read_bytes().strip()
+    if len(key) < 16:
+        raise ValueError("prediction_log_hash_key_file must hold a key of at least 16 bytes")
+    password = None
+    if settings.prediction_log_redis_password_file is not None:
+        password = settings.prediction_log_redis_password_file.read_text().strip()
+    return PredictionLog(
+        prediction_log.connect(settings.prediction_log_redis_url, password),
+        key,
+        stream=settings.prediction_log_stream,
+        max_len=settings.prediction_log_max_len,
+        buffer=settings.prediction_log_buffer,
+    )
 
 
 class RouterService(Service):
@@ -34,6 +58,7 @@ class RouterService(Service):
     async def register(self, server: Any) -> list[str]:
         settings = self.settings
         tls = settings.client_tls()
+        self.prediction_log = open_prediction_log(settings)
         self.features = FeatureServiceClient(settings.feature_service_address, settings.max_message_bytes, tls)
         # Replicas found through DNS are called by IP: their certificates must name the Service.
         replica_tls = (
@@ -70,6 +95,13 @@ class RouterService(Service):
             feature_breaker=CircuitBreaker(
                 settings.feature_breaker_failures, settings.feature_breaker_open_s, on_change=feature_breaker_changed
             ),
+            drift=DriftSettings(
+                settings.drift_window_s,
+                settings.drift_slots,
+                settings.drift_min_rows,
+                settings.drift_export_interval_s,
+            ),
+            prediction_log=self.prediction_log,
         )
         oip_servicer.add_to_server(oip_servicer.OipServicer(self.core, settings.default_timeout_s), server)
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.core, settings.default_timeout_s), server)
@@ -87,6 +119,8 @@ class RouterService(Service):
         if not self.core.models:
             log.warning("the model replicas serve no model yet")
         self._tasks.append(asyncio.create_task(self._repository_loop()))
+        if self.prediction_log is not None:
+            self._tasks.append(asyncio.create_task(self.prediction_log.run()))
         if not await self.core.load_feature_defaults():
             self._tasks.append(asyncio.create_task(self._feature_defaults_loop()))
         self._tasks.append(asyncio.create_task(self._health_loop()))
@@ -101,6 +135,11 @@ class RouterService(Service):
                 await task
         await self.core.close()
         await self.features.close()
+        if self.prediction_log is not None:
+            with contextlib.suppress(TimeoutError):  # what the buffer holds, if Redis takes it within a second
+                async with asyncio.timeout(1.0):
+                    await self.prediction_log.flush()
+            await self.prediction_log.close()
         for replica in list(self.replicas.replicas.values()):
             await replica.client.close()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -66,3 +68,33 @@ class RouterSettings(ServiceSettings):
         "once; past it a mirror is dropped and counted (infermesh_mirrors_dropped_total), never waited for.",
     )
     mirror_timeout_ms: float = Field(1000.0, gt=0, description="Deadline of one mirrored call.")
+    drift_window_s: float = Field(
+        900.0, gt=0, description="Drift: the sliding window of served traffic compared with each version's profile."
+    )
+    drift_slots: int = Field(15, ge=1, le=600, description="Drift: slots of the window (it slides a slot at a time).")
+    drift_min_rows: int = Field(
+        100, ge=1, description="Drift: rows a version's window must hold before its PSI is exported."
+    )
+    drift_export_interval_s: float = Field(
+        5.0, ge=0, description="Drift: how often a served version's PSI gauges are recomputed (at most)."
+    )
+    prediction_log_redis_url: str = Field(
+        "",
+        description="Redis of the prediction log's stream (redis:// or rediss://); empty: no prediction log. Models "
+        "opt in with monitoring.log_sample_rate.",
+    )
+    prediction_log_redis_password_file: Path | None = Field(
+        None, description="File holding that Redis's password (read at start, never logged)."
+    )
+    prediction_log_hash_key_file: Path | None = Field(
+        None,
+        description="File holding the key entity ids are hashed with (HMAC-SHA256); required with the log. Keep it "
+        "secret and stable: records of one entity share its hash only under one key.",
+    )
+    prediction_log_stream: str = Field("infermesh:predictions", description="The prediction log's stream key.")
+    prediction_log_max_len: int = Field(
+        100_000, ge=1, description="Entries the stream keeps (XADD MAXLEN ~: trimmed in whole nodes, about this)."
+    )
+    prediction_log_buffer: int = Field(
+        10_000, ge=1, description="Records waiting to be written; past it a record is dropped and counted."
+    )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n infermesh/proto/repository.proto\x12\x17infermesh.repository.v1\"+\n\x0fSnapshotRequest\x12\x18\n\x10known_generation\x18\x01 \x01(\t\">\n\x0cVersionState\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"h\n\nModelState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x37\n\x08versions\x18\x03 \x03(\x0b\x32%.infermesh.repository.v1.VersionState\"p\n\x12RepositorySnapshot\x12\x12\n\ngeneration\x18\x01 \x01(\t\x12\x11\n\tunchanged\x18\x02 \x01(\x08\x12\x33\n\x06models\x18\x03 \x03(\x0b\x32#.infermesh.repository.v1.ModelState2v\n\x0fModelRepository\x12\x63\n\x08Snapshot\x12(.infermesh.repository.v1.SnapshotRequest\x1a+.infermesh.repository.v1.RepositorySnapshot\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n infermesh/proto/repository.proto\x12\x17infermesh.repository.v1\"+\n\x0fSnapshotRequest\x12\x18\n\x10known_generation\x18\x01 \x01(\t\"T\n\x0cVersionState\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0cprofile_json\x18\x04 \x01(\t\"h\n\nModelState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x37\n\x08versions\x18\x03 \x03(\x0b\x32%.infermesh.repository.v1.VersionState\"p\n\x12RepositorySnapshot\x12\x12\n\ngeneration\x18\x01 \x01(\t\x12\x11\n\tunchanged\x18\x02 \x01(\x08\x12\x33\n\x06models\x18\x03 \x03(\x0b\x32#.infermesh.repository.v1.ModelState2v\n\x0fModelRepository\x12\x63\n\x08Snapshot\x12(.infermesh.repository.v1.SnapshotRequest\x1a+.infermesh.repository.v1.RepositorySnapshot\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SNAPSHOTREQUEST']._serialized_start=61
   _globals['_SNAPSHOTREQUEST']._serialized_end=104
   _globals['_VERSIONSTATE']._serialized_start=106
-  _globals['_VERSIONSTATE']._serialized_end=168
-  _globals['_MODELSTATE']._serialized_start=170
-  _globals['_MODELSTATE']._serialized_end=274
-  _globals['_REPOSITORYSNAPSHOT']._serialized_start=276
-  _globals['_REPOSITORYSNAPSHOT']._serialized_end=388
-  _globals['_MODELREPOSITORY']._serialized_start=390
-  _globals['_MODELREPOSITORY']._serialized_end=508
+  _globals['_VERSIONSTATE']._serialized_end=190
+  _globals['_MODELSTATE']._serialized_start=192
+  _globals['_MODELSTATE']._serialized_end=296
+  _globals['_REPOSITORYSNAPSHOT']._serialized_start=298
+  _globals['_REPOSITORYSNAPSHOT']._serialized_end=410
+  _globals['_MODELREPOSITORY']._serialized_start=412
+  _globals['_MODELREPOSITORY']._serialized_end=530
 # @@protoc_insertion_point(module_scope)

@@ -13,14 +13,16 @@ class SnapshotRequest(_message.Message):
     def __init__(self, known_generation: _Optional[str] = ...) -> None: ...
 
 class VersionState(_message.Message):
-    __slots__ = ("version", "state", "reason")
+    __slots__ = ("version", "state", "reason", "profile_json")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
     version: str
     state: str
     reason: str
-    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    profile_json: str
+    def __init__(self, version: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., profile_json: _Optional[str] = ...) -> None: ...
 
 class ModelState(_message.Message):
     __slots__ = ("name", "config_json", "versions")

@@ -171,9 +171,33 @@ def test_operational_alerts_exist() -> None:
         "no model replica": "infermesh_replicas_up",
         "rollbacks": "infermesh_rollbacks_total",
         "shadow divergence": "infermesh_shadow_divergence",
+        "feature drift": "infermesh_feature_drift_psi",
+        "prediction drift": "infermesh_prediction_drift_psi",
+        "prediction log drops": "infermesh_prediction_log_dropped_total",
     }
     for what, needle in covered.items():
         assert any(needle in rule["expr"] for rule in rules.values()), f"no alert on {what}"
+
+
+def test_drift_alerts_use_the_standard_psi_bands() -> None:
+    rules = alerts()
+    for metric in ("infermesh_feature_drift_psi", "infermesh_prediction_drift_psi"):
+        bands = {rule["labels"]["severity"]: rule["expr"] for rule in rules.values() if metric in rule["expr"]}
+        assert bands["ticket"].endswith("> 0.1") and bands["page"].endswith("> 0.25"), bands
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    runbooks = (DEPLOY.parent / "docs" / "runbooks.md").read_text()
+    sections = {
+        re.sub(r"[^a-z0-9 -]", "", line[3:].lower()).replace(" ", "-")
+        for line in runbooks.splitlines()
+        if line.startswith("## ")
+    }
+    assert {section.split("-")[0] for section in sections} == {f"f{i}" for i in range(1, 8)}, "F1-F7"
+    for name, rule in alerts().items():
+        url = rule["annotations"].get("runbook_url", "")
+        assert url.rpartition("#")[0].endswith("docs/runbooks.md"), f"{name}: runbook_url {url!r}"
+        assert url.rpartition("#")[2] in sections, f"{name}: no section {url.rpartition('#')[2]!r}"
 
 
 def test_label_values_in_matchers_are_real() -> None:
@@ -259,5 +283,7 @@ def test_debug_dashboard() -> None:
         assert stage in text, f"latency breakdown lacks {stage}"
     assert "infermesh_batch_size_bucket" in text and "infermesh_batch_size_sum" in text, "batch sizes"
     assert "view:infermesh_feature_stale:ratio_rate5m" in text, "feature staleness"
+    for quality in ("infermesh_feature_drift_psi", "infermesh_prediction_drift_psi", "infermesh_prediction_log"):
+        assert quality in text, f"model quality lacks {quality}"
     (variable,) = dashboard["templating"]["list"]
     assert variable["name"] == "model" and variable["multi"] is False, "debug looks at one model"

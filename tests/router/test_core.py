@@ -524,3 +524,45 @@ async def test_a_request_s_priority_travels_to_the_model_service_and_a_bad_one_i
     bad = InferRequest("fraud", "", DecodedInputs(request(["u1"], ["m1"], [1.0])), parameters={"timeout": -5})
     with pytest.raises(InvalidInput, match="parameter 'timeout' must be a non-negative integer"):
         await core.infer(Call(deadline()), bad)
+
+
+async def test_drift_of_served_traffic_against_the_version_s_profile() -> None:
+    """PSI per profiled feature and of the prediction, by hand: each profile splits its column in two halves."""
+    from infermesh.drift import Profile, ReferenceHistogram
+    from router.drift import DriftSettings
+
+    halves = (0.5, 0.5)
+    profile = Profile(
+        {"a": ReferenceHistogram((2.5,), halves), "amount": ReferenceHistogram((50.0,), halves)},
+        {"score": ReferenceHistogram((10.0,), halves)},
+        prediction="score",
+    )
+    model = Model("m")
+    core = make_core({"m": model}, Features(), drift=DriftSettings(60.0, 6, min_rows=4, export_interval_s=0.0))
+    replica = core.replicas.replicas["m"]
+    state = serving(config(), "1")
+    held = state.models["fraud"]
+    versions = (VersionStatus("1", "READY", profile=profile.to_json()),)
+    core.replicas.set_repository(
+        replica, RepositoryState("g2", {"fraud": ModelState(held.config, held.config_json, versions)})
+    )
+    # a: 1 and 5 (u1, u3): half on each side of 2.5, as trained. amount: all 100, above 50. score > 10: all above.
+    await infer(core, "fraud", "", request(["u1", "u3", "u1", "u3"], ["m1"] * 4, [100.0] * 4), [], deadline())
+
+    def value(name: str, **labels: str) -> float | None:
+        from prometheus_client import REGISTRY
+
+        return REGISTRY.get_sample_value(name, {"model": "fraud", "version": "1", **labels})
+
+    # amount: served [0, 1] against [.5, .5], the empty bin floored at 1e-4
+    shifted = (1e-4 - 0.5) * np.log(1e-4 / 0.5) + (1 - 0.5) * np.log(1 / 0.5)
+    assert value("infermesh_feature_drift_psi", feature="a") == pytest.approx(0.0)
+    assert value("infermesh_feature_drift_psi", feature="amount") == pytest.approx(shifted)
+    assert value("infermesh_feature_drift_psi", feature="b") is None  # not profiled: no series
+    assert value("infermesh_prediction_drift_psi") == value("infermesh_feature_drift_psi", feature="amount")
+    assert value("infermesh_drift_window_rows") == 4
+    # The version leaves: its series go with it.
+    core.replicas.set_repository(replica, RepositoryState("g3", {}))
+    core.drift.export()
+    assert value("infermesh_prediction_drift_psi") is None
+    assert value("infermesh_feature_drift_psi", feature="amount") is None

@@ -1,0 +1,195 @@
+"""The prediction log: a sampled record of what a model version answered, written to a Redis Stream off the request
+path.
+
+A model opts in with its config's `monitoring.log_sample_rate`. Per coalesced batch one vectorised draw picks the
+sampled requests; only those get a record (request id, trace id, time, model, version, joined feature vector,
+outputs, flags, entity ids as keyed hashes; raw request inputs only under `monitoring.log_raw_inputs`). Records go
+into a bounded buffer that a writer task drains to the stream in pipelined XADDs with `MAXLEN ~ max_len`, so the
+stream never grows past about max_len entries. A full buffer drops the record and counts it: a request never waits
+for the log, and a Redis outage costs records, not requests.
+
+Entity ids are HMAC-SHA256 hashes under a key of the operator's (a file, never logged): the same id hashes the same
+across the log and across restarts, so records can be joined per entity without the log holding the id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
+
+from infermesh import metrics, telemetry
+from infermesh.model_config import ModelConfig
+from infermesh.tensors import Tensor
+
+log = logging.getLogger(__name__)
+
+Record = dict[FieldT, EncodableT]  # one stream entry's fields
+
+HASHED_ID_BYTES = 16  # 128 bits of the HMAC: collisions stay out of reach for any log's size
+RETRY_PAUSE_S = 1.0  # after a failed write: the next batch waits this long, the buffer absorbs (and drops) meanwhile
+
+
+@dataclass(slots=True)
+class LoggedRequest:
+    """What a sampled request contributes to its record, besides its rows of the batch."""
+
+    request_id: str
+    rows: tuple[int, int]  # its rows of the batch: [lo, hi)
+    flags: Mapping[str, str]
+    entity_ids: Mapping[str, Sequence[str]] = field(default_factory=dict)  # entity input → one id per row
+    trace_context: Any = None
+    raw_inputs: Mapping[str, Any] = field(default_factory=dict)  # input → rows, kept only under log_raw_inputs
+
+
+class PredictionLog:
+    """Sampled prediction records, buffered (bounded) and written to one Redis Stream by `run()`."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        hash_key: bytes,
+        stream: str = "infermesh:predictions",
+        max_len: int = 100_000,
+        buffer: int = 10_000,
+        write_batch: int = 256,
+        seed: int | None = None,
+    ) -> None:
+        if not hash_key:
+            raise ValueError("the prediction log needs a key to hash entity ids with")
+        self._redis = redis
+        self._hash_key = hash_key
+        self.stream = stream
+        self.max_len = max_len
+        self._queue: asyncio.Queue[Record] = asyncio.Queue(buffer)
+        self._write_batch = write_batch
+        self._rng = np.random.default_rng(seed)
+        self._full = metrics.PREDICTION_LOG_DROPPED.labels("buffer_full")
+        self._unwritten = metrics.PREDICTION_LOG_DROPPED.labels("write_failed")
+        self._written = metrics.PREDICTION_LOG_WRITTEN
+
+    def hash_id(self, entity_id: str) -> str:
+        return hmac.new(self._hash_key, entity_id.encode(), hashlib.sha256).digest()[:HASHED_ID_BYTES].hex()
+
+    def sample(self, config: ModelConfig, requests: int) -> list[int]:
+        """Which of a batch's `requests` to log (the model's sample rate): one vectorised draw per batch."""
+        monitoring = config.monitoring
+        if monitoring is None or monitoring.log_sample_rate <= 0 or requests == 0:
+            return []
+        return np.flatnonzero(self._rng.random(requests) < monitoring.log_sample_rate).tolist()
+
+    def record(
+        self,
+        config: ModelConfig,
+        version: str,
+        sampled: Sequence[LoggedRequest],
+        outputs: Mapping[str, Tensor],
+        features: np.ndarray | None = None,
+    ) -> None:
+        """The sampled requests of a batch `version` served, into the buffer; never blocks (full: dropped)."""
+        raw = config.monitoring is not None and config.monitoring.log_raw_inputs
+        counter = metrics.PREDICTION_LOG_RECORDS.labels(config.name)
+        now_ms = str(int(time.time() * 1000))
+        for request in sampled:
+            lo, hi = request.rows
+            record: Record = {
+                "id": request.request_id,
+                "trace_id": telemetry.trace_id_of(request.trace_context),
+                "time_ms": now_ms,
+                "model": config.name,
+                "version": version,
+                "outputs": json.dumps({name: _plain(t.data[lo:hi]) for name, t in outputs.items()}),
+                "flags": json.dumps(dict(request.flags)),
+                "entities": json.dumps(
+                    {name: [self.hash_id(i) for i in ids] for name, ids in request.entity_ids.items()}
+                ),
+            }
+            if features is not None:
+                record["features"] = json.dumps(_plain(features[lo:hi]))
+            if raw and request.raw_inputs:
+                record["inputs"] = json.dumps({name: _plain(v) for name, v in request.raw_inputs.items()})
+            try:
+                self._queue.put_nowait(record)
+            except asyncio.QueueFull:
+                self._full.inc()
+                continue
+            counter.inc()
+
+    @property
+    def buffered(self) -> int:
+        return self._queue.qsize()
+
+    async def run(self) -> None:
+        """Drain the buffer to the stream until cancelled (a batch per round trip)."""
+        while True:
+            batch = [await self._queue.get()]
+            if not await self._send(self._fill(batch)):
+                await asyncio.sleep(RETRY_PAUSE_S)
+
+    async def flush(self) -> None:
+        """Write what the buffer holds now (at shutdown; tests)."""
+        while not self._queue.empty():
+            await self._send(self._fill([]))
+
+    def _fill(self, batch: list[Record]) -> list[Record]:
+        while len(batch) < self._write_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
+
+    async def _send(self, batch: list[Record]) -> bool:
+        """Write a batch; False (counted as dropped) when Redis did not take it."""
+        try:
+            await self._write(batch)
+        except (RedisError, OSError) as error:
+            self._unwritten.inc(len(batch))
+            log.warning("prediction log write failed", extra={"fields": {"error": type(error).__name__}})
+            return False
+        self._written.inc(len(batch))
+        return True
+
+    async def _write(self, batch: list[Record]) -> None:
+        pipeline = self._redis.pipeline(transaction=False)
+        for record in batch:
+            pipeline.xadd(self.stream, record, maxlen=self.max_len, approximate=True)
+        await pipeline.execute()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: arrays to lists, bytes to text."""
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            return [_plain(v) for v in value.reshape(-1)]
+        return value.tolist()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def connect(url: str, password: str | None = None, timeout_s: float = 1.0) -> aioredis.Redis:
+    """The log's own Redis client: bounded timeouts and pool (one writer task uses it); `password` unless the URL
+    carries one."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        password=password,
+        max_connections=2,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+    )
+    return aioredis.Redis.from_pool(pool)
