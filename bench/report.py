@@ -934,6 +934,16 @@ SPEED_CHANGES = (
         "machine's noise (the unchanged direct path moved 1,318-1,977 req/s over the same runs)",
     ),
     (
+        "traffic sections (#14): `_serve` split into per-version answers (a model without a section takes the "
+        "same path as before, one more call); INTERNAL from below is ModelFailed (not retried)",
+        "c=64 1,675 / 1,225 / 1,593 / 1,807 req/s (mean 1,575); router CPU per request 0.159 / 0.182 / 0.152 / "
+        "0.145 ms (mean 0.160); c=1 p50 4.92 / 4.76 ms",
+        "1,414 / 1,717 / 1,540 / 1,578 req/s (mean 1,562); router 0.166 / 0.145 / 0.171 / 0.175 ms (mean 0.164);"
+        " c=1 p50 4.73 / 4.97 ms",
+        "two back-to-back pairs (before, after, before, after), two 6 s rounds at c=64 each and one at c=1, CPU "
+        "from /proc, other work sharing the cores: within this machine's noise (router CPU +2.5 %)",
+    ),
+    (
         "drift windows per model version in the router (binning each coalesced batch, PSI every 5 s)",
         "c=64 1,981 / 2,099 req/s; CPU per request: router 0.149 / 0.139 ms",
         "2,106 / 1,824 req/s; router 0.146 / 0.165 ms",

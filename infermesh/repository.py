@@ -17,6 +17,7 @@ from infermesh.model_config import (
     UNLOADING,
     ModelConfig,
     ModelEntry,
+    Traffic,
     VersionStatus,
     parse_config,
 )
@@ -80,14 +81,25 @@ class RepositoryState:
             if not state.versions and not ready_only:
                 rows.append(ModelIndexEntry(name, "", UNAVAILABLE, "no version to serve"))
             traffic = state.config.traffic
-            rolled_back = traffic.rolled_back if traffic is not None else {}
             for status in state.versions:
                 if status.state == READY or not ready_only:
                     reason = status.reason
-                    if not reason and status.version in rolled_back:
-                        reason = f"rolled back: {rolled_back[status.version]}"
+                    if not reason and status.state == READY and traffic is not None:
+                        reason = traffic_role(traffic, status.version)
                     rows.append(ModelIndexEntry(name, status.version, status.state, reason))
         return rows
+
+
+def traffic_role(traffic: Traffic, version: str) -> str:
+    """What a READY version does under the model's traffic section, as the repository index's reason shows it:
+    "baseline 90 %", "canary 10 %", "shadow", "rolled back: <why>", or "" (a version the section does not name)."""
+    if version in traffic.rolled_back:
+        return f"rolled back: {traffic.rolled_back[version]}"
+    weights = traffic.weights
+    if version in weights:
+        role = "baseline" if version == traffic.baseline else "canary"
+        return f"{role} {weights[version]} %"
+    return "shadow" if version in traffic.shadow else ""
 
 
 def merge(states: Iterable[RepositoryState]) -> RepositoryState:

@@ -161,7 +161,7 @@ def test_a_sticky_split_sends_each_user_to_one_version(
 ) -> None:
     roll_out(client, baseline="1", split={"1": 50, "2": 50}, sticky_input="user_id")
     assert (traffic_of(client) or {})["sticky_input"] == "user_id"
-    assert {v: s for v, (s, _) in index(client).items()} == {"1": "READY", "2": "READY"}
+    assert index(client) == {"1": ("READY", "baseline 50 %"), "2": ("READY", "canary 50 %")}
     users = [f"u{i}" for i in range(60)]
     first = {user: infer(client, user)[:2] for user in users}
     with ThreadPoolExecutor(8) as pool:  # concurrent: the gateway batches several users into one router call
@@ -207,6 +207,7 @@ def test_a_divergent_shadow_never_answers_and_its_divergence_is_exported(
     mesh: LocalMesh, client: grpcclient.InferenceServerClient
 ) -> None:
     roll_out(client, baseline="1", shadow=["5"])
+    assert index(client)["5"] == ("READY", "shadow")
     answers = [infer(client, f"shadowed-{i}") for i in range(30)]
     assert {version for version, *_ in answers} == {"1"}
     assert all(probability < 0.9 for _, _, probability, _ in answers)  # never the shadow's 0.99

@@ -218,3 +218,16 @@ def test_a_canary_that_diverges_from_the_baseline_is_rolled_back() -> None:
     baseline = {"p": Tensor("p", "FP32", (2,), np.array([0.1, 0.2], dtype=np.float32))}
     control.compared(guarded, Mirror("1", "2", CANARY), served, baseline, 0.001)
     assert len(rollbacks) == 1 and rollbacks[0].startswith("divergence")
+
+
+def test_the_repository_index_says_what_each_version_does() -> None:
+    from infermesh.repository import traffic_role
+
+    traffic = Traffic(baseline="1", split={"1": 90, "2": 10}, shadow=["3"], rolled_back={"4": "p99 80 ms > 50 ms"})
+    assert [traffic_role(traffic, v) for v in ("1", "2", "3", "4", "5")] == [
+        "baseline 90 %",
+        "canary 10 %",
+        "shadow",
+        "rolled back: p99 80 ms > 50 ms",
+        "",
+    ]
