@@ -167,7 +167,7 @@ class RouterCore(DataplaneBase):
         self._max_inflight_batches = max_inflight_batches
         self._max_pending_requests = max_pending_requests
         # One coalescer per (model, version): only requests for the same model version share a batch.
-        self._coalescers: dict[tuple[str, str], _ModelCoalescer] = {}
+        self._coalescers: dict[str, _ModelCoalescer] = {}
         self._entries: tuple[RepositoryState, dict[str, ModelEntry]] | None = None
         self.traffic = TrafficControl(on_rollback=self._rolled_back)
         # Mirrored calls in flight (and rollbacks being recorded): bounded, dropped and counted past the bound.
@@ -345,10 +345,11 @@ class RouterCore(DataplaneBase):
                 parameters = work.segments[index].parameters
                 joined = join.join_request(spec, part, count, timed[index], ages_wanted(parameters))
                 joined.request_id = work.segments[index].id
+                joined.version = version
                 pendings.append(Pending(joined, count, deadline, priority=priority, queue_until=queue_until))
             except DomainError as error:
                 results_by_index[index] = SegmentResult(count, error=error)
-        coalescer = self._coalescer(work.entry, version)
+        coalescer = self._coalescer(work.entry)
         answers: list[_Answer | BaseException]
         if len(pendings) == 1:
             try:
@@ -546,26 +547,27 @@ class RouterCore(DataplaneBase):
         except DomainError as error:
             log.error("rollback not recorded in the config", extra={"fields": {"model": model, "error": str(error)}})
 
-    def _coalescer(self, entry: ModelEntry, version: str) -> Coalescer:
-        key = (entry.config.name, version)
-        coalescer = self._coalescers.get(key)
+    def _coalescer(self, entry: ModelEntry) -> Coalescer:
+        """The model's coalescer: requests for any of its versions share a feature read (each version its own
+        model call), so a canary or a pinned version costs no feature reads of its own."""
+        name = entry.config.name
+        coalescer = self._coalescers.get(name)
         if coalescer is not None and coalescer.config.serving_json != entry.config.serving_json and coalescer.idle:
             coalescer = None  # the model's config changed: batches are built by the new one once the old ones left
         if coalescer is None:
-            coalescer = self._coalescers[key] = _ModelCoalescer(
+            coalescer = self._coalescers[name] = _ModelCoalescer(
                 entry.config,
                 "router",
-                entry.config.name,
-                self._batch_runner(entry, version),
+                name,
+                self._batch_runner(entry),
                 max_rows=min(self._max_batch_rows, entry.config.max_batch_size),
                 max_inflight=self._max_inflight_batches,
                 max_pending=self._max_pending_requests,
-                version=version,
             )
         return coalescer
 
-    def _batch_runner(self, entry: ModelEntry, version: str) -> Callable[[list[Pending]], Awaitable[None]]:
-        """One feature read and one model call for every request of a coalesced batch."""
+    def _batch_runner(self, entry: ModelEntry) -> Callable[[list[Pending]], Awaitable[None]]:
+        """One feature read for every request of a coalesced batch, and one model call per version they want."""
         config = entry.config
         spec = config.feature_spec
         model_input = config.model_input
@@ -613,31 +615,56 @@ class RouterCore(DataplaneBase):
                 kept.append((pending, outcome))
             if not kept:
                 return
-            rows = len(joined.features)
-            features = Tensor(model_input.name, "FP32", (rows, joined.features.shape[1]), joined.features)
-            timed = any(p.payload.timed for p, _ in kept)
-            priority = min(p.priority for p, _ in kept)  # the batch queues at the model as its most urgent request
-            model = await self.call_model(config.name, version, [features], deadline, timed, priority)
             current = self.models.get(config.name)  # the traffic section in force now, not when this was built
-            if current is not None and current.config.traffic is not None:
-                self._mirror(current.config, version, [features], model.outputs)
-            self.drift.observe(config, model.version, model.outputs, features=joined.features)
-            if self.prediction_log is not None:
-                self._log_batch(current.config if current is not None else config, model, kept, joined.features)
+            in_force = current.config if current is not None else config
+            groups: dict[str, list[_Joined]] = {}
             lo = 0
             for pending, flags in kept:
-                hi = lo + pending.rows
-                if pending.payload.timed:
-                    flags = {
-                        **flags,
-                        timing.ROUTER_WAIT: timing.ms((dispatched_ns - pending.enqueued_ns) / 1e9),
-                        timing.FEATURE_READ: timing.ms(feature_read_s),
-                        **_model_timing(model),
-                    }
-                if not pending.future.done():
-                    sliced = {n: slice_rows(t, lo, hi) for n, t in model.outputs.items()}
-                    pending.future.set_result((model.version, sliced, flags))
-                lo = hi
+                groups.setdefault(pending.payload.version, []).append(_Joined(pending, flags, lo))
+                lo += pending.rows
+
+            async def answer(version: str, members: list[_Joined]) -> None:
+                if len(groups) == 1:
+                    rows = joined.features
+                else:  # this version's rows of the joined features (a copy, only when versions share the batch)
+                    rows = joined.features[np.concatenate([np.arange(m.lo, m.lo + m.pending.rows) for m in members])]
+                features = Tensor(model_input.name, "FP32", rows.shape, rows)
+                timed = any(m.pending.payload.timed for m in members)
+                priority = min(m.pending.priority for m in members)  # queued at the model as its most urgent
+                try:
+                    model = await self.call_model(config.name, version, [features], deadline, timed, priority)
+                except DomainError as error:
+                    if len(groups) == 1:
+                        raise  # the coalescer fails the whole batch
+                    for member in members:
+                        if not member.pending.future.done():
+                            member.pending.future.set_exception(error)
+                    return
+                if in_force.traffic is not None:
+                    self._mirror(in_force, version, [features], model.outputs)
+                self.drift.observe(config, model.version, model.outputs, features=rows)
+                if self.prediction_log is not None:
+                    self._log_batch(in_force, model, [(m.pending, m.flags) for m in members], rows)
+                row = 0
+                for member in members:
+                    pending, flags, count = member.pending, member.flags, member.pending.rows
+                    if pending.payload.timed:
+                        flags = {
+                            **flags,
+                            timing.ROUTER_WAIT: timing.ms((dispatched_ns - pending.enqueued_ns) / 1e9),
+                            timing.FEATURE_READ: timing.ms(feature_read_s),
+                            **_model_timing(model),
+                        }
+                    if not pending.future.done():
+                        sliced = {n: slice_rows(t, row, row + count) for n, t in model.outputs.items()}
+                        pending.future.set_result((model.version, sliced, flags))
+                    row += count
+
+            if len(groups) == 1:
+                ((version, members),) = groups.items()
+                await answer(version, members)
+            else:
+                await asyncio.gather(*(answer(version, members) for version, members in groups.items()))
 
         return run
 
@@ -855,6 +882,15 @@ def _add_router_time(results: list[SegmentResult], timed: list[bool], started: f
     for result, wants_timing in zip(results, timed, strict=True):
         if wants_timing and result.error is None:
             result.flags[timing.ROUTER] = timing.ms(elapsed - timing.seconds_of(result.flags))
+
+
+@dataclass(slots=True)
+class _Joined:
+    """A request of a coalesced batch whose features joined: its flags and where its rows start."""
+
+    pending: Pending
+    flags: dict[str, str]
+    lo: int
 
 
 class _ModelCoalescer(Coalescer):

@@ -44,6 +44,7 @@ class JoinRequest:
     timed: bool = False  # the client asked for per-hop timing
     ages: bool = False  # the client asked for the age of the features served
     request_id: str = ""  # the client's request id (the prediction log keys its record by it)
+    version: str = ""  # the model version that answers it (requests for several versions share a feature read)
 
 
 def join_request(
