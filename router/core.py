@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -81,6 +82,8 @@ EXTENSIONS = ("model_repository", "infermesh_features")
 
 # Mirrored calls (shadows, a canary's comparison) queue behind every request at the model service.
 MIRROR_PRIORITY = 1000
+# Rows a mirror target may have waiting, in batches of the model's size: past it copies are dropped (counted).
+MIRROR_QUEUE_BATCHES = 4
 
 # What a feature-joined request gets back from its shared batch: the served version, its outputs, its flags.
 _Answer = tuple[str, dict[str, Tensor], dict[str, str]]
@@ -173,6 +176,7 @@ class RouterCore(DataplaneBase):
         # Mirrored calls in flight (and rollbacks being recorded): bounded, dropped and counted past the bound.
         self._mirror_tasks: set[asyncio.Task[None]] = set()
         self._max_mirrors = max_mirrors
+        self._mirror_queues: dict[tuple[str, Mirror], _MirrorQueue] = {}
         self._mirror_timeout_s = mirror_timeout_s
         # What the mesh watches of its answers: drift against each version's profile, a sampled prediction log.
         self.drift = DriftMonitors(drift or DriftSettings(), self.replicas.repository)
@@ -501,14 +505,47 @@ class RouterCore(DataplaneBase):
                 counter.labels(config.name, "skipped").inc()
 
     def _mirror(self, config: ModelConfig, version: str, inputs: list[Tensor], outputs: dict[str, Tensor]) -> None:
-        """Send the copies the traffic section asks for of a batch `version` served (never waited for)."""
+        """Queue the copies the traffic section asks for of a batch `version` served (never waited for). Each
+        mirror target sends one call at a time; batches served meanwhile wait and leave together in the next, so
+        mirroring costs a call per batch only at low load. Past a bound, copies are dropped and counted."""
+        rows = inputs[0].shape[0] if inputs and inputs[0].shape else 0
+        limit = min(self._max_batch_rows, config.max_batch_size)
         for mirror in self.traffic.mirrors(config, version):
-            if len(self._mirror_tasks) >= self._max_mirrors:
+            key = (config.name, mirror)
+            queue = self._mirror_queues.get(key)
+            if queue is None:
+                queue = self._mirror_queues[key] = _MirrorQueue()
+            if queue.rows + rows > MIRROR_QUEUE_BATCHES * limit or (
+                queue.task is None and len(self._mirror_tasks) >= self._max_mirrors
+            ):
                 metrics.MIRRORS_DROPPED.labels(config.name, "busy").inc()
                 continue
-            task = asyncio.get_running_loop().create_task(self._send_mirror(config, mirror, inputs, outputs))
-            self._mirror_tasks.add(task)
-            task.add_done_callback(self._mirror_tasks.discard)
+            queue.items.append((inputs, outputs, rows))
+            queue.rows += rows
+            if queue.task is None:
+                task = asyncio.get_running_loop().create_task(self._drain_mirrors(config, mirror, queue, limit))
+                queue.task = task
+                self._mirror_tasks.add(task)
+                task.add_done_callback(self._mirror_tasks.discard)
+
+    async def _drain_mirrors(self, config: ModelConfig, mirror: Mirror, queue: _MirrorQueue, limit: int) -> None:
+        try:
+            while queue.items:
+                taken: list[tuple[list[Tensor], dict[str, Tensor], int]] = []
+                rows = 0
+                while queue.items and (not taken or rows + queue.items[0][2] <= limit):
+                    item = queue.items.popleft()
+                    taken.append(item)
+                    rows += item[2]
+                queue.rows -= rows
+                if len(taken) == 1:
+                    inputs, outputs, _ = taken[0]
+                else:
+                    inputs = list(_concatenate([{t.name: t for t in item[0]} for item in taken]).values())
+                    outputs = _concatenate([item[1] for item in taken])
+                await self._send_mirror(config, mirror, inputs, outputs)
+        finally:
+            queue.task = None
 
     async def _send_mirror(
         self, config: ModelConfig, mirror: Mirror, inputs: list[Tensor], outputs: dict[str, Tensor]
@@ -882,6 +919,15 @@ def _add_router_time(results: list[SegmentResult], timed: list[bool], started: f
     for result, wants_timing in zip(results, timed, strict=True):
         if wants_timing and result.error is None:
             result.flags[timing.ROUTER] = timing.ms(elapsed - timing.seconds_of(result.flags))
+
+
+@dataclass(slots=True)
+class _MirrorQueue:
+    """Served batches waiting to be mirrored to one target, and the task sending them (one call at a time)."""
+
+    items: deque[tuple[list[Tensor], dict[str, Tensor], int]] = field(default_factory=deque)
+    rows: int = 0
+    task: asyncio.Task[None] | None = None
 
 
 @dataclass(slots=True)

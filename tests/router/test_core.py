@@ -17,13 +17,14 @@ from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound, Overloaded, Unavailable
 from infermesh.features import FeatureBlock, FeatureQuery, FeatureStatus
 from infermesh.hedging import HedgePolicy
-from infermesh.model_config import ModelConfig, VersionStatus
+from infermesh.model_config import ModelConfig, Traffic, VersionStatus
 from infermesh.priority import DEFAULT_PRIORITY
 from infermesh.repository import ModelState, RepositoryState
 from infermesh.segments import InferBatch, Segment
 from infermesh.tensors import DecodedInputs, Tensor
-from router.core import ModelAnswer, RetryPolicy, RouterCore
+from router.core import MIRROR_PRIORITY, ModelAnswer, RetryPolicy, RouterCore
 from router.replicas import ReplicaSet
+from router.traffic import ARM
 
 PRESENT, NOT_FOUND, STALE = FeatureStatus.PRESENT, FeatureStatus.NOT_FOUND, FeatureStatus.STALE
 USERS = {"u1": [1.0, 2.0], "u2": [3.0, 4.0], "u3": [5.0, 6.0]}
@@ -566,3 +567,37 @@ async def test_drift_of_served_traffic_against_the_version_s_profile() -> None:
     core.drift.export()
     assert value("infermesh_prediction_drift_psi") is None
     assert value("infermesh_feature_drift_psi", feature="amount") is None
+
+
+class ShadowedModel(Model):
+    """Answers version 1 at once; calls to version 2 (the shadow) wait for `release`."""
+
+    def __init__(self) -> None:
+        super().__init__("a")
+        self.release = asyncio.Event()
+        self.called = asyncio.Event()  # a shadow call is in flight
+        self.shadow_batches: list[int] = []
+
+    async def infer(self, model, version, inputs, deadline, timed=False, priority=DEFAULT_PRIORITY):  # type: ignore[no-untyped-def]
+        if version == "2":
+            self.called.set()
+            await self.release.wait()
+            self.shadow_batches.append(len(inputs[0].data))
+        return await super().infer(model, version, inputs, deadline, timed, priority)
+
+
+async def test_mirrors_of_batches_served_while_one_is_in_flight_leave_together() -> None:
+    model = ShadowedModel()
+    core = make_core({"a": model}, Features())
+    shadowed = config().model_copy(update={"traffic": Traffic(baseline="1", shadow=["2"])})
+    (replica,) = core.replicas.replicas.values()
+    core.replicas.set_repository(replica, serving(shadowed, "1", "2"))
+    for user in ("u1", "u2", "u3", "u4", "u5", "u6"):
+        response = await infer(core, "fraud", "", request([user], ["m1"], [1.0]), [], deadline())
+        assert response.version == "1" and response.parameters[ARM] == "baseline"
+        await asyncio.wait_for(model.called.wait(), 5)  # the first mirror is in flight (and waits)
+    assert model.shadow_batches == []  # the other five queued behind it
+    model.release.set()
+    await asyncio.wait_for(asyncio.gather(*core._mirror_tasks), 5)  # the one task sending to the shadow
+    assert model.shadow_batches == [1, 5]  # one call for the five served meanwhile
+    assert model.priorities[-1] == MIRROR_PRIORITY
