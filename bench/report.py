@@ -488,7 +488,8 @@ def _rollouts(s: dict[str, Any]) -> list[str]:
         "none; a shadow getting a mirror of every batch; a 90/10 canary with its guard (10 % of the canary's "
         "batches also sent to the baseline); both. Mirrors run at the lowest priority on the same replicas and "
         "cores, so their cost shows as throughput here, and as CPU per request of every mesh process together "
-        "(steadier where other work shares the cores).",
+        "(steadier where other work shares the cores). Two rounds, the second in reverse order; each setup's "
+        "better throughput and lower CPU are shown.",
         "",
         *_table(
             ["setup", "load", "req/s", "p50 ms", "p99 ms", "req/s vs without", "mesh CPU ms/req", "CPU vs without"],

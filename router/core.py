@@ -314,9 +314,11 @@ class RouterCore(DataplaneBase):
         version: str,
         whole: dict[str, Tensor] | None = None,
         parts: list[dict[str, Tensor]] | None = None,
+        versions: Sequence[str] | None = None,
     ) -> list[SegmentResult]:
         """Every segment of `work` answered by `version` (or its own error): the segments' tensors as one batch
-        (`whole`) or one per segment (`parts`), whichever the caller has."""
+        (`whole`) or one per segment (`parts`), whichever the caller has. A feature-joined model may answer each
+        segment by a version of its own (`versions`): they share the batch's feature read."""
         config = work.entry.config
         rows, timed, output_names, deadline = work.rows, work.timed, work.output_names, work.deadline
         if config.feature_spec is None:
@@ -349,7 +351,7 @@ class RouterCore(DataplaneBase):
                 parameters = work.segments[index].parameters
                 joined = join.join_request(spec, part, count, timed[index], ages_wanted(parameters))
                 joined.request_id = work.segments[index].id
-                joined.version = version
+                joined.version = versions[index] if versions is not None else version
                 pendings.append(Pending(joined, count, deadline, priority=priority, queue_until=queue_until))
             except DomainError as error:
                 results_by_index[index] = SegmentResult(count, error=error)
@@ -437,12 +439,20 @@ class RouterCore(DataplaneBase):
             for index, result in zip(indexes, answers, strict=True):
                 results[index] = result
                 if version != baseline and arms[index][1] == CANARY:
-                    failed = result.error is not None and is_version_failure(result.error)
-                    self.traffic.record(config, version, elapsed, failed)
+                    self.traffic.record(config, version, elapsed, _version_failed(result))
 
         if len(groups) == 1:  # the common case: no task to spawn
             ((version, indexes),) = groups.items()
             await answer(version, indexes)
+        elif config.feature_spec is not None:  # one batch: one feature read, a model call per version
+            started = time.perf_counter()
+            answers = await self._answer(work, baseline, parts=parts, versions=[version for version, _ in arms])
+            elapsed = time.perf_counter() - started
+            for index, result in enumerate(answers):
+                results[index] = result
+                version, arm = arms[index]
+                if version != baseline and arm == CANARY:
+                    self.traffic.record(config, version, elapsed, _version_failed(result))
         else:
             await asyncio.gather(*(answer(version, indexes) for version, indexes in groups.items()))
         return results
@@ -967,6 +977,10 @@ class _Work:
             [self.timed[i] for i in indexes],
             self.deadline,
         )
+
+
+def _version_failed(result: SegmentResult) -> bool:
+    return result.error is not None and is_version_failure(result.error)
 
 
 def _concatenate(parts: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:

@@ -601,3 +601,36 @@ async def test_mirrors_of_batches_served_while_one_is_in_flight_leave_together()
     await asyncio.wait_for(asyncio.gather(*core._mirror_tasks), 5)  # the one task sending to the shadow
     assert model.shadow_batches == [1, 5]  # one call for the five served meanwhile
     assert model.priorities[-1] == MIRROR_PRIORITY
+
+
+class VersionedModel(Model):
+    """Counts the rows of each call per version, and answers with the version it was asked for."""
+
+    def __init__(self) -> None:
+        super().__init__("a")
+        self.calls: list[tuple[str, int]] = []
+
+    async def infer(self, model, version, inputs, deadline, timed=False, priority=DEFAULT_PRIORITY):  # type: ignore[no-untyped-def]
+        self.calls.append((version, len(inputs[0].data)))
+        answer = await super().infer(model, version, inputs, deadline, timed, priority)
+        answer.version = version
+        return answer
+
+
+async def test_segments_split_between_versions_share_one_feature_read() -> None:
+    model, features = VersionedModel(), Features()
+    core = make_core({"a": model}, features)
+    split = config().model_copy(
+        update={"traffic": Traffic(baseline="1", split={"1": 50, "2": 50}, sticky_input="user_id")}
+    )
+    (replica,) = core.replicas.replicas.values()
+    core.replicas.set_repository(replica, serving(split, "1", "2"))
+    users = [f"u{i}" for i in range(12)]
+    segments = [Segment(1, user) for user in users]
+    batch = InferBatch("fraud", "", DecodedInputs(request(users, ["m1"] * 12, [1.0] * 12)), [], segments)
+    result = await core.infer_batch(Call(deadline()), batch)
+    versions = [segment.version for segment in result.segments]
+    assert set(versions) == {"1", "2"} and all(segment.error is None for segment in result.segments)
+    assert len(features.calls) == 1  # one feature read for the whole batch
+    assert sorted(model.calls) == sorted((v, versions.count(v)) for v in ("1", "2"))  # a model call per version
+    assert [s.flags[ARM] for s in result.segments] == ["baseline" if v == "1" else "canary" for v in versions]
