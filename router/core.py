@@ -151,6 +151,7 @@ class RouterCore(DataplaneBase):
         hedging: HedgePolicy | None = None,
         max_mirrors: int = 64,
         mirror_timeout_s: float = 1.0,
+        mirror_linger_s: float = 0.02,
         drift: DriftSettings | None = None,
         prediction_log: PredictionLog | None = None,
     ) -> None:
@@ -178,6 +179,7 @@ class RouterCore(DataplaneBase):
         self._max_mirrors = max_mirrors
         self._mirror_queues: dict[tuple[str, Mirror], _MirrorQueue] = {}
         self._mirror_timeout_s = mirror_timeout_s
+        self._mirror_linger_s = mirror_linger_s
         # What the mesh watches of its answers: drift against each version's profile, a sampled prediction log.
         self.drift = DriftMonitors(drift or DriftSettings(), self.replicas.repository)
         self.prediction_log = prediction_log
@@ -516,8 +518,9 @@ class RouterCore(DataplaneBase):
 
     def _mirror(self, config: ModelConfig, version: str, inputs: list[Tensor], outputs: dict[str, Tensor]) -> None:
         """Queue the copies the traffic section asks for of a batch `version` served (never waited for). Each
-        mirror target sends one call at a time; batches served meanwhile wait and leave together in the next, so
-        mirroring costs a call per batch only at low load. Past a bound, copies are dropped and counted."""
+        mirror target sends one call at a time, after lingering a moment for more; batches served meanwhile
+        leave together in the next, so mirrors cost few calls at any load. Past a bound, copies are dropped and
+        counted."""
         rows = inputs[0].shape[0] if inputs and inputs[0].shape else 0
         limit = min(self._max_batch_rows, config.max_batch_size)
         for mirror in self.traffic.mirrors(config, version):
@@ -541,6 +544,8 @@ class RouterCore(DataplaneBase):
     async def _drain_mirrors(self, config: ModelConfig, mirror: Mirror, queue: _MirrorQueue, limit: int) -> None:
         try:
             while queue.items:
+                if queue.rows < limit and self._mirror_linger_s > 0:
+                    await asyncio.sleep(self._mirror_linger_s)  # more served batches join this call meanwhile
                 taken: list[tuple[list[Tensor], dict[str, Tensor], int]] = []
                 rows = 0
                 while queue.items and (not taken or rows + queue.items[0][2] <= limit):

@@ -92,6 +92,7 @@ class RouterService(Service):
             hedging=HedgePolicy(settings.hedge_max_ratio),
             max_mirrors=settings.max_mirrors,
             mirror_timeout_s=settings.mirror_timeout_ms / 1000,
+            mirror_linger_s=settings.mirror_linger_ms / 1000,
             feature_breaker=CircuitBreaker(
                 settings.feature_breaker_failures, settings.feature_breaker_open_s, on_change=feature_breaker_changed
             ),

@@ -68,6 +68,12 @@ class RouterSettings(ServiceSettings):
         "once; past it a mirror is dropped and counted (infermesh_mirrors_dropped_total), never waited for.",
     )
     mirror_timeout_ms: float = Field(1000.0, gt=0, description="Deadline of one mirrored call.")
+    mirror_linger_ms: float = Field(
+        20.0,
+        ge=0,
+        description="How long a mirror target waits for more served batches before each call (fewer, larger "
+        "mirrored calls; the comparison is a moment later, never the answer).",
+    )
     drift_window_s: float = Field(
         900.0, gt=0, description="Drift: the sliding window of served traffic compared with each version's profile."
     )
