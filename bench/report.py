@@ -498,6 +498,20 @@ def _rollouts(s: dict[str, Any]) -> list[str]:
     ]
 
 
+def _priorities(s: dict[str, Any]) -> list[str]:
+    rows = [
+        [r["mix"], r["group"], f"c={r['concurrency']}", r["throughput_rps"], r["p50_ms"], r["p99_ms"], r["errors"]]
+        for r in s["summary"]["rows"]
+    ]
+    return [
+        "`fraud` through the gateway past its capacity (closed loops at once): a few clients, then the same clients "
+        "sending Triton `priority` 1, among many at the default level. Every queue on the way (the gateway's and "
+        "the router's coalescers, the model service's batcher) serves the higher priority first.",
+        "",
+        *_table(["mix", "clients", "load", "req/s", "p50 ms", "p99 ms", "failed"], rows),
+    ]
+
+
 RENDER = {
     "floor": _floor,
     "overhead": _overhead,
@@ -513,6 +527,7 @@ RENDER = {
     "models": _models,
     "stall": _stall,
     "rollouts": _rollouts,
+    "priorities": _priorities,
 }
 
 

@@ -91,6 +91,7 @@ class BenchOptions:
     malformed_requests: int = 50  # scenario 9: requests of each malformed kind
     soak_s: float = 300.0  # scenario 10: how long `fraud` runs through the gateway at soak_concurrency
     soak_concurrency: int = 64
+    priority_concurrency: tuple[int, int] = (16, 240)  # scenario 14: clients at priority 1, at the default level
     quick: bool = False
 
     def flood_quota(self) -> dict[str, float]:
@@ -113,6 +114,7 @@ class BenchOptions:
             feature_population=2_000,
             malformed_requests=10,
             soak_s=4.0,
+            priority_concurrency=(4, 60),
             quick=True,
         )
 
@@ -1524,6 +1526,40 @@ def _ensure_version_copy(folder: Path, source: str, target: str) -> None:
         staging.rename(folder / target)
 
 
+# 14. Priority mix -----------------------------------------------------------------------------------------------
+
+
+async def priority_mix(ctx: Context) -> dict[str, Any]:
+    """`fraud` through the gateway past its capacity: a few clients sending Triton priority 1 (the highest) among
+    many at the default level, and the same mix all at the default level for comparison. The queues of the
+    gateway, router and model service serve priority 1 first, so its p99 stays low while the rest wait."""
+    mesh = await ctx.mesh()
+    options = ctx.options
+    high_c, default_c = options.priority_concurrency
+    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    async with _client(mesh.gateway_address) as client:
+        for mix, high_priority in (("all at the default level", 0), ("priority 1 among default", 1)):
+            loads = {
+                "high": FraudViaGateway(client, ctx.api_key, seed=5, priority=high_priority),
+                "default": FraudViaGateway(client, ctx.api_key, seed=6),
+            }
+            recordings = await asyncio.gather(
+                ctx.closed(loads["high"], high_c, f"priorities · {mix} · high c={high_c}"),
+                ctx.closed(loads["default"], default_c, f"priorities · {mix} · default c={default_c}"),
+            )
+            for (group, _), recording in zip(loads.items(), recordings, strict=True):
+                run = _run(recording, f"{mix} · {group}")
+                runs.append(run)
+                rows.append({"mix": mix, "group": group, "concurrency": recording.concurrency, **_point(run)})
+    unexpected = _unexpected_errors(runs)
+    return {
+        "runs": runs,
+        "summary": {"rows": rows},
+        "defects": [f"failed requests in the priority mix: {unexpected}"] if unexpected else [],
+    }
+
+
 Scenario = Callable[[Context], Awaitable[dict[str, Any]]]
 SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "floor": ("0. Transport floor", transport_floor),
@@ -1540,6 +1576,7 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "models": ("11. Model changes under load", model_changes),
     "stall": ("12. Redis stall", feature_store_stall),
     "rollouts": ("13. Cost of shadowing and guarding", rollouts),
+    "priorities": ("14. Priority mix", priority_mix),
 }
 
 

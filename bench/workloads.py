@@ -57,9 +57,11 @@ class FraudViaGateway:
         batch: int = 1,
         seed: int = 0,
         timeout_s: float = CLIENT_TIMEOUT_S,
+        priority: int = 0,
     ) -> None:
         self.client = client
         self.model = model
+        self.priority = priority  # Triton's request priority (0: the default level)
         self.headers = {"authorization": f"Bearer {api_key}"}
         self.timeout_s = timeout_s
         users, merchants, amounts = _entity_draws(POOL * batch, seed)
@@ -78,7 +80,7 @@ class FraudViaGateway:
 
     async def __call__(self, i: int) -> str | None:
         result = await self.client.infer(
-            self.model, self.pool[i % POOL], headers=self.headers, client_timeout=self.timeout_s
+            self.model, self.pool[i % POOL], headers=self.headers, client_timeout=self.timeout_s, priority=self.priority
         )
         return response_tag(result)
 

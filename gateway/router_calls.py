@@ -14,6 +14,7 @@ from infermesh.dataplane import InferRequest
 from infermesh.deadline import Deadline
 from infermesh.errors import DomainError
 from infermesh.model_config import ModelEntry
+from infermesh.priority import queue_policy
 from infermesh.repository import RepositoryState
 from infermesh.segments import InferBatch, Segment, merge
 from infermesh.statistics import ModelStatistics
@@ -119,7 +120,12 @@ class RouterCalls:
         coalescer = self._coalescer(entry, request) if self._enabled else None
         if coalescer is None:
             return await self._alone(request, rows, deadline)
-        answer: Routed = await coalescer.submit(Pending(request, rows, deadline, size=len(request.encoded)))
+        # Triton's `priority` and `timeout` order and bound the wait here too (the router's queue checks them again).
+        priority, queue_until = queue_policy(request.parameters)
+        pending = Pending(
+            request, rows, deadline, size=len(request.encoded), priority=priority, queue_until=queue_until
+        )
+        answer: Routed = await coalescer.submit(pending)
         return answer
 
     async def _alone(self, request: InferRequest, rows: int, deadline: Deadline) -> Routed:

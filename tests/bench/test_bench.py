@@ -270,6 +270,16 @@ async def test_rollouts_scenario(demo_dir: Path, tmp_path: Path) -> None:
     assert "shadowing and guarding together, throughput at c=4" in text
 
 
+async def test_priority_mix_scenario(mesh: LocalMesh, demo_dir: Path, tmp_path: Path) -> None:
+    options = BenchOptions(duration_s=0.8, warmup_s=0.1, mesh_warmup_s=0.0, priority_concurrency=(2, 24))
+    ctx = Context(demo_dir, tmp_path, options, api_key=DEMO_KEY, shared_mesh=mesh)
+    outcome = await run_scenario(ctx, "priorities")
+    rows = outcome["summary"]["rows"]
+    assert outcome["defects"] == [] and len(rows) == 4 and all(r["throughput_rps"] > 0 for r in rows)
+    assert {(r["mix"], r["group"]) for r in rows} >= {("priority 1 among default", "high")}
+    assert "| priority 1 among default | high |" in "\n".join(report.RENDER["priorities"](outcome))
+
+
 def test_cli_options() -> None:
     args = parse_args(["--quick", "--scenarios", "overhead,failover", "--concurrency", "2,4"])
     assert args.names == ["overhead", "failover"]
@@ -290,6 +300,7 @@ def test_cli_options() -> None:
         "models",
         "stall",
         "rollouts",
+        "priorities",
     ]
     with pytest.raises(SystemExit):
         parse_args(["--scenarios", "nope"])
