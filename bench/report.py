@@ -504,9 +504,12 @@ def _priorities(s: dict[str, Any]) -> list[str]:
         for r in s["summary"]["rows"]
     ]
     return [
-        "`fraud` through the gateway past its capacity (closed loops at once): a few clients, then the same clients "
-        "sending Triton `priority` 1, among many at the default level. Every queue on the way (the gateway's and "
-        "the router's coalescers, the model service's batcher) serves the higher priority first.",
+        "`fraud` through the gateway past the model's capacity (a dedicated mesh whose model services take "
+        f"{s['summary']['model_delay_ms']:g} ms more per batch of at most {s['summary']['max_batch_size']} rows, so "
+        "that requests queue at the router and the model services, not in the gateway's CPU), closed loops at "
+        "once: a few clients, then the same clients sending "
+        "Triton `priority` 1, among many at the default level. Every queue on the way (the gateway's and the "
+        "router's coalescers, the model service's batcher) serves the higher priority first.",
         "",
         *_table(["mix", "clients", "load", "req/s", "p50 ms", "p99 ms", "failed"], rows),
     ]

@@ -91,7 +91,9 @@ class BenchOptions:
     malformed_requests: int = 50  # scenario 9: requests of each malformed kind
     soak_s: float = 300.0  # scenario 10: how long `fraud` runs through the gateway at soak_concurrency
     soak_concurrency: int = 64
-    priority_concurrency: tuple[int, int] = (16, 240)  # scenario 14: clients at priority 1, at the default level
+    priority_concurrency: tuple[int, int] = (16, 112)  # scenario 14: clients at priority 1, at the default level
+    priority_model_delay_ms: float = 5.0  # scenario 14: added to each model batch, to make the model the bottleneck
+    priority_max_batch: int = 16  # scenario 14: `fraud`'s max_batch_size there
     quick: bool = False
 
     def flood_quota(self) -> dict[str, float]:
@@ -1530,15 +1532,24 @@ def _ensure_version_copy(folder: Path, source: str, target: str) -> None:
 
 
 async def priority_mix(ctx: Context) -> dict[str, Any]:
-    """`fraud` through the gateway past its capacity: a few clients sending Triton priority 1 (the highest) among
-    many at the default level, and the same mix all at the default level for comparison. The queues of the
-    gateway, router and model service serve priority 1 first, so its p99 stays low while the rest wait."""
-    mesh = await ctx.mesh()
+    """`fraud` through the gateway past the model's capacity (a dedicated mesh whose model services take
+    `priority_model_delay_ms` more per batch, so that the queues form at the router and the model services
+    rather than in the gateway's CPU): a few clients sending Triton priority 1 (the highest) among many at the
+    default level, and the same mix all at the default level for comparison."""
     options = ctx.options
     high_c, default_c = options.priority_concurrency
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
-    async with _client(mesh.gateway_address) as client:
+    slow_model = {"inject_delay_ms": options.priority_model_delay_ms}
+    async with (
+        ctx.dedicated_mesh("priorities", model_service=slow_model) as mesh,
+        _client(mesh.gateway_address) as client,
+    ):
+        # Small batches: a queue longer than one batch is what a priority reorders.
+        config = json.loads((mesh.repository / "fraud" / "config.json").read_text())
+        config["max_batch_size"] = options.priority_max_batch
+        admin = {"authorization": f"Bearer {ctx.api_key}"}
+        await client.load_model("fraud", config=json.dumps(config), headers=admin)
         for mix, high_priority in (("all at the default level", 0), ("priority 1 among default", 1)):
             loads = {
                 "high": FraudViaGateway(client, ctx.api_key, seed=5, priority=high_priority),
@@ -1555,7 +1566,11 @@ async def priority_mix(ctx: Context) -> dict[str, Any]:
     unexpected = _unexpected_errors(runs)
     return {
         "runs": runs,
-        "summary": {"rows": rows},
+        "summary": {
+            "rows": rows,
+            "model_delay_ms": options.priority_model_delay_ms,
+            "max_batch_size": options.priority_max_batch,
+        },
         "defects": [f"failed requests in the priority mix: {unexpected}"] if unexpected else [],
     }
 

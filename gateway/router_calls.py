@@ -151,6 +151,7 @@ class RouterCalls:
             return None
         key = (
             config.name,
+            config.max_batch_size,  # a config with another limit gets a coalescer of its own (the old one drains)
             request.version,
             tuple(request.outputs),
             tuple((h.name, h.datatype, h.shape[1:]) for h in request.inputs.headers),

@@ -6,8 +6,11 @@ model has a feature_spec (the router joins the features), else its declared `inp
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+
+import numpy as np
 
 from infermesh import __version__, metrics, timing
 from infermesh.dataplane import (
@@ -20,7 +23,7 @@ from infermesh.dataplane import (
     ModelInfo,
     ServerInfo,
 )
-from infermesh.errors import DomainError, NotFound
+from infermesh.errors import DomainError, InvalidInput, NotFound
 from infermesh.model_config import ModelConfig
 from infermesh.priority import queue_policy
 from infermesh.repository import RepositoryState
@@ -35,6 +38,9 @@ from model_service.settings import ModelServiceSettings
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "infermesh-model-service"
+# A request may be this many times the model's max_batch_size (it runs in passes within it): a router's batch
+# built under a larger limit, just before a config change shrank it, is served rather than refused.
+OVERSIZED_PASSES = 16
 EXTENSIONS = ("dynamic_batching", "model_repository", "model_configuration", "statistics", "model_stream_infer")
 
 
@@ -155,12 +161,34 @@ class ModelServiceCore(DataplaneBase):
         try:
             config = model.config
             output_specs = config.select_outputs(request.outputs)
-            rows = validate_headers(config.name, config.served_inputs, config.max_batch_size, request.inputs.headers)
+            # A router's batch built just before the limit shrank may be larger: it runs in passes within it.
+            limit = config.max_batch_size
+            try:
+                rows = validate_headers(
+                    config.name, config.served_inputs, limit * OVERSIZED_PASSES, request.inputs.headers
+                )
+            except InvalidInput as error:
+                # Named with the model's own limit (the passes are a tolerance, not a contract).
+                raise InvalidInput(
+                    str(error).replace(f"max_batch_size {limit * OVERSIZED_PASSES}", f"max_batch_size {limit}")
+                ) from None
             tensors = request.inputs.tensors()
             arrays = {spec.name: tensors[spec.name].data for spec in model.input_specs}
             spent: dict[str, float] | None = {} if timing.wanted(request.parameters) else None
             priority, _ = queue_policy(request.parameters)  # the router passes its batch's best priority
-            results = await batcher.submit(arrays, rows, call.deadline, spent, priority)
+            if rows <= limit:
+                results = await batcher.submit(arrays, rows, call.deadline, spent, priority)
+            else:
+                bounds = [(lo, min(lo + limit, rows)) for lo in range(0, rows, limit)]
+                passes = await asyncio.gather(
+                    *(
+                        batcher.submit(
+                            {k: a[lo:hi] for k, a in arrays.items()}, hi - lo, call.deadline, spent, priority
+                        )
+                        for lo, hi in bounds
+                    )
+                )
+                results = {name: np.concatenate([part[name] for part in passes]) for name in passes[0]}
         except DomainError:
             statistics.fail.add(time.perf_counter_ns() - started_ns)
             raise

@@ -33,7 +33,7 @@ from infermesh.dataplane import (
     ServerInfo,
 )
 from infermesh.deadline import Deadline
-from infermesh.errors import DeadlineExceeded, DomainError, Overloaded, Unavailable
+from infermesh.errors import DeadlineExceeded, DomainError, InvalidInput, Overloaded, Unavailable
 from infermesh.features import (
     DEFAULTED_ENTITIES,
     STALE_DEFAULTED_ROWS,
@@ -293,7 +293,9 @@ class RouterCore(DataplaneBase):
         version = entry.resolve_version(batch.version)
         metrics.label_request(config.name, version)  # labels carry resolved versions only
         output_names = [spec.name for spec in config.select_outputs(batch.outputs)]
-        batch_rows = validate_headers(config.name, config.inputs, config.max_batch_size, batch.inputs.headers)
+        # A gateway's batch is several requests: the model's limit applies to each (below), not to their sum.
+        limit = config.max_batch_size * (1 if one_request else max(1, len(batch.segments)))
+        batch_rows = validate_headers(config.name, config.inputs, limit, batch.inputs.headers)
         tensors = batch.inputs.tensors(config.element_limits)
         segments = batch.segments
         if one_request:
@@ -302,13 +304,43 @@ class RouterCore(DataplaneBase):
         rows = [segment.rows for segment in segments]
         timed = [timing.wanted(segment.parameters) for segment in segments]
         work = _Work(entry, output_names, segments, rows, timed, call.deadline)
-        if config.traffic is None:
+        requested = version if batch.version else ""
+        oversized = [i for i, count in enumerate(rows) if count > config.max_batch_size]
+        if oversized:  # merged by a gateway under a larger limit than the config in force now (it just changed)
+            results = await self._answer_within_limit(work, split_tensors(tensors, rows), oversized, requested)
+        elif config.traffic is None:
             results = await self._answer(work, version, whole=tensors)
         else:
             parts = [tensors] if len(rows) == 1 else split_tensors(tensors, rows)
-            results = await self._answer_by_traffic(work, parts, version if batch.version else "")
+            results = await self._answer_by_traffic(work, parts, requested)
         _add_router_time(results, timed, started)
         return BatchResult(config.name, results[0].version or version, output_names, results)
+
+    async def _answer_within_limit(
+        self, work: _Work, parts: list[dict[str, Tensor]], oversized: list[int], requested: str
+    ) -> list[SegmentResult]:
+        """The segments within the model's batch limit answered as usual; each beyond it refused on its own."""
+        config = work.entry.config
+        results: list[SegmentResult] = []
+        for index in oversized:
+            name = config.inputs[0].name
+            error = InvalidInput(
+                f"input '{name}': batch size {work.rows[index]} exceeds the max_batch_size {config.max_batch_size} "
+                f"of model '{config.name}'"
+            )
+            results.append(SegmentResult(work.rows[index], error=error))
+        keep = [i for i in range(len(parts)) if i not in set(oversized)]
+        if keep:
+            kept, kept_parts = work.subset(keep), [parts[i] for i in keep]
+            if config.traffic is None:
+                answered = await self._answer(kept, work.entry.resolve_version(requested), parts=kept_parts)
+            else:
+                answered = await self._answer_by_traffic(kept, kept_parts, requested)
+            by_index = dict(zip(keep, answered, strict=True))
+        else:
+            by_index = {}
+        refused = dict(zip(oversized, results, strict=True))
+        return [by_index[i] if i in by_index else refused[i] for i in range(len(parts))]
 
     async def _answer(
         self,
@@ -326,6 +358,15 @@ class RouterCore(DataplaneBase):
         if config.feature_spec is None:
             for segment in work.segments:
                 queue_policy(segment.parameters)  # checked as for any model; no queue here to order
+            if len(rows) > 1 and sum(rows) > config.max_batch_size:  # a gateway's batch: calls within the limit
+                if parts is None:
+                    assert whole is not None
+                    parts = split_tensors(whole, rows)
+                chunks = _chunks(rows, config.max_batch_size)
+                answered = await asyncio.gather(
+                    *(self._answer(work.subset(chunk), version, parts=[parts[i] for i in chunk]) for chunk in chunks)
+                )
+                return [result for chunk in answered for result in chunk]
             inputs = whole if whole is not None else _concatenate(parts or [])
             model = await self.call_model(config.name, version, list(inputs.values()), deadline, any(timed))
             if config.traffic is not None:
@@ -604,8 +645,10 @@ class RouterCore(DataplaneBase):
         model call), so a canary or a pinned version costs no feature reads of its own."""
         name = entry.config.name
         coalescer = self._coalescers.get(name)
-        if coalescer is not None and coalescer.config.serving_json != entry.config.serving_json and coalescer.idle:
-            coalescer = None  # the model's config changed: batches are built by the new one once the old ones left
+        if coalescer is not None and coalescer.config.serving_json != entry.config.serving_json:
+            # The model's config changed (its batch limit, its features): new requests go to a new coalescer; the
+            # old one sends what it holds (its tasks keep it alive) and is gone.
+            coalescer = None
         if coalescer is None:
             coalescer = self._coalescers[name] = _ModelCoalescer(
                 entry.config,
@@ -982,6 +1025,19 @@ class _Work:
             [self.timed[i] for i in indexes],
             self.deadline,
         )
+
+
+def _chunks(rows: Sequence[int], limit: int) -> list[list[int]]:
+    """Consecutive segments grouped so that each group's rows stay within `limit` (each segment is within it)."""
+    chunks: list[list[int]] = [[]]
+    total = 0
+    for index, count in enumerate(rows):
+        if chunks[-1] and total + count > limit:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(index)
+        total += count
+    return chunks
 
 
 def _version_failed(result: SegmentResult) -> bool:

@@ -270,9 +270,9 @@ async def test_rollouts_scenario(demo_dir: Path, tmp_path: Path) -> None:
     assert "shadowing and guarding together, throughput at c=4" in text
 
 
-async def test_priority_mix_scenario(mesh: LocalMesh, demo_dir: Path, tmp_path: Path) -> None:
+async def test_priority_mix_scenario(demo_dir: Path, tmp_path: Path) -> None:
     options = BenchOptions(duration_s=0.8, warmup_s=0.1, mesh_warmup_s=0.0, priority_concurrency=(2, 24))
-    ctx = Context(demo_dir, tmp_path, options, api_key=DEMO_KEY, shared_mesh=mesh)
+    ctx = Context(demo_dir, tmp_path, options)
     outcome = await run_scenario(ctx, "priorities")
     rows = outcome["summary"]["rows"]
     assert outcome["defects"] == [] and len(rows) == 4 and all(r["throughput_rps"] > 0 for r in rows)

@@ -204,6 +204,19 @@ def test_versions_change_under_load_without_a_failed_request(mesh: LocalMesh) ->
     assert status_of(unknown) == "StatusCode.NOT_FOUND"
 
 
+def test_a_smaller_batch_limit_loaded_under_load_fails_no_request(mesh: LocalMesh) -> None:
+    """Requests already merging at the gateway and the router under the old limit are not refused by the new one."""
+    client = grpcclient.InferenceServerClient(mesh.gateway_address)
+    current = client.infer("fraud", fraud_inputs(["u1"], ["m1"], [1.0]), headers=auth()).get_response().model_version
+    with Traffic(mesh.gateway_address, clients=12) as traffic:
+        traffic.wait_for(current)
+        client.load_model("fraud", config=fraud_config(mesh, max_batch_size=2), headers=auth(ADMIN_KEY))
+        traffic.wait_for(current, more=100)
+        client.load_model("fraud", headers=auth(ADMIN_KEY))
+        traffic.wait_for(current)
+    assert traffic.failures == []
+
+
 def test_an_unloaded_model_stops_serving_and_loads_again(mesh: LocalMesh) -> None:
     client = grpcclient.InferenceServerClient(mesh.gateway_address)
     client.unload_model("bench_mlp", headers=auth(ADMIN_KEY))

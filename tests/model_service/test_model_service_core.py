@@ -109,8 +109,8 @@ async def test_infer_returns_the_models_outputs(core: ModelServiceCore) -> None:
         ),
         pytest.param(
             "tiny_fraud",
-            features(5),
-            "input 'features': batch size 5 exceeds the max_batch_size 4 of model 'tiny_fraud'",
+            features(65),
+            "input 'features': batch size 65 exceeds the max_batch_size 4 of model 'tiny_fraud'",
             id="oversized",
         ),
         pytest.param("tiny_fraud", features(0), "model 'tiny_fraud': request has an empty batch", id="empty"),
@@ -132,6 +132,19 @@ async def test_invalid_inputs_name_the_tensor_and_the_problem(
     with pytest.raises(InvalidInput) as caught:
         await infer(core, model, "", inputs)
     assert str(caught.value).startswith(message)
+
+
+async def test_a_request_over_the_batch_limit_runs_in_passes_within_it(core: ModelServiceCore) -> None:
+    """A router's batch built under a larger limit, just before a config change shrank it, is served."""
+    ten = features(10)  # tiny_fraud's max_batch_size is 4
+    response = await core.infer(Call(Deadline.after(5)), InferRequest("tiny_fraud", "", DecodedInputs(ten)))
+    assert isinstance(response, InferResponse)
+    (output,) = response.outputs
+    assert output.shape[0] == 10
+    last = {"features": tensor("features", ten["features"].data[9:])}
+    one = await core.infer(Call(Deadline.after(5)), InferRequest("tiny_fraud", "", DecodedInputs(last)))
+    assert isinstance(one, InferResponse)
+    assert np.allclose(output.data[9], one.outputs[0].data[0])  # the last pass's row, as if sent alone
 
 
 async def test_unknown_output_is_invalid(core: ModelServiceCore) -> None:

@@ -176,7 +176,10 @@ def test_requested_outputs(service: ServiceProcess, transactions: np.ndarray) ->
             np.zeros(13, np.float32), "FP32", "input 'features': shape [13] does not match [-1, 13]", id="rank"
         ),
         pytest.param(
-            np.zeros((1025, 13), np.float32), "FP32", "batch size 1025 exceeds the max_batch_size 1024", id="oversized"
+            np.zeros((1024 * 16 + 1, 13), np.float32),
+            "FP32",
+            "batch size 16385 exceeds the max_batch_size 1024",
+            id="oversized",
         ),
     ],
 )
