@@ -284,7 +284,7 @@ async def test_the_table_of_coalescing_groups_is_bounded_and_makes_room_from_idl
         request = InferRequest("m", "", x_request("r").inputs, id="r", outputs=outputs, encoded=b"r")
         assert (await calls.infer(entry, request, 1, Deadline.after(5))).data == b"answer to r"
         assert len(calls._coalescers) <= 2
-    assert ("m", "", ("z", "y"), (("x", "FP32", (4,)),)) in calls._coalescers
+    assert ("m", entry.config.max_batch_size, "", ("z", "y"), (("x", "FP32", (4,)),)) in calls._coalescers
 
 
 async def test_a_sampled_access_log_line_says_who_what_and_how_it_went_and_nothing_secret(
