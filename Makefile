@@ -9,7 +9,7 @@ DEMO_DIR ?= .run/demo
 DEMO_STAMP := $(DEMO_DIR)/.ready
 CERTS_DIR ?= .run/certs
 
-.PHONY: setup proto demo certs run test lint format bench clean
+.PHONY: setup proto demo certs run test lint format bench replay clean
 
 setup: $(INSTALLED)
 
@@ -47,6 +47,11 @@ test: demo
 # Latency, throughput and fault figures of the local mesh (BENCHMARKS.md); e.g. BENCH_ARGS=--quick.
 bench: demo
 	$(PY) -m bench --demo-dir $(DEMO_DIR) $(BENCH_ARGS)
+
+# The demo's labelled transactions, then their labels, through the gateway: online accuracy (M4) from real labels.
+# REPLAY_ARGS e.g. --transactions 500, or --gateway HOST:PORT --api-key KEY for a running mesh that logs fraud.
+replay: demo
+	$(PY) -m bench.replay --demo-dir $(DEMO_DIR) $(REPLAY_ARGS)
 
 lint: $(INSTALLED)
 	$(PY) -m ruff check .

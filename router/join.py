@@ -44,6 +44,7 @@ class JoinRequest:
     timed: bool = False  # the client asked for per-hop timing
     ages: bool = False  # the client asked for the age of the features served
     request_id: str = ""  # the client's request id (the prediction log keys its record by it)
+    tenant: str = ""  # the tenant the gateway authenticated (the prediction log records it)
 
 
 def join_request(
