@@ -204,6 +204,22 @@ PREDICTION_LOG_DROPPED = Counter(
     "Prediction records dropped: buffer full (never waited for) or the stream could not be written.",
     ["reason"],
 )
+# Cold starts (M8), at the model service: it knows when a version became READY and when it first answered.
+VERSION_READY_TIME = Gauge(
+    "infermesh_version_ready_timestamp_seconds", "When this replica's model version became READY (Unix time).",
+    ["model", "version", "replica"],
+)  # fmt: skip
+FIRST_REQUEST_LATENCY = Gauge(
+    "infermesh_cold_start_first_request_seconds",
+    "Latency of the first request a model version served on this replica after it became READY (queue and forward).",
+    ["model", "version", "replica"],
+)
+COLD_REQUESTS = Counter(
+    "infermesh_cold_requests",
+    "Requests a model version served within cold_window_s of becoming READY on this replica (their share of the "
+    "model service's infermesh_requests_total is the cold-start rate).",
+    ["model", "version", "replica"],
+)
 # Label feedback and online accuracy (M4), at the gateway that receives the labels (gateway.online_accuracy).
 FEEDBACK_LABELS = Counter(
     "infermesh_feedback_labels",
