@@ -9,7 +9,7 @@ DEMO_DIR ?= .run/demo
 DEMO_STAMP := $(DEMO_DIR)/.ready
 CERTS_DIR ?= .run/certs
 
-.PHONY: setup proto demo certs run test lint format bench replay clean
+.PHONY: setup proto demo certs run test lint format bench replay gameday clean
 
 setup: $(INSTALLED)
 
@@ -52,6 +52,11 @@ bench: demo
 # REPLAY_ARGS e.g. --transactions 500, or --gateway HOST:PORT --api-key KEY for a running mesh that logs fraud.
 replay: demo
 	$(PY) -m bench.replay --demo-dir $(DEMO_DIR) $(REPLAY_ARGS)
+
+# Each failure mode injected into a local mesh (shifted inputs, slow replica, Redis stall, stale features, overload,
+# replica kill) and the metric that reveals it; about a minute and a half. GAMEDAY_ARGS=--quick: fewer requests.
+gameday: demo
+	$(PY) -m bench.gameday --demo-dir $(DEMO_DIR) $(GAMEDAY_ARGS)
 
 lint: $(INSTALLED)
 	$(PY) -m ruff check .
