@@ -9,7 +9,7 @@ DEMO_DIR ?= .run/demo
 DEMO_STAMP := $(DEMO_DIR)/.ready
 CERTS_DIR ?= .run/certs
 
-.PHONY: setup proto demo certs run test lint format bench clean
+.PHONY: setup proto demo certs run test lint format bench replay gameday clean
 
 setup: $(INSTALLED)
 
@@ -47,6 +47,16 @@ test: demo
 # Latency, throughput and fault figures of the local mesh (BENCHMARKS.md); e.g. BENCH_ARGS=--quick.
 bench: demo
 	$(PY) -m bench --demo-dir $(DEMO_DIR) $(BENCH_ARGS)
+
+# The demo's labelled transactions, then their labels, through the gateway: online accuracy (M4) from real labels.
+# REPLAY_ARGS e.g. --transactions 500, or --gateway HOST:PORT --api-key KEY for a running mesh that logs fraud.
+replay: demo
+	$(PY) -m bench.replay --demo-dir $(DEMO_DIR) $(REPLAY_ARGS)
+
+# Each failure mode injected into a local mesh (shifted inputs, slow replica, Redis stall, stale features, overload,
+# replica kill) and the metric that reveals it; about a minute and a half. GAMEDAY_ARGS=--quick: fewer requests.
+gameday: demo
+	$(PY) -m bench.gameday --demo-dir $(DEMO_DIR) $(GAMEDAY_ARGS)
 
 lint: $(INSTALLED)
 	$(PY) -m ruff check .

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class MeshOptions:
     per_replica: dict[int, dict[str, object]] = field(default_factory=dict)  # e.g. a slow replica
     model_repository: Path | None = None  # default: <demo_dir>/model_repository
     tls_dir: Path | None = None  # TLS on every hop with demo.certs' certificates there; None: plaintext
+    # The router's prediction log in the mesh's Redis (a hash key made in run_dir) and the gateway's label feedback
+    # on it; models still opt in with monitoring.log_sample_rate. Not with a Redis Cluster or Redis over TLS.
+    prediction_log: bool = False
 
 
 class LocalMesh:
@@ -130,6 +134,7 @@ class LocalMesh:
                     redis_settings = {"redis_url": server.url, "redis_password_file": password_file.resolve()}
                     if server.ca_file is not None:
                         redis_settings["redis_ca_file"] = server.ca_file
+            log_settings = self._prediction_log_settings(redis_settings) if options.prediction_log else ({}, {})
             if options.seed_features:
                 from demo.seed import seed_demo_features
 
@@ -184,6 +189,7 @@ class LocalMesh:
                     "feature_service_address": self.feature_service.address,
                     "model_replicas": ",".join(r.address for r in self.model_services),
                     **self.tls_settings("router"),
+                    **log_settings[0],
                     **options.router,
                 },
             )
@@ -199,6 +205,7 @@ class LocalMesh:
                     "router_address": self.router.address,
                     "api_keys_path": keys_path,
                     **self.tls_settings("gateway"),
+                    **log_settings[1],
                     **options.gateway,
                 },
             )
@@ -208,6 +215,25 @@ class LocalMesh:
             self.stop()
             raise
         return self
+
+    def _prediction_log_settings(
+        self, redis_settings: dict[str, object]
+    ) -> tuple[dict[str, object], dict[str, object]]:
+        """The router's prediction log and the gateway's feedback settings, on the mesh's own Redis."""
+        if self.options.redis_cluster_shards > 0 or "redis_ca_file" in redis_settings:
+            raise ValueError("the demo's prediction log runs on a single Redis without TLS")
+        key_file = self.options.run_dir / "prediction_log.key"
+        if not key_file.exists():
+            key_file.touch(mode=0o600)
+            key_file.write_text(secrets.token_hex(32))
+        url = str(redis_settings["redis_url"])
+        router: dict[str, object] = {"prediction_log_redis_url": url, "prediction_log_hash_key_file": key_file}
+        gateway: dict[str, object] = {"feedback_redis_url": url}
+        password_file = redis_settings.get("redis_password_file")
+        if password_file is not None:
+            router["prediction_log_redis_password_file"] = password_file
+            gateway["feedback_redis_password_file"] = password_file
+        return router, gateway
 
     def restart_model_service(self, index: int) -> ServiceProcess:
         """Start replica `index` again on its old port (after a kill), so the router finds it."""

@@ -230,6 +230,7 @@ class GatewayCore(DataplaneBase):
         timed_from = time.perf_counter() if timing.wanted(request.parameters) else None
         tenant, entry, resolved = self.authorized_model(call, request.model, request.version)
         metrics.label_request(entry.config.name, resolved)
+        request.tenant = tenant.name  # the router's prediction log records who asked (label feedback)
         with self.quotas.admit(tenant):
             admitted = self.admission.acquire()  # refused at once, before any work, past the adaptive limit
             try:

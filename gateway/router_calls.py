@@ -22,8 +22,8 @@ from infermesh.tensors import NUMPY_DTYPE, element_count
 
 
 class RouterPort(Protocol):
-    async def infer(self, encoded_request: bytes, deadline: Deadline) -> bytes:
-        """The router's serialised ModelInferResponse for a serialised ModelInferRequest."""
+    async def infer(self, encoded_request: bytes, deadline: Deadline, tenant: str = "") -> bytes:
+        """The router's serialised ModelInferResponse for a serialised ModelInferRequest (sent by `tenant`)."""
         ...
 
     async def infer_batch(self, batch: InferBatch, deadline: Deadline) -> list[bytes | DomainError]:
@@ -131,13 +131,14 @@ class RouterCalls:
     async def _alone(self, request: InferRequest, rows: int, deadline: Deadline) -> Routed:
         started = time.perf_counter()
         if request.encoded:  # the client's bytes as they came
-            return Routed(await self.router.infer(request.encoded, deadline), time.perf_counter() - started)
+            forwarded = await self.router.infer(request.encoded, deadline, request.tenant)
+            return Routed(forwarded, time.perf_counter() - started)
         batch = InferBatch(
             request.model,
             request.version,
             request.inputs,
             request.outputs,
-            [Segment(rows, request.id, request.parameters)],
+            [Segment(rows, request.id, request.parameters, request.tenant)],
         )
         (answer,) = await self.router.infer_batch(batch, deadline)
         if isinstance(answer, DomainError):

@@ -14,7 +14,7 @@ from infermesh.batch_codec import batch_request, split_batch_response
 from infermesh.channels import client_channel
 from infermesh.deadline import Deadline
 from infermesh.errors import DomainError, Unavailable
-from infermesh.method_handlers import answered_by, error_from_rpc
+from infermesh.method_handlers import TENANT_METADATA, answered_by, error_from_rpc
 from infermesh.proto import inference_pb2 as pb
 from infermesh.proto import router_pb2
 from infermesh.repository import RepositoryState
@@ -88,8 +88,13 @@ class RouterClient:
             attempt, deadline, self._attempts, 0.002, 0.05, retry_on=(RouterUnreachable,), budget=self._budget
         )
 
-    async def infer(self, encoded_request: bytes, deadline: Deadline) -> bytes:
-        answer: bytes = await self._retried(lambda timeout: self._infer(encoded_request, timeout=timeout), deadline)
+    async def infer(self, encoded_request: bytes, deadline: Deadline, tenant: str = "") -> bytes:
+        # The client's bytes go on unchanged: the tenant travels as internal metadata (the router's prediction
+        # log records it; label feedback is authorized against it).
+        metadata = ((TENANT_METADATA, tenant),) if tenant else None
+        answer: bytes = await self._retried(
+            lambda timeout: self._infer(encoded_request, timeout=timeout, metadata=metadata), deadline
+        )
         return answer
 
     async def infer_batch(self, batch: InferBatch, deadline: Deadline) -> list[bytes | DomainError]:

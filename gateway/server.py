@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
+from gateway import feedback_servicer
 from gateway.auth import KeyStore
 from gateway.core import GatewayCore
+from gateway.feedback import Feedback, RedisLabelIndex
+from gateway.online_accuracy import OnlineAccuracy
 from gateway.router_calls import RouterCalls
 from gateway.router_client import RouterClient
 from gateway.settings import GatewaySettings
-from infermesh import oip_servicer
+from infermesh import oip_servicer, prediction_index
 from infermesh.errors import DomainError
 from infermesh.service import Service
 
@@ -24,6 +28,8 @@ class GatewayService(Service):
     settings: GatewaySettings
     _reload: asyncio.Task[None] | None = None
     _repository: asyncio.Task[None] | None = None
+    _online: asyncio.Task[None] | None = None
+    feedback: Feedback | None = None
 
     async def register(self, server: Any) -> list[str]:
         settings = self.settings
@@ -59,12 +65,37 @@ class GatewayService(Service):
             settings.admission_min_inflight,
         )
         oip_servicer.add_to_server(oip_servicer.OipServicer(self.core, settings.default_timeout_s), server)
-        return [oip_servicer.SERVICE]
+        self.feedback = self._feedback(settings)
+        feedback_servicer.add_to_server(
+            feedback_servicer.FeedbackServicer(self.feedback, settings.default_timeout_s), server
+        )
+        return [oip_servicer.SERVICE, feedback_servicer.SERVICE]
+
+    def _feedback(self, settings: GatewaySettings) -> Feedback | None:
+        """Label feedback when the prediction log's Redis is given (its password read here, never logged)."""
+        if not settings.feedback_redis_url:
+            return None
+        password = None
+        if settings.feedback_redis_password_file is not None:
+            password = settings.feedback_redis_password_file.read_text().strip()
+        index = RedisLabelIndex(
+            prediction_index.connect(settings.feedback_redis_url, password), settings.feedback_stream
+        )
+        accuracy = OnlineAccuracy(settings.online_window_s, settings.online_slots, settings.online_min_labels)
+        return Feedback(self.core, index, accuracy, settings.feedback_max_labels)
 
     async def warm_up(self) -> None:
         await self._refresh_repository()
         self._reload = asyncio.create_task(self._reload_credentials())
         self._repository = asyncio.create_task(self._repository_loop())
+        if self.feedback is not None:
+            self._online = asyncio.create_task(self._online_loop(self.feedback.accuracy))
+
+    async def _online_loop(self, accuracy: OnlineAccuracy) -> None:
+        """The online windows slide while no label arrives: their gauges follow, a slot at a time."""
+        while True:
+            await asyncio.sleep(accuracy.window_s / accuracy.slots)
+            accuracy.export(time.time())
 
     async def _refresh_repository(self) -> None:
         # The router not up (yet): requests are UNAVAILABLE until it is; the loop keeps asking.
@@ -86,10 +117,12 @@ class GatewayService(Service):
                 log.info("credentials reloaded")
 
     async def close(self) -> None:
-        for task in (self._reload, self._repository):
+        for task in (self._reload, self._repository, self._online):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.core.close()
         await self.router.close()
+        if self.feedback is not None and isinstance(self.feedback.index, RedisLabelIndex):
+            await self.feedback.index.close()

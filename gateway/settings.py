@@ -73,6 +73,26 @@ class GatewaySettings(ServiceSettings):
         1, ge=1, description="Router calls in flight per model before arriving requests wait to share the next."
     )
 
+    feedback_redis_url: str = Field(
+        "",
+        description="Redis of the router's prediction log (redis:// or rediss://), where label feedback joins labels "
+        "to logged predictions; empty: the Feedback service answers FAILED_PRECONDITION.",
+    )
+    feedback_redis_password_file: Path | None = Field(
+        None, description="File holding that Redis's password (read at start, never logged)."
+    )
+    feedback_stream: str = Field(
+        "infermesh:predictions", description="The prediction log's stream key (the router's prediction_log_stream)."
+    )
+    feedback_max_labels: int = Field(1000, ge=1, description="Most labels one ReportLabels call may carry.")
+    online_window_s: float = Field(
+        3600.0, gt=0, description="Online accuracy: the sliding window of labels (by when they were reported)."
+    )
+    online_slots: int = Field(12, ge=1, le=600, description="Online accuracy: slots of the window.")
+    online_min_labels: int = Field(
+        20, ge=1, description="Online accuracy: labels a version's window must hold before its gauges are set."
+    )
+
     @model_validator(mode="after")
     def _bound_grpc_backlog(self) -> GatewaySettings:
         # Calls gRPC queues before Python sees them are bounded too: max_inflight plus room for health

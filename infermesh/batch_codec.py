@@ -33,7 +33,7 @@ def batch_request(batch: InferBatch) -> pb.InferBatchRequest:
         request.inputs.add(name=header.name, datatype=header.datatype, shape=header.shape)
     request.raw_input_contents.extend(bytes(raw) for raw in batch.inputs.raw())  # views become bytes here
     for segment in batch.segments:
-        message = request.segments.add(rows=segment.rows, id=segment.id)
+        message = request.segments.add(rows=segment.rows, id=segment.id, tenant=segment.tenant)
         if segment.parameters:
             set_parameters(message.parameters, segment.parameters)
     return request
@@ -90,7 +90,9 @@ def infer_batch(request: pb.InferBatchRequest) -> InferBatch:
     if len(request.outputs) > MAX_INPUTS:
         raise errors.InvalidInput(f"a batch asks for {len(request.outputs)} outputs, more than {MAX_INPUTS}")
     headers = MessageInputs(request).headers
-    segments = [Segment(s.rows, s.id, parameters_of(s.parameters) if s.parameters else {}) for s in request.segments]
+    segments = [
+        Segment(s.rows, s.id, parameters_of(s.parameters) if s.parameters else {}, s.tenant) for s in request.segments
+    ]
     return InferBatch(
         request.model_name,
         request.model_version,

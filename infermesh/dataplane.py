@@ -28,6 +28,9 @@ class Call:
     deadline: Deadline
     authorization: str | None = None
     principal: object = None  # who the caller is, once a core authenticated it (the gateway's Tenant)
+    # Behind the gateway: the tenant it authenticated, from the internal `infermesh-tenant` metadata (hops that
+    # read it take callers inside the mesh only; the gateway never reads it, it authenticates).
+    tenant: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,7 @@ class InferRequest:
     parameters: Mapping[str, ParameterValue] = field(default_factory=dict)
     output_parameters: bool = False  # a requested output carries parameters (e.g. classification)
     encoded: bytes = b""  # the request as it arrived, for a hop that forwards it unchanged
+    tenant: str = ""  # who sent it, once the gateway authenticated it: never read from the request itself
 
 
 @dataclass(slots=True)

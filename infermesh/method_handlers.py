@@ -83,11 +83,18 @@ def error_from_rpc(error: grpc.aio.AioRpcError, target: str) -> errors.DomainErr
     return translated
 
 
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+TENANT_METADATA = "infermesh-tenant"  # the gateway's authenticated tenant, on its calls to the router
+
+
+def _credentials(context: grpc.aio.ServicerContext) -> tuple[str | None, str]:
+    """The `authorization` metadata and the internal tenant metadata (one pass over the call's metadata)."""
+    authorization, tenant = None, ""
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
-            return value if isinstance(value, str) else value.decode(errors="replace")
-    return None
+            authorization = value if isinstance(value, str) else value.decode(errors="replace")
+        elif key == TENANT_METADATA:
+            tenant = value if isinstance(value, str) else value.decode(errors="replace")
+    return authorization, tenant
 
 
 def deadline_of(context: grpc.aio.ServicerContext, default_timeout_s: float) -> Deadline:
@@ -98,7 +105,8 @@ def deadline_of(context: grpc.aio.ServicerContext, default_timeout_s: float) -> 
 def call_of(context: grpc.aio.ServicerContext, default_timeout_s: float) -> Call:
     """What a core is told of the call it serves: its deadline and the credentials. The one place a service's
     edge builds them."""
-    return Call(deadline_of(context, default_timeout_s), _authorization(context))
+    authorization, tenant = _credentials(context)
+    return Call(deadline_of(context, default_timeout_s), authorization, tenant=tenant)
 
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]

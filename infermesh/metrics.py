@@ -204,6 +204,51 @@ PREDICTION_LOG_DROPPED = Counter(
     "Prediction records dropped: buffer full (never waited for) or the stream could not be written.",
     ["reason"],
 )
+# Cold starts (M8), at the model service: it knows when a version became READY and when it first answered.
+VERSION_READY_TIME = Gauge(
+    "infermesh_version_ready_timestamp_seconds", "When this replica's model version became READY (Unix time).",
+    ["model", "version", "replica"],
+)  # fmt: skip
+FIRST_REQUEST_LATENCY = Gauge(
+    "infermesh_cold_start_first_request_seconds",
+    "Latency of the first request a model version served on this replica after it became READY (queue and forward).",
+    ["model", "version", "replica"],
+)
+COLD_REQUESTS = Counter(
+    "infermesh_cold_requests",
+    "Requests a model version served within cold_window_s of becoming READY on this replica (their share of the "
+    "model service's infermesh_requests_total is the cold-start rate).",
+    ["model", "version", "replica"],
+)
+# Label feedback and online accuracy (M4), at the gateway that receives the labels (gateway.online_accuracy).
+FEEDBACK_LABELS = Counter(
+    "infermesh_feedback_labels",
+    "Labels reported, by result: joined, not_found, labelled_before, invalid, denied (another tenant's request).",
+    ["result"],
+)
+ONLINE_ACCURACY = Gauge(
+    "infermesh_online_accuracy",
+    "Share of the labelled predictions over the online window that were right at the model's threshold.",
+    ["model", "version"],
+)
+ONLINE_BRIER = Gauge(
+    "infermesh_online_brier_score", "Mean squared error of the labelled scores over the online window (0 best).",
+    ["model", "version"],
+)  # fmt: skip
+ONLINE_AUC = Gauge(
+    "infermesh_online_auc", "Area under the ROC curve of the labelled scores over the online window.",
+    ["model", "version"],
+)  # fmt: skip
+ONLINE_LABELS = Gauge(
+    "infermesh_online_labels", "Labels the online window holds now (the gauges above are set from min_labels).",
+    ["model", "version"],
+)  # fmt: skip
+LABEL_DELAY = Histogram(
+    "infermesh_label_delay_seconds",
+    "Time from a prediction to its label's event time (how late the truth arrives).",
+    ["model", "version"],
+    buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400),
+)
 
 
 @dataclass(slots=True)

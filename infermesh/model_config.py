@@ -218,6 +218,14 @@ class Monitoring(BaseModel):
     log_raw_inputs: bool = Field(
         False, description="Log the raw request inputs too (entity ids in clear): only where that is allowed."
     )
+    score_output: str = Field(
+        "",
+        description="The output whose first value per request is the score labels are judged against "
+        "(empty: the first output).",
+    )
+    threshold: float = Field(
+        0.5, ge=0, le=1, description="Online accuracy: a score at or above it predicts the positive label (1)."
+    )
 
 
 class ModelConfig(BaseModel):
@@ -257,7 +265,22 @@ class ModelConfig(BaseModel):
                     raise ValueError(f"model {self.name}: traffic.cascade names the model itself")
                 if cascade.output and cascade.output not in {spec.name for spec in self.outputs}:
                     raise ValueError(f"model {self.name}: traffic.cascade.output '{cascade.output}' is not an output")
+        monitoring = self.monitoring
+        outputs = {spec.name for spec in self.outputs}
+        if monitoring is not None and monitoring.score_output and monitoring.score_output not in outputs:
+            raise ValueError(f"model {self.name}: monitoring.score_output '{monitoring.score_output}' is not an output")
         return self
+
+    @property
+    def score_output(self) -> str:
+        """The output labels are judged against (monitoring.score_output, else the first output)."""
+        if self.monitoring is not None and self.monitoring.score_output:
+            return self.monitoring.score_output
+        return self.outputs[0].name
+
+    @property
+    def threshold(self) -> float:
+        return self.monitoring.threshold if self.monitoring is not None else 0.5
 
     def served_versions(self, available: Sequence[str]) -> list[str]:
         """The versions to serve of the version folders available: those the traffic section names (every one must

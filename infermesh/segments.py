@@ -28,6 +28,7 @@ class Segment:
     rows: int
     id: str = ""
     parameters: Mapping[str, ParameterValue] = field(default_factory=dict)
+    tenant: str = ""  # the tenant the gateway authenticated: the prediction log records it for label feedback
 
 
 @dataclass(slots=True)
@@ -76,7 +77,10 @@ def merge(model: str, version: str, requests: Sequence[InferRequest], rows: Sequ
         InputHeader(header.name, header.datatype, (sum(rows), *header.shape[1:])) for header in first.inputs.headers
     ]
     data = [b"".join(raw[index] for raw in raws) for index in range(len(headers))]
-    segments = [Segment(count, request.id, request.parameters) for request, count in zip(requests, rows, strict=True)]
+    segments = [
+        Segment(count, request.id, request.parameters, request.tenant)
+        for request, count in zip(requests, rows, strict=True)
+    ]
     return InferBatch(model, version, RawInputs(headers, data), list(first.outputs), segments)
 
 

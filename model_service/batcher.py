@@ -75,6 +75,8 @@ class Batcher:
         clock: Callable[[], float] = time.monotonic,
         thread_initializer: Callable[[], None] | None = None,
         statistics: ModelStatistics | None = None,
+        cold_window_s: float = 60.0,
+        replica: str = "",
     ) -> None:
         self.model = model
         self.version = version
@@ -101,6 +103,14 @@ class Batcher:
         self._queue_wait = metrics.QUEUE_WAIT.labels(SERVICE, model)
         self._forward_latency = metrics.FORWARD_LATENCY.labels(model, version, device)
         self._rejected = metrics.ADMISSION_REJECTED.labels(SERVICE, "queue_full")
+        # Cold starts (M8): a batcher starts when its version becomes READY. Requests answered within cold_window_s
+        # are counted, the first one's latency kept; after the window a request costs one attribute check.
+        self._cold_until = clock() + cold_window_s
+        self._cold = cold_window_s > 0
+        self._first_answered = False
+        self._cold_requests = metrics.COLD_REQUESTS.labels(model, version, replica)
+        self._first_latency = metrics.FIRST_REQUEST_LATENCY.labels(model, version, replica)
+        metrics.VERSION_READY_TIME.labels(model, version, replica).set(time.time())
 
     @property
     def queued(self) -> int:
@@ -147,6 +157,8 @@ class Batcher:
         self._notify()
         try:
             outputs = await request.future
+            if self._cold:
+                self._count_cold(request)
             if timing is not None:
                 timing["queue"] = (request.dispatched_ns - request.enqueued_ns) / 1e9
                 timing["forward"] = (request.forward_end_ns - request.forward_start_ns) / 1e9
@@ -159,6 +171,15 @@ class Batcher:
             raise
         finally:
             self._record_spans(request)
+
+    def _count_cold(self, request: _Request) -> None:
+        if self._clock() > self._cold_until:
+            self._cold = False
+            return
+        self._cold_requests.inc()
+        if not self._first_answered:
+            self._first_answered = True
+            self._first_latency.set((time.time_ns() - request.enqueued_ns) / 1e9)
 
     def _record_spans(self, request: _Request) -> None:
         # From the caller's coroutine, so that the spans parent under its server span.

@@ -71,6 +71,8 @@ class ModelServiceCore(DataplaneBase):
             inject_delay_s=self.settings.inject_delay_ms / 1000,
             thread_initializer=self.registry.configure_thread,
             statistics=statistics,
+            cold_window_s=self.settings.cold_window_s,
+            replica=self.settings.replica_id,
         )
         batcher.start()
         return batcher

@@ -38,6 +38,12 @@ class ModelServiceSettings(ServiceSettings):
         description="How long a version announced as UNLOADING keeps serving, so that every router (which polls "
         "replica states each repository_refresh_s) stops sending to it first.",
     )
+    cold_window_s: float = Field(
+        60.0,
+        ge=0.0,
+        description="Cold starts (M8): requests a version serves within this many seconds of becoming READY count as "
+        "cold (infermesh_cold_requests_total); the first one's latency is kept. 0: not counted.",
+    )
     inject_delay_ms: float = Field(
         0.0, ge=0.0, description="Test/bench only: extra delay per batch, to simulate a slow replica."
     )

@@ -273,7 +273,7 @@ class RouterCore(DataplaneBase):
 
     async def infer(self, call: Call, request: InferRequest) -> InferAnswer:
         """A plain request: a batch of one segment, all of its rows."""
-        segment = Segment(0, request.id, request.parameters)  # rows: set once the inputs are validated
+        segment = Segment(0, request.id, request.parameters, call.tenant)  # rows: set once the inputs are validated
         batch = InferBatch(request.model, request.version, request.inputs, request.outputs, [segment])
         result = await self._serve(call, batch, one_request=True)
         (answer,) = result.segments
@@ -395,6 +395,7 @@ class RouterCore(DataplaneBase):
                 joined = join.join_request(spec, part, count, timed[index], ages_wanted(parameters))
                 joined.request_id = work.segments[index].id
                 joined.version = versions[index] if versions is not None else version
+                joined.tenant = work.segments[index].tenant
                 pendings.append(Pending(joined, count, deadline, priority=priority, queue_until=queue_until))
             except DomainError as error:
                 results_by_index[index] = SegmentResult(count, error=error)
@@ -782,7 +783,9 @@ class RouterCore(DataplaneBase):
             if config.monitoring is not None and config.monitoring.log_raw_inputs and spec is not None:
                 raw = {**request.ids, **dict(zip(spec.request_inputs, request.request_inputs, strict=True))}
             rows = (starts[index], starts[index + 1])
-            records.append(LoggedRequest(request.request_id, rows, flags, request.ids, pending.trace_context, raw))
+            records.append(
+                LoggedRequest(request.request_id, rows, flags, request.ids, pending.trace_context, raw, request.tenant)
+            )
         self.prediction_log.record(config, model.version, records, model.outputs, features)
 
     def _log_segments(self, config: ModelConfig, model: ModelAnswer, work: _Work, inputs: dict[str, Tensor]) -> None:
@@ -799,7 +802,8 @@ class RouterCore(DataplaneBase):
             raw: dict[str, Any] = {}
             if config.monitoring is not None and config.monitoring.log_raw_inputs:
                 raw = {name: tensor.data[lo:hi] for name, tensor in inputs.items()}
-            records.append(LoggedRequest(work.segments[index].id, (lo, hi), {}, {}, context, raw))
+            segment = work.segments[index]
+            records.append(LoggedRequest(segment.id, (lo, hi), {}, {}, context, raw, segment.tenant))
         self.prediction_log.record(config, model.version, records, model.outputs)
 
     async def load_feature_defaults(self, timeout_s: float = 2.0) -> bool:

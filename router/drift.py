@@ -23,6 +23,7 @@ from infermesh.drift import Profile, bin_counts, padded_edges, profile_for, psi,
 from infermesh.model_config import READY, ModelConfig
 from infermesh.repository import RepositoryState
 from infermesh.tensors import Tensor
+from infermesh.windows import SlidingCounts
 
 log = logging.getLogger(__name__)
 
@@ -33,37 +34,6 @@ class DriftSettings:
     slots: int = 15
     min_rows: int = 100
     export_interval_s: float = 5.0
-
-
-class SlidingCounts:
-    """Counts per column and bin over the last `window_s` seconds (a ring of `slots` slots of window_s / slots)."""
-
-    def __init__(self, columns: int, bins: int, window_s: float, slots: int, now: float) -> None:
-        self.slot_s = window_s / slots
-        self.slots = slots
-        self._ring = np.zeros((slots, columns, bins), dtype=np.int64)
-        self.total = np.zeros((columns, bins), dtype=np.int64)
-        self._slot = int(now // self.slot_s)
-
-    def add(self, counts: np.ndarray, now: float) -> None:
-        self.advance(now)
-        self._ring[self._slot % self.slots] += counts
-        self.total += counts
-
-    def advance(self, now: float) -> None:
-        """Drop the slots that left the window by `now`."""
-        slot = int(now // self.slot_s)
-        if slot <= self._slot:
-            return
-        for step in range(1, min(slot - self._slot, self.slots) + 1):
-            expired = self._ring[(self._slot + step) % self.slots]
-            self.total -= expired
-            expired[:] = 0
-        self._slot = slot
-
-    @property
-    def rows(self) -> int:
-        return int(self.total[0].sum()) if len(self.total) else 0
 
 
 class VersionDrift:

@@ -45,6 +45,7 @@ class JoinRequest:
     ages: bool = False  # the client asked for the age of the features served
     request_id: str = ""  # the client's request id (the prediction log keys its record by it)
     version: str = ""  # the model version that answers it (requests for several versions share a feature read)
+    tenant: str = ""  # the tenant the gateway authenticated (the prediction log records it)
 
 
 def join_request(

@@ -2,11 +2,13 @@
 path.
 
 A model opts in with its config's `monitoring.log_sample_rate`. Per coalesced batch one vectorised draw picks the
-sampled requests; only those get a record (request id, trace id, time, model, version, joined feature vector,
-outputs, flags, entity ids as keyed hashes; raw request inputs only under `monitoring.log_raw_inputs`). Records go
-into a bounded buffer that a writer task drains to the stream in pipelined XADDs with `MAXLEN ~ max_len`, so the
-stream never grows past about max_len entries. A full buffer drops the record and counts it: a request never waits
-for the log, and a Redis outage costs records, not requests.
+sampled requests; only those get a record (request id, tenant, trace id, time, model, version, rows, score, joined
+feature vector, outputs, flags, entity ids as keyed hashes; raw request inputs only under
+`monitoring.log_raw_inputs`). Records go into a bounded buffer that a writer task drains to the stream in pipelined
+XADDs with `MAXLEN ~ max_len`, so the stream never grows past about max_len entries. Each record with a request id
+is indexed by it too (a small hash with a TTL, infermesh.prediction_index), for label feedback to join labels to.
+A full buffer drops the record and counts it: a request never waits for the log, and a Redis outage costs records,
+not requests.
 
 Entity ids are HMAC-SHA256 hashes under a key of the operator's (a file, never logged): the same id hashes the same
 across the log and across restarts, so records can be joined per entity without the log holding the id.
@@ -29,7 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
-from infermesh import metrics, telemetry
+from infermesh import metrics, prediction_index, telemetry
 from infermesh.model_config import ModelConfig
 from infermesh.tensors import Tensor
 
@@ -51,6 +53,7 @@ class LoggedRequest:
     entity_ids: Mapping[str, Sequence[str]] = field(default_factory=dict)  # entity input → one id per row
     trace_context: Any = None
     raw_inputs: Mapping[str, Any] = field(default_factory=dict)  # input → rows, kept only under log_raw_inputs
+    tenant: str = ""  # the tenant the gateway authenticated: label feedback is authorized against it
 
 
 class PredictionLog:
@@ -65,6 +68,7 @@ class PredictionLog:
         buffer: int = 10_000,
         write_batch: int = 256,
         seed: int | None = None,
+        index_ttl_s: int = 7 * 24 * 3600,
     ) -> None:
         if not hash_key:
             raise ValueError("the prediction log needs a key to hash entity ids with")
@@ -72,6 +76,7 @@ class PredictionLog:
         self._hash_key = hash_key
         self.stream = stream
         self.max_len = max_len
+        self.index_ttl_s = index_ttl_s  # 0: no index by request id (no label feedback)
         self._queue: asyncio.Queue[Record] = asyncio.Queue(buffer)
         self._write_batch = write_batch
         self._rng = np.random.default_rng(seed)
@@ -101,20 +106,27 @@ class PredictionLog:
         raw = config.monitoring is not None and config.monitoring.log_raw_inputs
         counter = metrics.PREDICTION_LOG_RECORDS.labels(config.name)
         now_ms = str(int(time.time() * 1000))
+        score = outputs.get(config.score_output)
+        scored = score is not None and score.data.dtype.kind in "fiub"
         for request in sampled:
             lo, hi = request.rows
             record: Record = {
                 "id": request.request_id,
+                "tenant": request.tenant,
                 "trace_id": telemetry.trace_id_of(request.trace_context),
                 "time_ms": now_ms,
                 "model": config.name,
                 "version": version,
+                "rows": hi - lo,
                 "outputs": json.dumps({name: _plain(t.data[lo:hi]) for name, t in outputs.items()}),
                 "flags": json.dumps(dict(request.flags)),
                 "entities": json.dumps(
                     {name: [self.hash_id(i) for i in ids] for name, ids in request.entity_ids.items()}
                 ),
             }
+            if scored and hi > lo:
+                assert score is not None
+                record["score"] = repr(float(score.data[lo:hi].reshape(-1)[0]))  # the request's first value
             if features is not None:
                 record["features"] = json.dumps(_plain(features[lo:hi]))
             if raw and request.raw_inputs:
@@ -162,6 +174,11 @@ class PredictionLog:
         pipeline = self._redis.pipeline(transaction=False)
         for record in batch:
             pipeline.xadd(self.stream, record, maxlen=self.max_len, approximate=True)
+            request_id = str(record["id"])
+            if self.index_ttl_s > 0 and prediction_index.indexable(request_id):
+                key = prediction_index.index_key(self.stream, request_id)
+                pipeline.hset(key, mapping=prediction_index.index_fields(record))
+                pipeline.expire(key, self.index_ttl_s)
         await pipeline.execute()
 
     async def close(self) -> None:
@@ -179,17 +196,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
-
-
-def connect(url: str, password: str | None = None, timeout_s: float = 1.0) -> aioredis.Redis:
-    """The log's own Redis client: bounded timeouts and pool (one writer task uses it); `password` unless the URL
-    carries one."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        password=password,
-        max_connections=2,
-        timeout=timeout_s,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-    )
-    return aioredis.Redis.from_pool(pool)

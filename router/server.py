@@ -8,12 +8,11 @@ import dataclasses
 import logging
 from typing import Any
 
-from infermesh import oip_servicer, repository_service
+from infermesh import oip_servicer, prediction_index, repository_service
 from infermesh.breaker import CircuitBreaker
 from infermesh.hedging import HedgePolicy
 from infermesh.proto import router_pb2_grpc
 from infermesh.service import Service
-from router import prediction_log
 from router.clients import FeatureServiceClient, ModelServiceClient
 from router.core import RetryPolicy, RouterCore, feature_breaker_changed
 from router.discovery import resolve
@@ -39,11 +38,12 @@ def open_prediction_log(settings: RouterSettings) -> PredictionLog | None:
     if settings.prediction_log_redis_password_file is not None:
         password = settings.prediction_log_redis_password_file.read_text().strip()
     return PredictionLog(
-        prediction_log.connect(settings.prediction_log_redis_url, password),
+        prediction_index.connect(settings.prediction_log_redis_url, password),
         key,
         stream=settings.prediction_log_stream,
         max_len=settings.prediction_log_max_len,
         buffer=settings.prediction_log_buffer,
+        index_ttl_s=settings.prediction_log_index_ttl_s,
     )
 
 

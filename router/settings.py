@@ -101,6 +101,12 @@ class RouterSettings(ServiceSettings):
     prediction_log_max_len: int = Field(
         100_000, ge=1, description="Entries the stream keeps (XADD MAXLEN ~: trimmed in whole nodes, about this)."
     )
+    prediction_log_index_ttl_s: int = Field(
+        7 * 24 * 3600,
+        ge=0,
+        description="How long a logged prediction can be found by its request id for label feedback (a small hash "
+        "per record with this TTL; 0: no index, no feedback). Holds about TTL x logged records/s entries.",
+    )
     prediction_log_buffer: int = Field(
         10_000, ge=1, description="Records waiting to be written; past it a record is dropped and counted."
     )

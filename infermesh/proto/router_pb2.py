@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from infermesh.proto import inference_pb2 as infermesh_dot_proto_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinfermesh/proto/router.proto\x12\x13infermesh.router.v1\x1a\x1finfermesh/proto/inference.proto\"\xb3\x01\n\x07Segment\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12@\n\nparameters\x18\x03 \x03(\x0b\x32,.infermesh.router.v1.Segment.ParametersEntry\x1aL\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.inference.InferParameter:\x02\x38\x01\"\xda\x01\n\x11InferBatchRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12=\n\x06inputs\x18\x03 \x03(\x0b\x32-.inference.ModelInferRequest.InferInputTensor\x12\x1a\n\x12raw_input_contents\x18\x04 \x03(\x0c\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x12.\n\x08segments\x18\x06 \x03(\x0b\x32\x1c.infermesh.router.v1.Segment\"\xb1\x01\n\rSegmentResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12<\n\x05\x66lags\x18\x03 \x03(\x0b\x32-.infermesh.router.v1.SegmentResult.FlagsEntry\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x1a,\n\nFlagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd4\x01\n\x12InferBatchResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12@\n\x07outputs\x18\x03 \x03(\x0b\x32/.inference.ModelInferResponse.InferOutputTensor\x12\x1b\n\x13raw_output_contents\x18\x04 \x03(\x0c\x12\x34\n\x08segments\x18\x05 \x03(\x0b\x32\".infermesh.router.v1.SegmentResult2i\n\x06Router\x12_\n\nInferBatch\x12&.infermesh.router.v1.InferBatchRequest\x1a\'.infermesh.router.v1.InferBatchResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinfermesh/proto/router.proto\x12\x13infermesh.router.v1\x1a\x1finfermesh/proto/inference.proto\"\xc3\x01\n\x07Segment\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12@\n\nparameters\x18\x03 \x03(\x0b\x32,.infermesh.router.v1.Segment.ParametersEntry\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x1aL\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.inference.InferParameter:\x02\x38\x01\"\xda\x01\n\x11InferBatchRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12=\n\x06inputs\x18\x03 \x03(\x0b\x32-.inference.ModelInferRequest.InferInputTensor\x12\x1a\n\x12raw_input_contents\x18\x04 \x03(\x0c\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x12.\n\x08segments\x18\x06 \x03(\x0b\x32\x1c.infermesh.router.v1.Segment\"\xb1\x01\n\rSegmentResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12<\n\x05\x66lags\x18\x03 \x03(\x0b\x32-.infermesh.router.v1.SegmentResult.FlagsEntry\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x1a,\n\nFlagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd4\x01\n\x12InferBatchResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12@\n\x07outputs\x18\x03 \x03(\x0b\x32/.inference.ModelInferResponse.InferOutputTensor\x12\x1b\n\x13raw_output_contents\x18\x04 \x03(\x0c\x12\x34\n\x08segments\x18\x05 \x03(\x0b\x32\".infermesh.router.v1.SegmentResult2i\n\x06Router\x12_\n\nInferBatch\x12&.infermesh.router.v1.InferBatchRequest\x1a\'.infermesh.router.v1.InferBatchResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,17 +37,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEGMENTRESULT_FLAGSENTRY']._loaded_options = None
   _globals['_SEGMENTRESULT_FLAGSENTRY']._serialized_options = b'8\001'
   _globals['_SEGMENT']._serialized_start=87
-  _globals['_SEGMENT']._serialized_end=266
-  _globals['_SEGMENT_PARAMETERSENTRY']._serialized_start=190
-  _globals['_SEGMENT_PARAMETERSENTRY']._serialized_end=266
-  _globals['_INFERBATCHREQUEST']._serialized_start=269
-  _globals['_INFERBATCHREQUEST']._serialized_end=487
-  _globals['_SEGMENTRESULT']._serialized_start=490
-  _globals['_SEGMENTRESULT']._serialized_end=667
-  _globals['_SEGMENTRESULT_FLAGSENTRY']._serialized_start=623
-  _globals['_SEGMENTRESULT_FLAGSENTRY']._serialized_end=667
-  _globals['_INFERBATCHRESPONSE']._serialized_start=670
-  _globals['_INFERBATCHRESPONSE']._serialized_end=882
-  _globals['_ROUTER']._serialized_start=884
-  _globals['_ROUTER']._serialized_end=989
+  _globals['_SEGMENT']._serialized_end=282
+  _globals['_SEGMENT_PARAMETERSENTRY']._serialized_start=206
+  _globals['_SEGMENT_PARAMETERSENTRY']._serialized_end=282
+  _globals['_INFERBATCHREQUEST']._serialized_start=285
+  _globals['_INFERBATCHREQUEST']._serialized_end=503
+  _globals['_SEGMENTRESULT']._serialized_start=506
+  _globals['_SEGMENTRESULT']._serialized_end=683
+  _globals['_SEGMENTRESULT_FLAGSENTRY']._serialized_start=639
+  _globals['_SEGMENTRESULT_FLAGSENTRY']._serialized_end=683
+  _globals['_INFERBATCHRESPONSE']._serialized_start=686
+  _globals['_INFERBATCHRESPONSE']._serialized_end=898
+  _globals['_ROUTER']._serialized_start=900
+  _globals['_ROUTER']._serialized_end=1005
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Segment(_message.Message):
-    __slots__ = ("rows", "id", "parameters")
+    __slots__ = ("rows", "id", "parameters", "tenant")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -19,10 +19,12 @@ class Segment(_message.Message):
     ROWS_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     rows: int
     id: str
     parameters: _containers.MessageMap[str, _inference_pb2.InferParameter]
-    def __init__(self, rows: _Optional[int] = ..., id: _Optional[str] = ..., parameters: _Optional[_Mapping[str, _inference_pb2.InferParameter]] = ...) -> None: ...
+    tenant: str
+    def __init__(self, rows: _Optional[int] = ..., id: _Optional[str] = ..., parameters: _Optional[_Mapping[str, _inference_pb2.InferParameter]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class InferBatchRequest(_message.Message):
     __slots__ = ("model_name", "model_version", "inputs", "raw_input_contents", "outputs", "segments")

@@ -174,9 +174,18 @@ def test_operational_alerts_exist() -> None:
         "feature drift": "infermesh_feature_drift_psi",
         "prediction drift": "infermesh_prediction_drift_psi",
         "prediction log drops": "infermesh_prediction_log_dropped_total",
+        "online accuracy (M4)": "infermesh_online_accuracy",
+        "cold-start rate (M8)": "infermesh_cold_requests_total",
+        "first-request latency": "infermesh_cold_start_first_request_seconds",
     }
     for what, needle in covered.items():
         assert any(needle in rule["expr"] for rule in rules.values()), f"no alert on {what}"
+
+
+def test_cold_start_alert_is_the_share_of_model_calls_over_the_m8_target() -> None:
+    (rule,) = [rule for rule in alerts().values() if "infermesh_cold_requests_total" in rule["expr"]]
+    assert 'infermesh_requests_total{service="model_service", method="ModelInfer"}' in rule["expr"]
+    assert rule["expr"].rstrip().endswith("> 0.01"), "M8: under 1 % of requests hit cold instances"
 
 
 def test_drift_alerts_use_the_standard_psi_bands() -> None:
@@ -285,5 +294,10 @@ def test_debug_dashboard() -> None:
     assert "view:infermesh_feature_stale:ratio_rate5m" in text, "feature staleness"
     for quality in ("infermesh_feature_drift_psi", "infermesh_prediction_drift_psi", "infermesh_prediction_log"):
         assert quality in text, f"model quality lacks {quality}"
+    online = ("infermesh_online_accuracy", "infermesh_online_auc", "infermesh_online_brier_score")
+    for quality in (*online, "infermesh_online_labels", "infermesh_label_delay_seconds_bucket"):
+        assert quality in text, f"online accuracy lacks {quality}"
+    for cold in ("infermesh_cold_requests_total", "infermesh_cold_start_first_request_seconds"):
+        assert cold in text, f"cold starts lack {cold}"
     (variable,) = dashboard["templating"]["list"]
     assert variable["name"] == "model" and variable["multi"] is False, "debug looks at one model"

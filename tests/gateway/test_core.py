@@ -105,12 +105,14 @@ class Router:
         self.repository = repository
         self.loads: list[tuple[str, str | None]] = []
         self.forwarded: list[bytes] = []
+        self.tenants: list[str] = []  # the tenant each forwarded request was sent with
         self.batches: list[InferBatch] = []
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def infer(self, encoded_request: bytes, deadline: Deadline) -> bytes:
+    async def infer(self, encoded_request: bytes, deadline: Deadline, tenant: str = "") -> bytes:
         self.forwarded.append(encoded_request)
+        self.tenants.append(tenant)
         await self.gate.wait()
         return b"answer to " + encoded_request
 
@@ -186,6 +188,7 @@ async def test_a_request_alone_is_forwarded_byte_for_byte(keys: tuple[KeyStore, 
     answer = await gateway(store, router).infer(Call(Deadline.after(5), f"Bearer {key}"), x_request("r1"))
     assert answer == EncodedInferResponse(b"answer to r1")
     assert router.forwarded == [b"r1"] and router.batches == []
+    assert router.tenants == ["acme"]  # the authenticated tenant travels with it (the prediction log records it)
 
 
 async def test_concurrent_requests_share_one_batch_and_keep_their_own_answers(keys: tuple[KeyStore, str]) -> None:
@@ -208,6 +211,7 @@ async def test_concurrent_requests_share_one_batch_and_keep_their_own_answers(ke
     ]
     (batch,) = router.batches
     assert [h.shape for h in batch.inputs.headers] == [(6, 4)]
+    assert [s.tenant for s in batch.segments] == ["acme"] * 3
 
 
 async def test_bad_input_and_overload_are_refused_at_the_gateway(keys: tuple[KeyStore, str]) -> None:

@@ -70,3 +70,19 @@ def test_an_invalid_override_names_what_is_wrong() -> None:
         parse_checked("m", json.dumps({"name": "m", "inputs": 3, "outputs": []}))
     with pytest.raises(InvalidInput, match="names model 'other'"):
         parse_checked("m", json.dumps({"name": "other", "inputs": [], "outputs": []}))
+
+
+def test_monitoring_names_the_score_output_and_threshold_labels_are_judged_at() -> None:
+    base = {
+        "name": "m",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
+        "outputs": [{"name": "a", "datatype": "FP32", "shape": [-1]}, {"name": "b", "datatype": "FP32", "shape": [-1]}],
+    }
+    plain = ModelConfig.model_validate(base)
+    assert (plain.score_output, plain.threshold) == ("a", 0.5)  # the first output, at 0.5
+    chosen = ModelConfig.model_validate({**base, "monitoring": {"score_output": "b", "threshold": 0.8}})
+    assert (chosen.score_output, chosen.threshold) == ("b", 0.8)
+    with pytest.raises(ValueError, match=r"monitoring\.score_output 'c' is not an output"):
+        ModelConfig.model_validate({**base, "monitoring": {"score_output": "c"}})
+    with pytest.raises(ValueError, match="threshold"):
+        ModelConfig.model_validate({**base, "monitoring": {"threshold": 1.5}})

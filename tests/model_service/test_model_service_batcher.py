@@ -500,3 +500,31 @@ async def test_queued_requests_are_served_by_priority_then_in_order() -> None:
     await asyncio.gather(first, *tasks)
     await batcher.close()
     assert [float(batch[0, 0]) for batch in model.batches] == [0.0, 3.0, 5.0, 1.0, 2.0, 4.0]
+
+
+async def test_cold_requests_are_counted_for_cold_window_s_after_ready_and_the_first_ones_latency_kept() -> None:
+    """Cold starts (M8): the batcher starts when its version becomes READY; requests within the window count."""
+    now = [100.0]
+    batcher = Batcher(
+        "cold",
+        "1",
+        lambda arrays: arrays,
+        8,
+        DynamicBatching(max_queue_delay_us=0),
+        clock=lambda: now[0],
+        cold_window_s=30.0,
+        replica="r0",
+    )
+    labels = {"model": "cold", "version": "1", "replica": "r0"}
+    try:
+        for _ in range(3):
+            await batcher.submit(rows(1), 1)
+        now[0] = 131.0  # past the window: no longer cold
+        await batcher.submit(rows(1), 1)
+        assert REGISTRY.get_sample_value("infermesh_cold_requests_total", labels) == 3
+        first = REGISTRY.get_sample_value("infermesh_cold_start_first_request_seconds", labels)
+        assert first is not None and 0 < first < 5
+        ready = REGISTRY.get_sample_value("infermesh_version_ready_timestamp_seconds", labels)
+        assert ready is not None and abs(ready - time.time()) < 60
+    finally:
+        await batcher.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from router.drift import SlidingCounts
+from infermesh.windows import SlidingCounts
 
 
 def test_a_slot_leaves_the_window_once_it_is_window_s_old() -> None:

@@ -13,9 +13,9 @@ import pytest
 import redis
 
 from demo.redis_server import RedisServer
+from infermesh import prediction_index
 from infermesh.model_config import ModelConfig
 from infermesh.tensors import Tensor
-from router import prediction_log
 from router.prediction_log import LoggedRequest, PredictionLog
 
 KEY = b"test-hash-key-0123456789abcdef"
@@ -57,7 +57,7 @@ def outputs(count: int) -> dict[str, Tensor]:
 async def test_records_hold_hashed_ids_and_the_stream_stays_bounded(redis_server: RedisServer) -> None:
     admin = redis.Redis.from_url(redis_server.url)
     admin.flushall()
-    log = PredictionLog(prediction_log.connect(redis_server.url), KEY, stream="preds", max_len=200, seed=1)
+    log = PredictionLog(prediction_index.connect(redis_server.url), KEY, stream="preds", max_len=200, seed=1)
     config = model(1.0)
     count = 1000
     features = np.arange(count * 2, dtype=np.float32).reshape(count, 2)
@@ -86,7 +86,7 @@ async def test_records_hold_hashed_ids_and_the_stream_stays_bounded(redis_server
 async def test_raw_inputs_only_on_opt_in_and_sampling_follows_the_rate(redis_server: RedisServer) -> None:
     admin = redis.Redis.from_url(redis_server.url)
     admin.flushall()
-    log = PredictionLog(prediction_log.connect(redis_server.url), KEY, stream="raw", seed=3)
+    log = PredictionLog(prediction_index.connect(redis_server.url), KEY, stream="raw", seed=3)
     log.record(model(1.0, raw=True), "2", requests(1), outputs(1))
     await log.flush()
     (entry,) = admin.xrange("raw")
@@ -106,7 +106,7 @@ async def test_a_full_buffer_drops_and_counts_and_a_dead_redis_costs_records_not
 
     full_before, failed_before = dropped("buffer_full"), dropped("write_failed")
     # Nothing listens on this port: every write fails.
-    log = PredictionLog(prediction_log.connect("redis://127.0.0.1:9/0", timeout_s=0.2), KEY, buffer=3)
+    log = PredictionLog(prediction_index.connect("redis://127.0.0.1:9/0", timeout_s=0.2), KEY, buffer=3)
     log.record(model(1.0), "1", requests(5), outputs(5))  # returns at once: 3 buffered, 2 dropped
     assert log.buffered == 3
     assert dropped("buffer_full") - full_before == 2
