@@ -55,6 +55,7 @@ def main() -> None:
     print("starting redis, feature service, 2 model replicas, router and gateway…", flush=True)
     with LocalMesh(options) as mesh:
         endpoint = mesh.gateway_address
+        features_url = mesh.feature_service_address()
         redis = f"{mesh.redis.url} (password in {mesh.redis.password_file})" if mesh.redis else "$REDIS_URL"
         if mesh.ca_file is None:
             transport, score_tls, grpcurl_tls = "plaintext", "", "-plaintext"
@@ -81,9 +82,10 @@ With grpcurl (server reflection is on):
     {{"name":"amount","datatype":"FP32","shape":[1],"contents":{{"fp32_contents":[129.99]}}}}]}}' \\
     {endpoint} inference.GRPCInferenceService/ModelInfer
 
-Inspect and load features (the feature service at {mesh.feature_service_address}):
-  .venv/bin/infermesh features get user u42 --url {mesh.feature_service_address}
-  .venv/bin/infermesh features ingest user users.parquet --url {mesh.feature_service_address}
+Inspect and load features (the feature service at {features_url}; writes need the write token):
+  .venv/bin/infermesh features get user u42 --url {features_url}
+  INFERMESH_FEATURE_WRITE_TOKEN=$(cat {mesh.write_token_file}) \\
+    .venv/bin/infermesh features ingest user users.parquet --url {features_url}
 
 Manage the models (admin key):
   INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models list --url {endpoint}{score_tls}

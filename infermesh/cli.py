@@ -10,7 +10,8 @@ repository folder, complete or not at all, for the model services to pick up. `i
 show|canary|shadow|cascade|promote|off` change a model's `traffic` section (canary with its guard, shadows,
 cascade) through the same load with a config override that tritonclient's `load_model(config=...)` sends.
 
-The API key comes from $INFERMESH_API_KEY only: an option would show in `ps` and in the shell's history.
+The API key comes from $INFERMESH_API_KEY only, and `features ingest`'s write token from
+$INFERMESH_FEATURE_WRITE_TOKEN only: an option would show in `ps` and in the shell's history.
 Exit codes: 0 done; 1 refused (by the server, or a publish that would overwrite or write junk); 2 usage;
 3 the server cannot be reached.
 """
@@ -52,6 +53,7 @@ INGEST_TIMEOUT_S = 3600.0
 DEFAULT_REPOSITORY = ".run/demo/model_repository"
 URL_ENV = "INFERMESH_URL"
 KEY_ENV = "INFERMESH_API_KEY"
+WRITE_TOKEN_ENV = "INFERMESH_FEATURE_WRITE_TOKEN"
 REPOSITORY_ENV = "INFERMESH_MODEL_REPOSITORY"
 SLOW_TIMEOUT_S = 120.0  # load and unload wait for the model services to (un)load and warm up
 TIMEOUT_S = 10.0
@@ -613,8 +615,20 @@ def _hint(code: grpc.StatusCode) -> str:
     return ""
 
 
+def _feature_hint(code: grpc.StatusCode) -> str:
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        if not os.environ.get(WRITE_TOKEN_ENV, "").strip():
+            return (
+                f"hint: set {WRITE_TOKEN_ENV} to a write token (make run writes one to .run/mesh/feature_write_token)"
+            )
+        return f"hint: the token in {WRITE_TOKEN_ENV} is not accepted by this feature service"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return "hint: the feature service accepts no writes from this caller (see its writer settings)"
+    return ""
+
+
 @contextlib.contextmanager
-def _reported() -> Iterator[list[int]]:
+def _reported(hint: Callable[[grpc.StatusCode], str] = _hint) -> Iterator[list[int]]:
     """Turns the ways a command fails into a message on stderr and an exit code (no traceback)."""
     code = [EXIT_OK]
     try:
@@ -629,8 +643,8 @@ def _reported() -> Iterator[list[int]]:
         status = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
         details = error.details() if callable(getattr(error, "details", None)) else str(error)
         print(f"error: {status.name}: {details}", file=sys.stderr)
-        if hint := _hint(status):
-            print(hint, file=sys.stderr)
+        if hint_text := hint(status):
+            print(hint_text, file=sys.stderr)
         code[0] = EXIT_REFUSED
     except OSError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -672,9 +686,11 @@ def _features_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if args.command == "ingest" and args.batch_rows < 1:
         parser.error("--batch-rows must be at least 1")
     target = _target(parser, args, slow=False, default_s=INGEST_TIMEOUT_S if args.command == "ingest" else 0.0)
-    target = Target(target.url, target.timeout_s, target.tls, target.ca, api_key="")  # internal API: no key
+    # The internal API takes no API key; a write (ingest) carries the write token, a read nothing.
+    token = os.environ.get(WRITE_TOKEN_ENV, "").strip() if args.command == "ingest" else ""
+    target = Target(target.url, target.timeout_s, target.tls, target.ca, api_key=token)
     try:
-        with _reported() as code, FeatureService(target) as service:
+        with _reported(_feature_hint) as code, FeatureService(target) as service:
             if args.command == "get":
                 get_features(service, args.view, args.entity, args.json)
             else:
