@@ -40,7 +40,7 @@ import grpc
 from google.protobuf import json_format
 
 from infermesh import feature_cli
-from infermesh.model_config import CONFIG_FILE, MESH_PARAMETER_PREFIX, MODEL_FILE
+from infermesh.model_config import CONFIG_FILE, MESH_PARAMETER_PREFIX, MODEL_FILE, pin_version
 from infermesh.proto import feature_store_pb2 as fpb
 from infermesh.proto import feature_store_pb2_grpc as fpb_grpc
 from infermesh.proto import inference_pb2 as pb
@@ -373,8 +373,10 @@ def _check_torchscript(path: Path, shown_as: Path) -> None:
 
 def publish(repository: Path, model: str, version: str, source: Path, as_json: bool) -> None:
     """Write `source` as `<repository>/<model>/<version>/model.pt` plus its `.sha256`: assembled in a hidden
-    folder next to the versions, checked as the model service will check it, and renamed into place in one step,
-    so a model service scanning the repository sees the version complete or not at all."""
+    folder next to the versions, checked as the model service will check it, pinned in the model's config.json
+    (`version_digests`, outside the version folder: the model service serves only bytes that match it), and
+    renamed into place in one step, so a model service scanning the repository sees the version complete, and
+    pinned, or not at all."""
     model_dir = repository / model
     if not (model_dir / CONFIG_FILE).is_file():
         raise Refused(f"no model '{model}' in {repository}: {model_dir / CONFIG_FILE} does not exist")
@@ -397,6 +399,10 @@ def publish(repository: Path, model: str, version: str, source: Path, as_json: b
         _fsync_folder(staging)
         if final.exists():  # someone else published it meanwhile
             raise Refused(f"version {version} of {model} exists ({final}); publish a new version number")
+        try:
+            pin_version(model_dir, version, sha256)
+        except ValueError as error:  # config.json is not a JSON object (invalid JSON is a ValueError too)
+            raise Refused(f"cannot pin the version in {model_dir / CONFIG_FILE}: {error}") from None
         os.rename(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -413,6 +419,7 @@ def publish(repository: Path, model: str, version: str, source: Path, as_json: b
         f"published {model} version {version}\n"
         f"  {final / MODEL_FILE} ({size} bytes)\n"
         f"  {final / (MODEL_FILE + CHECKSUM_SUFFIX)} (sha256 {sha256})\n"
+        f"  pinned in {model_dir / CONFIG_FILE} (version_digests)\n"
         f"to serve it: infermesh models load {model}"
     )
     _emit(as_json, document, text)
