@@ -6,7 +6,8 @@ Cluster instead).
 The demo API key (tenant 'demo': scores with `fraud` and `bench_mlp`) comes from $INFERMESH_DEMO_API_KEY, the
 admin key (tenant 'ops', role admin: may also list, load, unload and inspect the models with the `infermesh` CLI
 or tritonclient) from $INFERMESH_DEMO_ADMIN_KEY; either is generated when unset, and both are printed.
-The private Redis requires a generated password (in <run-dir>/redis/password, 0600). With --tls-dir (`TLS=1 make
+The private Redis requires a generated password (in <run-dir>/redis/password, 0600); feature writes through the
+feature service's API need the generated write token (<run-dir>/feature_write_token, 0600). With --tls-dir (`TLS=1 make
 run`) every hop is TLS with the development certificates there, made when missing (`make certs`).
 """
 
