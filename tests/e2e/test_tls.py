@@ -1,13 +1,13 @@
 """TLS on every hop of a real mesh, with certificates made by `make certs`' code: inference over TLS with
 tritonclient, internal hops that refuse clients without a mesh certificate, clients that refuse a server the
-mesh CA did not sign, and a certificate rotated without a restart."""
+mesh CA did not sign, and a certificate rotated without a restart. (tests/e2e/test_inference.py runs the main
+inference checks on this mesh too.)"""
 
 from __future__ import annotations
 
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,15 +22,7 @@ from demo.mesh import LocalMesh
 from demo.processes import ServiceProcess
 from demo.redis_server import supports_tls
 from infermesh.tls import ClientTls
-from tests.e2e.meshes import auth, fraud_inputs, start_mesh
-
-
-@pytest.fixture(scope="module")
-def tls_mesh(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    run_dir = tmp_path_factory.mktemp("tls_mesh")
-    running = start_mesh(demo_dir, run_dir, tls_dir=run_dir / "certs", replicas=1)
-    yield running
-    running.stop()
+from tests.e2e.meshes import auth, fraud_inputs
 
 
 @pytest.fixture(scope="module")
