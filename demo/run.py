@@ -59,10 +59,13 @@ def main() -> None:
         features_url = mesh.feature_service_address()
         redis = f"{mesh.redis.url} (password in {mesh.redis.password_file})" if mesh.redis else "$REDIS_URL"
         if mesh.ca_file is None:
-            transport, score_tls, grpcurl_tls = "plaintext", "", "-plaintext"
+            transport, score_tls, grpcurl_tls, features_tls = "plaintext", "", "-plaintext", ""
         else:
             transport = f"TLS (CA {mesh.ca_file}; mutual TLS between the services)"
             score_tls = f" --ca {mesh.ca_file}"
+            # The feature service admits only mesh certificates: the CLI presents make certs' `client` one.
+            client = mesh.ca_file.parent / "client"
+            features_tls = f" \\\n    --ca {mesh.ca_file} --cert {client}.pem --key {client}.key"
             grpcurl_tls = f"-cacert {mesh.ca_file}"
         tritonclient_tls = f', ssl=True,\n    root_certificates="{mesh.ca_file}"' if mesh.ca_file is not None else ""
         print(
@@ -84,9 +87,9 @@ With grpcurl (server reflection is on):
     {endpoint} inference.GRPCInferenceService/ModelInfer
 
 Inspect and load features (the feature service at {features_url}; writes need the write token):
-  .venv/bin/infermesh features get user u42 --url {features_url}
+  .venv/bin/infermesh features get user u42 --url {features_url}{features_tls}
   INFERMESH_FEATURE_WRITE_TOKEN=$(cat {mesh.write_token_file}) \\
-    .venv/bin/infermesh features ingest user users.parquet --url {features_url}
+    .venv/bin/infermesh features ingest user users.parquet --url {features_url}{features_tls}
 
 Manage the models (admin key):
   INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models list --url {endpoint}{score_tls}

@@ -82,6 +82,7 @@ class Target:
     tls: bool
     ca: bytes | None
     api_key: str
+    client_certificate: tuple[bytes, bytes] | None = None  # (key, certificate chain) for mutual TLS
 
 
 class Connection:
@@ -92,7 +93,10 @@ class Connection:
         self.target = target
         self._deadline = time.monotonic() + target.timeout_s
         if target.tls:
-            credentials = grpc.ssl_channel_credentials(root_certificates=target.ca)
+            key, chain = target.client_certificate or (None, None)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=target.ca, private_key=key, certificate_chain=chain
+            )
             self._channel = grpc.secure_channel(target.url, credentials)
         else:
             self._channel = grpc.insecure_channel(target.url)
@@ -551,6 +555,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     feature_group.add_argument("--tls", action="store_true", help="connect with TLS (the system's root certificates)")
     feature_group.add_argument("--ca", type=Path, help="PEM file of the root certificates to trust (implies --tls)")
+    feature_group.add_argument(
+        "--cert", type=Path, help="PEM client certificate, for a feature service that demands one (mutual TLS)"
+    )
+    feature_group.add_argument("--key", type=Path, help="PEM private key of --cert")
     features = groups.add_parser("features", help="inspect stored features, ingest files into a feature view")
     feature_commands = features.add_subparsers(dest="command", required=True, metavar="COMMAND")
     get = feature_commands.add_parser(
@@ -695,7 +703,16 @@ def _features_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     target = _target(parser, args, slow=False, default_s=INGEST_TIMEOUT_S if args.command == "ingest" else 0.0)
     # The internal API takes no API key; a write (ingest) carries the write token, a read nothing.
     token = os.environ.get(WRITE_TOKEN_ENV, "").strip() if args.command == "ingest" else ""
-    target = Target(target.url, target.timeout_s, target.tls, target.ca, api_key=token)
+    client_certificate = None
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together")
+    if args.cert is not None:
+        try:
+            client_certificate = (args.key.read_bytes(), args.cert.read_bytes())
+        except OSError as error:
+            parser.error(f"--cert/--key: cannot read them: {error.strerror}")
+    tls = target.tls or client_certificate is not None
+    target = Target(target.url, target.timeout_s, tls, target.ca, token, client_certificate)
     try:
         with _reported(_feature_hint) as code, FeatureService(target) as service:
             if args.command == "get":
