@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from bench import environment as env
 from bench.loadgen import closed_loop, result
 from bench.workloads import FeatureRead
 from demo.redis_server import RedisClusterServers, RedisServer
+from feature_service.writers import write_token_file
 
 VIEW = "bench10"
 
@@ -50,9 +52,11 @@ async def measure(redis_url: str, folder: Path, options: argparse.Namespace) -> 
 
     views_path = env.write_wide_views(folder / "feature_views.json")
     await env.seed_wide_views(redis_url, views_path, population=options.population)
-    service = env.start_service(
-        "feature_service", "feature_service_scale", folder, {"redis_url": redis_url, "views_path": views_path}
-    )
+    token = "imw_" + secrets.token_urlsafe(32)
+    digests = folder / "feature_write_token.sha256"
+    write_token_file(digests, token)
+    settings = {"redis_url": redis_url, "views_path": views_path, "write_token_sha256_file": digests}
+    service = env.start_service("feature_service", "feature_service_scale", folder, settings)
     out: dict[str, Any] = {"reads": []}
     try:
         await env.wait_ready(service)
@@ -84,7 +88,8 @@ async def measure(redis_url: str, folder: Path, options: argparse.Namespace) -> 
             views = stub.ListFeatureViews(fpb.ListFeatureViewsRequest(), timeout=10)
             view = next(v for v in views.views if v.name == VIEW)
             started = time.perf_counter()
-            ingested = await asyncio.to_thread(feature_cli.ingest, stub, view, parquet, 1_000, 600.0)
+            writer = [("authorization", f"Bearer {token}")]
+            ingested = await asyncio.to_thread(feature_cli.ingest, stub, view, parquet, 1_000, 600.0, writer)
             seconds = time.perf_counter() - started
         out["ingest"] = {
             "rows": ingested.rows,

@@ -53,6 +53,7 @@ from demo.mesh import LocalMesh
 from demo.supervisor import Supervisor
 from gateway.auth import new_api_key
 from gateway.settings import GatewaySettings
+from infermesh.model_config import MODEL_FILE, file_sha256, pin_version
 
 FEATURE_SHAPES = ((1, 10), (10, 10), (100, 10), (1, 50), (10, 50), (100, 50))  # (entities, features)
 
@@ -1525,6 +1526,7 @@ def _ensure_version_copy(folder: Path, source: str, target: str) -> None:
     if not (folder / target).exists():
         staging = folder / f".staging-{target}"
         shutil.copytree(folder / source, staging)
+        pin_version(folder, target, file_sha256(staging / MODEL_FILE))  # the model service serves pinned weights
         staging.rename(folder / target)
 
 

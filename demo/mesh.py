@@ -2,13 +2,16 @@
 router, gateway. Used by `make run`, the end-to-end tests and the benchmarks.
 
 The private Redis requires a password (generated into <run_dir>/redis/password, 0600; the feature service reads
-that file). With `tls_dir`, every hop is TLS with the certificates of demo.certs there (made when missing):
+that file). Feature writes through the API need the write token generated into <run_dir>/feature_write_token
+(0600; the feature service is given its SHA-256); the demo seeding writes to Redis itself, with Redis's
+credentials. With `tls_dir`, every hop is TLS with the certificates of demo.certs there (made when missing):
 mutual TLS between the services, server TLS on the gateway's port, rediss:// to Redis where redis-server has TLS."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import shutil
 from collections.abc import Sequence
@@ -18,6 +21,7 @@ from pathlib import Path
 from demo.certs import make_certs
 from demo.processes import ServiceProcess
 from demo.redis_server import RedisClusterServers, RedisServer, supports_tls
+from feature_service.writers import write_token_file
 from gateway.auth import hash_key
 
 
@@ -92,6 +96,25 @@ class LocalMesh:
             "tls_ca_file": tls_dir / "ca.pem",
         }
 
+    @property
+    def write_token_file(self) -> Path:
+        return self.options.run_dir / "feature_write_token"
+
+    @property
+    def feature_write_token(self) -> str:
+        """The token a feature writer sends ('authorization: Bearer <token>', INFERMESH_FEATURE_WRITE_TOKEN)."""
+        return self.write_token_file.read_text().strip()
+
+    def _make_write_token(self) -> Path:
+        """The write token (kept across runs, like the Redis password) and the digest file the service reads."""
+        if not self.write_token_file.exists():
+            descriptor = os.open(self.write_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write("imw_" + secrets.token_urlsafe(32))
+        digests = self.options.run_dir / "feature_write_token.sha256"
+        write_token_file(digests, self.feature_write_token)
+        return digests.resolve()
+
     def feature_service_address(self) -> str:
         assert self.feature_service is not None
         return self.feature_service.address
@@ -159,6 +182,7 @@ class LocalMesh:
                 {
                     **redis_settings,
                     "views_path": self.views_path,
+                    "write_token_sha256_file": self._make_write_token(),
                     **self.tls_settings("feature_service"),
                     **options.feature_service,
                 },

@@ -6,7 +6,8 @@ Cluster instead).
 The demo API key (tenant 'demo': scores with `fraud` and `bench_mlp`) comes from $INFERMESH_DEMO_API_KEY, the
 admin key (tenant 'ops', role admin: may also list, load, unload and inspect the models with the `infermesh` CLI
 or tritonclient) from $INFERMESH_DEMO_ADMIN_KEY; either is generated when unset, and both are printed.
-The private Redis requires a generated password (in <run-dir>/redis/password, 0600). With --tls-dir (`TLS=1 make
+The private Redis requires a generated password (in <run-dir>/redis/password, 0600); feature writes through the
+feature service's API need the generated write token (<run-dir>/feature_write_token, 0600). With --tls-dir (`TLS=1 make
 run`) every hop is TLS with the development certificates there, made when missing (`make certs`).
 """
 
@@ -55,12 +56,16 @@ def main() -> None:
     print("starting redis, feature service, 2 model replicas, router and gateway…", flush=True)
     with LocalMesh(options) as mesh:
         endpoint = mesh.gateway_address
+        features_url = mesh.feature_service_address()
         redis = f"{mesh.redis.url} (password in {mesh.redis.password_file})" if mesh.redis else "$REDIS_URL"
         if mesh.ca_file is None:
-            transport, score_tls, grpcurl_tls = "plaintext", "", "-plaintext"
+            transport, score_tls, grpcurl_tls, features_tls = "plaintext", "", "-plaintext", ""
         else:
             transport = f"TLS (CA {mesh.ca_file}; mutual TLS between the services)"
             score_tls = f" --ca {mesh.ca_file}"
+            # The feature service admits only mesh certificates: the CLI presents make certs' `client` one.
+            client = mesh.ca_file.parent / "client"
+            features_tls = f" \\\n    --ca {mesh.ca_file} --cert {client}.pem --key {client}.key"
             grpcurl_tls = f"-cacert {mesh.ca_file}"
         tritonclient_tls = f', ssl=True,\n    root_certificates="{mesh.ca_file}"' if mesh.ca_file is not None else ""
         print(
@@ -81,9 +86,10 @@ With grpcurl (server reflection is on):
     {{"name":"amount","datatype":"FP32","shape":[1],"contents":{{"fp32_contents":[129.99]}}}}]}}' \\
     {endpoint} inference.GRPCInferenceService/ModelInfer
 
-Inspect and load features (the feature service at {mesh.feature_service_address}):
-  .venv/bin/infermesh features get user u42 --url {mesh.feature_service_address}
-  .venv/bin/infermesh features ingest user users.parquet --url {mesh.feature_service_address}
+Inspect and load features (the feature service at {features_url}; writes need the write token):
+  .venv/bin/infermesh features get user u42 --url {features_url}{features_tls}
+  INFERMESH_FEATURE_WRITE_TOKEN=$(cat {mesh.write_token_file}) \\
+    .venv/bin/infermesh features ingest user users.parquet --url {features_url}{features_tls}
 
 Manage the models (admin key):
   INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models list --url {endpoint}{score_tls}

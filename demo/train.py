@@ -2,7 +2,8 @@
 write the model repository.
 
 Each model is exported as TorchScript (`<repo>/<model>/<version>/model.pt`, with a `model.pt.sha256`
-sidecar the model service verifies) next to its `<repo>/<model>/config.json`. Also writes `bench_mlp`,
+sidecar) next to its `<repo>/<model>/config.json`, which pins each version's SHA-256 (`version_digests`): the
+model service serves only weights that match their pin. Also writes `bench_mlp`,
 a compute-bound model with random weights for batching benchmarks.
 
     python -m demo.train --repo .run/demo/model_repository
@@ -25,7 +26,15 @@ from torch import nn
 
 from demo.synthetic import MERCHANT_FEATURES, USER_FEATURES, feature_matrix, make_world, sample_transactions
 from infermesh.drift import PROFILE_FILE, Profile, build_profile
-from infermesh.model_config import MODEL_FILE, ModelConfig
+from infermesh.model_config import (
+    CONFIG_FILE,
+    DIGEST_PREFIX,
+    MODEL_FILE,
+    ModelConfig,
+    file_sha256,
+    pin_version,
+    version_folders,
+)
 
 FRAUD_OUTPUT = "fraud_probability"
 FEATURE_NAMES = [*USER_FEATURES, *MERCHANT_FEATURES, "amount"]
@@ -130,13 +139,20 @@ def save_torchscript(module: nn.Module, path: Path) -> Path:
         torch.jit.save(scripted, str(path))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
+    if (path.parent.parent / CONFIG_FILE).is_file():  # the model's config exists: pin the version in it
+        pin_version(path.parent.parent, path.parent.name, digest)
     return path
 
 
 def write_config(repo: Path, config: dict[str, object]) -> Path:
-    """Validate against infermesh.model_config and write `<repo>/<name>/config.json`."""
+    """Validate against infermesh.model_config and write `<repo>/<name>/config.json`, pinning the digest of every
+    version whose weights are there already (save_torchscript pins those written later)."""
+    folder = repo / str(config["name"])
+    pins = {version: DIGEST_PREFIX + file_sha256(folder / version / MODEL_FILE) for version in version_folders(folder)}
+    given = config.get("version_digests")
+    config = {**config, "version_digests": {**pins, **(given if isinstance(given, dict) else {})}}
     ModelConfig.model_validate(config)
-    path = repo / str(config["name"]) / "config.json"
+    path = folder / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path

@@ -113,8 +113,19 @@ def build_block(
     return FeatureBlock(view.name, feature_names, values, statuses, ages), stale_rows
 
 
-def encode_row(view: FeatureView, position: int, values: Mapping[str, float], event_time_ms: int) -> tuple[bytes, bool]:
-    """A row to write → (packed vector with NaN where not given, whether it is partial)."""
+def encode_row(
+    view: FeatureView,
+    position: int,
+    values: Mapping[str, float],
+    event_time_ms: int,
+    *,
+    entity_id: str = "",
+    latest_event_time_ms: int = MAX_EVENT_TIME_MS,
+) -> tuple[bytes, bool]:
+    """A row to write → (packed vector with NaN where not given, whether it is partial).
+
+    An event time after `latest_event_time_ms` (now plus the allowed clock skew) is refused: last write wins by
+    event time, so one far-future row would beat every genuine later write until that time came."""
     if not values:
         raise InvalidInput(f"write to view '{view.name}': row {position} has no feature values")
     try:
@@ -125,6 +136,12 @@ def encode_row(view: FeatureView, position: int, values: Mapping[str, float], ev
         raise InvalidInput(
             f"write to view '{view.name}': row {position} event_time_ms must be Unix epoch milliseconds (> 0)"
         )
+    if event_time_ms > latest_event_time_ms:
+        raise InvalidInput(
+            f"write to view '{view.name}': row {position} (entity '{_clip(entity_id)}') has event_time_ms "
+            f"{event_time_ms}, {(event_time_ms - latest_event_time_ms) / 1000:.0f} s beyond the allowed clock skew "
+            "into the future"
+        )
     index = view.index
     names = list(values)
     try:
@@ -132,14 +149,23 @@ def encode_row(view: FeatureView, position: int, values: Mapping[str, float], ev
     except KeyError:
         unknown = sorted(name for name in names if name not in index)
         raise InvalidInput(f"feature view '{view.name}' has no features {_shorten(unknown)}") from None
-    given = np.array([values[name] for name in names], dtype=VALUE_DTYPE)
-    if np.isnan(given).any():
-        # NaN is how a vector marks "never written"; storing one would silently become NOT_FOUND.
-        nan_names = [name for name, value in zip(names, given, strict=True) if np.isnan(value)]
-        raise InvalidInput(f"write to view '{view.name}': row {position} has NaN for {_shorten(nan_names)}")
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf: refused just below
+        given = np.array([values[name] for name in names], dtype=VALUE_DTYPE)
+    if not np.isfinite(given).all():
+        # NaN is how a vector marks "never written" (storing one would silently become NOT_FOUND); an infinity
+        # (or a number beyond float32, which becomes one) would reach models as a value no training data had.
+        bad = [name for name, value in zip(names, given, strict=True) if not np.isfinite(value)]
+        raise InvalidInput(
+            f"write to view '{view.name}': row {position} has non-finite values (NaN, ±inf or beyond float32) "
+            f"for {_shorten(bad)}"
+        )
     vector = np.full(view.width, np.nan, dtype=VALUE_DTYPE)
     vector[columns] = given
     return pack_vector(event_time_ms, vector), len(columns) < view.width
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _shorten(names: Sequence[str], limit: int = 10) -> list[str]:

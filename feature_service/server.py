@@ -10,8 +10,9 @@ from redis.exceptions import AuthenticationError
 
 from feature_service.servicer import SERVICE_NAME, FeatureStoreServicer
 from feature_service.settings import FeatureServiceSettings
-from feature_service.store import FeatureStore
+from feature_service.store import FeatureStore, WritePolicy
 from feature_service.views import load_views
+from feature_service.writers import WriterPolicy
 from infermesh.errors import Unavailable
 from infermesh.proto import feature_store_pb2_grpc as pb_grpc
 from infermesh.service import Service
@@ -50,7 +51,12 @@ class FeatureService(Service):
     def __init__(self, settings: FeatureServiceSettings) -> None:
         super().__init__(settings)
         self.settings: FeatureServiceSettings = settings
-        self.servicer = FeatureStoreServicer(default_timeout_s=settings.default_timeout_s)
+        self.servicer = FeatureStoreServicer(
+            default_timeout_s=settings.default_timeout_s,
+            writers=WriterPolicy(settings.writers(), settings.write_token_sha256_file),
+        )
+        if not self.servicer.writers.configured:
+            log.warning("no feature writers configured: every write is refused (reads are served)")
         self.store: FeatureStore | None = None
 
     async def register(self, server: grpc.aio.Server) -> list[str]:
@@ -69,6 +75,9 @@ class FeatureService(Service):
                 key_prefix=settings.key_prefix,
                 max_entities_per_read=settings.max_entities_per_read,
                 max_connections=settings.redis_max_connections,
+                write_policy=WritePolicy(
+                    settings.max_future_skew_s, settings.ttl_max_age_multiple, settings.ttl_default_s
+                ),
             )
         except Unavailable as error:  # the node the URL names did not answer, or refused us
             raise RedisStartError(_start_failure(error.__cause__)) from None

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from feature_service.store import FeatureStore
+from feature_service.writers import WriterPolicy
 from infermesh.deadline import Deadline
 from infermesh.errors import DomainError, Unavailable
 from infermesh.features import FeatureBlock, FeatureQuery
@@ -52,6 +53,21 @@ def fill_read_response(message: pb.ReadFeaturesResponse, block: FeatureBlock) ->
     message.ages_ms.extend(block.ages_ms.ravel().tolist())
 
 
+_IDENTITY_PROPERTIES = ("x509_common_name", "x509_subject_alternative_name")
+
+
+def peer_identities(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
+    """The names of the caller's client certificate that the TLS handshake verified against the mesh CA (its
+    subject's CN and its SANs); none on a plaintext connection or without a client certificate."""
+    auth = context.auth_context()
+    return [
+        value.decode(errors="replace")
+        for name in _IDENTITY_PROPERTIES
+        for value in auth.get(name, ())
+        if isinstance(value, bytes)
+    ]
+
+
 def _query(read: pb.ReadFeaturesRequest) -> FeatureQuery:
     # Repeated fields are sequences already; copying them to lists would only cost time.
     return FeatureQuery(read.feature_view, read.entity_ids, read.feature_names)
@@ -60,9 +76,12 @@ def _query(read: pb.ReadFeaturesRequest) -> FeatureQuery:
 class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     """Serves a FeatureStore once the service has set `store` (after warm-up)."""
 
-    def __init__(self, store: FeatureStore | None = None, default_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, store: FeatureStore | None = None, default_timeout_s: float = 10.0, writers: WriterPolicy | None = None
+    ) -> None:
         self.store = store
         self.default_timeout_s = default_timeout_s
+        self.writers = writers or WriterPolicy()
 
     def _deadline(self, context: grpc.aio.ServicerContext[Any, Any]) -> Deadline:
         return deadline_of(context, self.default_timeout_s)
@@ -105,7 +124,15 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         request: pb.WriteFeaturesRequest,
         context: grpc.aio.ServicerContext[pb.WriteFeaturesRequest, pb.WriteFeaturesResponse],
     ) -> pb.WriteFeaturesResponse:
+        self._authorize_writer(context)
         return await self._write(request, self._deadline(context))
+
+    def _authorize_writer(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Before anything of the request is looked at: the caller's verified certificate names and its token."""
+        authorization = next(
+            (str(value) for key, value in context.invocation_metadata() or () if key == "authorization"), None
+        )
+        self.writers.authorize(peer_identities(context), authorization)
 
     async def _write(self, request: pb.WriteFeaturesRequest, deadline: Deadline) -> pb.WriteFeaturesResponse:
         store = self._store()
@@ -122,6 +149,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     ) -> AsyncIterator[pb.WriteFeaturesResponse]:
         """Each message is written in turn (one at a time: answers keep the order of the requests) within
         `default_timeout_s` of its arrival; a stream lives longer than any one deadline would allow."""
+        self._authorize_writer(context)  # before the first message is read
         messages = stream_messages.get()
         async for request in request_iterator:
             started = messages.begin() if messages is not None else 0.0

@@ -42,6 +42,29 @@ class FeatureServiceSettings(ServiceSettings):
         10_000, ge=1, description="Most entity keys one call may read (summed over a batch) or rows it may write."
     )
     key_prefix: str = Field("im", min_length=1, description="Namespace of every key: {prefix}:fv:{view}:{entity_id}.")
+    writer_identities: str = Field(
+        "",
+        description="Comma-separated names a client certificate (mutual TLS) may carry, as its subject's CN or a "
+        "subject alternative name, to write features. Writes are refused unless this or write_token_sha256_file "
+        "is set; reads are open to every caller the transport admits.",
+    )
+    write_token_sha256_file: Path | None = Field(
+        None,
+        description="File of the SHA-256 hex digests of accepted write tokens, one per line (re-read when it "
+        "changes); a writer sends 'authorization: Bearer <token>'.",
+    )
+    max_future_skew_s: float = Field(
+        300.0, ge=0, description="A row whose event time is further than this ahead of the service's clock is refused."
+    )
+    ttl_max_age_multiple: float = Field(
+        10.0, ge=0, description="Keys expire this many times their view's max_age after their last write (0: no TTL)."
+    )
+    ttl_default_s: float = Field(
+        0.0, ge=0, description="TTL of the keys of views with max_age 0 (never stale); 0: they do not expire."
+    )
+
+    def writers(self) -> list[str]:
+        return [name.strip() for name in self.writer_identities.split(",") if name.strip()]
 
     def redis_connection_url(self) -> str:
         """redis_url with the username, the password (from its file) and the TLS files folded in: the one URL the

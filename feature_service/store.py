@@ -47,18 +47,21 @@ _PIPELINE_ERROR = "of pipeline caused error: "
 _TRANSIENT_REPLIES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "OOM", "TRYAGAIN", "CLUSTERDOWN")
 
 # Upsert of a batch of rows; last write wins by event time, partial rows merge into the stored vector.
-# KEYS[i]: key of row i. ARGV[2i-1]: packed vector of row i (NaN where the row gives no value).
-# ARGV[2i]: "1" when row i is partial, i.e. has NaN slots to fill from the stored vector.
+# ARGV[1]: the keys' time to live in milliseconds ("0": none), set with the value (SET ... PX) so that no key
+# ever exists without it. KEYS[i]: key of row i. ARGV[2i]: packed vector of row i (NaN where the row gives no
+# value). ARGV[2i+1]: "1" when row i is partial, i.e. has NaN slots to fill from the stored vector.
+# A row skipped as older leaves the stored key and its TTL alone.
 UPSERT_SCRIPT = """
 local nan = "\\0\\0\\192\\127"
+local ttl_ms = tonumber(ARGV[1])
 local written, skipped = 0, 0
 for i, key in ipairs(KEYS) do
-  local new = ARGV[2 * i - 1]
+  local new = ARGV[2 * i]
   local stored = redis.call("GET", key)
   if stored and #stored >= 8 and struct.unpack("<i8", stored) > struct.unpack("<i8", new) then
     skipped = skipped + 1
   else
-    if stored and ARGV[2 * i] == "1" then
+    if stored and ARGV[2 * i + 1] == "1" then
       local parts = {string.sub(new, 1, 8)}
       for at = 9, #new, 4 do
         local value = string.sub(new, at, at + 3)
@@ -70,13 +73,32 @@ for i, key in ipairs(KEYS) do
       end
       new = table.concat(parts)
     end
-    redis.call("SET", key, new)
+    if ttl_ms > 0 then
+      redis.call("SET", key, new, "PX", ttl_ms)
+    else
+      redis.call("SET", key, new)
+    end
     written = written + 1
   end
 end
 return {written, skipped}
 """
 UPSERT_SHA = hashlib.sha1(UPSERT_SCRIPT.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class WritePolicy:
+    """What a write may carry and how long it stays (the feature service's settings of the same names)."""
+
+    max_future_skew_s: float = 300.0  # an event time further ahead of our clock is refused
+    ttl_max_age_multiple: float = 10.0  # keys live this many times their view's max_age (0: no TTL)
+    ttl_default_s: float = 0.0  # keys of a view with max_age 0 (never stale) live this long (0: no TTL)
+
+    def ttl_ms(self, max_age_ms: int) -> int:
+        """A view's key time to live in milliseconds (0: none): by then a value has long been served as STALE."""
+        if max_age_ms > 0:
+            return max(round(max_age_ms * self.ttl_max_age_multiple), 0)
+        return max(round(self.ttl_default_s * 1000), 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,12 +222,15 @@ class FeatureStore:
         *,
         key_prefix: str = "im",
         max_entities_per_read: int = 10_000,
+        write_policy: WritePolicy = WritePolicy(),
     ) -> None:
         self._redis = redis
         self._cluster = redis if isinstance(redis, RedisCluster) else None
         self._views = dict(views)
         self._max_entities = max_entities_per_read
         self._key_prefixes = {name: f"{key_prefix}:fv:{name}:" for name in self._views}
+        self._max_future_skew_ms = round(write_policy.max_future_skew_s * 1000)
+        self._ttl_ms = {name: write_policy.ttl_ms(view.max_age_ms) for name, view in self._views.items()}
         # Metric children resolved once; `.labels()` per request costs a lock and a dict lookup.
         self._counters = {
             name: (
@@ -229,6 +254,7 @@ class FeatureStore:
         key_prefix: str = "im",
         max_entities_per_read: int = 10_000,
         max_connections: int = 64,
+        write_policy: WritePolicy = WritePolicy(),
     ) -> FeatureStore:
         """A store with its own client (no I/O yet: connections open on first use)."""
         return cls(
@@ -236,6 +262,7 @@ class FeatureStore:
             views,
             key_prefix=key_prefix,
             max_entities_per_read=max_entities_per_read,
+            write_policy=write_policy,
         )
 
     @classmethod
@@ -248,6 +275,7 @@ class FeatureStore:
         key_prefix: str = "im",
         max_entities_per_read: int = 10_000,
         max_connections: int = 64,
+        write_policy: WritePolicy = WritePolicy(),
     ) -> FeatureStore:
         """A store on whatever `redis_url` names (one primary, Sentinel or a cluster: see `open_redis`)."""
         return cls(
@@ -255,6 +283,7 @@ class FeatureStore:
             views,
             key_prefix=key_prefix,
             max_entities_per_read=max_entities_per_read,
+            write_policy=write_policy,
         )
 
     @property
@@ -273,6 +302,10 @@ class FeatureStore:
         if view is None:
             raise NotFound(f"feature view '{name}' not found")
         return view
+
+    def ttl_ms(self, view: str) -> int:
+        """The time to live a write gives the view's keys, in milliseconds (0: none)."""
+        return self._ttl_ms[self.view(view).name]
 
     def key(self, view: str, entity_id: str) -> str:
         return self._key_prefixes[self.view(view).name] + entity_id
@@ -366,7 +399,8 @@ class FeatureStore:
     async def write(
         self, view: str, rows: Iterable[tuple[str, Mapping[str, float], int]], deadline: Deadline | None = None
     ) -> WriteResult:
-        """Upsert rows `(entity_id, {feature: value}, event_time_ms)`: one pipelined round trip per call."""
+        """Upsert rows `(entity_id, {feature: value}, event_time_ms)`: one pipelined round trip per call. Every row
+        is checked before any is sent, so a refused call changes nothing stored."""
         _check_deadline(deadline, "write")
         feature_view = self.view(view)
         rows = list(rows)
@@ -375,28 +409,32 @@ class FeatureStore:
         if len(rows) > self._max_entities:
             raise InvalidInput(f"too many rows: {len(rows)} in one call (at most {self._max_entities})")
         prefix = self._key_prefixes[feature_view.name]
+        latest = time.time_ns() // 1_000_000 + self._max_future_skew_ms
         keys: list[str] = []
         arguments: list[bytes] = []
         for position, (entity_id, values, event_time_ms) in enumerate(rows):
             if not isinstance(entity_id, str) or not entity_id:
                 raise InvalidInput(f"write to view '{view}': row {position} has an empty entity id")
-            packed, partial = encode_row(feature_view, position, values, event_time_ms)
+            packed, partial = encode_row(
+                feature_view, position, values, event_time_ms, entity_id=entity_id, latest_event_time_ms=latest
+            )
             keys.append(prefix + entity_id)
             arguments.append(packed)
             arguments.append(b"1" if partial else b"0")
+        ttl = str(self._ttl_ms[feature_view.name]).encode()
 
         try:
-            results = await self._run_upserts(keys, arguments)
+            results = await self._run_upserts(keys, arguments, ttl)
         except NoScriptError:
             # Redis restarted or its script cache was flushed since warm-up: load again, retry once.
             # Safe to repeat: all calls of the pipeline failed alike, and equal event times re-apply.
             await self.load_scripts()
-            results = await self._run_upserts(keys, arguments)
+            results = await self._run_upserts(keys, arguments, ttl)
         written = sum(int(result[0]) for result in results)
         skipped = sum(int(result[1]) for result in results)
         return WriteResult(written=written, skipped_older=skipped)
 
-    async def _run_upserts(self, keys: list[str], arguments: list[bytes]) -> list[list[int]]:
+    async def _run_upserts(self, keys: list[str], arguments: list[bytes], ttl: bytes) -> list[list[int]]:
         attributes: dict[str, telemetry.AttributeValue] = {
             "db.system": "redis",
             "db.operation": "EVALSHA",
@@ -410,14 +448,14 @@ class FeatureStore:
                         # execute_command: the cluster pipeline blocks its evalsha() helper (scripts of many keys
                         # could cross slots); ours has one key, routed by it like any keyed command.
                         cluster_pipeline.execute_command(
-                            "EVALSHA", UPSERT_SHA, 1, key, *arguments[2 * position : 2 * position + 2]
+                            "EVALSHA", UPSERT_SHA, 1, key, ttl, *arguments[2 * position : 2 * position + 2]
                         )
                     return cast("list[list[int]]", await cluster_pipeline.execute())
             async with self._redis.pipeline(transaction=False) as pipeline:
                 for start in range(0, len(keys), WRITE_CHUNK_ROWS):
                     chunk_keys = keys[start : start + WRITE_CHUNK_ROWS]
                     chunk_arguments = arguments[2 * start : 2 * (start + WRITE_CHUNK_ROWS)]
-                    pipeline.evalsha(UPSERT_SHA, len(chunk_keys), *chunk_keys, *chunk_arguments)
+                    pipeline.evalsha(UPSERT_SHA, len(chunk_keys), *chunk_keys, ttl, *chunk_arguments)
                 return await pipeline.execute()
 
     def _resolve_columns(self, view: FeatureView, feature_names: Sequence[str] | None) -> _Columns:

@@ -19,18 +19,18 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Generic, Literal, TypeVar
+from typing import Any, Final, Literal
 
 import jwt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from infermesh.errors import PermissionDenied, Unauthenticated
+from infermesh.watched_file import WatchedFile
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 BEARER = "bearer "
 Role = Literal["user", "admin"]
@@ -190,44 +190,6 @@ def _read_jwks(path: Path) -> dict[str, jwt.PyJWK]:
     return keys
 
 
-_Stamp = tuple[int, int, int] | None  # inode, mtime_ns, size; None when the file cannot be stat'ed
-
-
-def _stamp(path: Path) -> _Stamp:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    # The inode too: an atomic rename (and Kubernetes' swap of a mounted secret) may keep mtime and size.
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-class _WatchedFile(Generic[T]):
-    """A file's parsed content, re-read when the file changes on disk (else only stat'ed: cheap enough to ask
-    every second). A version that does not load leaves the last good one in use, with one warning."""
-
-    def __init__(self, path: Path, read: Callable[[Path], T]) -> None:
-        self.path = path
-        self._read = read
-        self._stamp = _stamp(path)
-        self.value = read(path)  # a first version that does not load raises: nothing to fall back on
-
-    def refresh(self) -> bool:
-        """True when a new version was loaded."""
-        stamp = _stamp(self.path)
-        if stamp == self._stamp:
-            return False
-        self._stamp = stamp
-        try:
-            self.value = self._read(self.path)
-        except (OSError, ValueError) as error:
-            # Our ValueErrors name place and problem only; an OSError names the path and the errno.
-            problem = f"{type(error).__name__}: {error.strerror}" if isinstance(error, OSError) else str(error)
-            log.warning("%s not reloaded, the previous version stays in use: %s", self.path, problem)
-            return False
-        return True
-
-
 # JWT failures, most specific first: PyJWT's own messages stay out of the answer.
 _TOKEN_ERRORS: Final[tuple[tuple[type[jwt.PyJWTError], str], ...]] = (
     (jwt.ExpiredSignatureError, "token expired"),
@@ -261,8 +223,8 @@ class KeyStore:
         self.issuer = issuer
         self.audience = audience
         self.leeway_s = leeway_s
-        self._keys = _WatchedFile(path, _read_key_file)
-        self._jwks = _WatchedFile(jwks_path, _read_jwks) if jwks_path is not None else None
+        self._keys = WatchedFile(path, _read_key_file)
+        self._jwks = WatchedFile(jwks_path, _read_jwks) if jwks_path is not None else None
 
     @classmethod
     def load(

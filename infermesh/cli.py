@@ -10,7 +10,8 @@ repository folder, complete or not at all, for the model services to pick up. `i
 show|canary|shadow|cascade|promote|off` change a model's `traffic` section (canary with its guard, shadows,
 cascade) through the same load with a config override that tritonclient's `load_model(config=...)` sends.
 
-The API key comes from $INFERMESH_API_KEY only: an option would show in `ps` and in the shell's history.
+The API key comes from $INFERMESH_API_KEY only, and `features ingest`'s write token from
+$INFERMESH_FEATURE_WRITE_TOKEN only: an option would show in `ps` and in the shell's history.
 Exit codes: 0 done; 1 refused (by the server, or a publish that would overwrite or write junk); 2 usage;
 3 the server cannot be reached.
 """
@@ -39,7 +40,7 @@ import grpc
 from google.protobuf import json_format
 
 from infermesh import feature_cli
-from infermesh.model_config import CONFIG_FILE, MESH_PARAMETER_PREFIX, MODEL_FILE
+from infermesh.model_config import CONFIG_FILE, MESH_PARAMETER_PREFIX, MODEL_FILE, pin_version
 from infermesh.proto import feature_store_pb2 as fpb
 from infermesh.proto import feature_store_pb2_grpc as fpb_grpc
 from infermesh.proto import inference_pb2 as pb
@@ -52,6 +53,7 @@ INGEST_TIMEOUT_S = 3600.0
 DEFAULT_REPOSITORY = ".run/demo/model_repository"
 URL_ENV = "INFERMESH_URL"
 KEY_ENV = "INFERMESH_API_KEY"
+WRITE_TOKEN_ENV = "INFERMESH_FEATURE_WRITE_TOKEN"
 REPOSITORY_ENV = "INFERMESH_MODEL_REPOSITORY"
 SLOW_TIMEOUT_S = 120.0  # load and unload wait for the model services to (un)load and warm up
 TIMEOUT_S = 10.0
@@ -80,6 +82,7 @@ class Target:
     tls: bool
     ca: bytes | None
     api_key: str
+    client_certificate: tuple[bytes, bytes] | None = None  # (key, certificate chain) for mutual TLS
 
 
 class Connection:
@@ -90,7 +93,10 @@ class Connection:
         self.target = target
         self._deadline = time.monotonic() + target.timeout_s
         if target.tls:
-            credentials = grpc.ssl_channel_credentials(root_certificates=target.ca)
+            key, chain = target.client_certificate or (None, None)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=target.ca, private_key=key, certificate_chain=chain
+            )
             self._channel = grpc.secure_channel(target.url, credentials)
         else:
             self._channel = grpc.insecure_channel(target.url)
@@ -371,8 +377,10 @@ def _check_torchscript(path: Path, shown_as: Path) -> None:
 
 def publish(repository: Path, model: str, version: str, source: Path, as_json: bool) -> None:
     """Write `source` as `<repository>/<model>/<version>/model.pt` plus its `.sha256`: assembled in a hidden
-    folder next to the versions, checked as the model service will check it, and renamed into place in one step,
-    so a model service scanning the repository sees the version complete or not at all."""
+    folder next to the versions, checked as the model service will check it, pinned in the model's config.json
+    (`version_digests`, outside the version folder: the model service serves only bytes that match it), and
+    renamed into place in one step, so a model service scanning the repository sees the version complete, and
+    pinned, or not at all."""
     model_dir = repository / model
     if not (model_dir / CONFIG_FILE).is_file():
         raise Refused(f"no model '{model}' in {repository}: {model_dir / CONFIG_FILE} does not exist")
@@ -395,6 +403,10 @@ def publish(repository: Path, model: str, version: str, source: Path, as_json: b
         _fsync_folder(staging)
         if final.exists():  # someone else published it meanwhile
             raise Refused(f"version {version} of {model} exists ({final}); publish a new version number")
+        try:
+            pin_version(model_dir, version, sha256)
+        except ValueError as error:  # config.json is not a JSON object (invalid JSON is a ValueError too)
+            raise Refused(f"cannot pin the version in {model_dir / CONFIG_FILE}: {error}") from None
         os.rename(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -411,6 +423,7 @@ def publish(repository: Path, model: str, version: str, source: Path, as_json: b
         f"published {model} version {version}\n"
         f"  {final / MODEL_FILE} ({size} bytes)\n"
         f"  {final / (MODEL_FILE + CHECKSUM_SUFFIX)} (sha256 {sha256})\n"
+        f"  pinned in {model_dir / CONFIG_FILE} (version_digests)\n"
         f"to serve it: infermesh models load {model}"
     )
     _emit(as_json, document, text)
@@ -542,6 +555,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     feature_group.add_argument("--tls", action="store_true", help="connect with TLS (the system's root certificates)")
     feature_group.add_argument("--ca", type=Path, help="PEM file of the root certificates to trust (implies --tls)")
+    feature_group.add_argument(
+        "--cert", type=Path, help="PEM client certificate, for a feature service that demands one (mutual TLS)"
+    )
+    feature_group.add_argument("--key", type=Path, help="PEM private key of --cert")
     features = groups.add_parser("features", help="inspect stored features, ingest files into a feature view")
     feature_commands = features.add_subparsers(dest="command", required=True, metavar="COMMAND")
     get = feature_commands.add_parser(
@@ -613,8 +630,20 @@ def _hint(code: grpc.StatusCode) -> str:
     return ""
 
 
+def _feature_hint(code: grpc.StatusCode) -> str:
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        if not os.environ.get(WRITE_TOKEN_ENV, "").strip():
+            return (
+                f"hint: set {WRITE_TOKEN_ENV} to a write token (make run writes one to .run/mesh/feature_write_token)"
+            )
+        return f"hint: the token in {WRITE_TOKEN_ENV} is not accepted by this feature service"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return "hint: the feature service accepts no writes from this caller (see its writer settings)"
+    return ""
+
+
 @contextlib.contextmanager
-def _reported() -> Iterator[list[int]]:
+def _reported(hint: Callable[[grpc.StatusCode], str] = _hint) -> Iterator[list[int]]:
     """Turns the ways a command fails into a message on stderr and an exit code (no traceback)."""
     code = [EXIT_OK]
     try:
@@ -629,8 +658,8 @@ def _reported() -> Iterator[list[int]]:
         status = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
         details = error.details() if callable(getattr(error, "details", None)) else str(error)
         print(f"error: {status.name}: {details}", file=sys.stderr)
-        if hint := _hint(status):
-            print(hint, file=sys.stderr)
+        if hint_text := hint(status):
+            print(hint_text, file=sys.stderr)
         code[0] = EXIT_REFUSED
     except OSError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -672,9 +701,20 @@ def _features_main(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if args.command == "ingest" and args.batch_rows < 1:
         parser.error("--batch-rows must be at least 1")
     target = _target(parser, args, slow=False, default_s=INGEST_TIMEOUT_S if args.command == "ingest" else 0.0)
-    target = Target(target.url, target.timeout_s, target.tls, target.ca, api_key="")  # internal API: no key
+    # The internal API takes no API key; a write (ingest) carries the write token, a read nothing.
+    token = os.environ.get(WRITE_TOKEN_ENV, "").strip() if args.command == "ingest" else ""
+    client_certificate = None
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together")
+    if args.cert is not None:
+        try:
+            client_certificate = (args.key.read_bytes(), args.cert.read_bytes())
+        except OSError as error:
+            parser.error(f"--cert/--key: cannot read them: {error.strerror}")
+    tls = target.tls or client_certificate is not None
+    target = Target(target.url, target.timeout_s, tls, target.ca, token, client_certificate)
     try:
-        with _reported() as code, FeatureService(target) as service:
+        with _reported(_feature_hint) as code, FeatureService(target) as service:
             if args.command == "get":
                 get_features(service, args.view, args.entity, args.json)
             else:

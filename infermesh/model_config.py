@@ -3,12 +3,19 @@
 One config serves every hop: the gateway validates against the public signature (`inputs`/`outputs`,
 `max_batch_size`), the router joins features per `feature_spec` into `model_input`, and the model service
 batches and runs the TorchScript file of each version.
+
+The config also pins each version's weights: `"version_digests": {"1": "sha256:<hex>"}`. The pin lives outside
+the version folder, so whoever can replace a version's files (model.pt and its .sha256 sidecar together) cannot
+make the model service accept them; `pin_version` writes it (demo training, `infermesh models publish`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,6 +30,10 @@ from infermesh.tensors import DATATYPES
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 MAX_ENTITY_ID_BYTES = 256  # the longest entity id a feature lookup accepts
+DIGEST_PREFIX = "sha256:"
+_PINNED_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_VERSION = re.compile(r"[1-9][0-9]*")
+MAX_PINNED_VERSIONS = 10_000
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +253,20 @@ class ModelConfig(BaseModel):
     )
     traffic: Traffic | None = None
     monitoring: Monitoring | None = None
+    version_digests: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=MAX_PINNED_VERSIONS,
+        description='The SHA-256 each version\'s model.pt must have: {"1": "sha256:<64 hex>"}. Read from the '
+        "repository's config.json only: a load's config override cannot change it.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
+        for version, digest in self.version_digests.items():
+            if not _VERSION.fullmatch(version):
+                raise ValueError(f"model {self.name}: version_digests key '{version[:20]}' is not a version number")
+            if not _PINNED_DIGEST.fullmatch(digest):
+                raise ValueError(f"model {self.name}: version_digests['{version}'] is not 'sha256:' + 64 hex digits")
         if self.feature_spec is not None:
             names = {spec.name for spec in self.inputs}
             wanted = [e.input for e in self.feature_spec.entities] + self.feature_spec.request_inputs
@@ -294,8 +316,14 @@ class ModelConfig(BaseModel):
 
     @cached_property
     def serving_json(self) -> str:
-        """The config less its traffic and monitoring sections: a change of those alone reloads nothing."""
-        return self.model_dump_json(exclude={"traffic", "monitoring"})
+        """The config less its traffic and monitoring sections and its pins: a change of those alone reloads
+        nothing (a changed pin reloads, or refuses, only its version: the model service compares per version)."""
+        return self.model_dump_json(exclude={"traffic", "monitoring", "version_digests"})
+
+    def pinned_digest(self, version: str) -> str | None:
+        """The SHA-256 (hex) the config pins for a version's weights; None when it pins none."""
+        digest = self.version_digests.get(version)
+        return digest[len(DIGEST_PREFIX) :] if digest is not None else None
 
     @cached_property
     def served_inputs(self) -> list[TensorSpec]:
@@ -488,6 +516,31 @@ def first_line(error: BaseException) -> str:
         return f"{where}: {first['msg']}"[:300] if where else str(first["msg"])[:300]
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pin_version(folder: Path, version: str, sha256_hex: str) -> None:
+    """Pin `version`'s weights to `sha256_hex` in `<folder>/config.json` (the model's folder): the file's other
+    content is kept as written; replaced atomically, so a model service never reads half a file."""
+    path = folder / CONFIG_FILE
+    document = json.loads(path.read_text())
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: a model config is a JSON object")
+    pins = document.setdefault("version_digests", {})
+    if not isinstance(pins, dict):
+        raise ValueError(f"{path}: version_digests is not an object")
+    pins[version] = DIGEST_PREFIX + sha256_hex
+    document["version_digests"] = dict(sorted(pins.items(), key=lambda item: int(item[0]) if item[0].isdigit() else 0))
+    partial = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(document, indent=2) + "\n")
+    partial.replace(path)
 
 
 def version_folders(folder: Path) -> list[str]:

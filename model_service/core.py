@@ -50,7 +50,11 @@ class ModelServiceCore(DataplaneBase):
     def __init__(self, settings: ModelServiceSettings, registry: ModelRegistry | None = None) -> None:
         self.settings = settings
         self.registry = registry or ModelRegistry(
-            settings.model_repository, device=settings.device, amp=settings.amp, torch_threads=settings.torch_threads
+            settings.model_repository,
+            device=settings.device,
+            amp=settings.amp,
+            torch_threads=settings.torch_threads,
+            require_pinned_digest=settings.require_pinned_digest,
         )
         self.lifecycle = ModelLifecycle(self.registry, self._start_batcher, settings.unload_grace_s)
         self._loaded = False

@@ -1,8 +1,10 @@
 """Loads the TorchScript models of the repository, verified by SHA-256 and warmed up, and runs forward passes.
 
 Only TorchScript files are loaded (`torch.jit.load`): no pickled Python code is executed. A version whose
-weights do not match their `.sha256` sidecar, fail to load, or do not produce the declared outputs is
-refused (logged, reported not ready); the other models still load.
+weights do not match the digest its model's config.json pins (`version_digests`), fail to load, or do not
+produce the declared outputs is refused (logged, reported UNAVAILABLE with the reason); the other models still
+load. Without a pin a version is refused too, unless `require_pinned_digest` is off: then its `.sha256` sidecar
+(inside the version folder, so it only guards against corruption, not tampering) is checked instead.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from infermesh.model_config import (
     VersionStatus,
     first_line,
     parse_checked,
+    read_config,
     version_folders,
 )
 from infermesh.repository import ModelState, RepositoryState
@@ -87,6 +90,23 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= count:
             raise ValueError(f"device '{name}' asked for, but there are only {count} CUDA devices here")
     return device
+
+
+def verify_weights(config: ModelConfig, version: str, weights: Path, data: bytes, require_pin: bool) -> str:
+    """The SHA-256 of `data` (the bytes read from `weights`) once it matches what the config pins for `version`;
+    ValueError saying why not. Without a pin: refused when `require_pin`, else checked against the sidecar."""
+    pinned = config.pinned_digest(version)
+    if pinned is None:
+        if require_pin:
+            raise ValueError(
+                f"no pinned digest: {CONFIG_FILE} has no version_digests entry for version {version} "
+                "(pin it with `infermesh models publish`, or set MODEL_SERVICE_REQUIRE_PINNED_DIGEST=false)"
+            )
+        return verify_checksum(weights, data)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != pinned:
+        raise ValueError(f"SHA-256 mismatch: the weights have {actual}, {CONFIG_FILE} pins {pinned}")
+    return actual
 
 
 def verify_checksum(weights: Path, data: bytes) -> str:
@@ -223,9 +243,17 @@ class ModelRegistry:
     UNLOADING, UNAVAILABLE with a reason). The blocking parts (reading the folder, loading weights) run in a
     worker thread; the state changes run on the event loop (model_service.lifecycle), one model at a time."""
 
-    def __init__(self, root: Path, device: str = "auto", amp: bool = False, torch_threads: int = 1) -> None:
+    def __init__(
+        self,
+        root: Path,
+        device: str = "auto",
+        amp: bool = False,
+        torch_threads: int = 1,
+        require_pinned_digest: bool = True,
+    ) -> None:
         return_large_blocks_to_the_os()  # before any weights are loaded
         self.root = root
+        self.require_pinned_digest = require_pinned_digest
         self.device = resolve_device(device)
         self.amp = amp
         self.torch_threads = torch_threads
@@ -234,6 +262,13 @@ class ModelRegistry:
         self._changes = 0
         self._entries: dict[str, ModelEntry] = {}
         self._entries_at = -1
+
+    def _expected_digest(self, config: ModelConfig, folder: Path, version: str) -> str:
+        """The digest a version's weights must have now: its pin, else (pins not required) its sidecar's."""
+        pinned = config.pinned_digest(version)
+        if pinned is not None or self.require_pinned_digest:
+            return pinned or ""
+        return _sidecar_digest(folder, version)
 
     def configure_thread(self) -> None:
         """Apply `torch_threads` to the calling thread: with OpenMP the intra-op thread count is per thread."""
@@ -253,12 +288,16 @@ class ModelRegistry:
         folder = self.root / name
         if not folder.is_dir() or not name or name.startswith(".") or folder.parent != self.root:
             raise NotFound(f"model '{name}' is not in the model repository")
+        overridden = config_json is not None
         if config_json is None:
             try:
                 config_json = (folder / CONFIG_FILE).read_text()
             except OSError as error:
                 raise InvalidInput(f"model '{name}': cannot read its {CONFIG_FILE}: {error.strerror}") from None
         config = parse_checked(name, config_json)
+        if overridden:
+            # The pins are the repository's: a load's override (an API call) cannot choose which bytes are trusted.
+            config = config.model_copy(update={"version_digests": _repository_pins(folder)})
         normalized = config.model_dump_json()
         wanted = config.served_versions(version_folders(folder))
         held = self.models.get(name)
@@ -267,7 +306,9 @@ class ModelRegistry:
         to_load = [
             version
             for version in wanted
-            if not same_config or version not in loaded or loaded[version].digest != _expected_digest(folder, version)
+            if not same_config
+            or version not in loaded
+            or loaded[version].digest != self._expected_digest(config, folder, version)
         ]
         to_retire = [version for version in loaded if version not in wanted]
         return LoadPlan(name, config, normalized, to_load, to_retire, folder)
@@ -281,7 +322,7 @@ class ModelRegistry:
             raise ValueError(f"inputs {unsupported} have datatypes torch cannot take")
         weights = plan.folder / version / MODEL_FILE
         data = weights.read_bytes()
-        digest = verify_checksum(weights, data)
+        digest = verify_weights(config, version, weights, data, self.require_pinned_digest)
         with warnings.catch_warnings():
             # TorchScript is deprecated upstream in favour of torch.export, yet it is the format we serve.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -432,7 +473,16 @@ def _ascending(held: _Model) -> list[str]:
     return sorted(held.statuses, key=int)
 
 
-def _expected_digest(folder: Path, version: str) -> str:
+def _repository_pins(folder: Path) -> dict[str, str]:
+    """The version_digests of the model's config.json in the repository; none when it cannot be read or parsed
+    (then every version is refused, or checked by its sidecar, as require_pinned_digest says)."""
+    try:
+        return read_config(folder).version_digests
+    except (OSError, ValueError):
+        return {}
+
+
+def _sidecar_digest(folder: Path, version: str) -> str:
     sidecar = folder / version / (MODEL_FILE + CHECKSUM_SUFFIX)
     try:
         tokens = sidecar.read_text().split()

@@ -19,6 +19,11 @@ class ModelServiceSettings(ServiceSettings):
     model_repository: Path = Field(
         Path("model_repository"), description="Folder of <model>/config.json (+ <version>/ weights)."
     )
+    require_pinned_digest: bool = Field(
+        True,
+        description="Serve only versions whose weights match the SHA-256 their config.json pins (version_digests); "
+        "false: a version without a pin is checked against its .sha256 sidecar instead (corruption, not tampering).",
+    )
     port: int = Field(8031, description="gRPC port; 0 picks a free one (written to port_file).")
     device: str = Field(
         "auto", description="Torch device for every model: auto (cuda if available, else cpu), cpu, cuda, cuda:N."

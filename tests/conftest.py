@@ -35,3 +35,14 @@ def mesh(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
     running = start_mesh(demo_dir, tmp_path_factory.mktemp("mesh"))
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_mesh(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    """The mesh with TLS on every hop (mutual TLS inside), with certificates made by `make certs`' code."""
+    from tests.e2e.meshes import start_mesh
+
+    run_dir = tmp_path_factory.mktemp("tls_mesh")
+    running = start_mesh(demo_dir, run_dir, tls_dir=run_dir / "certs", replicas=1)
+    yield running
+    running.stop()

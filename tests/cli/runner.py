@@ -10,7 +10,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CLI_ENV = ("INFERMESH_API_KEY", "INFERMESH_URL", "INFERMESH_MODEL_REPOSITORY", "INFERMESH_FEATURE_SERVICE_URL")
+CLI_ENV = (
+    "INFERMESH_API_KEY",
+    "INFERMESH_URL",
+    "INFERMESH_MODEL_REPOSITORY",
+    "INFERMESH_FEATURE_SERVICE_URL",
+    "INFERMESH_FEATURE_WRITE_TOKEN",
+)
 
 
 def run_cli(*args: str | Path, timeout_s: float = 60, **env: str) -> subprocess.CompletedProcess[str]:

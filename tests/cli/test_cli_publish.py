@@ -1,5 +1,5 @@
 """`infermesh models publish`: a new version lands in the repository complete (TorchScript file plus the
-SHA-256 sidecar the model service verifies) or not at all, and never over an existing one."""
+SHA-256 sidecar) and pinned in the model's config.json, or not at all, and never over an existing one."""
 
 from __future__ import annotations
 
@@ -54,6 +54,9 @@ def test_publish_writes_the_file_and_its_checksum(repository: Path, torchscript:
     assert digest in result.stdout
     assert "infermesh models load fraud" in result.stdout
     assert (repository / "fraud" / "1" / "model.pt").read_bytes() == b"version one"
+    # Pinned outside the version folder, the rest of the config kept as it was.
+    config = json.loads((repository / "fraud" / "config.json").read_text())
+    assert config == {"name": "fraud", "version_digests": {"2": f"sha256:{digest}"}}
 
 
 def test_publish_json_and_the_repository_from_the_environment(repository: Path, torchscript: Path) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -141,7 +143,7 @@ def test_start_order_follows_health() -> None:
             target = services[dependency]
             if "healthcheck" in target:
                 assert condition["condition"] == "service_healthy", f"{name} → {dependency}"
-            elif dependency in ("init", "certs"):  # one-shots
+            elif dependency in ("init", "certs", "key-guard"):  # one-shots
                 assert condition["condition"] == "service_completed_successfully"
             else:
                 assert condition["condition"] == "service_started"
@@ -154,7 +156,11 @@ def test_start_order_follows_health() -> None:
 def test_only_the_gateway_and_the_uis_are_published() -> None:
     services = compose()["services"]
     published = {name: service["ports"] for name, service in services.items() if "ports" in service}
-    assert published.pop("gateway") == ["8001:8001"]
+    # On loopback unless the operator names another address (INFERMESH_GATEWAY_BIND).
+    assert published.pop("gateway") == ["127.0.0.1:8001:8001"]
+    assert compose_raw("docker-compose.yml")["services"]["gateway"]["ports"] == [
+        "${INFERMESH_GATEWAY_BIND:-127.0.0.1}:8001:8001"
+    ]
     assert published == {name: [f"127.0.0.1:{port}:{port}"] for name, port in UIS.items()}, "UIs on loopback only"
 
 
@@ -304,3 +310,48 @@ def test_gpu_override_gives_the_model_service_the_nvidia_device() -> None:
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     merged_env = {**compose_env(compose()["services"]["model-service"]), **compose_env(model)}
     assert service_settings("model_service", merged_env).device == "cuda"
+
+
+def test_the_gateway_starts_only_after_the_demo_key_guard_passed() -> None:
+    services = compose()["services"]
+    assert services["gateway"]["depends_on"]["key-guard"] == {"condition": "service_completed_successfully"}
+    guard = services["key-guard"]
+    assert guard["command"] == ["demo.key_guard", "/run/secrets/api_keys"]  # after the image's `python -m`
+    assert guard["secrets"] == ["api_keys"] and services["gateway"]["secrets"] == ["api_keys"]  # the same file
+    assert guard["environment"] == {"INFERMESH_ALLOW_DEMO_KEY": "0"}  # off unless the host sets it
+    raw = compose_raw("docker-compose.yml")["services"]["key-guard"]["environment"]
+    assert raw == {"INFERMESH_ALLOW_DEMO_KEY": "${INFERMESH_ALLOW_DEMO_KEY:-0}"}
+    assert guard["read_only"] is True and guard["cap_drop"] == ["ALL"]
+
+
+@pytest.mark.parametrize(
+    ("allow", "own_keys", "exit_code"), [("", False, 1), ("0", False, 1), ("1", False, 0), ("", True, 0)]
+)
+def test_the_key_guard_refuses_the_published_demo_key_unless_allowed(
+    allow: str, own_keys: bool, exit_code: int, tmp_path: Path
+) -> None:
+    keys = DEPLOY / "compose" / "api_keys.demo.json"
+    if own_keys:
+        keys = tmp_path / "api_keys.json"
+        keys.write_text(json.dumps({"keys": [{"sha256": hash_key("im_" + "x" * 43), "tenant": "t", "models": []}]}))
+    environment = {k: v for k, v in os.environ.items() if k != "INFERMESH_ALLOW_DEMO_KEY"}
+    if allow:
+        environment["INFERMESH_ALLOW_DEMO_KEY"] = allow
+    done = subprocess.run(
+        [sys.executable, "-m", "demo.key_guard", str(keys)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == exit_code, done.stderr
+    if exit_code:
+        assert "published demo key" in done.stderr and "INFERMESH_API_KEYS_FILE" in done.stderr
+
+
+def test_redis_and_grafana_images_are_current() -> None:
+    services = compose()["services"]
+    redis_version = re.fullmatch(r"redis:(\d+)\.(\d+)\.(\d+)-alpine", services["redis"]["image"])
+    assert redis_version is not None and tuple(map(int, redis_version.groups())) >= (7, 4, 6)  # CVE-2025-49844
+    grafana_version = re.fullmatch(r"grafana/grafana:(\d+)\.(\d+)\.(\d+)", services["grafana"]["image"])
+    assert grafana_version is not None and int(grafana_version.group(1)) >= 12

@@ -1,6 +1,9 @@
-"""End to end through the gateway with the stock Triton clients: metadata, inference, every bad input."""
+"""End to end through the gateway with the stock Triton clients: metadata, inference, every bad input; each
+check on the plaintext mesh and again with TLS on every hop."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 import numpy as np
@@ -16,9 +19,20 @@ from demo.mesh import LocalMesh
 from tests.e2e.meshes import ALL_MODELS_KEY, DEMO_KEY, LIMITED_KEY, auth, fraud_inputs
 
 
+@pytest.fixture(scope="module", params=["plaintext", "tls"])
+def mesh(request: pytest.FixtureRequest, mesh: LocalMesh) -> LocalMesh:
+    """Every test here runs on the plaintext mesh, then on the mesh with TLS on every hop (conftest's tls_mesh)."""
+    return mesh if request.param == "plaintext" else request.getfixturevalue("tls_mesh")
+
+
+def tls_of(mesh: LocalMesh) -> dict[str, Any]:
+    """tritonclient's TLS arguments for the mesh: the development CA as the root to trust (none in plaintext)."""
+    return {"ssl": True, "root_certificates": str(mesh.ca_file)} if mesh.ca_file is not None else {}
+
+
 @pytest.fixture(scope="module")
 def client(mesh: LocalMesh) -> grpcclient.InferenceServerClient:
-    return grpcclient.InferenceServerClient(mesh.gateway_address)
+    return grpcclient.InferenceServerClient(mesh.gateway_address, **tls_of(mesh))
 
 
 def expected_probabilities(mesh: LocalMesh, users: list[int], merchants: list[int], amounts: list[float]):
@@ -199,7 +213,7 @@ def test_expired_deadline(client) -> None:
 async def test_aio_client_concurrent_requests(mesh: LocalMesh) -> None:
     import asyncio
 
-    async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+    async with aioclient.InferenceServerClient(mesh.gateway_address, **tls_of(mesh)) as client:
         results = await asyncio.gather(
             *(
                 client.infer("fraud", fraud_inputs([f"u{i}"], [f"m{i % 1000}"], [float(i)]), headers=auth())

@@ -18,6 +18,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from demo.mesh import ApiKey, LocalMesh, MeshOptions
+from infermesh.model_config import MODEL_FILE, file_sha256, pin_version
 from tests.e2e.meshes import DEMO_KEY, LIMITED_KEY, auth, fraud_inputs
 
 ADMIN_KEY = "test-lifecycle-admin-key-0123456789"
@@ -60,10 +61,12 @@ def mesh(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
 
 
 def add_version(mesh: LocalMesh, model: str, version: str) -> None:
-    """A new version folder: a copy of version 1 (weights and checksum), renamed into place in one step."""
+    """A new version folder: a copy of version 1 (weights and checksum), pinned in the config and renamed into
+    place in one step (as `infermesh models publish` does)."""
     folder = mesh.repository / model
     staging = folder / f".staging-{version}"
     shutil.copytree(folder / "1", staging)
+    pin_version(folder, version, file_sha256(staging / MODEL_FILE))
     staging.rename(folder / version)
 
 
@@ -225,6 +228,37 @@ def test_an_unloaded_model_stops_serving_and_loads_again(mesh: LocalMesh) -> Non
     client.load_model("bench_mlp", headers=auth(ADMIN_KEY))
     assert set(index(client, "bench_mlp").values()) == {"READY"}
     assert client.is_model_ready("bench_mlp", headers=auth())
+
+
+def test_a_tampered_version_is_refused_with_its_reason_while_the_honest_one_serves(mesh: LocalMesh) -> None:
+    """Version 2 of `pinned` has weights changed after they were pinned, and a sidecar forged to match them: the
+    model services refuse it (UNAVAILABLE, the reason in the repository index) and serve version 1."""
+    folder = mesh.repository / "pinned"
+    shutil.copytree(mesh.repository / "bench_mlp" / "1", folder / "1")
+    shutil.copytree(mesh.repository / "bench_mlp" / "1", folder / "2")
+    config = json.loads((mesh.repository / "bench_mlp" / "config.json").read_text())
+    digest = config["version_digests"]["1"]
+    config.update(name="pinned", version_policy={"all": {}}, version_digests={"1": digest, "2": digest})
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = folder / "2" / MODEL_FILE
+    weights.write_bytes(weights.read_bytes() + b"\0")  # still loads: a zip archive ignores trailing bytes
+    (folder / "2" / (MODEL_FILE + ".sha256")).write_text(f"{file_sha256(weights)}  {MODEL_FILE}\n")
+
+    client = grpcclient.InferenceServerClient(mesh.gateway_address)
+    admin = auth(ADMIN_KEY)
+    with pytest.raises(InferenceServerException) as refused:
+        client.load_model("pinned", headers=admin)
+    assert "version '2'" in refused.value.message() and "SHA-256 mismatch" in refused.value.message()
+    reply = client.get_model_repository_index(headers=admin, as_json=True)
+    states = {m["version"]: (m["state"], m.get("reason", "")) for m in reply["models"] if m["name"] == "pinned"}
+    assert states["1"] == ("READY", "")
+    assert states["2"][0] == "UNAVAILABLE" and states["2"][1].startswith("SHA-256 mismatch: the weights have ")
+    x = grpcclient.InferInput("x", [1, 256], "FP32")
+    x.set_data_from_numpy(np.ones((1, 256), dtype=np.float32))
+    honest = client.infer("pinned", [x], model_version="1", headers=admin)
+    assert honest.as_numpy("y").shape == (1, 256)
+    tampered = lambda: client.infer("pinned", [x], model_version="2", headers=admin)  # noqa: E731
+    assert status_of(tampered) == "StatusCode.UNAVAILABLE"
 
 
 def test_a_config_fetched_in_triton_s_form_loads_back_changed(mesh: LocalMesh) -> None:

@@ -1,13 +1,14 @@
 """TLS on every hop of a real mesh, with certificates made by `make certs`' code: inference over TLS with
 tritonclient, internal hops that refuse clients without a mesh certificate, clients that refuse a server the
-mesh CA did not sign, and a certificate rotated without a restart."""
+mesh CA did not sign, and a certificate rotated without a restart. (tests/e2e/test_inference.py runs the main
+inference checks on this mesh too.)"""
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,15 +23,8 @@ from demo.mesh import LocalMesh
 from demo.processes import ServiceProcess
 from demo.redis_server import supports_tls
 from infermesh.tls import ClientTls
-from tests.e2e.meshes import auth, fraud_inputs, start_mesh
-
-
-@pytest.fixture(scope="module")
-def tls_mesh(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    run_dir = tmp_path_factory.mktemp("tls_mesh")
-    running = start_mesh(demo_dir, run_dir, tls_dir=run_dir / "certs", replicas=1)
-    yield running
-    running.stop()
+from tests.cli.runner import run_cli
+from tests.e2e.meshes import auth, fraud_inputs
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +146,24 @@ def test_redis_is_reached_over_tls_with_a_password_no_command_line_holds(tls_mes
         pytest.skip("this redis-server was built without TLS: the mesh reaches it in plaintext")
     assert redis_server.url.startswith("rediss://")
     assert feature_service.settings["redis_ca_file"] == certs(tls_mesh) / "ca.pem"
+
+
+def test_the_features_cli_reaches_the_feature_service_with_a_mesh_certificate_and_writes_with_the_token(
+    tls_mesh: LocalMesh, tmp_path: Path
+) -> None:
+    directory = certs(tls_mesh)
+    tls = ["--ca", directory / "ca.pem", "--cert", directory / "client.pem", "--key", directory / "client.key"]
+    url = ["--url", tls_mesh.feature_service_address()]
+    rows = tmp_path / "users.csv"
+    rows.write_text(f"user_id,event_time_ms,txn_count_24h\ntls-user,{time.time_ns() // 1_000_000},7\n")
+    token = tls_mesh.feature_write_token
+    assert (tls_mesh.write_token_file.stat().st_mode & 0o777) == 0o600
+    ingested = run_cli("features", "ingest", "user", rows, *url, *tls, "--json", INFERMESH_FEATURE_WRITE_TOKEN=token)
+    assert ingested.returncode == 0, ingested.stderr
+    assert json.loads(ingested.stdout)["written"] == 1
+    got = run_cli("features", "get", "user", "tls-user", *url, *tls, "--json")
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["found"] is True
+    # Without a client certificate the handshake fails: the CLI cannot reach the service at all.
+    refused = run_cli("features", "get", "user", "tls-user", *url, "--ca", directory / "ca.pem")
+    assert refused.returncode == 3 and "TLS handshake failed" in refused.stderr

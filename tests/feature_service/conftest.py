@@ -7,12 +7,48 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import redis
 
 from demo.redis_server import RedisServer
 from feature_service.store import FeatureStore
 from feature_service.views import FeatureView, parse_views
+from feature_service.writers import write_token_file
+
+# The feature service processes of these tests accept this write token (start_service gives them its digest).
+WRITE_TOKEN = "imw_test-writer-token"
+WRITER_METADATA = (("authorization", f"Bearer {WRITE_TOKEN}"),)
+
+
+def write_token_digests(folder: Path) -> Path:
+    path = folder / "feature_write_token.sha256"
+    write_token_file(path, WRITE_TOKEN)
+    return path
+
+
+def _with_token(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), *WRITER_METADATA)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+# grpc.aio files each interceptor under one kind only (the first it is an instance of): one class per kind.
+class _UnarySendsWriteToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_token(details), request)
+
+
+class _StreamSendsWriteToken(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(_with_token(details), request_iterator)
+
+
+def writer_channel(address: str) -> grpc.aio.Channel:
+    """A plaintext channel whose every call carries the write token (as a feature writer's would)."""
+    return grpc.aio.insecure_channel(address, interceptors=[_UnarySendsWriteToken(), _StreamSendsWriteToken()])
+
 
 USER_MAX_AGE_MS = 60_000
 WIDE_FEATURES = 50

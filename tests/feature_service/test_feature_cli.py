@@ -18,6 +18,7 @@ from demo.redis_server import RedisServer
 from feature_service.store import FeatureStore
 from feature_service.views import FeatureView
 from tests.cli.runner import run_cli
+from tests.feature_service.conftest import WRITE_TOKEN
 from tests.feature_service.test_feature_service_grpc import start_service
 
 
@@ -35,7 +36,9 @@ def service(
 
 
 def cli(service: ServiceProcess, *args: str | Path) -> tuple[int, str, str]:
-    done = run_cli("features", *args, INFERMESH_FEATURE_SERVICE_URL=service.address)
+    done = run_cli(
+        "features", *args, INFERMESH_FEATURE_SERVICE_URL=service.address, INFERMESH_FEATURE_WRITE_TOKEN=WRITE_TOKEN
+    )
     return done.returncode, done.stdout, done.stderr
 
 
@@ -141,3 +144,23 @@ async def test_get_prints_vector_event_time_and_age(
     assert code == 1 and "no features stored" in out
     code, _out, err = cli(service, "get", "nope", "u1")
     assert code == 1 and "no feature view 'nope'" in err
+
+
+def test_ingest_without_the_write_token_is_refused_with_a_hint(
+    service: ServiceProcess, redis_admin: redis.Redis, tmp_path: Path
+) -> None:
+    path = tmp_path / "users.csv"
+    path.write_text(f"user_id,event_time_ms,a\nu1,{now_ms()},1.5\n")
+    for token, hint in [("", "hint: set INFERMESH_FEATURE_WRITE_TOKEN"), ("imw_wrong", "is not accepted")]:
+        done = run_cli(
+            "features",
+            "ingest",
+            "user",
+            path,
+            INFERMESH_FEATURE_SERVICE_URL=service.address,
+            INFERMESH_FEATURE_WRITE_TOKEN=token,
+        )
+        assert done.returncode == 1, done.stderr
+        assert "UNAUTHENTICATED" in done.stderr and hint in done.stderr
+        assert "imw_wrong" not in done.stderr + service.log_path.read_text()
+    assert redis_admin.dbsize() == 0

@@ -19,6 +19,7 @@ from infermesh.errors import Unavailable
 from infermesh.features import FeatureStatus
 from infermesh.proto import feature_store_pb2 as pb
 from infermesh.proto import feature_store_pb2_grpc as pb_grpc
+from tests.feature_service.conftest import writer_channel
 from tests.feature_service.test_feature_service_grpc import start_service
 
 ENTITIES = [f"u{i}" for i in range(60)]
@@ -131,7 +132,7 @@ async def test_feature_service_process_on_a_cluster(
     cluster.flushall()
     process = start_service(tmp_path_factory.mktemp("cluster_service"), cluster.nodes[2].url, views_file)
     try:
-        async with grpc.aio.insecure_channel(process.address) as channel:
+        async with writer_channel(process.address) as channel:
             stub = pb_grpc.FeatureStoreStub(channel)
             rows = [pb.FeatureRow(entity_id=e, values={"x": 1.0, "y": 2.0}, event_time_ms=now_ms()) for e in ENTITIES]
             written = await stub.WriteFeatures(pb.WriteFeaturesRequest(feature_view="merchant", rows=rows))

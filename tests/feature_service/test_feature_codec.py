@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 
 import numpy as np
@@ -117,7 +118,10 @@ def test_encode_row_partial_row_has_nan_for_features_not_given() -> None:
     [
         ({"a": 1.0, "zz": 2.0, "yy": 3.0}, NOW_MS, "feature view 'v' has no features ['yy', 'zz']"),
         ({}, NOW_MS, "row 3 has no feature values"),
-        ({"a": float("nan")}, NOW_MS, "row 3 has NaN for ['a']"),
+        ({"a": float("nan")}, NOW_MS, "row 3 has non-finite values (NaN, ±inf or beyond float32) for ['a']"),
+        ({"a": 1.0, "b": float("inf")}, NOW_MS, "row 3 has non-finite values (NaN, ±inf or beyond float32) for ['b']"),
+        ({"c": float("-inf")}, NOW_MS, "for ['c']"),
+        ({"a": 1e39}, NOW_MS, "for ['a']"),  # finite as a double, inf as the float32 stored
         ({"a": 1.0}, 0, "row 3 event_time_ms must be Unix epoch milliseconds"),
         ({"a": 1.0}, -5, "row 3 event_time_ms must be Unix epoch milliseconds"),
         ({"a": 1.0}, 1.5e12, "row 3 event_time_ms must be Unix epoch milliseconds"),
@@ -125,7 +129,7 @@ def test_encode_row_partial_row_has_nan_for_features_not_given() -> None:
     ],
 )
 def test_encode_row_rejects_bad_rows(values: dict[str, float], event_time_ms: object, message: str) -> None:
-    with pytest.raises(InvalidInput, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(InvalidInput, match=re.escape(message)):
         encode_row(make_view(max_age_ms=0), 3, values, event_time_ms)  # type: ignore[arg-type]
 
 
@@ -162,3 +166,11 @@ def test_build_block_all_present_with_a_stale_row() -> None:
     np.testing.assert_array_equal(block.ages_ms, [[5_000] * 3, [5] * 3])
     assert stale_rows == 1
     assert block.values.flags.c_contiguous and block.values.flags.writeable  # a copy, not a view of the reply
+
+
+def test_encode_row_refuses_an_event_time_beyond_the_allowed_skew_naming_the_entity() -> None:
+    view = make_view(max_age_ms=0)
+    encode_row(view, 0, {"a": 1.0}, NOW_MS + 1_000, entity_id="u7", latest_event_time_ms=NOW_MS + 1_000)  # at the edge
+    with pytest.raises(InvalidInput, match=re.escape("row 2 (entity 'u7') has event_time_ms")) as refused:
+        encode_row(view, 2, {"a": 1.0}, NOW_MS + 3_601_000, entity_id="u7", latest_event_time_ms=NOW_MS + 1_000)
+    assert "3600 s beyond the allowed clock skew" in str(refused.value)

@@ -16,6 +16,7 @@ from demo.processes import ServiceProcess
 from demo.redis_server import RedisServer
 from infermesh.proto import feature_store_pb2 as pb
 from infermesh.proto import feature_store_pb2_grpc as pb_grpc
+from tests.feature_service.conftest import write_token_digests, writer_channel
 
 PRESENT, NOT_FOUND = pb.PRESENT, pb.NOT_FOUND
 
@@ -34,7 +35,12 @@ def start_service(run_dir: Path, redis_url: str, views_file: Path, **settings: o
         "feature_service",
         "feature_service",
         run_dir,
-        {"redis_url": redis_url, "views_path": views_file, **settings},
+        {
+            "redis_url": redis_url,
+            "views_path": views_file,
+            "write_token_sha256_file": write_token_digests(run_dir),
+            **settings,
+        },
     )
     return process.launch()
 
@@ -50,7 +56,7 @@ def service(
 
 @pytest.fixture
 async def stub(service: ServiceProcess, redis_admin: redis.Redis) -> AsyncIterator[pb_grpc.FeatureStoreStub]:
-    async with grpc.aio.insecure_channel(service.address) as channel:
+    async with writer_channel(service.address) as channel:
         yield pb_grpc.FeatureStoreStub(channel)
 
 

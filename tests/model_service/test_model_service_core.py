@@ -15,7 +15,7 @@ from infermesh.errors import InvalidInput, NotFound, Unavailable
 from infermesh.tensors import DecodedInputs, Tensor
 from model_service.core import SERVER_NAME, ModelServiceCore
 from model_service.settings import ModelServiceSettings
-from tests.model_service.models import tiny_fraud_module
+from tests.model_service.models import pair_config, tiny_fraud_module, write_model_config
 
 
 @pytest.fixture
@@ -160,7 +160,7 @@ async def test_unknown_model_or_version_is_not_found(core: ModelServiceCore) -> 
 
 
 async def test_repository_index_lists_refused_versions_with_the_reason(small_repo: Path) -> None:
-    (small_repo / "pair" / "1" / "model.pt.sha256").write_text("0" * 64)
+    write_model_config(small_repo, {**pair_config(), "version_digests": {"1": "sha256:" + "0" * 64}})
     core = ModelServiceCore(ModelServiceSettings(model_repository=small_repo, device="cpu"))
     await core.load()
     index = {(e.name, e.version): e for e in await core.repository_index(call(), False)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +46,15 @@ def test_feature_spec_model_takes_the_joined_tensor(small_repo: Path) -> None:
     np.testing.assert_allclose(probability, expected, rtol=1e-6)
 
 
-def test_checksum_mismatch_is_refused_and_other_models_still_load(small_repo: Path) -> None:
-    sidecar = small_repo / "pair" / "1" / "model.pt.sha256"
-    sidecar.write_text("0" * 64 + "  model.pt\n")
+WRONG_PIN = "sha256:" + "0" * 64
+
+
+def test_pinned_digest_mismatch_is_refused_and_other_models_still_load(small_repo: Path) -> None:
+    write_model_config(small_repo, {**pair_config(), "version_digests": {"1": WRONG_PIN}})
     registry = load(small_repo)
     assert not registry.is_ready("pair")
-    assert "SHA-256 mismatch" in registry.failures[("pair", "1")]
+    assert registry.failures[("pair", "1")].startswith("SHA-256 mismatch: the weights have ")
+    assert registry.failures[("pair", "1")].endswith("config.json pins " + "0" * 64)
     with pytest.raises(Unavailable, match="'pair' has no ready version"):
         registry.get("pair")
     with pytest.raises(Unavailable, match="'pair' version '1' is not ready"):
@@ -57,19 +62,43 @@ def test_checksum_mismatch_is_refused_and_other_models_still_load(small_repo: Pa
     assert registry.is_ready("tiny_fraud")
 
 
-def test_tampered_weights_are_refused(small_repo: Path) -> None:
+def test_tampered_weights_are_refused_even_with_a_matching_sidecar(small_repo: Path) -> None:
     weights = small_repo / "tiny_fraud" / "1" / "model.pt"
-    weights.write_bytes(weights.read_bytes() + b"\0")
+    forged = weights.read_bytes() + b"\0"
+    weights.write_bytes(forged)
+    # Whoever can replace the weights can replace the sidecar beside them; the pin in config.json still holds.
+    (weights.parent / "model.pt.sha256").write_text(hashlib.sha256(forged).hexdigest() + "  model.pt\n")
     registry = load(small_repo)
     assert not registry.is_ready("tiny_fraud")
+    assert "SHA-256 mismatch" in registry.failures[("tiny_fraud", "1")]
     assert registry.is_ready("pair")
 
 
-def test_missing_checksum_is_refused(small_repo: Path) -> None:
-    (small_repo / "pair" / "1" / "model.pt.sha256").unlink()
+def test_a_version_without_a_pin_is_refused_unless_pins_are_optional(small_repo: Path) -> None:
+    config = json.loads((small_repo / "pair" / "config.json").read_text())
+    del config["version_digests"]
+    (small_repo / "pair" / "config.json").write_text(json.dumps(config))
     registry = load(small_repo)
     assert not registry.is_ready("pair")
-    assert "missing checksum" in registry.failures[("pair", "1")]
+    assert registry.failures[("pair", "1")].startswith("no pinned digest: config.json has no version_digests entry")
+    # Pins optional: the sidecar is checked instead, and a missing one is still refused.
+    relaxed = ModelRegistry(small_repo, device="cpu", require_pinned_digest=False)
+    relaxed.load_all()
+    assert relaxed.is_ready("pair")
+    (small_repo / "pair" / "1" / "model.pt.sha256").unlink()
+    relaxed = ModelRegistry(small_repo, device="cpu", require_pinned_digest=False)
+    relaxed.load_all()
+    assert "missing checksum" in relaxed.failures[("pair", "1")]
+
+
+def test_a_load_override_cannot_change_the_pins(small_repo: Path) -> None:
+    registry = ModelRegistry(small_repo, device="cpu")
+    forged = json.dumps({**pair_config(), "version_digests": {"1": WRONG_PIN}})
+    plan = registry.plan("pair", forged)
+    assert plan.config.version_digests["1"] != WRONG_PIN  # the repository's pin, not the override's
+    registry.apply_config(plan)
+    registry.put(registry.load_version(plan, "1"))
+    assert registry.is_ready("pair")
 
 
 class WrongWidth(nn.Module):
@@ -88,8 +117,9 @@ def test_version_resolution(tmp_path: Path) -> None:
     write_model(tmp_path, pair_config(), PairModel(), version="1")
     write_model(tmp_path, pair_config(), PairModel(), version="2")
     write_model(tmp_path, pair_config(), PairModel(), version="10")
-    (tmp_path / "pair" / "10" / "model.pt.sha256").write_text("bad\n")
-    write_model_config(tmp_path, {**pair_config(), "version_policy": {"all": {}}})
+    write_model_config(
+        tmp_path, {**pair_config(), "version_policy": {"all": {}}, "version_digests": {"10": "sha256:" + "0" * 64}}
+    )
     registry = load(tmp_path)
     assert registry.get("pair").version == "2"  # latest READY version: 10 was refused
     assert registry.get("pair", "1").version == "1"
