@@ -21,8 +21,7 @@ from infermesh import prediction_index
 from infermesh.model_config import ModelConfig
 from infermesh.proto import feature_store_pb2 as pb
 from infermesh.tensors import Tensor
-from router.prediction_log import LoggedRequest
-from router.server import open_prediction_log
+from router.prediction_log import LoggedRequest, PredictionLog
 from router.settings import RouterSettings
 from tests.deploy.artifacts import (
     FEEDBACK_USER,
@@ -126,18 +125,24 @@ async def test_the_router_logs_and_the_gateway_joins_labels_as_their_users(
     router_env, gateway_env = compose_settings("router"), compose_settings("gateway")
     stream = str(RouterSettings.model_fields["prediction_log_stream"].default)
     assert router_env.get("ROUTER_PREDICTION_LOG_STREAM", stream) == stream  # the stream the ACL rules name
-    key_file = tmp_path / "hash_key"
-    key_file.write_text("k" * 32)
-    log = open_prediction_log(
-        RouterSettings(
-            prediction_log_redis_url=user_url(acl_redis, PREDICTION_LOG_USER),
-            prediction_log_redis_password_file=password_file(tmp_path, PREDICTION_LOG_USER),
-            prediction_log_hash_key_file=key_file,
-            prediction_log_max_len=int(router_env["ROUTER_PREDICTION_LOG_MAX_LEN"]),
-            prediction_log_index_ttl_s=int(router_env["ROUTER_PREDICTION_LOG_INDEX_TTL_S"]),
-        )
+    settings = RouterSettings(
+        prediction_log_redis_url=user_url(acl_redis, PREDICTION_LOG_USER),
+        prediction_log_redis_password_file=password_file(tmp_path, PREDICTION_LOG_USER),
+        prediction_log_max_len=int(router_env["ROUTER_PREDICTION_LOG_MAX_LEN"]),
+        prediction_log_index_ttl_s=int(router_env["ROUTER_PREDICTION_LOG_INDEX_TTL_S"]),
     )
-    assert log is not None
+    assert settings.prediction_log_redis_password_file is not None
+    # As router.server.open_prediction_log builds it (not imported here: its gRPC stubs clash with tritonclient's
+    # in one pytest process).
+    log = PredictionLog(
+        prediction_index.connect(
+            settings.prediction_log_redis_url, settings.prediction_log_redis_password_file.read_text().strip()
+        ),
+        b"k" * 32,
+        stream=settings.prediction_log_stream,
+        max_len=settings.prediction_log_max_len,
+        index_ttl_s=settings.prediction_log_index_ttl_s,
+    )
     data = np.array([0.9, 0.1], dtype=np.float32)
     sampled = [LoggedRequest(f"acl-{i}", (i, i + 1), {}, {"user_id": [f"u{i}"]}, None, {}, "demo") for i in range(2)]
     log.record(FRAUD_LIKE, "1", sampled, {"p": Tensor("p", "FP32", data.shape, data)})
@@ -147,14 +152,14 @@ async def test_the_router_logs_and_the_gateway_joins_labels_as_their_users(
         assert admin.xlen(stream) == 2, "XADD as prediction-log"
         ttl = admin.ttl(prediction_index.index_key(stream, "acl-0"))
         assert 0 < ttl <= int(router_env["ROUTER_PREDICTION_LOG_INDEX_TTL_S"]), "HSET + EXPIRE of the index"
-    settings = GatewaySettings(
+    gateway = GatewaySettings(
         feedback_redis_url=user_url(acl_redis, FEEDBACK_USER),
         feedback_redis_password_file=password_file(tmp_path, FEEDBACK_USER),
     )
-    assert gateway_env.get("GATEWAY_FEEDBACK_STREAM", settings.feedback_stream) == stream
-    assert settings.feedback_redis_password_file is not None
+    assert gateway_env.get("GATEWAY_FEEDBACK_STREAM", gateway.feedback_stream) == stream
+    assert gateway.feedback_redis_password_file is not None
     feedback = prediction_index.connect(
-        settings.feedback_redis_url, settings.feedback_redis_password_file.read_text().strip()
+        gateway.feedback_redis_url, gateway.feedback_redis_password_file.read_text().strip()
     )
     try:
         found = await prediction_index.lookup(feedback, stream, ["acl-0", "acl-1", "nobody"])
