@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from demo.certs import make_certs
 from demo.processes import ServiceProcess
@@ -54,7 +55,7 @@ class MeshOptions:
     model_repository: Path | None = None  # default: <demo_dir>/model_repository
     tls_dir: Path | None = None  # TLS on every hop with demo.certs' certificates there; None: plaintext
     # The router's prediction log in the mesh's Redis (a hash key made in run_dir) and the gateway's label feedback
-    # on it; models still opt in with monitoring.log_sample_rate. Not with a Redis Cluster or Redis over TLS.
+    # on it; models still opt in with monitoring.log_sample_rate. Not with a Redis Cluster.
     prediction_log: bool = False
 
 
@@ -244,13 +245,16 @@ class LocalMesh:
         self, redis_settings: dict[str, object]
     ) -> tuple[dict[str, object], dict[str, object]]:
         """The router's prediction log and the gateway's feedback settings, on the mesh's own Redis."""
-        if self.options.redis_cluster_shards > 0 or "redis_ca_file" in redis_settings:
-            raise ValueError("the demo's prediction log runs on a single Redis without TLS")
+        if self.options.redis_cluster_shards > 0:
+            raise ValueError("the demo's prediction log runs on a single Redis, not a Redis Cluster")
         key_file = self.options.run_dir / "prediction_log.key"
         if not key_file.exists():
             key_file.touch(mode=0o600)
             key_file.write_text(secrets.token_hex(32))
         url = str(redis_settings["redis_url"])
+        ca_file = redis_settings.get("redis_ca_file")
+        if ca_file is not None:  # the log's clients take Redis's CA in the URL (redis-py's ssl_ca_certs)
+            url += f"?ssl_ca_certs={quote(str(ca_file), safe='')}"
         router: dict[str, object] = {"prediction_log_redis_url": url, "prediction_log_hash_key_file": key_file}
         gateway: dict[str, object] = {"feedback_redis_url": url}
         password_file = redis_settings.get("redis_password_file")

@@ -39,16 +39,27 @@ def main() -> None:
 
     api_key = os.environ.get("INFERMESH_DEMO_API_KEY") or new_api_key()
     admin_key = os.environ.get("INFERMESH_DEMO_ADMIN_KEY") or new_api_key()
+    redis_url = os.environ.get("REDIS_URL") or None
+    cluster_shards = int(os.environ.get("REDIS_CLUSTER_SHARDS") or 0)
+    # The prediction log (and label feedback on it) goes to the private single Redis, with its password (and TLS).
+    prediction_log = redis_url is None and cluster_shards == 0
+    if not prediction_log:
+        print(
+            "prediction log and label feedback off: they run on make run's private single Redis "
+            f"(not with {'$REDIS_URL' if redis_url else 'a Redis Cluster'})",
+            flush=True,
+        )
     options = MeshOptions(
         demo_dir=args.demo_dir,
         run_dir=args.run_dir,
         api_keys=[ApiKey(api_key, "demo", ["fraud", "bench_mlp"]), ApiKey(admin_key, "ops", ["*"], role="admin")],
         gateway_port=args.port,
         replicas=args.replicas,
-        redis_url=os.environ.get("REDIS_URL") or None,
-        redis_cluster_shards=int(os.environ.get("REDIS_CLUSTER_SHARDS") or 0),
+        redis_url=redis_url,
+        redis_cluster_shards=cluster_shards,
         persist_redis=True,
         tls_dir=args.tls_dir,
+        prediction_log=prediction_log,
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -68,6 +79,20 @@ def main() -> None:
             features_tls = f" \\\n    --ca {mesh.ca_file} --cert {client}.pem --key {client}.key"
             grpcurl_tls = f"-cacert {mesh.ca_file}"
         tritonclient_tls = f', ssl=True,\n    root_certificates="{mesh.ca_file}"' if mesh.ca_file is not None else ""
+        if prediction_log:
+            labels = f"""
+Label feedback (`fraud` logs every prediction to the Redis stream infermesh:predictions; label a request by the
+id it was sent with: infermesh.feedback.v1.Feedback/ReportLabels, protos/feedback.proto):
+  grpcurl {grpcurl_tls} -H 'authorization: Bearer {api_key}' \\
+    -d '{{"labels":[{{"request_id":"txn-0001","label":1}}]}}' {endpoint} infermesh.feedback.v1.Feedback/ReportLabels
+"""
+            if mesh.ca_file is None and mesh.gateway is not None:  # make replay's client speaks plaintext
+                labels += (
+                    '  make replay REPLAY_ARGS="--gateway '
+                    f'{endpoint} --api-key {api_key} --metrics-port {mesh.gateway.metrics_port}"\n'
+                )
+        else:
+            labels = ""
         print(
             f"""
 infermesh is serving the Open Inference Protocol on {endpoint} ({transport})
@@ -96,7 +121,7 @@ Manage the models (admin key):
   INFERMESH_API_KEY={admin_key} .venv/bin/infermesh models stats fraud --url {endpoint}{score_tls}
   tritonclient: grpcclient.InferenceServerClient("{endpoint}"{tritonclient_tls}).load_model(
     "fraud", headers={{"authorization": "Bearer {admin_key}"}})
-
+{labels}
 Ctrl-C stops everything.""",
             flush=True,
         )

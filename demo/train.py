@@ -251,11 +251,17 @@ def train_fraud_model(
     return path
 
 
+DEMO_LOG_SAMPLE_RATE = 1.0  # the demo `fraud` model's monitoring.log_sample_rate
+
+
 def train_demo_fraud_models(repo: Path) -> list[Path]:
     """`fraud` versions 1 and 2 and `fraud_large` (its config serves version 1 until a rollout names 2)."""
     paths = [train_fraud_model(repo, version, seed, hidden) for version, (seed, hidden) in FRAUD_VERSIONS.items()]
     config = fraud_config()
     config["version_policy"] = {"specific": {"versions": [1]}}
+    # Opted in to the prediction log: a router given one (make run, compose, Kubernetes) logs every answer, so each
+    # labelled transaction can be joined (make replay --gateway). Sample less under real traffic.
+    config["monitoring"] = {"log_sample_rate": DEMO_LOG_SAMPLE_RATE}
     write_config(repo, config)
     paths.append(train_fraud_model(repo, "1", 2, FRAUD_LARGE_HIDDEN, name="fraud_large"))
     return paths

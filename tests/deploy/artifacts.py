@@ -181,16 +181,28 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 # ------------------------------------------------------------------------------------------------ redis ACL
 
-_ACL_RULE = re.compile(r"user infermesh on >%s (?P<rule>[^\\']+)")
+_ACL_RULE = re.compile(r"user (?P<user>[a-z-]+) on >%s (?P<rule>[^\\']+)")
+MESH_USER = "infermesh"  # the feature store's
+PREDICTION_LOG_USER = "prediction-log"  # the router's prediction log
+FEEDBACK_USER = "feedback"  # the gateway's label feedback
+
+
+def redis_acl_rules(script: str) -> dict[str, str]:
+    """Each ACL user's rule (without its password) in a Redis start script: `user NAME on >%s RULE`."""
+    rules = {found.group("user"): found.group("rule").strip() for found in _ACL_RULE.finditer(" ".join(script.split()))}
+    assert MESH_USER in rules, "no `user infermesh on >%s ...` ACL line in the Redis start script"
+    return rules
 
 
 def redis_acl_rule(script: str) -> str:
     """The `infermesh` ACL user's rule (without its password) in a Redis start script."""
-    found = _ACL_RULE.search(" ".join(script.split()))
-    assert found, "no `user infermesh on >%s ...` ACL line in the Redis start script"
-    return found.group("rule").strip()
+    return redis_acl_rules(script)[MESH_USER]
+
+
+def redis_start_script_of_kubernetes() -> str:
+    redis = by_kind(kustomize_build("base"), "Deployment")["redis"]
+    return str(redis["spec"]["template"]["spec"]["containers"][0]["args"][0])
 
 
 def redis_acl_rule_of_kubernetes() -> str:
-    redis = by_kind(kustomize_build("base"), "Deployment")["redis"]
-    return redis_acl_rule(redis["spec"]["template"]["spec"]["containers"][0]["args"][0])
+    return redis_acl_rule(redis_start_script_of_kubernetes())

@@ -10,11 +10,13 @@ import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import jsonschema
 import pytest
 import yaml
 
+from feature_service.writers import read_token_digests, token_digest
 from gateway.auth import KeyStore, hash_key
 from tests.deploy.artifacts import (
     DEPLOY,
@@ -27,6 +29,8 @@ from tests.deploy.artifacts import (
     host_port,
     redis_acl_rule,
     redis_acl_rule_of_kubernetes,
+    redis_acl_rules,
+    redis_start_script_of_kubernetes,
     service_settings,
 )
 
@@ -181,7 +185,7 @@ def test_two_model_replicas() -> None:
 
 def test_api_keys_come_from_a_secret_file_of_hashes() -> None:
     document = compose()
-    assert document["services"]["gateway"]["secrets"] == ["api_keys"]
+    assert "api_keys" in document["services"]["gateway"]["secrets"]
     settings = service_settings("gateway", compose_env(document["services"]["gateway"]))
     assert str(settings.api_keys_path) == "/run/secrets/api_keys"
     assert compose_raw()["secrets"]["api_keys"]["file"] == (
@@ -216,9 +220,12 @@ def test_redis_speaks_only_tls_to_an_acl_user_whose_password_is_a_secret() -> No
     assert "--port 0 --tls-port 6379" in script, "no plaintext port"
     assert "--tls-cert-file /certs/redis.pem --tls-key-file /certs/redis.key --tls-ca-cert-file /certs/ca.pem" in script
     assert "user default off" in script
-    assert '"$(cat /run/secrets/redis_password)" > /tmp/users.acl' in script and "umask 077" in script
+    assert '"$(cat /run/secrets/feedback_redis_password)" > /tmp/users.acl' in script and "umask 077" in script
     assert redis_acl_rule(script) == redis_acl_rule_of_kubernetes(), "compose and Kubernetes grant the same"
-    assert redis["secrets"] == ["redis_password"]
+    assert redis_acl_rules(script) == redis_acl_rules(redis_start_script_of_kubernetes())
+    assert redis["secrets"] == ["redis_password", "prediction_log_redis_password", "feedback_redis_password"]
+    for secret in redis["secrets"]:  # each user's password from its own secret, in the ACL file
+        assert f'"$(cat /run/secrets/{secret})"' in script
     assert compose_raw()["secrets"]["redis_password"]["file"] == (
         "${INFERMESH_REDIS_PASSWORD_FILE:-./deploy/compose/redis_password.demo}"
     )
@@ -227,7 +234,7 @@ def test_redis_speaks_only_tls_to_an_acl_user_whose_password_is_a_secret() -> No
     assert settings.redis_url == "rediss://redis:6379/0" and settings.redis_username == "infermesh"
     assert str(settings.redis_password_file) == "/run/secrets/redis_password"
     assert str(settings.redis_ca_file) == "/certs/ca.pem"
-    assert feature_service["secrets"] == ["redis_password"]
+    assert feature_service["secrets"] == ["redis_password", "feature_write_token_sha256"]
 
 
 def test_every_hop_is_mutual_tls_with_certificates_for_the_names_called() -> None:
@@ -317,7 +324,7 @@ def test_the_gateway_starts_only_after_the_demo_key_guard_passed() -> None:
     assert services["gateway"]["depends_on"]["key-guard"] == {"condition": "service_completed_successfully"}
     guard = services["key-guard"]
     assert guard["command"] == ["demo.key_guard", "/run/secrets/api_keys"]  # after the image's `python -m`
-    assert guard["secrets"] == ["api_keys"] and services["gateway"]["secrets"] == ["api_keys"]  # the same file
+    assert guard["secrets"] == ["api_keys"] and "api_keys" in services["gateway"]["secrets"]  # the same file
     assert guard["environment"] == {"INFERMESH_ALLOW_DEMO_KEY": "0"}  # off unless the host sets it
     raw = compose_raw("docker-compose.yml")["services"]["key-guard"]["environment"]
     assert raw == {"INFERMESH_ALLOW_DEMO_KEY": "${INFERMESH_ALLOW_DEMO_KEY:-0}"}
@@ -355,3 +362,103 @@ def test_redis_and_grafana_images_are_current() -> None:
     assert redis_version is not None and tuple(map(int, redis_version.groups())) >= (7, 4, 6)  # CVE-2025-49844
     grafana_version = re.fullmatch(r"grafana/grafana:(\d+)\.(\d+)\.(\d+)", services["grafana"]["image"])
     assert grafana_version is not None and int(grafana_version.group(1)) >= 12
+
+
+def secret_file(name: str) -> Path:
+    """The file a compose secret comes from by default (every one overridable from the environment)."""
+    raw = compose_raw()["secrets"][name]["file"]
+    assert raw.startswith("${INFERMESH_") and ":-./deploy/compose/" in raw, f"{name}: {raw}"
+    path = ROOT / compose()["secrets"][name]["file"]
+    assert path.is_file(), path
+    return path
+
+
+def test_every_secret_file_a_service_is_told_about_is_mounted() -> None:
+    for name, service in compose()["services"].items():
+        mounted = set(service.get("secrets", []))
+        for variable, value in compose_env(service).items():
+            if value.startswith("/run/secrets/"):
+                assert value.removeprefix("/run/secrets/") in mounted, f"{name}: {variable}"
+        for secret in mounted:
+            secret_file(secret)
+
+
+def redis_user(url: str) -> tuple[str | None, dict[str, list[str]]]:
+    parts = urlsplit(url)
+    assert parts.scheme == "rediss" and (parts.hostname, parts.port) == ("redis", 6379), url
+    assert parts.password is None, "the password comes from a file, never the URL"
+    return parts.username, parse_qs(parts.query)
+
+
+def test_the_router_logs_predictions_and_the_gateway_takes_labels() -> None:
+    services = compose()["services"]
+    router = service_settings("router", compose_env(services["router"]))
+    gateway = service_settings("gateway", compose_env(services["gateway"]))
+    rules = redis_acl_rules(services["redis"]["command"][0])
+    for settings, user, secret in (
+        (router, "prediction-log", "prediction_log_redis_password"),
+        (gateway, "feedback", "feedback_redis_password"),
+    ):
+        url = settings.prediction_log_redis_url if settings is router else settings.feedback_redis_url
+        password = (
+            settings.prediction_log_redis_password_file if settings is router else settings.feedback_redis_password_file
+        )
+        username, query = redis_user(url)
+        assert username == user and query == {"ssl_ca_certs": ["/certs/ca.pem"]}, "its own ACL user, Redis's CA"
+        assert str(password) == f"/run/secrets/{secret}"
+        assert user in rules
+    assert gateway.feedback_stream == router.prediction_log_stream
+    stream = router.prediction_log_stream
+    # Each user's keys are the log's: the stream (the router only) and its index entries.
+    assert f"resetkeys ~{stream} ~{stream}:request:* " in rules["prediction-log"]
+    assert f"resetkeys ~{stream}:request:* " in rules["feedback"] and f"~{stream} " not in rules["feedback"]
+    assert str(router.prediction_log_hash_key_file) == "/run/secrets/prediction_log_hash_key"
+    assert len(secret_file("prediction_log_hash_key").read_bytes().strip()) >= 16, "the router requires 16 bytes"
+    passwords = {secret_file(s).read_text().strip() for s in services["redis"]["secrets"]}
+    assert len(passwords) == 3, "one password per Redis user"
+    # Bounded next to the features: a shorter stream and index than the defaults.
+    assert router.prediction_log_max_len <= 10_000 and 0 < router.prediction_log_index_ttl_s <= 86_400
+    assert services["router"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+    demo_config = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import json; from demo.train import DEMO_LOG_SAMPLE_RATE as r; print(json.dumps(r))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            cwd=ROOT,
+        ).stdout
+    )
+    assert demo_config > 0, "the demo's fraud model opts in to the log"
+
+
+def test_feature_writes_take_the_write_token_of_the_ingest_tool() -> None:
+    services = compose()["services"]
+    settings = service_settings("feature_service", compose_env(services["feature-service"]))
+    assert str(settings.write_token_sha256_file) == "/run/secrets/feature_write_token_sha256"
+    token = secret_file("feature_write_token").read_text().strip()
+    assert read_token_digests(secret_file("feature_write_token_sha256")) == {token_digest(token)}, "a matching pair"
+    # The token only in the tool; the feature service holds only its digest.
+    holders = {name for name, service in services.items() if "feature_write_token" in service.get("secrets", [])}
+    assert holders == {"feature-ingest"}
+    ingest = services["feature-ingest"]
+    assert ingest["profiles"] == ["tools"], "run on demand, not by `docker compose up`"
+    script = ingest["entrypoint"][2]
+    assert 'INFERMESH_FEATURE_WRITE_TOKEN="$(cat /run/secrets/feature_write_token)"' in script
+    assert "python -m infermesh.cli features ingest --url feature-service:8021 --ca /certs/ca.pem" in script
+    assert "--cert /certs/client.pem --key /certs/client.key" in script
+    assert ingest["read_only"] is True and ingest["cap_drop"] == ["ALL"]
+    result = subprocess.run(
+        [sys.executable, "-m", "infermesh.cli", "features", "ingest", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=ROOT,
+    )
+    for flag in ("--url", "--ca", "--cert", "--key"):
+        assert flag in result.stdout

@@ -7,7 +7,7 @@ import copy
 import json
 import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import kubernetes_validate
 import pytest
@@ -18,6 +18,8 @@ from demo.seed import demo_views
 from gateway.auth import KeyStore
 from tests.deploy.artifacts import (
     DEPLOY,
+    FEEDBACK_USER,
+    PREDICTION_LOG_USER,
     SERVICES,
     by_kind,
     compose_env,
@@ -27,12 +29,13 @@ from tests.deploy.artifacts import (
     deployment_module,
     host_port,
     kustomize_build,
+    redis_acl_rules,
     selects,
     service_settings,
 )
 from tests.deploy.promql import selectors
 
-OVERLAYS = ["overlays/cpu", "overlays/gpu"]
+OVERLAYS = ["overlays/cpu", "overlays/gpu", "overlays/demo"]
 # The oldest Kubernetes we support (native gRPC probes are GA since 1.27) and the newest schema we have.
 K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 NAMESPACE = "infermesh"
@@ -232,7 +235,8 @@ def test_demo_init_steps(docs: Docs) -> None:
     modules = services_of(docs)
     for module in ("gateway", "router"):  # they learn the models from the model services
         deployment, _settings = modules[module]
-        assert "initContainers" not in pod_spec(deployment)
+        initial = [c["name"] for c in pod_spec(deployment).get("initContainers", [])]
+        assert initial == (["key-guard"] if module == "gateway" else []), module  # the guard, no demo.setup
         assert "demo" not in {v["name"] for v in pod_spec(deployment)["volumes"]}
     for module in ("model_service",):
         deployment, settings = modules[module]
@@ -372,7 +376,10 @@ def test_certificates(docs: Docs) -> None:
             continue
         spec = certificate["spec"]
         assert spec["issuerRef"] == {"name": "infermesh-ca", "kind": "Issuer"}, secret
-        assert "server auth" in spec["usages"], secret
+        if secret == "feature-ingest-tls":  # a writer's: client use only
+            assert spec["usages"] == ["client auth", "digital signature", "key encipherment"]
+        else:
+            assert "server auth" in spec["usages"], secret
         assert spec["privateKey"]["rotationPolicy"] == "Always" and spec["renewBefore"], secret
 
 
@@ -406,7 +413,7 @@ def test_redis_speaks_only_tls_to_an_acl_user(docs: Docs) -> None:
     script = container["args"][0]
     assert container["command"] == ["/bin/sh", "-ec"]
     assert "--port 0 --tls-port 6379" in script and "user default off" in script
-    assert '"$(cat /etc/redis/credentials/password)" > /tmp/users.acl' in script
+    assert '"$(cat /etc/redis/credentials/feedback-password)" > /tmp/users.acl' in script
     assert mounted_secret(docs, redis, "/etc/redis/tls/tls.key") == ("redis-tls", "tls.key")
     credentials, key = mounted_secret(docs, redis, "/etc/redis/credentials/password")
     assert generated(credentials) == "redis-credentials" and key == "password"
@@ -526,7 +533,7 @@ def test_network_policies_allow_each_hop_and_nothing_else(docs: Docs, policies: 
     metrics = {module: settings.metrics_port for module, (_, settings) in modules.items()}
     names = {module: SERVICES[module].compose_name for module in SERVICES}
     mesh = {module: (MESH, pod(name)) for module, name in names.items()}
-    redis, seed = (MESH, pod("redis")), (MESH, pod("demo-seed"))
+    redis, seed, ingest = (MESH, pod("redis")), (MESH, pod("demo-seed")), (MESH, pod("feature-ingest"))
     hops = {
         ("gateway", "router"),
         ("router", "feature_service"),
@@ -536,7 +543,11 @@ def test_network_policies_allow_each_hop_and_nothing_else(docs: Docs, policies: 
         for target in SERVICES:
             allowed = connects(policies, mesh[source], mesh[target], ports[target])
             assert allowed == ((source, target) in hops), f"{source} → {target}:{ports[target]}"
-        assert connects(policies, mesh[source], redis, 6379) == (source == "feature_service"), f"{source} → redis"
+        # The feature store; the router's prediction log; the gateway's label feedback.
+        assert connects(policies, mesh[source], redis, 6379) == (source != "model_service"), f"{source} → redis"
+        # The ingestion Job writes features, and reaches nothing else.
+        assert connects(policies, ingest, mesh[source], ports[source]) == (source == "feature_service"), source
+        assert not connects(policies, mesh[source], ingest, 8021), source
         # Prometheus in `monitoring` scrapes the metrics port; nothing else reaches it, nor the API ports.
         assert connects(policies, (MONITORING, {"app": "prometheus"}), mesh[source], metrics[source]), source
         assert not connects(policies, (ELSEWHERE, {"app": "x"}), mesh[source], metrics[source]), source
@@ -547,6 +558,7 @@ def test_network_policies_allow_each_hop_and_nothing_else(docs: Docs, policies: 
         assert connects(policies, mesh[source], (KUBE_SYSTEM, DNS), 53, "UDP"), source
         assert not connects(policies, mesh[source], (ELSEWHERE, {"app": "x"}), 443), source
     assert connects(policies, seed, redis, 6379)
+    assert not connects(policies, ingest, redis, 6379), "ingestion goes through the feature service's checks"
     assert not connects(policies, (MESH, pod("intruder")), redis, 6379)
     # The gateway is the public endpoint: reachable from anywhere, on its API port only.
     assert connects(policies, (ELSEWHERE, {"app": "client"}), mesh["gateway"], ports["gateway"])
@@ -572,3 +584,92 @@ def version_of(image: str) -> tuple[int, ...]:
     match = re.fullmatch(r"[^:]+:(\d+)\.(\d+)\.(\d+)(-[a-z0-9.]+)?", image)
     assert match is not None, f"{image}: pin an exact version"
     return tuple(int(part) for part in match.groups()[:3])
+
+
+# ------------------------------------------------------------------------------------------------ #15, #11, key guard
+
+
+def secret_volume(workload: dict[str, Any], path: str) -> dict[str, Any]:
+    mount = next(m for m in main_container(workload)["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    volume: dict[str, Any] = next(v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"])["secret"]
+    return volume
+
+
+def test_the_router_logs_predictions_and_the_gateway_takes_labels(docs: Docs) -> None:
+    modules = services_of(docs)
+    (router_deployment, router), (gateway_deployment, gateway) = modules["router"], modules["gateway"]
+    redis_deployment = by_kind(docs, "Deployment")["redis"]
+    redis_script = main_container(redis_deployment)["args"][0]
+    rules = redis_acl_rules(redis_script)
+    issued = certificates(docs)
+    clients = (
+        (router_deployment, router.prediction_log_redis_url, router.prediction_log_redis_password_file,
+         PREDICTION_LOG_USER, "prediction-log-password"),
+        (gateway_deployment, gateway.feedback_redis_url, gateway.feedback_redis_password_file,
+         FEEDBACK_USER, "feedback-password"),
+    )  # fmt: skip
+    for deployment, url, password_file, user, key in clients:
+        parts = urlsplit(url)
+        assert parts.scheme == "rediss" and parts.username == user and parts.password is None, url
+        assert parts.hostname in issued["redis-tls"]["spec"]["dnsNames"]
+        assert by_kind(docs, "Service")[str(parts.hostname)]["spec"]["ports"][0]["port"] == parts.port
+        (ca_file,) = parse_qs(parts.query)["ssl_ca_certs"]
+        own_tls = mounted_secret(docs, deployment, ca_file)
+        assert own_tls[1] == "ca.crt" and own_tls[0].endswith("-tls"), "the mesh CA, which signed Redis's certificate"
+        assert user in rules
+        credentials, item = mounted_secret(docs, deployment, str(password_file))
+        assert generated(credentials) == "redis-credentials" and item == key
+        # Only its own password of the Secret's three.
+        assert secret_volume(deployment, str(password_file))["items"] == [{"key": key, "path": key}]
+        assert configmap_or_secret_data(docs, "Secret", credentials)[key]
+        # Redis reads that password into the user's ACL line.
+        assert f'"$(cat /etc/redis/credentials/{key})"' in redis_script
+    assert gateway.feedback_stream == router.prediction_log_stream
+    stream = router.prediction_log_stream
+    assert f"resetkeys ~{stream} ~{stream}:request:* " in rules[PREDICTION_LOG_USER]
+    assert f"resetkeys ~{stream}:request:* " in rules[FEEDBACK_USER]
+    hash_secret, hash_key = mounted_secret(docs, router_deployment, str(router.prediction_log_hash_key_file))
+    assert generated(hash_secret) == "prediction-log"
+    assert len(configmap_or_secret_data(docs, "Secret", hash_secret)[hash_key].encode()) >= 16
+    assert router.prediction_log_max_len <= 10_000 and 0 < router.prediction_log_index_ttl_s <= 86_400
+    passwords = configmap_or_secret_data(docs, "Secret", credentials)
+    assert len(set(passwords.values())) == 3, "one password per Redis user"
+
+
+def test_feature_writes_take_the_ingest_certificate(docs: Docs) -> None:
+    settings = services_of(docs)["feature_service"][1]
+    (writer,) = settings.writers()
+    issued = certificates(docs)
+    assert issued["feature-ingest-tls"]["spec"]["commonName"] == writer
+    for secret, certificate in issued.items():  # the mesh's own certificates name no writer
+        if secret != "feature-ingest-tls":
+            assert writer != certificate["spec"]["commonName"] and writer not in certificate["spec"].get("dnsNames", [])
+    job = yaml.safe_load((DEPLOY / "k8s" / "feature-ingest-job.yaml").read_text())
+    kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
+    assert job["metadata"]["namespace"] == NAMESPACE
+    policy = by_kind(docs, "NetworkPolicy")["feature-ingest"]
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], job["spec"]["template"]["metadata"]["labels"])
+    assert mounted_secret(docs, job, "/etc/infermesh/tls/tls.crt") == ("feature-ingest-tls", "tls.crt")
+    args = main_container(job)["args"]
+    assert args[:3] == ["infermesh.cli", "features", "ingest"]
+    flags = dict(zip(args[3:-2:2], args[4:-2:2], strict=True))
+    assert host_port(flags["--url"]) == ("feature-service", settings.port)
+    assert flags["--cert"] == "/etc/infermesh/tls/tls.crt" and flags["--key"] == "/etc/infermesh/tls/tls.key"
+    assert flags["--ca"] == "/etc/infermesh/tls/ca.crt"
+    spec = pod_spec(job)
+    assert spec["automountServiceAccountToken"] is False and spec["securityContext"]["runAsNonRoot"] is True
+    assert main_container(job)["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_the_gateway_refuses_the_published_demo_key_unless_allowed(path: str) -> None:
+    docs = kustomize_build(path)
+    deployment, settings = services_of(docs)["gateway"]
+    (guard,) = pod_spec(deployment)["initContainers"]
+    assert guard["image"] == main_container(deployment)["image"]
+    assert guard["args"] == ["demo.key_guard", str(settings.api_keys_path)], "the file the gateway loads"
+    mount = next(m for m in guard["volumeMounts"] if str(settings.api_keys_path).startswith(m["mountPath"] + "/"))
+    gateway_mount = next(m for m in main_container(deployment)["volumeMounts"] if m["name"] == "api-keys")
+    assert (mount["name"], mount["mountPath"]) == ("api-keys", gateway_mount["mountPath"])
+    allowed = container_env(docs, guard)["INFERMESH_ALLOW_DEMO_KEY"]
+    assert allowed == ("1" if path == "overlays/demo" else "0"), "off unless the demo overlay allows it"
