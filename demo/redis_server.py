@@ -278,7 +278,12 @@ class RedisClusterServers:
         except redis.RedisError:
             return False
         masters = [line for line in nodes.values() if "master" in line["flags"] and "fail" not in line["flags"]]
-        return bool(info.get("cluster_state") == "ok" and len(masters) == len(self.nodes))
+        # With require-full-coverage off, "ok" does not mean this node has heard who owns every slot yet: wait
+        # until it has (a client asking it for the slot map would otherwise see a part of the cluster).
+        slots_known = all(
+            int(info.get(key, 0)) == CLUSTER_SLOTS for key in ("cluster_slots_assigned", "cluster_slots_ok")
+        )
+        return bool(info.get("cluster_state") == "ok" and len(masters) == len(self.nodes) and slots_known)
 
     def shard_of(self, key: str) -> RedisServer:
         """The node serving `key`'s slot."""
