@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 from demo.mesh import ApiKey, LocalMesh, MeshOptions
+from demo.redis_server import RedisServer
 from demo.supervisor import Supervisor
 from gateway.auth import new_api_key
 
@@ -68,7 +69,12 @@ def main() -> None:
     with LocalMesh(options) as mesh:
         endpoint = mesh.gateway_address
         features_url = mesh.feature_service_address()
-        redis = f"{mesh.redis.url} (password in {mesh.redis.password_file})" if mesh.redis else "$REDIS_URL"
+        if isinstance(mesh.redis, RedisServer):
+            redis = f"{mesh.redis.url} (password in {mesh.redis.password_file})"
+        elif mesh.redis is not None:  # a private Redis Cluster: no password, any node's URL
+            redis = f"Redis Cluster of {len(mesh.redis.nodes)} shards at {mesh.redis.url}"
+        else:
+            redis = "$REDIS_URL"
         if mesh.ca_file is None:
             transport, score_tls, grpcurl_tls, features_tls = "plaintext", "", "-plaintext", ""
         else:
