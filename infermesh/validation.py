@@ -16,11 +16,16 @@ from infermesh.tensors import InputHeader, Tensor, check_shape
 
 
 def validate_headers(
-    model: str, specs: Sequence[TensorSpec], max_batch_size: int, headers: Sequence[InputHeader]
+    model: str,
+    specs: Sequence[TensorSpec],
+    max_batch_size: int,
+    headers: Sequence[InputHeader],
+    max_rows: int | None = None,
 ) -> int:
     """Check a request's inputs as declared (names, datatypes, rank, shape, batch size) against a model's
     signature before any of their data is decoded; returns the batch size (first dimension, shared by every
-    input). The work is proportional to the signature, not to what the request claims."""
+    input). The work is proportional to the signature, not to what the request claims. `max_rows` (default: the
+    model's `max_batch_size`) is the most rows accepted where a hop may take more than one request's worth."""
     by_name: dict[str, InputHeader] = {}
     for header in headers:
         if header.name in by_name:
@@ -56,11 +61,15 @@ def validate_headers(
             )
     if batch is None or batch == 0:
         raise InvalidInput(f"model '{model}': request has an empty batch")
-    if batch > max_batch_size:
-        raise InvalidInput(
-            f"input '{batch_input}': batch size {batch} exceeds the max_batch_size {max_batch_size} of model '{model}'"
-        )
+    if batch > (max_batch_size if max_rows is None else max_rows):
+        raise batch_too_large(model, batch_input, batch, max_batch_size)
     return batch
+
+
+def batch_too_large(model: str, input_name: str, rows: int, max_batch_size: int) -> InvalidInput:
+    return InvalidInput(
+        f"input '{input_name}': batch size {rows} exceeds the max_batch_size {max_batch_size} of model '{model}'"
+    )
 
 
 def validate_inputs(model: str, specs: Sequence[TensorSpec], max_batch_size: int, tensors: Mapping[str, Tensor]) -> int:

@@ -23,7 +23,7 @@ from infermesh.dataplane import (
     ModelInfo,
     ServerInfo,
 )
-from infermesh.errors import DomainError, InvalidInput, NotFound
+from infermesh.errors import DomainError, NotFound
 from infermesh.model_config import ModelConfig
 from infermesh.priority import queue_policy
 from infermesh.repository import RepositoryState
@@ -169,15 +169,9 @@ class ModelServiceCore(DataplaneBase):
             output_specs = config.select_outputs(request.outputs)
             # A router's batch built just before the limit shrank may be larger: it runs in passes within it.
             limit = config.max_batch_size
-            try:
-                rows = validate_headers(
-                    config.name, config.served_inputs, limit * OVERSIZED_PASSES, request.inputs.headers
-                )
-            except InvalidInput as error:
-                # Named with the model's own limit (the passes are a tolerance, not a contract).
-                raise InvalidInput(
-                    str(error).replace(f"max_batch_size {limit * OVERSIZED_PASSES}", f"max_batch_size {limit}")
-                ) from None
+            rows = validate_headers(
+                config.name, config.served_inputs, limit, request.inputs.headers, max_rows=limit * OVERSIZED_PASSES
+            )
             tensors = request.inputs.tensors()
             arrays = {spec.name: tensors[spec.name].data for spec in model.input_specs}
             spent: dict[str, float] | None = {} if timing.wanted(request.parameters) else None

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,7 +33,7 @@ from infermesh.dataplane import (
     ServerInfo,
 )
 from infermesh.deadline import Deadline
-from infermesh.errors import DeadlineExceeded, DomainError, InvalidInput, Overloaded, Unavailable
+from infermesh.errors import DeadlineExceeded, DomainError, Overloaded, Unavailable
 from infermesh.features import (
     DEFAULTED_ENTITIES,
     STALE_DEFAULTED_ROWS,
@@ -57,13 +57,13 @@ from infermesh.segments import (
 )
 from infermesh.statistics import ModelStatistics, add_up
 from infermesh.tensors import Tensor
-from infermesh.validation import validate_headers
+from infermesh.validation import batch_too_large, validate_headers
 from router import join
 from router.drift import DriftMonitors, DriftSettings
 from router.prediction_log import LoggedRequest, PredictionLog
 from router.replicas import Replica, ReplicaSet
 from router.traffic import (
-    ANSWERED_BY,
+    ANSWERING_MODEL,
     ARM,
     CANARY,
     CASCADE,
@@ -295,7 +295,7 @@ class RouterCore(DataplaneBase):
         output_names = [spec.name for spec in config.select_outputs(batch.outputs)]
         # A gateway's batch is several requests: the model's limit applies to each (below), not to their sum.
         limit = config.max_batch_size * (1 if one_request else max(1, len(batch.segments)))
-        batch_rows = validate_headers(config.name, config.inputs, limit, batch.inputs.headers)
+        batch_rows = validate_headers(config.name, config.inputs, config.max_batch_size, batch.inputs.headers, limit)
         tensors = batch.inputs.tensors(config.element_limits)
         segments = batch.segments
         if one_request:
@@ -321,26 +321,20 @@ class RouterCore(DataplaneBase):
     ) -> list[SegmentResult]:
         """The segments within the model's batch limit answered as usual; each beyond it refused on its own."""
         config = work.entry.config
-        results: list[SegmentResult] = []
+        results: list[SegmentResult | None] = [None] * len(parts)
         for index in oversized:
-            name = config.inputs[0].name
-            error = InvalidInput(
-                f"input '{name}': batch size {work.rows[index]} exceeds the max_batch_size {config.max_batch_size} "
-                f"of model '{config.name}'"
-            )
-            results.append(SegmentResult(work.rows[index], error=error))
-        keep = [i for i in range(len(parts)) if i not in set(oversized)]
+            error = batch_too_large(config.name, config.inputs[0].name, work.rows[index], config.max_batch_size)
+            results[index] = SegmentResult(work.rows[index], error=error)
+        keep = [i for i, result in enumerate(results) if result is None]
         if keep:
             kept, kept_parts = work.subset(keep), [parts[i] for i in keep]
             if config.traffic is None:
                 answered = await self._answer(kept, work.entry.resolve_version(requested), parts=kept_parts)
             else:
                 answered = await self._answer_by_traffic(kept, kept_parts, requested)
-            by_index = dict(zip(keep, answered, strict=True))
-        else:
-            by_index = {}
-        refused = dict(zip(oversized, results, strict=True))
-        return [by_index[i] if i in by_index else refused[i] for i in range(len(parts))]
+            for index, result in zip(keep, answered, strict=True):
+                results[index] = result
+        return [result for result in results if result is not None]
 
     async def _answer(
         self,
@@ -463,40 +457,34 @@ class RouterCore(DataplaneBase):
     async def _answer_arms(
         self, work: _Work, parts: list[dict[str, Tensor]], arms: list[tuple[str, str]]
     ) -> list[SegmentResult]:
-        """Each segment answered by the version of its arm: one batch per version, at once. A non-baseline version
-        of the split has each of its answers (or failures) counted by the guard."""
+        """Each segment answered by the version of its arm; a canary's answers (or failures) are counted by the
+        guard. A feature-joined model answers them all in one batch (one feature read, a model call per version);
+        another, one batch per version at once."""
         config = work.entry.config
-        baseline = config.traffic.baseline if config.traffic is not None else ""
         groups: dict[str, list[int]] = {}
         for index, (version, _) in enumerate(arms):
             groups.setdefault(version, []).append(index)
         results: list[SegmentResult] = [SegmentResult(0)] * len(parts)
 
-        async def answer(version: str, indexes: list[int]) -> None:
+        async def answer(version: str, indexes: list[int], versions: list[str] | None = None) -> None:
             started = time.perf_counter()
             group = work if len(indexes) == len(parts) else work.subset(indexes)
             try:
-                answers = await self._answer(group, version, parts=[parts[i] for i in indexes])
+                answers = await self._answer(group, version, parts=[parts[i] for i in indexes], versions=versions)
             except DomainError as error:  # the whole group failed (no replica serves the version, …)
                 answers = [SegmentResult(work.rows[i], error=error) for i in indexes]
             elapsed = time.perf_counter() - started
             for index, result in zip(indexes, answers, strict=True):
                 results[index] = result
-                if version != baseline and arms[index][1] == CANARY:
+                version, arm = arms[index]
+                if arm == CANARY:
                     self.traffic.record(config, version, elapsed, _version_failed(result))
 
         if len(groups) == 1:  # the common case: no task to spawn
             ((version, indexes),) = groups.items()
             await answer(version, indexes)
-        elif config.feature_spec is not None:  # one batch: one feature read, a model call per version
-            started = time.perf_counter()
-            answers = await self._answer(work, baseline, parts=parts, versions=[version for version, _ in arms])
-            elapsed = time.perf_counter() - started
-            for index, result in enumerate(answers):
-                results[index] = result
-                version, arm = arms[index]
-                if version != baseline and arm == CANARY:
-                    self.traffic.record(config, version, elapsed, _version_failed(result))
+        elif config.feature_spec is not None:
+            await answer(arms[0][0], list(range(len(parts))), versions=[version for version, _ in arms])
         else:
             await asyncio.gather(*(answer(version, indexes) for version, indexes in groups.items()))
         return results
@@ -537,21 +525,14 @@ class RouterCore(DataplaneBase):
             counter.labels(config.name, "skipped").inc(len(inside))
             return
         # Most of the time left, not all of it: the first answer must still reach the client if this fails.
-        larger = _Work(
-            large,
-            work.output_names,
-            [work.segments[i] for i in inside],
-            [work.rows[i] for i in inside],
-            [work.timed[i] for i in inside],
-            work.deadline.within(remaining * 0.8),
-        )
+        larger = replace(work.subset(inside), entry=large, deadline=work.deadline.within(remaining * 0.8))
         try:
             answers = await self._answer(larger, large_version, parts=[parts[i] for i in inside])
         except DomainError:
             answers = [SegmentResult(0, error=Unavailable("cascade failed"))] * len(inside)
         for index, answer in zip(inside, answers, strict=True):
             if answer.error is None:
-                answer.flags[ANSWERED_BY] = large.config.name
+                answer.flags[ANSWERING_MODEL] = large.config.name
                 results[index] = answer
                 arms[index] = (answer.version, CASCADE)
                 counter.labels(config.name, "large").inc()
@@ -578,12 +559,13 @@ class RouterCore(DataplaneBase):
             queue.items.append((inputs, outputs, rows))
             queue.rows += rows
             if queue.task is None:
-                task = asyncio.get_running_loop().create_task(self._drain_mirrors(config, mirror, queue, limit))
+                task = asyncio.get_running_loop().create_task(self._drain_mirrors(config, mirror, key, limit))
                 queue.task = task
                 self._mirror_tasks.add(task)
                 task.add_done_callback(self._mirror_tasks.discard)
 
-    async def _drain_mirrors(self, config: ModelConfig, mirror: Mirror, queue: _MirrorQueue, limit: int) -> None:
+    async def _drain_mirrors(self, config: ModelConfig, mirror: Mirror, key: tuple[str, Mirror], limit: int) -> None:
+        queue = self._mirror_queues[key]
         try:
             while queue.items:
                 if queue.rows < limit and self._mirror_linger_s > 0:
@@ -603,6 +585,8 @@ class RouterCore(DataplaneBase):
                 await self._send_mirror(config, mirror, inputs, outputs)
         finally:
             queue.task = None
+            if not queue.items:  # gone until the next copy: the table holds only targets with work
+                del self._mirror_queues[key]
 
     async def _send_mirror(
         self, config: ModelConfig, mirror: Mirror, inputs: list[Tensor], outputs: dict[str, Tensor]

@@ -29,7 +29,9 @@ from infermesh.tensors import Tensor
 log = logging.getLogger(__name__)
 
 ARM = "infermesh_arm"  # response parameter: how the answering version was chosen
-ANSWERED_BY = "infermesh_answered_by"  # response parameter of a cascaded answer: the model that answered
+# Response parameter of a cascaded answer: the model that answered (not the retry layer's trailing metadata
+# infermesh.method_handlers.ANSWERED_BY, which names the hop).
+ANSWERING_MODEL = "infermesh_answered_by"
 BASELINE = "baseline"  # the split sent the request to the baseline
 CANARY = "canary"  # the split sent it to another version
 REQUESTED = "requested"  # the request named its version
@@ -265,19 +267,15 @@ class TrafficControl:
         split = Split.of(model, traffic, rolled_back)
         windows: dict[str, Window] = {}
         guard = traffic.guard
-        same = previous is not None and previous.traffic == traffic
+        # The same section again (another copy of the config): the windows go on counting.
+        kept = previous.windows if previous is not None and previous.traffic == traffic else {}
+        window_s = guard.window_s if guard is not None else 60.0
         for version in [*traffic.split, *traffic.shadow]:
-            if version == traffic.baseline:
-                continue
-            window_s = guard.window_s if guard is not None else 60.0
-            kept = previous.windows.get(version) if previous is not None and same else None
-            windows[version] = kept if kept is not None else Window(window_s, self._clock)
+            if version != traffic.baseline:
+                windows[version] = kept.get(version) or Window(window_s, self._clock)
         for version in traffic.versions:
             metrics.TRAFFIC_WEIGHT.labels(model, version).set(split.weight(version))
-        return self._store(model, _ModelTraffic(traffic, split, windows))
-
-    def _store(self, model: str, state: _ModelTraffic) -> _ModelTraffic:
-        self._models[model] = state
+        state = self._models[model] = _ModelTraffic(traffic, split, windows)
         return state
 
     def choose(self, config: ModelConfig, sticky: Tensor | None) -> tuple[str, str]:
@@ -286,10 +284,6 @@ class TrafficControl:
         assert state is not None
         version = state.split.choose(sticky_value(sticky) if sticky is not None else None)
         return version, BASELINE if version == state.split.baseline else CANARY
-
-    def baseline(self, config: ModelConfig) -> str:
-        assert config.traffic is not None
-        return config.traffic.baseline
 
     def mirrors(self, config: ModelConfig, version: str) -> list[Mirror]:
         """The copies to send of a batch `version` served (sampled)."""
