@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from demo.mesh import LocalMesh
+from demo.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,3 +47,12 @@ def tls_mesh(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     running = start_mesh(demo_dir, run_dir, tls_dir=run_dir / "certs", replicas=1)
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One private redis-server for the session; tests that break Redis start their own."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

@@ -26,15 +26,7 @@ ROWS_PER_REQUEST = 50
 
 
 @pytest.fixture(scope="module")
-def log_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("log-redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def mesh(demo_dir: Path, log_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+def mesh(demo_dir: Path, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     run_dir = tmp_path_factory.mktemp("quality")
     key_file = run_dir / "hash.key"
     key_file.write_text("test-prediction-log-key-0123456789")
@@ -48,7 +40,7 @@ def mesh(demo_dir: Path, log_redis: RedisServer, tmp_path_factory: pytest.TempPa
             "drift_slots": 4,
             "drift_min_rows": 500,
             "drift_export_interval_s": 0,
-            "prediction_log_redis_url": log_redis.url,
+            "prediction_log_redis_url": redis_server.url,
             "prediction_log_hash_key_file": key_file,
             "prediction_log_stream": LOG_STREAM,
             "prediction_log_max_len": LOG_MAX_LEN,
@@ -82,7 +74,7 @@ def drift(mesh: LocalMesh) -> dict[str, float]:
 
 
 def test_shifted_amounts_raise_the_psi_of_amount_alone_and_the_log_holds_sampled_hashed_records(
-    mesh: LocalMesh, log_redis: RedisServer
+    mesh: LocalMesh, redis_server: RedisServer
 ) -> None:
     with grpcclient.InferenceServerClient(mesh.gateway_address) as client:
         sent = send(client, 1.0, 12, seed=7)  # 600 rows like the training data's
@@ -92,7 +84,7 @@ def test_shifted_amounts_raise_the_psi_of_amount_alone_and_the_log_holds_sampled
     shifted = drift(mesh)
     assert shifted["amount"] > 0.25, shifted
     assert all(psi < 0.1 for name, psi in shifted.items() if name not in ("amount", "prediction")), shifted
-    admin = redis.Redis.from_url(log_redis.url)
+    admin = redis.Redis.from_url(redis_server.url)
     deadline = time.monotonic() + 10
     while admin.xlen(LOG_STREAM) < 5 and time.monotonic() < deadline:
         time.sleep(0.05)  # the log is written off the request path

@@ -93,15 +93,6 @@ def views_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One private redis-server for the session; tests that break Redis start their own."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def redis_admin(redis_server: RedisServer) -> Iterator[redis.Redis]:
     """Synchronous client for set-up and inspection; every test starts from an empty db and zeroed stats."""

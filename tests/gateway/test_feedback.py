@@ -4,7 +4,7 @@ records written by router.prediction_log, labels joined, refused and counted as 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,14 +33,6 @@ CONFIG = ModelConfig.model_validate(
         "monitoring": {"log_sample_rate": 1.0, "threshold": 0.5},
     }
 )
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @dataclass
