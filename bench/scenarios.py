@@ -908,25 +908,30 @@ async def overload(ctx: Context) -> dict[str, Any]:
 
 
 async def transport_floor(ctx: Context) -> dict[str, Any]:
-    """Empty grpc.aio servers wired as the mesh is (bench.floor): what the hops alone cost on this machine."""
+    """Empty grpc.aio servers wired as the mesh is (bench.floor): what the hops alone cost on this machine, with
+    the internal hops as unary calls and as hop-stream messages (the mesh's default)."""
     from bench.floor import METHOD, FloorMesh
 
-    floor = await asyncio.to_thread(FloorMesh().start)
     runs: list[dict[str, Any]] = []
-    try:
-        payload = bytes(120)  # about the size of a one-row `fraud` request
-        for series, address in (("one hop", floor.leaf), ("mesh topology", floor.edge)):
-            async with grpc.aio.insecure_channel(address) as channel:
-                call = channel.unary_unary(METHOD)
+    payload = bytes(120)  # about the size of a one-row `fraud` request
+    for streams, suffix in ((0, ""), (2, ", hop streams")):
+        floor = await asyncio.to_thread(FloorMesh(streams=streams).start)
+        try:
+            paths = [("mesh topology" + suffix, floor.edge)]
+            if not streams:
+                paths.insert(0, ("one hop", floor.leaf))
+            for series, address in paths:
+                async with grpc.aio.insecure_channel(address) as channel:
+                    call = channel.unary_unary(METHOD)
 
-                async def send(i: int, call=call) -> None:
-                    await call(payload, timeout=10)
+                    async def send(i: int, call=call) -> None:
+                        await call(payload, timeout=10)
 
-                for concurrency in ctx.options.concurrency:
-                    recording = await ctx.closed(send, concurrency, f"floor · {series} · c={concurrency}")
-                    runs.append(_run(recording, series))
-    finally:
-        await asyncio.to_thread(floor.stop)
+                    for concurrency in ctx.options.concurrency:
+                        recording = await ctx.closed(send, concurrency, f"floor · {series} · c={concurrency}")
+                        runs.append(_run(recording, series))
+        finally:
+            await asyncio.to_thread(floor.stop)
     rows = [
         {"series": r["series"], "concurrency": r["concurrency"], **_point(r)} for r in runs if r["mode"] == "closed"
     ]

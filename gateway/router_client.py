@@ -11,7 +11,7 @@ from typing import TypeVar
 import grpc
 
 from infermesh.batch_codec import batch_request, split_batch_response
-from infermesh.channels import client_channel
+from infermesh.channels import HopChannel
 from infermesh.deadline import Deadline
 from infermesh.errors import DomainError, Unavailable
 from infermesh.method_handlers import TENANT_METADATA, answered_by, error_from_rpc
@@ -44,11 +44,14 @@ class RouterClient:
         budget_tokens: float = 20.0,
         budget_ratio: float = 0.1,
         tls: ClientTls | None = None,
+        streams: int = 0,
+        stream_max_inflight: int = 256,
     ) -> None:
-        self.channel = client_channel(target, max_message_bytes, tls)
+        self.hop = HopChannel(target, max_message_bytes, tls, streams, stream_max_inflight)
+        self.channel = self.hop.channel
         # No (de)serializers: bytes in, bytes out.
-        self._infer = self.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-        self._infer_batch = self.channel.unary_unary(
+        self._infer = self.hop.internal("/inference.GRPCInferenceService/ModelInfer")
+        self._infer_batch = self.hop.internal(
             "/infermesh.router.v1.Router/InferBatch",
             request_serializer=router_pb2.InferBatchRequest.SerializeToString,
             response_deserializer=router_pb2.InferBatchResponse.FromString,
@@ -146,4 +149,4 @@ class RouterClient:
         return response.SerializeToString()
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.hop.close()

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 class GatewayService(Service):
     name = "gateway"
+    serves_hop_streams = False  # the public edge: clients call it over the Open Inference Protocol
     settings: GatewaySettings
     _reload: asyncio.Task[None] | None = None
     _repository: asyncio.Task[None] | None = None
@@ -40,6 +41,8 @@ class GatewayService(Service):
             settings.retry_budget_tokens,
             settings.retry_budget_ratio,
             settings.client_tls(),
+            settings.hop_streams,
+            settings.hop_stream_max_inflight,
         )
         router_calls = RouterCalls(
             self.router,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import grpc
 
 from infermesh import telemetry
+from infermesh.hop_streams import HopStreams
 from infermesh.tls import ClientTls
 
 
@@ -39,3 +43,39 @@ def client_channel(
     if tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     return grpc.aio.secure_channel(target, tls.credentials(), options=options, interceptors=interceptors)
+
+
+class HopChannel:
+    """The channel to one next hop of the mesh. Its internal unary calls (`internal()`) travel on hop streams
+    when `streams` > 0 (infermesh.hop_streams), else as plain unary calls; everything else (health, readiness,
+    the repository) stays on the channel's plain calls."""
+
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        tls: ClientTls | None = None,
+        streams: int = 0,
+        stream_max_inflight: int = 256,
+    ) -> None:
+        self.channel = client_channel(target, max_message_bytes, tls)
+        self.streams = HopStreams(self.channel, streams, stream_max_inflight) if streams else None
+
+    def internal(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+    ) -> Callable[..., Awaitable[Any]]:
+        """A unary method of the next hop, called as `channel.unary_unary(...)` gives and awaited."""
+        if self.streams is None:
+            call: Callable[..., Awaitable[Any]] = self.channel.unary_unary(
+                method, request_serializer=request_serializer, response_deserializer=response_deserializer
+            )
+            return call
+        return self.streams.unary_unary(method, request_serializer, response_deserializer)
+
+    async def close(self) -> None:
+        if self.streams is not None:
+            await self.streams.close()
+        await self.channel.close()

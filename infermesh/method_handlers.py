@@ -125,6 +125,20 @@ class ServiceHandlers:
         # (method, model, version, code) → its request counter and latency histogram: `labels()` per request
         # takes a lock and builds the label tuple every time.
         self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        # Every wrapped handler by its full method name, and the wrapped generic handlers: what a call that
+        # arrives as a hop-stream message runs (infermesh.hop_streams).
+        self._methods: dict[str, grpc.RpcMethodHandler] = {}
+        self._generic: list[_WrappedGenericHandler] = []
+
+    def lookup(self, method: str) -> grpc.RpcMethodHandler | None:
+        """The wrapped handler of `method` (its full name), as a call of it would run; None: no such method."""
+        handler = self._methods.get(method)
+        if handler is None:
+            for generic in self._generic:
+                handler = generic.service(_MethodOnly(method))
+                if handler is not None:
+                    break
+        return handler
 
     def _metric_children(self, method: str, model: str, version: str, code: str) -> tuple[Any, Any]:
         key = (method, model, version, code)
@@ -279,18 +293,27 @@ class _WrappingRegistrar:
         self._handlers = handlers
 
     def add_generic_rpc_handlers(self, generic_handlers: Any) -> None:
-        self._server.add_generic_rpc_handlers(
-            tuple(_WrappedGenericHandler(handler, self._handlers) for handler in generic_handlers)
-        )
+        wrapped = tuple(_WrappedGenericHandler(handler, self._handlers) for handler in generic_handlers)
+        self._handlers._generic.extend(wrapped)
+        self._server.add_generic_rpc_handlers(wrapped)
 
     def add_registered_method_handlers(self, service_name: str, method_handlers: dict[str, Any]) -> None:
-        self._server.add_registered_method_handlers(
-            service_name,
-            {name: self._handlers.wrap(f"/{service_name}/{name}", h) for name, h in method_handlers.items()},
-        )
+        wrapped = {name: self._handlers.wrap(f"/{service_name}/{name}", h) for name, h in method_handlers.items()}
+        self._handlers._methods.update({f"/{service_name}/{name}": h for name, h in wrapped.items() if h is not None})
+        self._server.add_registered_method_handlers(service_name, wrapped)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._server, name)
+
+
+class _MethodOnly:
+    """The HandlerCallDetails a generic handler is asked with when a hop-stream message names a method."""
+
+    __slots__ = ("invocation_metadata", "method")
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
 
 
 class _Malformed:

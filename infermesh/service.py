@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from infermesh import __version__, metrics, telemetry
+from infermesh.hop_streams import HopStreamEndpoint
 from infermesh.logs import configure_logging
 from infermesh.method_handlers import ServiceHandlers
 from infermesh.settings import ServiceSettings
@@ -39,6 +40,8 @@ class Service(ABC):
     """Subclasses register their servicers and own their resources; this class runs the server."""
 
     name: str = "service"
+    # Whether the mesh's own callers reach this service over hop streams (all but the public gateway).
+    serves_hop_streams: bool = True
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
@@ -53,6 +56,7 @@ class Service(ABC):
         self._service_names: list[str] = []
         self._serving = False  # between start and shutdown: service statuses follow service_serving()
         self.tls_credentials: ReloadingServerCredentials | None = None
+        self.hop_streams: HopStreamEndpoint | None = None
 
     @abstractmethod
     async def register(self, server: grpc.aio.Server) -> list[str]:
@@ -109,7 +113,12 @@ class Service(ABC):
             ],
         )
         self.server = server
-        service_names = await self.register(ServiceHandlers(self.name).registrar(server))
+        handlers = ServiceHandlers(self.name)
+        service_names = await self.register(handlers.registrar(server))
+        if self.serves_hop_streams:
+            # Registered unwrapped: each message runs its method's wrapped handler (counted, mapped) itself.
+            self.hop_streams = HopStreamEndpoint(handlers.lookup, settings.hop_stream_max_inflight)
+            server.add_generic_rpc_handlers((self.hop_streams.generic_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         for service_name in service_names:
@@ -184,6 +193,8 @@ class Service(ABC):
         log.info("draining", extra={"fields": {"grace_s": grace}})
         self._serving = False
         await self.health.enter_graceful_shutdown()
+        if self.hop_streams is not None:
+            self.hop_streams.drain()
         await self.before_drain()
         if self.server is not None:
             await self.server.stop(grace)

@@ -73,6 +73,19 @@ class ServiceSettings(BaseSettings):
         description="Tokens a successful call gives back; retries stop while half the tokens or fewer are left, "
         "so they stay within about this share of the calls.",
     )
+    hop_streams: int = Field(
+        2,
+        ge=0,
+        description="Long-lived streams kept to each next hop of the mesh (router, feature service, model service) "
+        "that carry this service's internal calls as messages (infermesh.hop_streams: about half a unary call's "
+        "cost); 0: one unary gRPC call per request, as before.",
+    )
+    hop_stream_max_inflight: int = Field(
+        256,
+        ge=1,
+        description="Calls one hop stream carries at once: as a caller, more go on another stream or as unary "
+        "calls; as a server, more are refused (RESOURCE_EXHAUSTED).",
+    )
     max_connection_age_grace_s: float = Field(
         30.0, ge=0, description="How long calls on a connection closed for its age may still finish."
     )

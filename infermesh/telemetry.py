@@ -74,7 +74,24 @@ def server_interceptors() -> list[Any]:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return [aio_server_interceptor()]  # type: ignore[no-untyped-call]  # the instrumentation is unannotated
+    inner = aio_server_interceptor()  # type: ignore[no-untyped-call]  # the instrumentation is unannotated
+    return [_UnlessHopStream(inner)]
+
+
+HOP_STREAM_EXCHANGE = "/infermesh.hop.v1.HopStream/Exchange"
+
+
+class _UnlessHopStream(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
+    """The instrumentation's server spans, except for hop streams: a stream lives for many requests, and each of
+    its messages gets a server span of its own in its caller's trace (infermesh.hop_streams)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        if handler_call_details.method == HOP_STREAM_EXCHANGE:
+            return await continuation(handler_call_details)
+        return await self._inner.intercept_service(continuation, handler_call_details)
 
 
 def client_interceptors() -> list[Any]:

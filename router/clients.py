@@ -9,12 +9,12 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infermesh import oip, timing
-from infermesh.channels import client_channel
+from infermesh.channels import HopChannel
 from infermesh.deadline import Deadline
 from infermesh.features import FeatureBlock, FeatureQuery
 from infermesh.method_handlers import error_from_rpc
 from infermesh.priority import DEFAULT_PRIORITY, PRIORITY
-from infermesh.proto import feature_store_pb2, feature_store_pb2_grpc, inference_pb2_grpc
+from infermesh.proto import feature_store_pb2, feature_store_pb2_grpc, inference_pb2
 from infermesh.repository import RepositoryState
 from infermesh.repository_service import RepositoryClient
 from infermesh.statistics import ModelStatistics
@@ -24,9 +24,22 @@ from router.core import ModelAnswer
 
 
 class FeatureServiceClient:
-    def __init__(self, address: str, max_message_bytes: int, tls: ClientTls | None = None) -> None:
-        self.channel = client_channel(address, max_message_bytes, tls)
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int,
+        tls: ClientTls | None = None,
+        streams: int = 0,
+        stream_max_inflight: int = 256,
+    ) -> None:
+        self.hop = HopChannel(address, max_message_bytes, tls, streams, stream_max_inflight)
+        self.channel = self.hop.channel
         self._stub = feature_store_pb2_grpc.FeatureStoreStub(self.channel)
+        self._read = self.hop.internal(
+            "/infermesh.features.v1.FeatureStore/BatchReadFeatures",
+            feature_store_pb2.BatchReadFeaturesRequest.SerializeToString,
+            feature_store_pb2.BatchReadFeaturesResponse.FromString,
+        )
 
     async def read(self, queries: Sequence[FeatureQuery], deadline: Deadline) -> list[FeatureBlock]:
         request = feature_store_pb2.BatchReadFeaturesRequest(
@@ -38,7 +51,7 @@ class FeatureServiceClient:
             ]
         )
         try:
-            response = await self._stub.BatchReadFeatures(request, timeout=deadline.remaining())
+            response = await self._read(request, timeout=deadline.remaining())
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, "feature service") from None
         blocks = []
@@ -65,16 +78,28 @@ class FeatureServiceClient:
         return {view.name: {f.name: f.default_value for f in view.features} for view in response.views}
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.hop.close()
 
 
 class ModelServiceClient:
     """One replica. Inputs travel raw; outputs are read from raw_output_contents."""
 
-    def __init__(self, address: str, max_message_bytes: int, tls: ClientTls | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int,
+        tls: ClientTls | None = None,
+        streams: int = 0,
+        stream_max_inflight: int = 256,
+    ) -> None:
         self.address = address
-        self.channel = client_channel(address, max_message_bytes, tls)
-        self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self.hop = HopChannel(address, max_message_bytes, tls, streams, stream_max_inflight)
+        self.channel = self.hop.channel
+        self._infer = self.hop.internal(
+            "/inference.GRPCInferenceService/ModelInfer",
+            inference_pb2.ModelInferRequest.SerializeToString,
+            inference_pb2.ModelInferResponse.FromString,
+        )
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._repository = RepositoryClient(self.channel, f"model service {address}")
 
@@ -93,7 +118,7 @@ class ModelServiceClient:
         if priority != DEFAULT_PRIORITY:
             request.parameters[PRIORITY].uint64_param = priority
         try:
-            response = await self._stub.ModelInfer(request, timeout=deadline.remaining())
+            response = await self._infer(request, timeout=deadline.remaining())
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error, "model service") from None
         spent = {k: v.string_param for k, v in response.parameters.items() if k in timing.PARTS} if timed else {}
@@ -119,4 +144,4 @@ class ModelServiceClient:
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.hop.close()

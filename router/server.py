@@ -59,7 +59,10 @@ class RouterService(Service):
         settings = self.settings
         tls = settings.client_tls()
         self.prediction_log = open_prediction_log(settings)
-        self.features = FeatureServiceClient(settings.feature_service_address, settings.max_message_bytes, tls)
+        streams, stream_max_inflight = settings.hop_streams, settings.hop_stream_max_inflight
+        self.features = FeatureServiceClient(
+            settings.feature_service_address, settings.max_message_bytes, tls, streams, stream_max_inflight
+        )
         # Replicas found through DNS are called by IP: their certificates must name the Service.
         replica_tls = (
             dataclasses.replace(tls, server_name=settings.model_service_dns.rpartition(":")[0])
@@ -67,7 +70,9 @@ class RouterService(Service):
             else tls
         )
         self.replicas = ReplicaSet(
-            lambda address: ModelServiceClient(address, settings.max_message_bytes, replica_tls),
+            lambda address: ModelServiceClient(
+                address, settings.max_message_bytes, replica_tls, streams, stream_max_inflight
+            ),
             ejection=Ejection(
                 settings.eject_s,
                 settings.eject_consecutive_failures,

@@ -50,6 +50,17 @@ def tls_mesh(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="session")
+def unary_mesh(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    """The mesh with hop streams off: every internal call a unary gRPC call (the fallback setting)."""
+    from tests.e2e.meshes import start_mesh
+
+    unary = {"hop_streams": 0}
+    running = start_mesh(demo_dir, tmp_path_factory.mktemp("unary_mesh"), replicas=1, gateway=unary, router=unary)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One private redis-server for the session; tests that break Redis start their own."""
     server = RedisServer(tmp_path_factory.mktemp("redis"))

@@ -19,10 +19,13 @@ from demo.mesh import LocalMesh
 from tests.e2e.meshes import ALL_MODELS_KEY, DEMO_KEY, LIMITED_KEY, auth, fraud_inputs
 
 
-@pytest.fixture(scope="module", params=["plaintext", "tls"])
+@pytest.fixture(scope="module", params=["plaintext", "tls", "unary"])
 def mesh(request: pytest.FixtureRequest, mesh: LocalMesh) -> LocalMesh:
-    """Every test here runs on the plaintext mesh, then on the mesh with TLS on every hop (conftest's tls_mesh)."""
-    return mesh if request.param == "plaintext" else request.getfixturevalue("tls_mesh")
+    """Every test here runs on the plaintext mesh, on the mesh with TLS on every hop (conftest's tls_mesh), and on
+    the mesh whose internal calls are unary gRPC calls instead of hop-stream messages (conftest's unary_mesh)."""
+    if request.param == "plaintext":
+        return mesh
+    return request.getfixturevalue("tls_mesh" if request.param == "tls" else "unary_mesh")
 
 
 def tls_of(mesh: LocalMesh) -> dict[str, Any]:
