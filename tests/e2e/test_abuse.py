@@ -175,3 +175,28 @@ async def test_refused_large_requests_are_not_kept_in_memory(mesh: LocalMesh) ->
                 await infer(flood, timeout=30, metadata=list(auth().items()))
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert gateway_rss_mib(mesh) - before < 250, "refused requests' bytes stay in memory"
+
+
+async def test_the_public_gateway_serves_no_hop_streams_while_the_router_does(mesh: LocalMesh) -> None:
+    """Hop streams carry the mesh's internal calls; at the edge they would be a way around per-call limits."""
+    from infermesh.hop_streams import EXCHANGE, Frame
+
+    assert mesh.router is not None
+    for address, served in ((mesh.gateway_address, False), (mesh.router.address, True)):
+        async with grpc.aio.insecure_channel(address) as channel:
+            exchange = channel.stream_stream(
+                EXCHANGE, request_serializer=Frame.SerializeToString, response_deserializer=Frame.FromString
+            )
+            stream = exchange()
+            frame = Frame(id=7, method="/inference.GRPCInferenceService/ModelInfer", payload=b"\xff")
+            if served:
+                await stream.write(frame)
+                answer = await stream.read()
+                assert (answer.id, answer.code) == (7, grpc.StatusCode.INVALID_ARGUMENT.value[0])
+                assert "malformed request" in answer.message
+                stream.cancel()
+            else:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stream.write(frame)
+                    await stream.read()
+                assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
