@@ -395,55 +395,40 @@ class HopStreamEndpoint:
         self._draining.set()
 
     async def _exchange(self, frames: Any, context: grpc.aio.ServicerContext) -> None:
-        # Calls still running (a cancel frame cancels one), and answers to write: one writer, so a cancelled
-        # call never interrupts a write half-way. At most max_inflight run; refusals past that are written too,
-        # and a caller that does not read them (twice max_inflight unanswered) is no longer read from.
+        # Calls running by id (a cancel frame cancels one; a call leaves this table before its answer is written,
+        # so a cancel never interrupts a write half-way). Answers are written by the calls' own tasks, one at a
+        # time; refusals by the reader itself, so a caller that does not read its answers stops being read.
         running: dict[int, asyncio.Task[None]] = {}
-        outbox: asyncio.Queue[Any] = asyncio.Queue()
-        unanswered = 0  # taken and not yet written
+        write_lock = asyncio.Lock()
+        unanswered = 0
         loop = asyncio.get_running_loop()
         idle = asyncio.Event()
         idle.set()
 
-        room = asyncio.Event()  # set while fewer than twice max_inflight frames are unanswered
-
-        def answered() -> None:
-            nonlocal unanswered
-            unanswered -= 1
-            room.set()
-            if not unanswered:
-                idle.set()
+        async def send(reply: Any) -> None:
+            async with write_lock:
+                await context.write(reply)
 
         async def answer(frame: Any) -> None:
-            try:
-                reply = await self._run(frame, context)
-            except asyncio.CancelledError:  # the caller gave up: nothing to answer
-                answered()
-                return
-            finally:
-                running.pop(frame.id, None)
-            outbox.put_nowait(reply)
-
-        async def write() -> None:
-            while True:
-                reply = await outbox.get()
-                try:
-                    await context.write(reply)
-                finally:
-                    answered()
-
-        def refuse(call_id: int, code: grpc.StatusCode, message: str) -> None:
             nonlocal unanswered
-            unanswered += 1
-            idle.clear()
-            outbox.put_nowait(Frame(id=call_id, code=code.value[0], message=message))
+            try:
+                try:
+                    reply = await self._run(frame, context)
+                finally:
+                    running.pop(frame.id, None)
+                await send(reply)
+            except asyncio.CancelledError:  # the caller gave up (or the stream ended): nothing to answer
+                pass
+            except Exception:  # the stream is gone: nobody is left to answer
+                pass
+            finally:
+                unanswered -= 1
+                if not unanswered:
+                    idle.set()
 
         async def read() -> None:
             nonlocal unanswered
             async for frame in frames:
-                while unanswered >= 2 * self._max_inflight:  # a caller not reading its answers: stop reading
-                    room.clear()
-                    await room.wait()
                 if frame is None:  # unparseable: without an id there is nothing to answer; the stream is unusable
                     return
                 if frame.cancel:
@@ -451,28 +436,29 @@ class HopStreamEndpoint:
                     if task is not None:
                         task.cancel()
                     continue
+                refusal = None
                 if self._draining.is_set():
-                    refuse(frame.id, grpc.StatusCode.UNAVAILABLE, "draining: send it again elsewhere")
-                    continue
-                if unanswered >= self._max_inflight or frame.id in running:
-                    refuse(frame.id, grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in flight on this hop stream")
+                    refusal = (grpc.StatusCode.UNAVAILABLE, "draining: send it again elsewhere")
+                elif unanswered >= self._max_inflight or frame.id in running:
+                    refusal = (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in flight on this hop stream")
+                if refusal is not None:
+                    try:
+                        await send(Frame(id=frame.id, code=refusal[0].value[0], message=refusal[1]))
+                    except Exception:  # the stream is gone
+                        return
                     continue
                 unanswered += 1
                 idle.clear()
                 running[frame.id] = loop.create_task(answer(frame))
 
         reader = loop.create_task(read())
-        writer = loop.create_task(write())
         draining = loop.create_task(self._draining.wait())
         try:
-            await asyncio.wait((reader, draining, writer), return_when=asyncio.FIRST_COMPLETED)
-            if not writer.done():
-                # The caller is done writing, or the server drains: answer what was taken, then end the stream.
-                idle_wait = loop.create_task(idle.wait())
-                await asyncio.wait((idle_wait, writer), return_when=asyncio.FIRST_COMPLETED)
-                idle_wait.cancel()
+            await asyncio.wait((reader, draining), return_when=asyncio.FIRST_COMPLETED)
+            # The caller is done writing, or the server drains: answer what was taken, then end the stream.
+            await idle.wait()
         finally:
-            for task in (reader, draining, writer, *running.values()):
+            for task in (reader, draining, *running.values()):
                 task.cancel()
 
     async def _run(self, frame: Any, stream_context: grpc.aio.ServicerContext) -> Any:
