@@ -1008,6 +1008,20 @@ SPEED_CHANGES = (
         "a loaded machine), two 6 s rounds at c=64 through the gateway, CPU from /proc: CPU per request unchanged "
         "within this machine's noise (prediction log off: the fraud model does not opt in)",
     ),
+    (
+        "internal hops on hop streams (#17): a call to a quiet peer as a message on a long-lived stream, "
+        "other calls unary (`*_HOP_STREAM_QUIET_US` 500)",
+        "unary calls: c=1 p50 5.18 / 5.22 / 5.11 / 4.80 / 5.08 / 4.98 / 5.00 ms; CPU per request of the whole "
+        "mesh at c=1 5.07 / 4.93 / 4.88 / 4.82 ms, at c=64 0.536 / 0.552 / 0.554 / 0.613 ms (2,613 / 2,544 / "
+        "2,511 / 2,210 req/s)",
+        "c=1 p50 4.34 / 4.22 ms, CPU 4.37 / 4.22 ms; c=64 0.590 / 0.598 ms (2,364 / 2,349 req/s). Every call "
+        "on a stream: c=1 4.49 / 4.45 / 4.66 ms but c=64 2,242 / 2,455 / 2,327 req/s against 2,678 / 2,394 / "
+        "2,652 unary",
+        "scenario 1 at c=1 and c=64 (8 s) and a CPU probe (/proc, every process of the mesh), alternating "
+        "unary and streams: c=1 p50 and CPU -13 %; c=64 CPU +2 % on average, within this machine's noise. All "
+        "calls on streams (and 1 or 2 per stream) cost 5-10 % more CPU at c=64, hence the quiet rule "
+        "(docs/performance.md)",
+    ),
 )
 FIXED_DEFECTS = (
     "Overload at 3x capacity: accepted requests waited 5-8 s in gRPC core's backlog of calls the saturated event "

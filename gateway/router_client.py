@@ -45,9 +45,9 @@ class RouterClient:
         budget_ratio: float = 0.1,
         tls: ClientTls | None = None,
         streams: int = 0,
-        stream_max_inflight: int = 256,
+        stream_quiet_s: float | None = None,
     ) -> None:
-        self.hop = HopChannel(target, max_message_bytes, tls, streams, stream_max_inflight)
+        self.hop = HopChannel(target, max_message_bytes, tls, streams, stream_quiet_s)
         self.channel = self.hop.channel
         # No (de)serializers: bytes in, bytes out.
         self._infer = self.hop.internal("/inference.GRPCInferenceService/ModelInfer")

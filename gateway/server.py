@@ -42,7 +42,7 @@ class GatewayService(Service):
             settings.retry_budget_ratio,
             settings.client_tls(),
             settings.hop_streams,
-            settings.hop_stream_max_inflight,
+            settings.hop_stream_quiet_us / 1e6,
         )
         router_calls = RouterCalls(
             self.router,

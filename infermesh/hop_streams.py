@@ -11,8 +11,9 @@ wrapped unary handler (status mapping, metrics, deadlines, credentials) as if it
 Failure and bounds:
 - A broken stream (peer killed, connection lost) fails only its calls in flight, as UNAVAILABLE with no
   `infermesh-answered-by`: the one kind of failure callers send again, within their deadlines, elsewhere.
-- Each stream carries at most `max_inflight` calls (the server refuses more with RESOURCE_EXHAUSTED); when every
-  stream of a peer is full a call goes as a plain unary call: no buffer grows.
+- A caller puts at most `calls_per_stream` calls on one stream, and with `quiet_s` only a call to a quiet peer
+  (none in flight, the last ended `quiet_s` ago): otherwise the call goes as a plain unary call, which costs less
+  under load (docs/performance.md). A server refuses past its own bound (RESOURCE_EXHAUSTED): no buffer grows.
 - A call's deadline travels with it and is kept by the caller: at the deadline (or when the caller is cancelled)
   the call fails at once and a cancel message stops its work on the server.
 - A draining server answers new messages UNAVAILABLE (unanswered: sent again elsewhere) and closes each stream
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -72,7 +74,7 @@ class _Stream:
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.broken = False
         self.retire_at = time.monotonic() + max_age_s
-        # Bounded in effect: one request frame per pending call (at most max_inflight) plus their cancels.
+        # Bounded in effect: one request frame per pending call (at most calls_per_stream) plus their cancels.
         self._outbox: asyncio.Queue[Any] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self._reader = loop.create_task(self._read())
@@ -142,9 +144,19 @@ class _Stream:
 
 class HopStreams:
     """The streams to one peer (a channel): up to `count` of them, opened when first needed and again after
-    one breaks or retires. A call takes the stream with the fewest calls in flight."""
+    one breaks or retires. A call takes the stream with the fewest calls in flight. With `quiet_s`, a call takes a
+    stream only when the caller's calls to the peer have been quiet (none in flight, the last ended `quiet_s` ago or
+    more), and goes as a unary call otherwise: a stream saves a unary call's set-up at low load, while under load
+    unary calls share gRPC core's batched writes and wake-ups and cost less (docs/performance.md)."""
 
-    def __init__(self, channel: grpc.aio.Channel, count: int, max_inflight: int, max_age_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        count: int,
+        calls_per_stream: int = 256,
+        quiet_s: float | None = None,
+        max_age_s: float = 300.0,
+    ) -> None:
         if count < 1:
             raise ValueError("a HopStreams needs at least one stream")
         self._channel = channel
@@ -152,9 +164,22 @@ class HopStreams:
             EXCHANGE, request_serializer=Frame.SerializeToString, response_deserializer=Frame.FromString
         )
         self._streams: list[_Stream | None] = [None] * count
-        self._max_inflight = max_inflight
+        self._calls_per_stream = calls_per_stream
         self._max_age_s = max_age_s
         self._ids = itertools.count(1)
+        self._quiet_s = quiet_s
+        self._calls = 0  # in flight to the peer, on streams or not
+        self._last_end = -math.inf
+
+    def begin(self) -> bool:
+        """A call to the peer starts (end() must follow): whether it should go on a stream."""
+        quiet = self._quiet_s is None or (not self._calls and time.monotonic() - self._last_end >= self._quiet_s)
+        self._calls += 1
+        return quiet
+
+    def end(self) -> None:
+        self._calls -= 1
+        self._last_end = time.monotonic()
 
     def unary_unary(
         self,
@@ -177,9 +202,10 @@ class HopStreams:
                     stream.maybe_finish()
                 stream = _Stream(self._exchange, self._max_age_s)
                 self._streams[slot] = stream
-            if len(stream.pending) < self._max_inflight and (best is None or len(stream.pending) < len(best.pending)):
+            calls = len(stream.pending)
+            if calls < self._calls_per_stream and (best is None or calls < len(best.pending)):
                 best = stream
-                if not stream.pending:
+                if not calls:
                     break
         return best
 
@@ -262,12 +288,18 @@ class StreamedMethod:
         return await self._send(request, timeout, metadata)
 
     async def _send(self, request: Any, timeout_s: float | None, metadata: Metadata | None) -> Any:
-        payload = self._serialize(request) if self._serialize is not None else request
+        streams = self._streams
         try:
-            answer = await self._streams.call(self._method, payload, timeout_s, metadata)
-        except _AllStreamsFull:
+            if streams.begin():
+                payload = self._serialize(request) if self._serialize is not None else request
+                try:
+                    answer = await streams.call(self._method, payload, timeout_s, metadata)
+                    return self._deserialize(answer) if self._deserialize is not None else answer
+                except _AllStreamsFull:
+                    pass
             return await self._fallback(request, timeout=timeout_s, metadata=metadata)
-        return self._deserialize(answer) if self._deserialize is not None else answer
+        finally:
+            streams.end()
 
     async def _traced(self, request: Any, timeout_s: float | None, metadata: Metadata | None) -> Any:
         """A client span per call, its `traceparent` in the message's metadata (as the unary path's interceptor)."""

@@ -74,17 +74,23 @@ class ServiceSettings(BaseSettings):
         "so they stay within about this share of the calls.",
     )
     hop_streams: int = Field(
-        2,
+        1,
         ge=0,
         description="Long-lived streams kept to each next hop of the mesh (router, feature service, model service) "
         "that carry this service's internal calls as messages (infermesh.hop_streams: about half a unary call's "
         "cost); 0: one unary gRPC call per request, as before.",
     )
+    hop_stream_quiet_us: int = Field(
+        500,
+        ge=0,
+        description="A call goes on a hop stream only when this service's calls to that peer have been quiet: none "
+        "in flight and the last one ended at least this many microseconds before; otherwise it is a unary call "
+        "(a stream saves a call's set-up at low load; under load unary calls cost less).",
+    )
     hop_stream_max_inflight: int = Field(
         256,
         ge=1,
-        description="Calls one hop stream carries at once: as a caller, more go on another stream or as unary "
-        "calls; as a server, more are refused (RESOURCE_EXHAUSTED).",
+        description="Calls one hop stream may carry at once into this service; more are refused (RESOURCE_EXHAUSTED).",
     )
     max_connection_age_grace_s: float = Field(
         30.0, ge=0, description="How long calls on a connection closed for its age may still finish."

@@ -219,8 +219,8 @@ async def test_a_broken_stream_fails_only_its_calls_as_never_answered_and_the_ne
 
 async def test_a_full_stream_sends_the_call_unary_and_the_server_bounds_what_a_stream_carries() -> None:
     served = await start_server(max_inflight=2)
-    bounded = HopChannel(served.address, streams=1, stream_max_inflight=1)
-    greedy = HopChannel(served.address, streams=1, stream_max_inflight=10)
+    bounded = HopChannel(served.address, streams=1, calls_per_stream=1)
+    greedy = HopChannel(served.address, streams=1, calls_per_stream=10)
     try:
         held = asyncio.create_task(bounded.internal(METHOD)(b"hold", timeout=30))
         await held_by(served.echo, 1)
@@ -239,6 +239,36 @@ async def test_a_full_stream_sends_the_call_unary_and_the_server_bounds_what_a_s
         await bounded.close()
         await greedy.close()
         await served.server.stop(None)
+
+
+async def test_with_quiet_s_only_a_call_to_a_quiet_peer_takes_a_stream(served: Server) -> None:
+    """The mesh's rule: a stream when the caller's calls to the peer have been quiet, a unary call under load."""
+    hop = HopChannel(served.address, streams=2, quiet_s=60.0)
+    call = hop.internal(METHOD)
+
+    def on_stream() -> bool:
+        return isinstance(served.echo.contexts[-1], FrameContext)
+
+    try:
+        held = asyncio.create_task(call(b"hold", timeout=30))
+        await held_by(served.echo, 1)
+        assert on_stream()  # nothing before it: quiet
+        assert await call(b"echo:concurrent", timeout=5) == b"concurrent"
+        assert not on_stream()  # one in flight: unary
+        served.echo.held.set()
+        assert await held == b"released"
+        assert await call(b"echo:right-after", timeout=5) == b"right-after"
+        assert not on_stream()  # the last one ended under quiet_s ago: unary
+    finally:
+        await hop.close()
+
+    quick = HopChannel(served.address, streams=1, quiet_s=0.0)
+    try:
+        for word in ("one", "two"):  # one after the other, none in flight: each on the stream
+            assert await quick.internal(METHOD)(f"echo:{word}".encode(), timeout=5) == word.encode()
+            assert on_stream()
+    finally:
+        await quick.close()
 
 
 async def test_a_draining_server_answers_what_it_took_and_sends_new_calls_elsewhere(served: Server) -> None:
