@@ -77,6 +77,7 @@ class ModelServiceCore(DataplaneBase):
             statistics=statistics,
             cold_window_s=self.settings.cold_window_s,
             replica=self.settings.replica_id,
+            inline_forward_max_s=self.settings.inline_forward_max_us / 1e6,
         )
         batcher.start()
         return batcher

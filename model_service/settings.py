@@ -49,6 +49,12 @@ class ModelServiceSettings(ServiceSettings):
         description="Cold starts (M8): requests a version serves within this many seconds of becoming READY count as "
         "cold (infermesh_cold_requests_total); the first one's latency is kept. 0: not counted.",
     )
+    inline_forward_max_us: int = Field(
+        500,
+        ge=0,
+        description="A forward pass that recently took under this many microseconds runs on the event loop when "
+        "nothing else is queued, instead of a hand-off to the worker thread and back (two thread wake-ups); 0: never.",
+    )
     inject_delay_ms: float = Field(
         0.0, ge=0.0, description="Test/bench only: extra delay per batch, to simulate a slow replica."
     )

@@ -258,6 +258,71 @@ async def test_forward_runs_in_one_initialised_worker_thread() -> None:
     assert threading.current_thread().name not in forward_threads  # the event loop's thread stays free
 
 
+async def test_a_fast_pass_at_low_load_runs_on_the_event_loop_and_a_slow_or_queued_one_in_the_thread() -> None:
+    """inline_forward_max_s: after a first pass in the worker thread measured fast, a lone request's pass runs on the
+    event loop's thread (configured by the same initializer); a pass expected to take longer, or one with requests
+    queued behind it, goes to the worker thread."""
+    initialised: list[str] = []
+    forward_threads: list[str] = []
+    delay_s = 0.0
+
+    def model(inputs: Arrays) -> Arrays:
+        forward_threads.append(threading.current_thread().name)
+        if delay_s:
+            time.sleep(delay_s)
+        return {"y": inputs["x"] * 2}
+
+    batching = DynamicBatching(enabled=False, max_queue_size=8)
+    batcher = Batcher(
+        "m",
+        "1",
+        model,
+        8,
+        batching,
+        thread_initializer=lambda: initialised.append(threading.current_thread().name),
+        inline_forward_max_s=0.05,
+    )
+    loop_thread = threading.current_thread().name
+    try:
+        for value in range(3):  # one at a time: nothing queued behind any of them
+            result = await batcher.submit(rows(1, start=value), 1)
+            np.testing.assert_array_equal(result["y"], rows(1, start=value)["x"] * 2)
+        worker = forward_threads[0]
+        assert worker != loop_thread  # nothing measured yet: the first pass takes the thread
+        assert forward_threads[1:] == [loop_thread, loop_thread]
+        assert initialised == [worker, loop_thread]
+
+        # Requests queued behind a pass: the thread, so the loop keeps taking requests meanwhile.
+        forward_threads.clear()
+        await asyncio.gather(*(batcher.submit(rows(1), 1) for _ in range(3)))
+        assert forward_threads[0] == worker
+
+        # A pass that got slow (0.3 s: the average passes 0.05 s at once) sends the next lone one back to the thread.
+        delay_s = 0.3
+        forward_threads.clear()
+        for _ in range(2):
+            await batcher.submit(rows(1), 1)
+        assert forward_threads == [loop_thread, worker]
+    finally:
+        await batcher.close()
+
+
+async def test_inline_forward_is_off_by_default() -> None:
+    forward_threads: set[str] = set()
+
+    def model(inputs: Arrays) -> Arrays:
+        forward_threads.add(threading.current_thread().name)
+        return {"y": inputs["x"]}
+
+    batcher = Batcher("m", "1", model, 8, DynamicBatching(enabled=False, max_queue_size=8))
+    try:
+        for _ in range(3):
+            await batcher.submit(rows(1), 1)
+    finally:
+        await batcher.close()
+    assert threading.current_thread().name not in forward_threads
+
+
 async def test_each_version_has_its_own_queue_depth_series() -> None:
     """Two versions of one model served at once: two series, not one that the last writer wins."""
     from prometheus_client import REGISTRY
