@@ -271,8 +271,9 @@ def ingest(
     def requests() -> Iterator[fpb.WriteFeaturesRequest]:
         try:
             yield from file_requests()
-        except BaseException as error:
+        except Exception as error:
             # gRPC would end the call as UNKNOWN "Exception iterating requests!": keep the reason to report it.
+            # (Not GeneratorExit: that is gRPC closing this generator because the call ended, e.g. refused.)
             failures.append(error)
             raise
 
