@@ -1032,6 +1032,14 @@ SPEED_CHANGES = (
         "process), 8 s at c=64 and 5 s at c=1: the model service -13 % CPU per request at c=1, no loss at "
         "c=64; end-to-end p50 within this machine's noise",
     ),
+    (
+        "hop streams and the inline forward pass together, against NVIDIA Triton (`vs_triton.sh` under `make run`)",
+        "internal hops unary, forward passes on the worker thread: p50 at c=1 1.92x Triton's (5.15 vs 2.68 "
+        "ms), c=64 throughput 0.88x (2,581 vs 2,949 req/s)",
+        "1.62x (4.57 vs 2.81 ms) and 1.71x (4.48 vs 2.62 ms); 0.92x (2,630 vs 2,867) and 0.88x (2,453 vs 2,779 req/s)",
+        "three runs of the script one after another (after, before, after), 8 s per point, Triton measured in "
+        "each: c=1 closer to Triton by 11-16 %, c=64 unchanged within noise",
+    ),
 )
 FIXED_DEFECTS = (
     "Overload at 3x capacity: accepted requests waited 5-8 s in gRPC core's backlog of calls the saturated event "
