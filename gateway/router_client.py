@@ -45,9 +45,9 @@ class RouterClient:
         budget_ratio: float = 0.1,
         tls: ClientTls | None = None,
         streams: int = 0,
-        stream_quiet_s: float | None = None,
+        streams_only_when_idle: bool = False,
     ) -> None:
-        self.hop = HopChannel(target, max_message_bytes, tls, streams, stream_quiet_s)
+        self.hop = HopChannel(target, max_message_bytes, tls, streams, streams_only_when_idle)
         self.channel = self.hop.channel
         # No (de)serializers: bytes in, bytes out.
         self._infer = self.hop.internal("/inference.GRPCInferenceService/ModelInfer")

@@ -42,7 +42,7 @@ class GatewayService(Service):
             settings.retry_budget_ratio,
             settings.client_tls(),
             settings.hop_streams,
-            settings.hop_stream_quiet_us / 1e6,
+            not settings.hop_streams_under_load,
         )
         router_calls = RouterCalls(
             self.router,

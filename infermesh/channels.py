@@ -56,11 +56,11 @@ class HopChannel:
         max_message_bytes: int = 64 * 1024 * 1024,
         tls: ClientTls | None = None,
         streams: int = 0,
-        quiet_s: float | None = None,
+        only_when_idle: bool = False,
         calls_per_stream: int = 256,
     ) -> None:
         self.channel = client_channel(target, max_message_bytes, tls)
-        self.streams = HopStreams(self.channel, streams, calls_per_stream, quiet_s) if streams else None
+        self.streams = HopStreams(self.channel, streams, calls_per_stream, only_when_idle) if streams else None
 
     def internal(
         self,

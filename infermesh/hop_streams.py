@@ -11,9 +11,9 @@ wrapped unary handler (status mapping, metrics, deadlines, credentials) as if it
 Failure and bounds:
 - A broken stream (peer killed, connection lost) fails only its calls in flight, as UNAVAILABLE with no
   `infermesh-answered-by`: the one kind of failure callers send again, within their deadlines, elsewhere.
-- A caller puts at most `calls_per_stream` calls on one stream, and with `quiet_s` only a call to a quiet peer
-  (none in flight, the last ended `quiet_s` ago): otherwise the call goes as a plain unary call, which costs less
-  under load (docs/performance.md). A server refuses past its own bound (RESOURCE_EXHAUSTED): no buffer grows.
+- A caller puts at most `calls_per_stream` calls on one stream, and with `only_when_idle` only a call made while
+  no other call of the process is in flight: otherwise the call goes as a plain unary call, which costs less under
+  load (docs/performance.md). A server refuses past its own bound (RESOURCE_EXHAUSTED): no buffer grows.
 - A call's deadline travels with it and is kept by the caller: at the deadline (or when the caller is cancelled)
   the call fails at once and a cancel message stops its work on the server.
 - A draining server answers new messages UNAVAILABLE (unanswered: sent again elsewhere) and closes each stream
@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -144,9 +143,9 @@ class _Stream:
 
 class HopStreams:
     """The streams to one peer (a channel): up to `count` of them, opened when first needed and again after
-    one breaks or retires. A call takes the stream with the fewest calls in flight. With `quiet_s`, a call takes a
-    stream only when the caller's calls to the peer have been quiet (none in flight, the last ended `quiet_s` ago or
-    more), and goes as a unary call otherwise: a stream saves a unary call's set-up at low load, while under load
+    one breaks or retires. A call takes the stream with the fewest calls in flight. With `only_when_idle`, a call takes
+    a stream only when no other call through hop streams of this process (to any peer) is in flight, and goes as a
+    unary call otherwise: a stream saves a unary call's set-up at low load, while under load
     unary calls share gRPC core's batched writes and wake-ups and cost less (docs/performance.md)."""
 
     def __init__(
@@ -154,7 +153,7 @@ class HopStreams:
         channel: grpc.aio.Channel,
         count: int,
         calls_per_stream: int = 256,
-        quiet_s: float | None = None,
+        only_when_idle: bool = False,
         max_age_s: float = 300.0,
     ) -> None:
         if count < 1:
@@ -167,19 +166,19 @@ class HopStreams:
         self._calls_per_stream = calls_per_stream
         self._max_age_s = max_age_s
         self._ids = itertools.count(1)
-        self._quiet_s = quiet_s
-        self._calls = 0  # in flight to the peer, on streams or not
-        self._last_end = -math.inf
+        self._only_when_idle = only_when_idle
+
+    # Calls in flight through any HopStreams of this process (one event loop), on streams or not.
+    process_calls = 0
 
     def begin(self) -> bool:
-        """A call to the peer starts (end() must follow): whether it should go on a stream."""
-        quiet = self._quiet_s is None or (not self._calls and time.monotonic() - self._last_end >= self._quiet_s)
-        self._calls += 1
-        return quiet
+        """A call starts (end() must follow): whether it should go on a stream."""
+        idle = not HopStreams.process_calls
+        HopStreams.process_calls += 1
+        return idle or not self._only_when_idle
 
     def end(self) -> None:
-        self._calls -= 1
-        self._last_end = time.monotonic()
+        HopStreams.process_calls -= 1
 
     def unary_unary(
         self,

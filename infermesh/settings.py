@@ -80,12 +80,11 @@ class ServiceSettings(BaseSettings):
         "that carry this service's internal calls as messages (infermesh.hop_streams: about half a unary call's "
         "cost); 0: one unary gRPC call per request, as before.",
     )
-    hop_stream_quiet_us: int = Field(
-        500,
-        ge=0,
-        description="A call goes on a hop stream only when this service's calls to that peer have been quiet: none "
-        "in flight and the last one ended at least this many microseconds before; otherwise it is a unary call "
-        "(a stream saves a call's set-up at low load; under load unary calls cost less).",
+    hop_streams_under_load: bool = Field(
+        False,
+        description="false: a call goes on a hop stream only while no other internal call of this service is in "
+        "flight (low load), else as a unary call, which costs less under load; true: every call on a stream that has "
+        "room.",
     )
     hop_stream_max_inflight: int = Field(
         256,

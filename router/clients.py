@@ -30,9 +30,9 @@ class FeatureServiceClient:
         max_message_bytes: int,
         tls: ClientTls | None = None,
         streams: int = 0,
-        stream_quiet_s: float | None = None,
+        streams_only_when_idle: bool = False,
     ) -> None:
-        self.hop = HopChannel(address, max_message_bytes, tls, streams, stream_quiet_s)
+        self.hop = HopChannel(address, max_message_bytes, tls, streams, streams_only_when_idle)
         self.channel = self.hop.channel
         self._stub = feature_store_pb2_grpc.FeatureStoreStub(self.channel)
         self._read = self.hop.internal(
@@ -90,10 +90,10 @@ class ModelServiceClient:
         max_message_bytes: int,
         tls: ClientTls | None = None,
         streams: int = 0,
-        stream_quiet_s: float | None = None,
+        streams_only_when_idle: bool = False,
     ) -> None:
         self.address = address
-        self.hop = HopChannel(address, max_message_bytes, tls, streams, stream_quiet_s)
+        self.hop = HopChannel(address, max_message_bytes, tls, streams, streams_only_when_idle)
         self.channel = self.hop.channel
         self._infer = self.hop.internal(
             "/inference.GRPCInferenceService/ModelInfer",

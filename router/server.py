@@ -59,9 +59,9 @@ class RouterService(Service):
         settings = self.settings
         tls = settings.client_tls()
         self.prediction_log = open_prediction_log(settings)
-        streams, stream_quiet_s = settings.hop_streams, settings.hop_stream_quiet_us / 1e6
+        streams, only_when_idle = settings.hop_streams, not settings.hop_streams_under_load
         self.features = FeatureServiceClient(
-            settings.feature_service_address, settings.max_message_bytes, tls, streams, stream_quiet_s
+            settings.feature_service_address, settings.max_message_bytes, tls, streams, only_when_idle
         )
         # Replicas found through DNS are called by IP: their certificates must name the Service.
         replica_tls = (
@@ -71,7 +71,7 @@ class RouterService(Service):
         )
         self.replicas = ReplicaSet(
             lambda address: ModelServiceClient(
-                address, settings.max_message_bytes, replica_tls, streams, stream_quiet_s
+                address, settings.max_message_bytes, replica_tls, streams, only_when_idle
             ),
             ejection=Ejection(
                 settings.eject_s,

@@ -241,9 +241,12 @@ async def test_a_full_stream_sends_the_call_unary_and_the_server_bounds_what_a_s
         await served.server.stop(None)
 
 
-async def test_with_quiet_s_only_a_call_to_a_quiet_peer_takes_a_stream(served: Server) -> None:
-    """The mesh's rule: a stream when the caller's calls to the peer have been quiet, a unary call under load."""
-    hop = HopChannel(served.address, streams=2, quiet_s=60.0)
+async def test_only_when_idle_a_call_takes_a_stream_while_no_other_call_of_the_process_is_in_flight(
+    served: Server,
+) -> None:
+    """The mesh's rule: a stream at low load, a unary call while other internal calls are in flight."""
+    hop = HopChannel(served.address, streams=2, only_when_idle=True)
+    other_peer = HopChannel(served.address, streams=1, only_when_idle=True)  # another channel: the count is shared
     call = hop.internal(METHOD)
 
     def on_stream() -> bool:
@@ -252,23 +255,19 @@ async def test_with_quiet_s_only_a_call_to_a_quiet_peer_takes_a_stream(served: S
     try:
         held = asyncio.create_task(call(b"hold", timeout=30))
         await held_by(served.echo, 1)
-        assert on_stream()  # nothing before it: quiet
+        assert on_stream()  # nothing else in flight
         assert await call(b"echo:concurrent", timeout=5) == b"concurrent"
         assert not on_stream()  # one in flight: unary
+        assert await other_peer.internal(METHOD)(b"echo:elsewhere", timeout=5) == b"elsewhere"
+        assert not on_stream()  # in flight to another peer counts too
         served.echo.held.set()
         assert await held == b"released"
-        assert await call(b"echo:right-after", timeout=5) == b"right-after"
-        assert not on_stream()  # the last one ended under quiet_s ago: unary
-    finally:
-        await hop.close()
-
-    quick = HopChannel(served.address, streams=1, quiet_s=0.0)
-    try:
-        for word in ("one", "two"):  # one after the other, none in flight: each on the stream
-            assert await quick.internal(METHOD)(f"echo:{word}".encode(), timeout=5) == word.encode()
+        for word in ("one", "two"):  # one after the other, nothing else in flight: each on a stream
+            assert await call(f"echo:{word}".encode(), timeout=5) == word.encode()
             assert on_stream()
     finally:
-        await quick.close()
+        await hop.close()
+        await other_peer.close()
 
 
 async def test_a_draining_server_answers_what_it_took_and_sends_new_calls_elsewhere(served: Server) -> None:
