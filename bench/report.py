@@ -1071,6 +1071,18 @@ SPEED_CHANGES = (
         "two runs of the script, 8 s per point, Triton measured in each (its load generator, in PyTriton's "
         "venv, keeps gRPC's default engine): c=1 closer to Triton by another ~10 %; c=64 unchanged against it",
     ),
+    (
+        "the public gateway back on gRPC's EventEngine, the internal services alone on the epoll engine "
+        "(`infermesh/grpc_engine.py`: set for the import of grpc only, so child processes are not affected)",
+        "every process on the epoll engine: scenario 7 (`--quick`, 3x capacity) accepted 1,041 / 1,041 / "
+        "1,031 / 1,131 req/s, p99 from send 518-559 ms; `vs_triton.sh` p50 at c=1 1.45x / 1.52x, c=64 0.88x / "
+        "0.93x",
+        "accepted 1,815 / 2,759 req/s, p99 from send 359-366 ms (every process on EventEngine: 2,038 / "
+        "2,411); 1.64x / 1.60x, 0.79x / 0.88x",
+        "scenario 7 quick, two runs per variant, and the gateway alone switched (2,017 / 1,592 req/s) to find "
+        "the process that mattered; two `vs_triton.sh` runs: the edge keeps its flood behaviour for ~0.1 ms "
+        "more CPU per request at c=1",
+    ),
 )
 FIXED_DEFECTS = (
     "Overload at 3x capacity: accepted requests waited 5-8 s in gRPC core's backlog of calls the saturated event "

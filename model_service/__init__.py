@@ -1,3 +1,5 @@
 """Model service: serves TorchScript models over the Open Inference Protocol, with dynamic batching."""
 
-import infermesh  # noqa: F401  # first: picks gRPC's I/O engine before grpc is imported (infermesh/__init__.py)
+from infermesh.grpc_engine import import_grpc_on_epoll
+
+import_grpc_on_epoll()  # first, before anything imports grpc: the internal services run gRPC's epoll engine
