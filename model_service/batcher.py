@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -103,7 +104,7 @@ class Batcher:
         # the event loop itself: handing it to the worker thread and back costs two thread wake-ups, more than a
         # tiny model's pass. The average starts above the bound, so the first passes always take the thread.
         self._inline_max_s = inline_forward_max_s if not inject_delay_s else 0.0
-        self._forward_average_s = float("inf")
+        self._forward_average_s = math.inf
         self._forward_average_rows = 1.0  # the passes averaged: a larger batch is expected to take longer in proportion
         self._thread_initializer = thread_initializer
         self._loop_thread_configured = False
@@ -415,7 +416,7 @@ class Batcher:
         self._forward_latency.observe(took_s)
         rows = next(iter(inputs.values())).shape[0] if inputs else 1
         average = self._forward_average_s
-        if average == float("inf"):
+        if average == math.inf:
             self._forward_average_s, self._forward_average_rows = took_s, float(max(rows, 1))
         else:
             self._forward_average_s = average + 0.2 * (took_s - average)
