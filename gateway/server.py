@@ -16,7 +16,7 @@ from gateway.online_accuracy import OnlineAccuracy
 from gateway.router_calls import RouterCalls
 from gateway.router_client import RouterClient
 from gateway.settings import GatewaySettings
-from infermesh import oip_servicer, prediction_index
+from infermesh import heap, oip_servicer, prediction_index
 from infermesh.errors import DomainError
 from infermesh.service import Service
 
@@ -34,6 +34,7 @@ class GatewayService(Service):
 
     async def register(self, server: Any) -> list[str]:
         settings = self.settings
+        heap.reuse_message_buffers(settings.max_message_bytes)
         self.router = RouterClient(
             settings.router_address,
             settings.max_message_bytes,

@@ -10,7 +10,6 @@ load. Without a pin a version is refused too, unless `require_pinned_digest` is 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import io
 import logging
@@ -24,6 +23,7 @@ import torch
 
 from infermesh.drift import MAX_PROFILE_BYTES, PROFILE_FILE, profile_for
 from infermesh.errors import DomainError, InvalidInput, NotFound
+from infermesh.heap import return_large_blocks_to_the_os
 from infermesh.model_config import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -58,23 +58,6 @@ TORCH_DTYPE: dict[str, torch.dtype] = {
     "FP64": torch.float64,
     "BF16": torch.bfloat16,
 }
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-LARGE_BLOCK_BYTES = 128 * 1024
-
-
-def return_large_blocks_to_the_os() -> bool:
-    """Fix glibc's mmap threshold (its default, 128 KiB) so that it no longer grows. glibc raises the threshold to
-    the size of each large block freed (up to 32 MiB): after a model's weights are freed once, the next model's
-    weights come from the heap, and loading and unloading models fragments it, so RSS drifts by tens of MiB. A fixed
-    threshold keeps every weight tensor in its own mapping, returned to the OS when freed. False where there is no
-    glibc (nothing to do there)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES))
-    except (OSError, AttributeError):
-        return False
 
 
 def resolve_device(name: str) -> torch.device:
