@@ -41,6 +41,19 @@ class DomainError(Exception):
     code: ClassVar[Code] = Code.INTERNAL
 
 
+# A status message travels in a header, and clients refuse large headers (gRPC's default limit is 8 KiB): a
+# message quoting what the client sent (a 10 KB model name in a NOT_FOUND) would reach it as RESOURCE_EXHAUSTED.
+MAX_CLIENT_MESSAGE_CHARS = 1024
+
+
+def client_message(error: DomainError) -> str:
+    """The error's message as the client gets it: cut to a size every client accepts."""
+    message = str(error)
+    if len(message) <= MAX_CLIENT_MESSAGE_CHARS:
+        return message
+    return message[: MAX_CLIENT_MESSAGE_CHARS - 3] + "..."
+
+
 class InvalidInput(DomainError):
     """Malformed request: names the tensor and the problem."""
 

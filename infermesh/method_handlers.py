@@ -36,7 +36,7 @@ def _status_details(error: errors.DomainError) -> tuple[tuple[str, bytes], ...]:
     delay.FromNanoseconds(max(1, int(retry_after_s * 1e9)))
     detail = AnyMessage()
     detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    status = status_pb2.Status(code=error.code, message=str(error), details=[detail])
+    status = status_pb2.Status(code=error.code, message=errors.client_message(error), details=[detail])
     return ((_STATUS_DETAILS_KEY, status.SerializeToString()),)
 
 
@@ -51,7 +51,7 @@ def _refusal(
 ) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
     """What aborting a call with this error sends: its status, its message, its rich details, and which service
     answered (a caller must not retry what a hop already retried: it only retries a hop it never reached)."""
-    return status_for(error), str(error), (*_status_details(error), (ANSWERED_BY, service))
+    return status_for(error), errors.client_message(error), (*_status_details(error), (ANSWERED_BY, service))
 
 
 def answered_by(error: grpc.aio.AioRpcError) -> str | None:

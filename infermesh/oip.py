@@ -18,7 +18,7 @@ from infermesh.dataplane import (
     ServerInfo,
     StreamError,
 )
-from infermesh.errors import InvalidInput
+from infermesh.errors import InvalidInput, client_message
 from infermesh.model_config import ModelConfig, TensorSpec, mesh_sections
 from infermesh.proto import inference_pb2 as pb
 from infermesh.statistics import BatchStatistics, Duration, ModelStatistics
@@ -134,7 +134,7 @@ def stream_response(answer: InferAnswer | StreamError) -> pb.ModelStreamInferRes
     if isinstance(answer, StreamError):
         request = answer.request
         return pb.ModelStreamInferResponse(
-            error_message=f"{answer.error.code.name}: {answer.error}",
+            error_message=f"{answer.error.code.name}: {client_message(answer.error)}",
             infer_response=pb.ModelInferResponse(model_name=request.model, id=request.id),
         )
     if isinstance(answer, EncodedInferResponse):

@@ -113,6 +113,18 @@ async def test_malformed_requests_are_invalid_argument_and_harm_no_one(
     assert re.search(message, caught.value.details()), caught.value.details()
 
 
+async def test_a_huge_model_name_is_refused_with_a_message_every_client_accepts(mesh: LocalMesh) -> None:
+    """The refusal quotes the name; quoted whole (10 KB) its status header exceeded the client's 8 KiB limit and
+    the client saw RESOURCE_EXHAUSTED "received metadata size exceeds soft limit" instead of the answer."""
+    async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+        with pytest.raises(InferenceServerException) as caught:
+            await client.infer("x" * 10_000, fraud_inputs(["u1"], ["m1"], [10.0]), headers=auth())
+        await good_request(client)
+    # PERMISSION_DENIED for this key (a model it may not see); NOT_FOUND for a key that may see every model.
+    assert caught.value.status() in {"StatusCode.NOT_FOUND", "StatusCode.PERMISSION_DENIED"}
+    assert "xxxx" in (caught.value.message() or "") and len(caught.value.message() or "") <= 1100
+
+
 async def test_a_tenant_past_its_quota_is_refused_with_a_retry_hint_while_another_is_served(mesh: LocalMesh) -> None:
     """Tenant "flood" (20 requests/s, burst 10, 4 in flight) sends 200 requests at once, ten times its rate
     for a second: most are refused at once with RESOURCE_EXHAUSTED, while all of another tenant's succeed."""
