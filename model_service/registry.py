@@ -60,6 +60,14 @@ TORCH_DTYPE: dict[str, torch.dtype] = {
 }
 
 
+def _is_dir(path: Path) -> bool:
+    """False also for a path the OS refuses to look at (a name longer than the file system allows)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` → the first CUDA device if there is one, else the CPU. A CUDA device asked for by name must exist:
     a replica told to use a GPU it does not have fails at start instead of serving no model at all."""
@@ -269,7 +277,7 @@ class ModelRegistry:
         """What `load(name)` has to do: re-read the model's folder (its config, unless one is given) and compare
         with what is loaded. NotFound for a model the repository lacks; InvalidInput for an invalid config."""
         folder = self.root / name
-        if not folder.is_dir() or not name or name.startswith(".") or folder.parent != self.root:
+        if not name or name.startswith(".") or "\x00" in name or folder.parent != self.root or not _is_dir(folder):
             raise NotFound(f"model '{name}' is not in the model repository")
         overridden = config_json is not None
         if config_json is None:

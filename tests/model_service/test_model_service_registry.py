@@ -158,3 +158,11 @@ def test_a_cuda_device_that_is_not_there_fails_at_start() -> None:
         assert resolve_device("cuda").type == "cuda"
     with pytest.raises(ValueError, match="CUDA device"):
         resolve_device(f"cuda:{count}")
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "../pair", "pair\x00", "x" * 10_000, "pair/1"])
+def test_a_name_that_is_no_model_folder_is_not_found_whatever_it_holds(small_repo: Path, name: str) -> None:
+    """Names come from the repository API's caller: a NUL byte or a name longer than the file system allows made
+    the lookup itself raise (INTERNAL to the caller)."""
+    with pytest.raises(NotFound, match="is not in the model repository"):
+        load(small_repo).plan(name)
