@@ -12,7 +12,7 @@ from dataclasses import replace
 from gateway.auth import KeyStore, Tenant
 from gateway.quotas import TenantQuotas
 from gateway.router_calls import Routed, RouterCalls, RouterPort
-from infermesh import __version__, metrics, timing
+from infermesh import __version__, classification, metrics, timing
 from infermesh.admission import AdaptiveLimit
 from infermesh.dataplane import (
     Call,
@@ -33,7 +33,7 @@ from infermesh.validation import validate_headers
 access_log = logging.getLogger("infermesh.access")
 
 SERVER_NAME = "infermesh"
-EXTENSIONS = ("model_repository", "model_configuration", "statistics", "infermesh_features")
+EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics", "infermesh_features")
 
 
 class Admission:
@@ -236,6 +236,7 @@ class GatewayCore(DataplaneBase):
             try:
                 config = entry.config
                 config.select_outputs(request.outputs)  # client-chosen names: checked before they are used anywhere
+                classification.check(request.classes, config.outputs)
                 # The declared shapes first, the data only then, and bounded by them: a malformed request costs
                 # the same small time whatever it claims.
                 rows = validate_headers(config.name, config.inputs, config.max_batch_size, request.inputs.headers)
@@ -243,6 +244,9 @@ class GatewayCore(DataplaneBase):
                 routed = await self.router_calls.infer(entry, request, rows, call.deadline)
             finally:
                 self.admission.release(admitted)
+            if request.classes:  # Triton's classification extension, on the answer as the client gets it
+                classified = classification.classify(routed.data, request.classes, config.max_batch_size > 0)
+                routed = replace(routed, data=classified)
             if timed_from is None:
                 return EncodedInferResponse(routed.data)
             return EncodedInferResponse(self._with_timing(routed, timed_from))

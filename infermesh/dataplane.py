@@ -67,6 +67,7 @@ class InferRequest:
     outputs: list[str] = field(default_factory=list)  # requested output names; empty: all
     parameters: Mapping[str, ParameterValue] = field(default_factory=dict)
     output_parameters: bool = False  # a requested output carries parameters (e.g. classification)
+    classes: Mapping[str, int] = field(default_factory=dict)  # outputs asked as classes: {name: how many}
     encoded: bytes = b""  # the request as it arrived, for a hop that forwards it unchanged
     tenant: str = ""  # who sent it, once the gateway authenticated it: never read from the request itself
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 
 from google.protobuf.message import DecodeError
 
+from infermesh.classification import requested_classes
 from infermesh.dataplane import (
     EncodedInferResponse,
     InferAnswer,
@@ -58,6 +59,7 @@ def infer_request(
     raw contents when they were kept apart from the message (`parse_infer_request`)."""
     if len(message.outputs) > MAX_INPUTS or len(message.parameters) > MAX_INPUTS:
         raise InvalidInput(f"request has more than {MAX_INPUTS} requested outputs or parameters")
+    output_parameters = any(output.parameters for output in message.outputs)
     return InferRequest(
         model=message.model_name,
         version=message.model_version,
@@ -65,7 +67,8 @@ def infer_request(
         id=message.id,
         outputs=[output.name for output in message.outputs],
         parameters=parameters_of(message.parameters) if message.parameters else {},
-        output_parameters=any(output.parameters for output in message.outputs),
+        output_parameters=output_parameters,
+        classes=requested_classes(message.outputs) if output_parameters else {},
         encoded=encoded,
     )
 

@@ -108,6 +108,27 @@ def test_fraud_like_rows_score_higher(client) -> None:
     assert risky > 0.5 > safe
 
 
+def test_triton_s_classification_extension_answers_classes(mesh: LocalMesh, client) -> None:
+    """tritonclient's `class_count`: each row's top classes as "<value>:<index>" strings instead of the values."""
+    assert "classification" in client.get_server_metadata().extensions
+    inputs = fraud_inputs(["u1", "u2"], ["m1", "m2"], [10.0, 20.0])
+    outputs = [grpcclient.InferRequestedOutput("fraud_probability", class_count=1)]
+    result = client.infer("fraud", inputs, outputs=outputs, headers=auth())
+    classes = result.as_numpy("fraud_probability")
+    assert classes.shape == (2, 1)
+    expected = expected_probabilities(mesh, [1, 2], [1, 2], [10.0, 20.0])
+    for row, probability in zip(classes[:, 0], expected, strict=True):
+        value, index = row.decode().split(":")
+        assert index == "0" and float(value) == pytest.approx(probability, abs=1e-6)
+    with pytest.raises(InferenceServerException, match="classification must be a positive integer"):
+        client.infer(
+            "fraud",
+            inputs,
+            outputs=[grpcclient.InferRequestedOutput("fraud_probability", class_count=-2)],
+            headers=auth(),
+        )
+
+
 def test_typed_contents_give_the_same_answer(mesh: LocalMesh, client) -> None:
     request = service_pb2.ModelInferRequest(model_name="fraud")
     user = request.inputs.add(name="user_id", datatype="BYTES", shape=[2])

@@ -1,0 +1,77 @@
+"""Triton's classification extension: an output requested with the `classification` parameter (tritonclient's
+`InferRequestedOutput(name, class_count=k)`) comes back as the k largest values of each batch row, as BYTES
+strings "<value>:<index>" in descending order, shape [batch, k] (or [k] for a model without batching), instead of
+the values themselves. The gateway applies it to the answer, so every model gets it and no hop below sees it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from infermesh.errors import InvalidInput
+from infermesh.model_config import TensorSpec
+from infermesh.proto import inference_pb2 as pb
+from infermesh.tensors import decode_raw, encode_bytes
+
+PARAMETER = "classification"
+NOT_CLASSIFIABLE = ("BYTES", "BOOL")
+
+
+def requested_classes(outputs: Iterable[Any]) -> dict[str, int]:
+    """{output name: class count} of the requested outputs (InferRequestedOutputTensor) that ask for classes."""
+    classes: dict[str, int] = {}
+    for output in outputs:
+        if PARAMETER not in output.parameters:
+            continue
+        parameter = output.parameters[PARAMETER]
+        choice = parameter.WhichOneof("parameter_choice")
+        count = getattr(parameter, choice) if choice in ("int64_param", "uint64_param") else 0
+        if count < 1:
+            raise InvalidInput(f"output '{output.name}': classification must be a positive integer class count")
+        classes[output.name] = count
+    return classes
+
+
+def check(classes: Mapping[str, int], outputs: Iterable[TensorSpec]) -> None:
+    """Before any work: each output asked as classes holds numbers."""
+    for spec in outputs:
+        if spec.name in classes and spec.datatype in NOT_CLASSIFIABLE:
+            raise InvalidInput(f"output '{spec.name}': classification needs a numeric output, not {spec.datatype}")
+
+
+def classify(data: bytes, classes: Mapping[str, int], batched: bool) -> bytes:
+    """The serialized ModelInferResponse `data` with each output named in `classes` replaced by its classes."""
+    response = pb.ModelInferResponse.FromString(data)
+    for index, output in enumerate(response.outputs):
+        count = classes.get(output.name)
+        if count is None:
+            continue
+        if output.datatype in NOT_CLASSIFIABLE:
+            raise InvalidInput(f"output '{output.name}': classification needs a numeric output, not {output.datatype}")
+        shape = tuple(output.shape)
+        values = decode_raw(output.name, output.datatype, shape, response.raw_output_contents[index])
+        rows = values.reshape(shape[0], -1) if batched and shape else values.reshape(1, -1)
+        count = min(count, rows.shape[1])
+        top = np.argsort(-_ordered(rows, output.datatype), axis=1, kind="stable")[:, :count]  # ties: lower index
+        # Each value as Triton writes it (std::to_string: six decimals for floats, integers as they are).
+        text = _float_text if output.datatype in ("FP16", "FP32", "FP64", "BF16") else str
+        shown = _ordered(rows, "BF16") if output.datatype == "BF16" else rows
+        classes_of_rows = [f"{text(shown[row, k])}:{k}".encode() for row in range(rows.shape[0]) for k in top[row]]
+        output.datatype = "BYTES"
+        del output.shape[:]
+        output.shape.extend([rows.shape[0], count] if batched and shape else [count])
+        response.raw_output_contents[index] = encode_bytes(np.array(classes_of_rows, dtype=object))
+    return response.SerializeToString()
+
+
+def _ordered(rows: np.ndarray, datatype: str) -> np.ndarray:
+    """Values that sort as the output's do (BF16 travels as its 16 raw bits)."""
+    if datatype == "BF16":
+        return (rows.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return rows.astype(np.float64)
+
+
+def _float_text(value: Any) -> str:
+    return f"{float(value):f}"
