@@ -131,18 +131,26 @@ def encode_answer(answer: InferAnswer) -> bytes:
     return infer_response(answer).SerializeToString()
 
 
+# The response parameter by which Triton's streams tell a client that an answer is its request's last one
+# (streaming clients wait for it). Every answer here is its request's only one.
+FINAL_RESPONSE = "triton_final_response"
+
+
 def stream_response(answer: InferAnswer | StreamError) -> pb.ModelStreamInferResponse:
     """A stream carries a failed request's error in its message and stays open (Triton's semantics); the id
-    lets a client match the error to its request (several may be in flight)."""
+    lets a client match the error to its request (several may be in flight). Each answer is flagged final."""
     if isinstance(answer, StreamError):
         request = answer.request
-        return pb.ModelStreamInferResponse(
+        response = pb.ModelStreamInferResponse(
             error_message=f"{answer.error.code.name}: {client_message(answer.error)}",
             infer_response=pb.ModelInferResponse(model_name=request.model, id=request.id),
         )
-    if isinstance(answer, EncodedInferResponse):
-        return pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse.FromString(answer.data))
-    return pb.ModelStreamInferResponse(infer_response=infer_response(answer))
+    elif isinstance(answer, EncodedInferResponse):
+        response = pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse.FromString(answer.data))
+    else:
+        response = pb.ModelStreamInferResponse(infer_response=infer_response(answer))
+    response.infer_response.parameters[FINAL_RESPONSE].bool_param = True
+    return response
 
 
 def response_outputs(response: pb.ModelInferResponse) -> dict[str, Tensor]:

@@ -95,6 +95,27 @@ def test_stream_infer_through_the_gateway(mesh: LocalMesh) -> None:
     assert latency >= 3
 
 
+def test_a_stream_flags_each_answer_as_its_request_s_final_one(mesh: LocalMesh) -> None:
+    """Triton's `triton_final_response`: streaming clients (enable_empty_final_response or not) read it to know a
+    request is done and wait for it; every answer here is its request's only one, errors included."""
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(mesh.gateway_address)
+    client.start_stream(callback=lambda result, error: results.put((result, error)), headers=auth())
+    try:
+        client.async_stream_infer("fraud", fraud_inputs(["u1"], ["m1"], [10.0]), request_id="plain")
+        client.async_stream_infer(
+            "fraud", fraud_inputs(["u2"], ["m1"], [10.0]), request_id="opted", enable_empty_final_response=True
+        )
+        answers = [results.get(timeout=10) for _ in range(2)]
+    finally:
+        client.stop_stream()
+    by_id = {result.get_response().id: result.get_response() for result, error in answers if error is None}
+    assert set(by_id) == {"plain", "opted"}
+    for response in by_id.values():
+        assert response.parameters["triton_final_response"].bool_param is True
+        assert response.outputs[0].name == "fraud_probability"
+
+
 def test_malformed_messages_are_invalid_argument_everywhere(mesh: LocalMesh) -> None:
     methods = {
         "feature_service": "/infermesh.features.v1.FeatureStore/BatchReadFeatures",
