@@ -33,7 +33,7 @@ from infermesh.validation import validate_headers
 access_log = logging.getLogger("infermesh.access")
 
 SERVER_NAME = "infermesh"
-EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics", "infermesh_features")
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "classification", "infermesh_features")
 
 
 class Admission:
@@ -245,7 +245,8 @@ class GatewayCore(DataplaneBase):
             finally:
                 self.admission.release(admitted)
             if request.classes:  # Triton's classification extension, on the answer as the client gets it
-                classified = classification.classify(routed.data, request.classes, config.max_batch_size > 0)
+                labels = {spec.name: spec.labels for spec in config.outputs if spec.labels}
+                classified = classification.classify(routed.data, request.classes, config.max_batch_size > 0, labels)
                 routed = replace(routed, data=classified)
             if timed_from is None:
                 return EncodedInferResponse(routed.data)

@@ -1,11 +1,12 @@
 """Triton's classification extension: an output requested with the `classification` parameter (tritonclient's
 `InferRequestedOutput(name, class_count=k)`) comes back as the k largest values of each batch row, as BYTES
-strings "<value>:<index>" in descending order, shape [batch, k] (or [k] for a model without batching), instead of
-the values themselves. The gateway applies it to the answer, so every model gets it and no hop below sees it."""
+strings "<value>:<index>" (":<label>" appended where the output has labels) in descending order, shape
+[batch, k] (or [k] for a model without batching), instead of the values themselves. The gateway applies it to the
+answer, so every model gets it and no hop below sees it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,8 +42,11 @@ def check(classes: Mapping[str, int], outputs: Iterable[TensorSpec]) -> None:
             raise InvalidInput(f"output '{spec.name}': classification needs a numeric output, not {spec.datatype}")
 
 
-def classify(data: bytes, classes: Mapping[str, int], batched: bool) -> bytes:
-    """The serialized ModelInferResponse `data` with each output named in `classes` replaced by its classes."""
+def classify(
+    data: bytes, classes: Mapping[str, int], batched: bool, labels: Mapping[str, Sequence[str]] | None = None
+) -> bytes:
+    """The serialized ModelInferResponse `data` with each output named in `classes` replaced by its classes;
+    `labels`: an output's class labels by index, appended where there is one ("<value>:<index>:<label>")."""
     response = pb.ModelInferResponse.FromString(data)
     for index, output in enumerate(response.outputs):
         count = classes.get(output.name)
@@ -58,7 +62,12 @@ def classify(data: bytes, classes: Mapping[str, int], batched: bool) -> bytes:
         # Each value as Triton writes it (std::to_string: six decimals for floats, integers as they are).
         text = _float_text if output.datatype in ("FP16", "FP32", "FP64", "BF16") else str
         shown = _ordered(rows, "BF16") if output.datatype == "BF16" else rows
-        classes_of_rows = [f"{text(shown[row, k])}:{k}".encode() for row in range(rows.shape[0]) for k in top[row]]
+        names = (labels or {}).get(output.name, ())
+        classes_of_rows = [
+            (f"{text(shown[row, k])}:{k}:{names[k]}" if k < len(names) else f"{text(shown[row, k])}:{k}").encode()
+            for row in range(rows.shape[0])
+            for k in top[row]
+        ]
         output.datatype = "BYTES"
         del output.shape[:]
         output.shape.extend([rows.shape[0], count] if batched and shape else [count])

@@ -38,6 +38,10 @@ MAX_PINNED_VERSIONS = 10_000
 log = logging.getLogger(__name__)
 
 
+MAX_LABELS = 100_000  # class labels of one output
+MAX_LABEL_FILE_BYTES = 4 * 1024 * 1024
+
+
 class TensorSpec(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -46,6 +50,17 @@ class TensorSpec(BaseModel):
     shape: list[int] = Field(description="-1 marks a variable dimension; the first is the batch dimension.")
     max_element_bytes: int | None = Field(
         None, ge=0, description="BYTES only: the longest element accepted (entity id inputs: 256 unless set)."
+    )
+    label_filename: str | None = Field(
+        None,
+        description="Outputs: a file of the model's folder with one class label per line (Triton's), read into "
+        "`labels` when the model is loaded.",
+    )
+    labels: list[str] | None = Field(
+        None,
+        max_length=MAX_LABELS,
+        description="Outputs: the class label of each index, for Triton's classification extension "
+        '("<value>:<index>:<label>").',
     )
 
     @model_validator(mode="after")
@@ -460,7 +475,10 @@ def _from_triton(config: dict[str, Any]) -> dict[str, Any]:
             if datatype is None:
                 raise ValueError(f"{what} '{spec['name']}': data_type {data_type or '(none)'} is not supported")
             dims = [int(d) for d in spec.get("dims", [])]
-            converted.append({"name": spec["name"], "datatype": datatype, "shape": [-1, *dims] if batched else dims})
+            tensor = {"name": spec["name"], "datatype": datatype, "shape": [-1, *dims] if batched else dims}
+            if spec.get("label_filename"):
+                tensor["label_filename"] = spec["label_filename"]
+            converted.append(tensor)
         return converted
 
     converted = {key: value for key, value in config.items() if key not in TRITON_CONVERTED_KEYS}

@@ -26,6 +26,8 @@ from infermesh.errors import DomainError, InvalidInput, NotFound
 from infermesh.heap import return_large_blocks_to_the_os
 from infermesh.model_config import (
     CONFIG_FILE,
+    MAX_LABEL_FILE_BYTES,
+    MAX_LABELS,
     MODEL_FILE,
     READY,
     UNAVAILABLE,
@@ -58,6 +60,36 @@ TORCH_DTYPE: dict[str, torch.dtype] = {
     "FP64": torch.float64,
     "BF16": torch.bfloat16,
 }
+
+
+def _with_labels(config: ModelConfig, folder: Path) -> ModelConfig:
+    """Each output's `label_filename` (a file of the model's folder) read into its `labels`, as Triton reads them
+    at load: they travel with the config to the gateway, which answers the classification extension."""
+    if not any(spec.label_filename and spec.labels is None for spec in config.outputs):
+        return config
+    outputs = [
+        {**spec.model_dump(), "labels": _read_labels(config.name, spec.name, folder, spec.label_filename)}
+        if spec.label_filename and spec.labels is None
+        else spec.model_dump()
+        for spec in config.outputs
+    ]
+    return ModelConfig.model_validate({**config.model_dump(), "outputs": outputs})
+
+
+def _read_labels(model: str, output: str, folder: Path, filename: str) -> list[str]:
+    path = folder / filename
+    what = f"model '{model}' output '{output}': label_filename '{filename}'"
+    if path.parent != folder or not path.is_file():
+        raise InvalidInput(f"{what} is not a file of the model's folder")
+    if path.stat().st_size > MAX_LABEL_FILE_BYTES:
+        raise InvalidInput(f"{what} is larger than {MAX_LABEL_FILE_BYTES} bytes")
+    try:
+        labels = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        raise InvalidInput(f"{what} cannot be read as UTF-8 text") from None
+    if len(labels) > MAX_LABELS:
+        raise InvalidInput(f"{what} has more than {MAX_LABELS} labels")
+    return labels
 
 
 def _is_dir(path: Path) -> bool:
@@ -289,6 +321,7 @@ class ModelRegistry:
         if overridden:
             # The pins are the repository's: a load's override (an API call) cannot choose which bytes are trusted.
             config = config.model_copy(update={"version_digests": _repository_pins(folder)})
+        config = _with_labels(config, folder)
         normalized = config.model_dump_json()
         wanted = config.served_versions(version_folders(folder))
         held = self.models.get(name)

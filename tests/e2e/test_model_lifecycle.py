@@ -279,6 +279,32 @@ def test_a_config_fetched_in_triton_s_form_loads_back_changed(mesh: LocalMesh) -
     assert int(client.get_model_config("bench_mlp", headers=admin, as_json=True)["config"]["max_batch_size"]) == 256
 
 
+def test_a_label_file_loaded_with_a_config_names_the_classes_of_the_classification_extension(mesh: LocalMesh) -> None:
+    """Triton's label_filename, read by the model service at load, reaches the gateway with the config: class_count
+    answers "<value>:<index>:<label>" (Triton's format) with the model's real top classes."""
+    client = grpcclient.InferenceServerClient(mesh.gateway_address)
+    admin = auth(ADMIN_KEY)
+    (mesh.repository / "bench_mlp" / "classes.txt").write_text("".join(f"class-{i}\n" for i in range(256)))
+    config = client.get_model_config("bench_mlp", headers=admin, as_json=True)["config"]
+    config["output"][0]["label_filename"] = "classes.txt"
+    client.load_model("bench_mlp", config=json.dumps(config), headers=admin)
+    try:
+        x = grpcclient.InferInput("x", [2, 256], "FP32")
+        x.set_data_from_numpy(np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32))
+        values = client.infer("bench_mlp", [x], headers=auth()).as_numpy("y")
+        top = [grpcclient.InferRequestedOutput("y", class_count=3)]
+        classes = client.infer("bench_mlp", [x], outputs=top, headers=auth()).as_numpy("y")
+        assert classes.shape == (2, 3)
+        for row in range(2):
+            best = np.argsort(-values[row], kind="stable")[:3]
+            parsed = [entry.decode().split(":") for entry in classes[row]]
+            assert [int(index) for _, index, _ in parsed] == list(best)
+            assert [label for _, _, label in parsed] == [f"class-{i}" for i in best]
+            assert [float(v) for v, _, _ in parsed] == pytest.approx(values[row][best], abs=1e-5)
+    finally:
+        client.load_model("bench_mlp", headers=admin)  # the folder's config again
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -44,6 +44,12 @@ def test_a_count_above_the_classes_there_are_gives_them_all_and_unbatched_models
     assert classes_of(data) == ([3], [b"9:1", b"3:0", b"1:2"])
 
 
+def test_labels_are_appended_where_an_index_has_one() -> None:
+    scores = np.array([[0.1, 0.7, 0.2]], dtype=np.float32)
+    data = classification.classify(answer("p", "FP32", scores), {"p": 3}, True, {"p": ["cat", "dog"]})
+    assert classes_of(data)[1] == [b"0.700000:1:dog", b"0.200000:2", b"0.100000:0:cat"]
+
+
 def test_bf16_is_ranked_by_its_value_not_its_bits() -> None:
     bits = (np.array([[-2.0, 1.0, 0.5]], np.float32).view(np.uint32) >> 16).astype(np.uint16)
     data = classification.classify(answer("p", "BF16", bits), {"p": 1}, batched=True)

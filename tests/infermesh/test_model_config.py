@@ -45,7 +45,10 @@ def test_a_config_in_triton_s_form_is_taken_as_the_repository_s() -> None:
         "version_policy": {"specific": {"versions": ["1", "3"]}},
         "max_batch_size": 64,
         "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": ["256"]}],
-        "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": ["256"]}, {"name": "t", "data_type": "TYPE_STRING"}],
+        "output": [
+            {"name": "y", "data_type": "TYPE_FP32", "dims": ["256"], "label_filename": "classes.txt"},
+            {"name": "t", "data_type": "TYPE_STRING"},
+        ],
         "dynamic_batching": {"max_queue_delay_microseconds": "2000"},
         "instance_group": [{"kind": "KIND_CPU", "count": 1}],  # Triton's own: ignored
     }
@@ -53,6 +56,7 @@ def test_a_config_in_triton_s_form_is_taken_as_the_repository_s() -> None:
     assert config.max_batch_size == 64
     assert [(s.name, s.datatype, s.shape) for s in config.inputs] == [("x", "FP32", [-1, 256])]
     assert [(s.name, s.datatype, s.shape) for s in config.outputs] == [("y", "FP32", [-1, 256]), ("t", "BYTES", [-1])]
+    assert [s.label_filename for s in config.outputs] == ["classes.txt", None]
     assert config.dynamic_batching.enabled and config.dynamic_batching.max_queue_delay_us == 2000
     assert config.version_policy.select(["1", "2", "3"]) == ["1", "3"]
     latest = parse_config(json.dumps({**triton, "version_policy": {"latest": {"num_versions": 2}}}))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from infermesh.errors import NotFound, Unavailable
+from infermesh.errors import InvalidInput, NotFound, Unavailable
 from model_service.registry import ModelRegistry, resolve_device
 from tests.model_service.models import PairModel, pair_config, tiny_fraud_module, write_model, write_model_config
 
@@ -166,3 +166,25 @@ def test_a_name_that_is_no_model_folder_is_not_found_whatever_it_holds(small_rep
     the lookup itself raise (INTERNAL to the caller)."""
     with pytest.raises(NotFound, match="is not in the model repository"):
         load(small_repo).plan(name)
+
+
+def test_an_output_s_label_file_is_read_into_its_labels_at_load(small_repo: Path) -> None:
+    """Triton's label_filename: the labels travel in the config (to the gateway's classification extension)."""
+    (small_repo / "pair" / "labels.txt").write_text("x\ny\nz\n")
+    config = pair_config()
+    config["outputs"] = [
+        {"name": "total", "datatype": "FP32", "shape": [-1]},
+        {"name": "doubled", "datatype": "FP32", "shape": [-1, 3], "label_filename": "labels.txt"},
+    ]
+    plan = ModelRegistry(small_repo, device="cpu").plan("pair", json.dumps(config))
+    assert [spec.labels for spec in plan.config.outputs] == [None, ["x", "y", "z"]]
+    assert '"labels":["x","y","z"]' in plan.config_json  # what the router and the gateway are given
+
+
+@pytest.mark.parametrize("filename", ["../labels.txt", "missing.txt", "1"])
+def test_a_label_file_outside_the_model_s_folder_or_not_a_file_is_refused(small_repo: Path, filename: str) -> None:
+    (small_repo / "labels.txt").write_text("outside\n")
+    config = pair_config()
+    config["outputs"] = [{"name": "total", "datatype": "FP32", "shape": [-1], "label_filename": filename}]
+    with pytest.raises(InvalidInput, match=f"output 'total': label_filename '{filename}' is not a file"):
+        ModelRegistry(small_repo, device="cpu").plan("pair", json.dumps(config))
