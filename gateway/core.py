@@ -246,7 +246,7 @@ class GatewayCore(DataplaneBase):
                 self.admission.release(admitted)
             if request.classes:  # Triton's classification extension, on the answer as the client gets it
                 labels = {spec.name: spec.labels for spec in config.outputs if spec.labels}
-                classified = classification.classify(routed.data, request.classes, config.max_batch_size > 0, labels)
+                classified = self.router.classified(routed.data, request.classes, config.max_batch_size > 0, labels)
                 routed = replace(routed, data=classified)
             if timed_from is None:
                 return EncodedInferResponse(routed.data)

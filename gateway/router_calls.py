@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,6 +55,12 @@ class RouterPort(Protocol):
 
     def with_flags(self, encoded_response: bytes, flags: dict[str, str]) -> bytes:
         """A serialised ModelInferResponse with these response parameters added."""
+        ...
+
+    def classified(
+        self, encoded_response: bytes, classes: Mapping[str, int], batched: bool, labels: Mapping[str, Sequence[str]]
+    ) -> bytes:
+        """A serialised ModelInferResponse with these outputs as classes (infermesh.classification)."""
         ...
 
 

@@ -5,11 +5,12 @@ retried when the router is unavailable."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 import grpc
 
+from infermesh import classification
 from infermesh.batch_codec import batch_request, split_batch_response
 from infermesh.channels import HopChannel
 from infermesh.deadline import Deadline
@@ -146,6 +147,13 @@ class RouterClient:
         response = pb.ModelInferResponse.FromString(encoded_response)
         for key, value in flags.items():
             response.parameters[key].string_param = value
+        return response.SerializeToString()
+
+    def classified(
+        self, encoded_response: bytes, classes: Mapping[str, int], batched: bool, labels: Mapping[str, Sequence[str]]
+    ) -> bytes:
+        response = pb.ModelInferResponse.FromString(encoded_response)
+        classification.classify(response, classes, batched, labels)
         return response.SerializeToString()
 
     async def close(self) -> None:

@@ -13,7 +13,6 @@ import numpy as np
 
 from infermesh.errors import InvalidInput
 from infermesh.model_config import TensorSpec
-from infermesh.proto import inference_pb2 as pb
 from infermesh.tensors import decode_raw, encode_bytes
 
 PARAMETER = "classification"
@@ -43,11 +42,11 @@ def check(classes: Mapping[str, int], outputs: Iterable[TensorSpec]) -> None:
 
 
 def classify(
-    data: bytes, classes: Mapping[str, int], batched: bool, labels: Mapping[str, Sequence[str]] | None = None
-) -> bytes:
-    """The serialized ModelInferResponse `data` with each output named in `classes` replaced by its classes;
-    `labels`: an output's class labels by index, appended where there is one ("<value>:<index>:<label>")."""
-    response = pb.ModelInferResponse.FromString(data)
+    response: Any, classes: Mapping[str, int], batched: bool, labels: Mapping[str, Sequence[str]] | None = None
+) -> None:
+    """Replace, in the ModelInferResponse `response`, each output named in `classes` by its classes; `labels`: an
+    output's class labels by index, appended where there is one ("<value>:<index>:<label>"). The message is taken
+    as it is, not imported here: the mesh's generated stubs and tritonclient's cannot share a process."""
     for index, output in enumerate(response.outputs):
         count = classes.get(output.name)
         if count is None:
@@ -72,7 +71,6 @@ def classify(
         del output.shape[:]
         output.shape.extend([rows.shape[0], count] if batched and shape else [count])
         response.raw_output_contents[index] = encode_bytes(np.array(classes_of_rows, dtype=object))
-    return response.SerializeToString()
 
 
 def _ordered(rows: np.ndarray, datatype: str) -> np.ndarray:
