@@ -1102,6 +1102,19 @@ SPEED_CHANGES = (
         "of the copy into a fresh 16 MiB buffer were two thirds of the cost (perf). Requests under 128 "
         "KiB (every `fraud` request) allocate nothing the new thresholds concern",
     ),
+    (
+        "the request-path changes of 2026-12-03 together: the gateway's heap thresholds, refusal messages "
+        "cut to 1,024 characters, Triton's classification extension (a dict check per request that asks "
+        "for none) and `triton_final_response` on stream answers",
+        "5bd49c3: c=64 1,811 / 1,639 / 1,570 / 1,459 req/s (mean 1,620), CPU per request of the whole "
+        "mesh 0.792 / 0.884 / 0.921 / 0.967 ms (gateway mean 0.528); c=1 p50 5.96 / 5.48 / 5.87 / 5.73 "
+        "ms",
+        "1,597 / 1,618 / 1,814 / 1,470 req/s (mean 1,625), 0.895 / 0.884 / 0.811 / 0.938 ms (gateway "
+        "mean 0.520); c=1 p50 6.04 / 7.32 / 4.19 / 6.47 ms",
+        "CPU probe through the gateway (/proc, every process; 5 s at c=1, 8 s at c=64), four "
+        "back-to-back pairs alternating the two trees on a machine busier than on other days (every "
+        "figure ~1.5x slower than this morning's): no change beyond this machine's noise",
+    ),
 )
 FIXED_DEFECTS = (
     "Overload at 3x capacity: accepted requests waited 5-8 s in gRPC core's backlog of calls the saturated event "
