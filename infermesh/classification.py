@@ -20,22 +20,24 @@ NOT_CLASSIFIABLE = ("BYTES", "BOOL")
 
 
 def requested_classes(outputs: Iterable[Any]) -> dict[str, int]:
-    """{output name: class count} of the requested outputs (InferRequestedOutputTensor) that ask for classes."""
+    """{output name: class count} of the requested outputs (InferRequestedOutputTensor) that ask for classes; a
+    count that is no integer reads 0. Checked by `check`, with the request's model: on a stream, a bad count
+    fails its own request, not the stream."""
     classes: dict[str, int] = {}
     for output in outputs:
         if PARAMETER not in output.parameters:
             continue
         parameter = output.parameters[PARAMETER]
         choice = parameter.WhichOneof("parameter_choice")
-        count = getattr(parameter, choice) if choice in ("int64_param", "uint64_param") else 0
-        if count < 1:
-            raise InvalidInput(f"output '{output.name}': classification must be a positive integer class count")
-        classes[output.name] = count
+        classes[output.name] = getattr(parameter, choice) if choice in ("int64_param", "uint64_param") else 0
     return classes
 
 
 def check(classes: Mapping[str, int], outputs: Iterable[TensorSpec]) -> None:
-    """Before any work: each output asked as classes holds numbers."""
+    """Before any work: each class count is a positive integer, and each output asked as classes holds numbers."""
+    for name, count in classes.items():
+        if count < 1:
+            raise InvalidInput(f"output '{name}': classification must be a positive integer class count")
     for spec in outputs:
         if spec.name in classes and spec.datatype in NOT_CLASSIFIABLE:
             raise InvalidInput(f"output '{spec.name}': classification needs a numeric output, not {spec.datatype}")

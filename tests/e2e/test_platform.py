@@ -116,6 +116,23 @@ def test_a_stream_flags_each_answer_as_its_request_s_final_one(mesh: LocalMesh) 
         assert response.outputs[0].name == "fraud_probability"
 
 
+def test_a_bad_class_count_fails_its_own_stream_message_and_the_stream_goes_on(mesh: LocalMesh) -> None:
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(mesh.gateway_address)
+    client.start_stream(callback=lambda result, error: results.put((result, error)), headers=auth())
+    try:
+        bad = [grpcclient.InferRequestedOutput("fraud_probability", class_count=-1)]
+        client.async_stream_infer("fraud", fraud_inputs(["u1"], ["m1"], [10.0]), outputs=bad, request_id="bad")
+        top = [grpcclient.InferRequestedOutput("fraud_probability", class_count=1)]
+        client.async_stream_infer("fraud", fraud_inputs(["u2"], ["m1"], [10.0]), outputs=top, request_id="good")
+        (_, error), (result, no_error) = [results.get(timeout=10) for _ in range(2)]
+    finally:
+        client.stop_stream()
+    assert error is not None and "classification must be a positive integer" in str(error)
+    assert no_error is None and result.get_response().id == "good"
+    assert result.as_numpy("fraud_probability")[0][0].decode().endswith(":0")
+
+
 def test_malformed_messages_are_invalid_argument_everywhere(mesh: LocalMesh) -> None:
     methods = {
         "feature_service": "/infermesh.features.v1.FeatureStore/BatchReadFeatures",

@@ -65,11 +65,12 @@ def test_bf16_is_ranked_by_its_value_not_its_bits() -> None:
 def test_a_class_count_must_be_a_positive_integer(value: int) -> None:
     request = pb.ModelInferRequest()
     request.outputs.add(name="p").parameters[classification.PARAMETER].int64_param = value
+    spec = [TensorSpec(name="p", datatype="FP32", shape=[-1])]
     with pytest.raises(InvalidInput, match="output 'p': classification must be a positive integer"):
-        classification.requested_classes(request.outputs)
+        classification.check(classification.requested_classes(request.outputs), spec)
     request.outputs[0].parameters[classification.PARAMETER].string_param = "3"
     with pytest.raises(InvalidInput):
-        classification.requested_classes(request.outputs)
+        classification.check(classification.requested_classes(request.outputs), spec)
 
 
 def test_an_output_of_strings_cannot_be_classified() -> None:
