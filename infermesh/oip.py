@@ -214,7 +214,13 @@ def model_config(config: ModelConfig) -> pb.ModelConfigResponse:
                 pb.ModelInput(name=s.name, data_type=data_type(s.datatype), dims=s.shape[1:]) for s in config.inputs
             ],
             output=[
-                pb.ModelOutput(name=s.name, data_type=data_type(s.datatype), dims=s.shape[1:]) for s in config.outputs
+                pb.ModelOutput(
+                    name=s.name,
+                    data_type=data_type(s.datatype),
+                    dims=s.shape[1:],
+                    label_filename=s.label_filename or "",
+                )
+                for s in config.outputs
             ],
             dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=batching.max_queue_delay_us)
             if batching.enabled

@@ -289,6 +289,8 @@ def test_a_label_file_loaded_with_a_config_names_the_classes_of_the_classificati
     config["output"][0]["label_filename"] = "classes.txt"
     client.load_model("bench_mlp", config=json.dumps(config), headers=admin)
     try:
+        served = client.get_model_config("bench_mlp", headers=admin, as_json=True)["config"]
+        assert served["output"][0]["label_filename"] == "classes.txt"  # Triton's config round trip keeps it
         x = grpcclient.InferInput("x", [2, 256], "FP32")
         x.set_data_from_numpy(np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32))
         values = client.infer("bench_mlp", [x], headers=auth()).as_numpy("y")
