@@ -53,16 +53,15 @@ def classify(
         count = classes.get(output.name)
         if count is None:
             continue
-        if output.datatype in NOT_CLASSIFIABLE:
-            raise InvalidInput(f"output '{output.name}': classification needs a numeric output, not {output.datatype}")
-        shape = tuple(output.shape)
+        shape = tuple(output.shape)  # a numeric output: `check` refused the others before the request went on
         values = decode_raw(output.name, output.datatype, shape, response.raw_output_contents[index])
         rows = values.reshape(shape[0], -1) if batched and shape else values.reshape(1, -1)
         count = min(count, rows.shape[1])
-        top = np.argsort(-_ordered(rows, output.datatype), axis=1, kind="stable")[:, :count]  # ties: lower index
+        ordered = _ordered(rows, output.datatype)
+        top = np.argsort(-ordered, axis=1, kind="stable")[:, :count]  # ties: the lower index first
         # Each value as Triton writes it (std::to_string: six decimals for floats, integers as they are).
         text = _float_text if output.datatype in ("FP16", "FP32", "FP64", "BF16") else str
-        shown = _ordered(rows, "BF16") if output.datatype == "BF16" else rows
+        shown = ordered if output.datatype == "BF16" else rows
         names = (labels or {}).get(output.name, ())
         classes_of_rows = [
             (f"{text(shown[row, k])}:{k}:{names[k]}" if k < len(names) else f"{text(shown[row, k])}:{k}").encode()

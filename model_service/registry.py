@@ -309,7 +309,7 @@ class ModelRegistry:
         """What `load(name)` has to do: re-read the model's folder (its config, unless one is given) and compare
         with what is loaded. NotFound for a model the repository lacks; InvalidInput for an invalid config."""
         folder = self.root / name
-        if not name or name.startswith(".") or "\x00" in name or folder.parent != self.root or not _is_dir(folder):
+        if not name or name.startswith(".") or folder.parent != self.root or not _is_dir(folder):
             raise NotFound(f"model '{name}' is not in the model repository")
         overridden = config_json is not None
         if config_json is None:
