@@ -124,6 +124,15 @@ async def replicas_up(mesh: LocalMesh, count: int, timeout_s: float = 20.0) -> N
         await asyncio.sleep(0.1)  # another process's /metrics: no event to wait on
 
 
+async def breakers_closed(mesh: LocalMesh, timeout_s: float = 20.0) -> None:
+    """Until the router's circuit breakers are all closed again: a breaker closes on a successful probe, so a few
+    requests go meanwhile (while Redis is still paused, each probe fails and the breaker stays open a while)."""
+    deadline = time.monotonic() + timeout_s
+    while metric(mesh.router, "infermesh_circuit_open") > 0 and time.monotonic() < deadline:
+        await send(mesh.gateway_address, 2, concurrency=1)
+        await asyncio.sleep(0.1)  # another process's /metrics: no event to wait on
+
+
 def _restart_replica(mesh: LocalMesh, index: int, delay_ms: float) -> ServiceProcess:
     old = mesh.model_services[index]
     old.stop()
@@ -138,6 +147,7 @@ async def redis_stall(mesh: LocalMesh, scale: int) -> Reveal:
     await asyncio.to_thread(admin.execute_command, "CLIENT", "PAUSE", 2000, "ALL")  # answers, then stalls the rest
     codes = await send(mesh.gateway_address, 30 * scale, concurrency=4)
     after = metric(mesh.router, name, model="fraud")
+    await breakers_closed(mesh)  # the next fault starts from a healthy mesh, not from a breaker still open
     note = f"answered {codes} (policy on_missing=default: flagged defaults, not errors)"
     return Reveal("Redis stall (CLIENT PAUSE 2 s)", f'{name}{{model="fraud"}}', before, after, after > before, note)
 
