@@ -77,7 +77,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/infermesh
 WORKDIR /home/infermesh
 USER 10001:10001
-# gRPC: gateway 8001, router 8011, feature service 8021, model service 8031 (metrics ports are set by env).
-EXPOSE 8001 8011 8021 8031
+# gRPC: gateway 8001 (and HTTP/REST 8000), router 8011, feature service 8021, model service 8031 (metrics ports are
+# set by env).
+EXPOSE 8000 8001 8011 8021 8031
 ENTRYPOINT ["python", "-m"]
 CMD ["gateway"]

@@ -273,6 +273,8 @@ class LocalMesh:
         settings = {**old.settings, "port": old.port, "metrics_port": old.metrics_port}
         if old.health_port > 0:
             settings["health_port"] = old.health_port
+        if old.http_port > 0:
+            settings["http_port"] = old.http_port
         process = ServiceProcess(old.module, old.name, old.run_dir, settings)
         process.launch(timeout_s)
         if old is self.feature_service:

@@ -37,6 +37,7 @@ class ServiceProcess:
         self.port = 0
         self.health_port = -1
         self.metrics_port = 0
+        self.http_port = -1  # the gateway's HTTP/REST port, when it serves one
 
     @property
     def address(self) -> str:
@@ -78,6 +79,7 @@ class ServiceProcess:
         ports = json.loads(self.port_file.read_text())
         self.port, self.metrics_port = ports["port"], ports["metrics_port"]
         self.health_port = ports.get("health_port", -1)
+        self.http_port = ports.get("http_port", -1)
         with self.health_channel() as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=max(1.0, deadline - time.monotonic())

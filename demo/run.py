@@ -32,6 +32,12 @@ def main() -> None:
     parser.add_argument(
         "--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8001")), help="gateway port; 0: a free one"
     )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=int(os.environ.get("GATEWAY_HTTP_PORT", "8000")),
+        help="gateway HTTP/REST port (Triton's 8000); 0: a free one; -1: gRPC only",
+    )
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument(
         "--tls-dir", type=Path, default=None, help="TLS on every hop with the certificates here (made if missing)"
@@ -55,6 +61,7 @@ def main() -> None:
         run_dir=args.run_dir,
         api_keys=[ApiKey(api_key, "demo", ["fraud", "bench_mlp"]), ApiKey(admin_key, "ops", ["*"], role="admin")],
         gateway_port=args.port,
+        gateway={"http_port": args.http_port},
         replicas=args.replicas,
         redis_url=redis_url,
         redis_cluster_shards=cluster_shards,
@@ -85,6 +92,17 @@ def main() -> None:
             features_tls = f" \\\n    --ca {mesh.ca_file} --cert {client}.pem --key {client}.key"
             grpcurl_tls = f"-cacert {mesh.ca_file}"
         tritonclient_tls = f', ssl=True,\n    root_certificates="{mesh.ca_file}"' if mesh.ca_file is not None else ""
+        http = ""
+        if mesh.gateway is not None and mesh.gateway.http_port > 0:
+            scheme, curl_tls = ("http", "") if mesh.ca_file is None else ("https", f" --cacert {mesh.ca_file}")
+            http_url = f"{scheme}://127.0.0.1:{mesh.gateway.http_port}"
+            http = f"""
+The same API over HTTP/REST (KServe v2 REST, Triton's HTTP API) on {http_url}:
+  curl{curl_tls} -H 'authorization: Bearer {api_key}' {http_url}/v2/models/fraud/infer \\
+    -d '{{"inputs":[{{"name":"user_id","datatype":"BYTES","shape":[1],"data":["u42"]}},
+    {{"name":"merchant_id","datatype":"BYTES","shape":[1],"data":["m7"]}},
+    {{"name":"amount","datatype":"FP32","shape":[1],"data":[129.99]}}]}}'
+"""
         if prediction_log:
             labels = f"""
 Label feedback (`fraud` logs every prediction to the Redis stream infermesh:predictions; label a request by the
@@ -116,7 +134,7 @@ With grpcurl (server reflection is on):
     {{"name":"merchant_id","datatype":"BYTES","shape":[1],"contents":{{"bytes_contents":["bTc="]}}}},
     {{"name":"amount","datatype":"FP32","shape":[1],"contents":{{"fp32_contents":[129.99]}}}}]}}' \\
     {endpoint} inference.GRPCInferenceService/ModelInfer
-
+{http}
 Inspect and load features (the feature service at {features_url}; writes need the write token):
   .venv/bin/infermesh features get user u42 --url {features_url}{features_tls}
   INFERMESH_FEATURE_WRITE_TOKEN=$(cat {mesh.write_token_file}) \\

@@ -13,10 +13,11 @@ from gateway.auth import KeyStore
 from gateway.core import GatewayCore
 from gateway.feedback import Feedback, RedisLabelIndex
 from gateway.online_accuracy import OnlineAccuracy
+from gateway.rest import HttpLimits, RestFront
 from gateway.router_calls import RouterCalls
 from gateway.router_client import RouterClient
 from gateway.settings import GatewaySettings
-from infermesh import heap, oip_servicer, prediction_index
+from infermesh import heap, oip, oip_servicer, prediction_index
 from infermesh.errors import DomainError
 from infermesh.service import Service
 
@@ -31,6 +32,8 @@ class GatewayService(Service):
     _repository: asyncio.Task[None] | None = None
     _online: asyncio.Task[None] | None = None
     feedback: Feedback | None = None
+    rest: RestFront | None = None
+    _rest_stopping: asyncio.Task[None] | None = None
 
     async def register(self, server: Any) -> list[str]:
         settings = self.settings
@@ -94,6 +97,24 @@ class GatewayService(Service):
         self._repository = asyncio.create_task(self._repository_loop())
         if self.feedback is not None:
             self._online = asyncio.create_task(self._online_loop(self.feedback.accuracy))
+        settings = self.settings
+        if settings.http_port >= 0:
+            limits = HttpLimits(
+                settings.max_message_bytes,
+                settings.http_max_json_bytes,
+                settings.http_max_connections,
+                settings.http_first_request_timeout_s,
+            )
+            self.rest = RestFront(self.core, oip.decoded_response, settings.default_timeout_s, limits)
+            await self.rest.start(settings.host, settings.http_port, settings.server_tls(), settings.grace_period_s)
+
+    def other_ports(self) -> dict[str, int]:
+        return {"http_port": self.rest.port} if self.rest is not None else {}
+
+    async def before_drain(self) -> None:
+        # The HTTP port drains alongside the gRPC port: it stops accepting now, its requests finish within the grace.
+        if self.rest is not None:
+            self._rest_stopping = asyncio.create_task(self.rest.stop())
 
     async def _online_loop(self, accuracy: OnlineAccuracy) -> None:
         """The online windows slide while no label arrives: their gauges follow, a slot at a time."""
@@ -121,6 +142,10 @@ class GatewayService(Service):
                 log.info("credentials reloaded")
 
     async def close(self) -> None:
+        if self._rest_stopping is not None:
+            await self._rest_stopping
+        elif self.rest is not None:  # a start that failed after the HTTP port opened
+            await self.rest.stop()
         for task in (self._reload, self._repository, self._online):
             if task is not None:
                 task.cancel()

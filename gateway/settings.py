@@ -14,6 +14,26 @@ class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
 
     port: int = Field(8001, description="gRPC port clients call (Triton's default gRPC port).")
+    http_port: int = Field(
+        -1,
+        ge=-1,
+        description="HTTP/REST port of the same API (KServe v2 REST, Triton's HTTP API; Triton's default is 8000), "
+        "bound on `host` with the gRPC port's TLS; 0 picks a free one; -1: gRPC only.",
+    )
+    # Parsing JSON holds the event loop ~10 ms per MiB here (every other request waits): larger tensors travel as
+    # binary data after the JSON part (Triton's binary tensor extension, tritonclient.http's default) or over gRPC.
+    http_max_json_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest JSON part of an HTTP/REST request (larger: 413)."
+    )
+    http_max_connections: int = Field(
+        1024, ge=1, description="HTTP/REST connections open at once; more are closed as soon as they are made."
+    )
+    http_first_request_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="An HTTP/REST connection that sends no whole request head in this time (at most "
+        "twice it) is closed; idle keep-alive connections are closed after 75 s.",
+    )
     router_address: str = Field(
         "127.0.0.1:8011", description="Router target; a dns:/// name balances over several routers."
     )

@@ -153,6 +153,14 @@ def stream_response(answer: InferAnswer | StreamError) -> pb.ModelStreamInferRes
     return response
 
 
+def decoded_response(encoded: bytes) -> InferResponse:
+    """A serialised ModelInferResponse (a hop's answer, byte for byte) → the domain response."""
+    response = pb.ModelInferResponse.FromString(encoded)
+    parameters = {key: str(value) for key, value in parameters_of(response.parameters).items()}
+    outputs = list(response_outputs(response).values())
+    return InferResponse(response.model_name, response.model_version, outputs, response.id, parameters)
+
+
 def response_outputs(response: pb.ModelInferResponse) -> dict[str, Tensor]:
     """The raw outputs of a response (as infer_response writes them), by name."""
     outputs: dict[str, Tensor] = {}

@@ -82,6 +82,10 @@ class Service(ABC):
     async def warm_up(self) -> None:
         """Work to finish before reporting SERVING (load models, connect to Redis…)."""
 
+    def other_ports(self) -> dict[str, int]:
+        """Ports a service serves besides gRPC, API and health (reported in the port file)."""
+        return {}
+
     async def before_drain(self) -> None:
         """Called when shutdown starts, before in-flight calls drain (e.g. report not ready)."""
 
@@ -225,7 +229,7 @@ class Service(ABC):
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(path.suffix + ".tmp")
         ports = {"port": self.port, "health_port": self.health_port, "metrics_port": self.metrics_port}
-        temporary.write_text(json.dumps({**ports, "pid": os.getpid()}))
+        temporary.write_text(json.dumps({**ports, **self.other_ports(), "pid": os.getpid()}))
         temporary.replace(path)  # atomic: readers never see a half-written file
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -137,6 +137,17 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: i
                 raise
             current.set_attribute("rpc.grpc.status_code", 0)
             return response
+
+
+@contextmanager
+def server_span(name: str, headers: Mapping[str, str]) -> Iterator[None]:
+    """A server span for a call that arrived outside gRPC (the gateway's HTTP front), in the trace its W3C
+    `traceparent` header names, else a new one."""
+    if not _enabled:
+        yield
+        return
+    with tracer.start_as_current_span(name, context=propagate.extract(headers), kind=trace.SpanKind.SERVER):
+        yield
 
 
 @contextmanager

@@ -161,9 +161,10 @@ def test_only_the_gateway_and_the_uis_are_published() -> None:
     services = compose()["services"]
     published = {name: service["ports"] for name, service in services.items() if "ports" in service}
     # On loopback unless the operator names another address (INFERMESH_GATEWAY_BIND).
-    assert published.pop("gateway") == ["127.0.0.1:8001:8001"]
+    assert published.pop("gateway") == ["127.0.0.1:8001:8001", "127.0.0.1:8000:8000"]  # gRPC, HTTP/REST
     assert compose_raw("docker-compose.yml")["services"]["gateway"]["ports"] == [
-        "${INFERMESH_GATEWAY_BIND:-127.0.0.1}:8001:8001"
+        "${INFERMESH_GATEWAY_BIND:-127.0.0.1}:8001:8001",
+        "${INFERMESH_GATEWAY_BIND:-127.0.0.1}:8000:8000",
     ]
     assert published == {name: [f"127.0.0.1:{port}:{port}"] for name, port in UIS.items()}, "UIs on loopback only"
 

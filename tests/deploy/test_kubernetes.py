@@ -109,9 +109,10 @@ def test_settings_ports_and_probes(docs: Docs) -> None:
         assert container["args"] == [module], "the image's entrypoint is `python -m`"
         assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0"
         ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-        assert ports == {"grpc": settings.port, "metrics": settings.metrics_port, "health": settings.health_port}, (
-            module
-        )
+        expected_ports = {"grpc": settings.port, "metrics": settings.metrics_port, "health": settings.health_port}
+        if module == "gateway":  # the same API over HTTP/REST
+            expected_ports["http"] = settings.http_port
+        assert ports == expected_ports, module
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             # Native gRPC probes on the health port of its own: a flooded API port never fails a probe.
             expected = {"port": settings.health_port}
@@ -130,6 +131,7 @@ def test_same_ports_as_compose(docs: Docs) -> None:
         composed = service_settings(module, compose_env(composed_services[module][1]))
         ports = (settings.port, settings.metrics_port, settings.health_port)
         assert ports == (composed.port, composed.metrics_port, composed.health_port), module
+        assert getattr(settings, "http_port", -1) == getattr(composed, "http_port", -1), module
 
 
 def test_pods_are_hardened(docs: Docs) -> None:
@@ -165,8 +167,14 @@ def test_every_deployment_has_a_disruption_budget_and_service(docs: Docs) -> Non
         assert [b for b in budgets if selects(b["spec"]["selector"]["matchLabels"], labels)], f"{module}: no PDB"
         matching = [s for s in services if selects(s["spec"]["selector"], labels)]
         assert len(matching) == 1, f"{module}: expected one Service"
-        (port,) = matching[0]["spec"]["ports"]
+        port, *others = matching[0]["spec"]["ports"]
         assert port["port"] == settings.port and port["targetPort"] == "grpc"
+        if module == "gateway":
+            assert others == [
+                {"name": "http", "port": settings.http_port, "targetPort": "http", "appProtocol": "https"}
+            ]
+        else:
+            assert others == [], module
 
 
 def headless(docs: Docs, name: str) -> dict[str, Any]:

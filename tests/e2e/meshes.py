@@ -78,6 +78,7 @@ def start_mesh(demo_dir: Path, run_dir: Path, **options: object) -> LocalMesh:
         "jwt_issuer": JWT_ISSUER,
         "jwt_audience": JWT_AUDIENCE,
         "credentials_reload_s": 0.2,
+        "http_port": 0,  # the HTTP/REST front on a free port
         **options.pop("gateway", {}),  # type: ignore[dict-item]
     }
     mesh_options = MeshOptions(

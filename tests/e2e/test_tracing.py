@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 import tritonclient.grpc.aio as aioclient
@@ -134,6 +135,29 @@ async def test_one_trace_spans_all_four_services(collector_and_mesh) -> None:
     assert ("gateway", "/inference.GRPCInferenceService/ModelInfer") in names
     assert ("router", "/infermesh.features.v1.FeatureStore/BatchReadFeatures") in names
     assert ("model_service", "/inference.GRPCInferenceService/ModelInfer") in names
+
+
+async def test_a_request_over_http_is_one_trace_too(collector_and_mesh) -> None:
+    collector, mesh = collector_and_mesh
+    trace_id, header = traceparent()
+    document = {
+        "inputs": [
+            {"name": "user_id", "datatype": "BYTES", "shape": [1], "data": ["u6"]},
+            {"name": "merchant_id", "datatype": "BYTES", "shape": [1], "data": ["m6"]},
+            {"name": "amount", "datatype": "FP32", "shape": [1], "data": [42.0]},
+        ]
+    }
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{mesh.gateway.http_port}/v2/models/fraud/infer"
+        async with session.post(url, json=document, headers={**auth(), **header}) as reply:
+            assert reply.status == 200
+
+    def complete(spans: list) -> bool:
+        return {s[0] for s in spans} >= SERVICES
+
+    spans = await collector.wait_for(trace_id, complete)
+    assert {s[0] for s in spans} >= SERVICES, spans
+    assert ("gateway", "HTTP ModelInfer", SERVER) in {(s[0], s[1], s[2]) for s in spans}
 
 
 async def test_spans_end_when_the_deadline_expires(collector_and_mesh) -> None:

@@ -1,0 +1,282 @@
+"""The gateway's HTTP/REST front: the Open Inference Protocol's REST form (KServe v2, Triton's HTTP API) on its
+own port, serving the same core as the gRPC port (gateway.core). Thin like a servicer: HTTP ↔ domain types
+(gateway.rest_codec), and the one place domain errors become HTTP statuses, answered as `{"error": "..."}`.
+
+The credentials are checked from the headers before the body is read; a body larger than the gateway's message
+limit is refused from its Content-Length without being read; compressed bodies are not inflated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from gateway import rest_codec
+from gateway.rest_codec import TooLarge
+from infermesh import errors, metrics, telemetry
+from infermesh.dataplane import Call, EncodedInferResponse, InferResponse
+from infermesh.deadline import Deadline
+from infermesh.tls import ServerTls
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS: dict[errors.Code, int] = {
+    errors.Code.INVALID_ARGUMENT: 400,
+    errors.Code.FAILED_PRECONDITION: 400,
+    errors.Code.OUT_OF_RANGE: 400,
+    errors.Code.UNAUTHENTICATED: 401,
+    errors.Code.PERMISSION_DENIED: 403,
+    errors.Code.NOT_FOUND: 404,
+    errors.Code.ALREADY_EXISTS: 409,
+    errors.Code.RESOURCE_EXHAUSTED: 429,
+    errors.Code.CANCELLED: 499,
+    errors.Code.UNIMPLEMENTED: 501,
+    errors.Code.UNAVAILABLE: 503,
+    errors.Code.DEADLINE_EXCEEDED: 504,
+}
+# Triton answers health and readiness as status codes: 200 for true, 400 for false (KServe v2: "a 4xx status").
+NOT_READY = 400
+SERVICE = "gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    max_body_bytes: int
+    max_json_bytes: int
+    max_connections: int = 1024
+    first_request_timeout_s: float = 10.0  # a connection silent this long (at most twice) is closed
+    keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the limit: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]  # every stream transport has abort()
+
+
+async def _close_silent_connections(server: web.Server, interval_s: float) -> None:
+    """Close connections that have not sent one whole request head in [interval, 2 x interval] (aiohttp times
+    only the idle wait between requests): an opened and never used connection holds a slot for no longer."""
+    silent: set[RequestHandler] = set()
+    while True:
+        await asyncio.sleep(interval_s)
+        # A private counter of aiohttp's; should it go, nothing is closed (and the test of this fails).
+        now_silent = {handler for handler in server.connections if getattr(handler, "_request_count", 1) == 0}
+        for handler in now_silent & silent:
+            handler.force_close()
+        silent = now_silent - silent
+
+
+class RestFront:
+    def __init__(
+        self,
+        core: Any,
+        decode_response: Callable[[bytes], InferResponse],
+        default_timeout_s: float,
+        limits: HttpLimits,
+    ) -> None:
+        self.core = core  # the gateway's dataplane (GatewayCore)
+        # A hop's answer in wire form → the domain response (infermesh.oip: no protobuf imported here).
+        self.decode_response = decode_response
+        self.default_timeout_s = default_timeout_s
+        self.limits = limits
+        self.max_body_bytes = limits.max_body_bytes
+        self.max_json_bytes = limits.max_json_bytes
+        self._inflight = metrics.INFLIGHT.labels(SERVICE)
+        self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body_bytes)
+        get, post = web.get, web.post
+        routes = [
+            get("/v2/health/live", self._route("ServerLive", self.server_live)),
+            get("/v2/health/ready", self._route("ServerReady", self.server_ready)),
+            get("/v2", self._route("ServerMetadata", self.server_metadata)),
+        ]
+        for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            routes += [
+                get(prefix, self._route("ModelMetadata", self.model_metadata)),
+                get(prefix + "/ready", self._route("ModelReady", self.model_ready)),
+                post(prefix + "/infer", self._route("ModelInfer", self.infer)),
+            ]
+        app.add_routes(routes)
+        app.middlewares.append(_json_http_errors)
+        app.on_response_prepare.append(_without_server_header)
+        return app
+
+    async def start(self, host: str, port: int, tls: ServerTls | None, grace_s: float) -> int:
+        limits = self.limits
+        runner = web.AppRunner(
+            self.app(),
+            access_log=None,  # the gateway's own access log (sampled, no inputs) covers both ports
+            shutdown_timeout=grace_s,
+            auto_decompress=False,  # a small compressed body must not become a large one here
+            max_field_size=8190,
+            max_headers=128,
+            keepalive_timeout=limits.keepalive_timeout_s,
+        )
+        await runner.setup()
+        server = runner.server
+        assert server is not None
+
+        def connection() -> asyncio.BaseProtocol:
+            if len(server.connections) >= limits.max_connections:
+                return _Refused()
+            return server()
+
+        # Our own listener on aiohttp's protocol factory: aiohttp bounds neither connections nor the wait for a
+        # first request.
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(connection, host, port, ssl=_ssl_context(tls), backlog=128)
+        self._runner = runner
+        self._sweeper = asyncio.create_task(_close_silent_connections(server, limits.first_request_timeout_s))
+        self.port = int(self._listener.sockets[0].getsockname()[1])
+        return self.port
+
+    async def stop(self) -> None:
+        """New connections are refused at once; requests in flight finish within the grace given at start."""
+        if self._listener is not None:
+            self._listener.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # Each route: counted and timed like a gRPC call (method labelled "HTTP <method>"), errors as JSON.
+
+    def _route(
+        self, method: str, behavior: Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        label = f"HTTP {method}"
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            labels = metrics.RequestLabels()
+            metrics.request_labels.set(labels)
+            started = time.perf_counter()
+            code = "OK"
+            self._inflight.inc()
+            try:
+                call = Call(Deadline.from_remaining(None, self.default_timeout_s), request.headers.get("Authorization"))
+                with telemetry.server_span(label, request.headers):
+                    return await behavior(request, call)
+            except errors.DomainError as error:
+                code = error.code.name
+                return _error_response(error)
+            except Exception:
+                code = "INTERNAL"
+                log.exception("unhandled error in %s", label)
+                return web.json_response({"error": "internal error"}, status=500)
+            finally:
+                self._inflight.dec()
+                metrics.REQUESTS.labels(SERVICE, label, labels.model, labels.version, code).inc()
+                metrics.REQUEST_LATENCY.labels(SERVICE, label, labels.model).observe(time.perf_counter() - started)
+
+        return handle
+
+    async def server_live(self, request: web.Request, call: Call) -> web.StreamResponse:
+        return _truth(await self.core.server_live(call))
+
+    async def server_ready(self, request: web.Request, call: Call) -> web.StreamResponse:
+        return _truth(await self.core.server_ready(call))
+
+    async def server_metadata(self, request: web.Request, call: Call) -> web.StreamResponse:
+        return web.json_response(rest_codec.server_metadata(await self.core.server_metadata(call)))
+
+    async def model_metadata(self, request: web.Request, call: Call) -> web.StreamResponse:
+        model, version = _model_of(request)
+        info = await self.core.model_metadata(call, model, version)
+        return web.json_response(rest_codec.model_metadata(info))
+
+    async def model_ready(self, request: web.Request, call: Call) -> web.StreamResponse:
+        model, version = _model_of(request)
+        return _truth(await self.core.model_ready(call, model, version))
+
+    async def infer(self, request: web.Request, call: Call) -> web.StreamResponse:
+        # Who asks, and whether they may use the model in the path, before a byte of the body is read.
+        call = self.core.authenticate(call)
+        model, version = _model_of(request)
+        self.core.authorized_model(call, model, version)
+        length = request.content_length
+        header_length = request.headers.get(rest_codec.HEADER_LENGTH)
+        if length is not None and length > self.max_body_bytes:
+            raise TooLarge(f"request body of {length} bytes exceeds the {self.max_body_bytes} bytes limit")
+        if length is not None and header_length is None and length > self.max_json_bytes:
+            raise TooLarge(rest_codec.json_limit_message(length, self.max_json_bytes))
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # sent without a Content-Length, and too long
+            raise TooLarge(f"request body exceeds the {self.max_body_bytes} bytes limit") from None
+        infer_request, form = rest_codec.infer_request(model, version, body, header_length, self.max_json_bytes)
+        del body
+        answer = await self.core.infer(call, infer_request)
+        response = self.decode_response(answer.data) if isinstance(answer, EncodedInferResponse) else answer
+        content, json_length = rest_codec.infer_response(response, form)
+        if json_length is None:
+            return web.Response(body=content, content_type="application/json")
+        return web.Response(
+            body=content,
+            content_type="application/octet-stream",
+            headers={rest_codec.HEADER_LENGTH: str(json_length)},
+        )
+
+
+def _model_of(request: web.Request) -> tuple[str, str]:
+    return request.match_info["model"], request.match_info.get("version", "")
+
+
+def _truth(value: bool) -> web.StreamResponse:
+    return web.Response(status=200 if value else NOT_READY)
+
+
+def _error_response(error: errors.DomainError) -> web.Response:
+    headers = {}
+    retry_after_s = getattr(error, "retry_after_s", None)
+    if retry_after_s is not None:  # HTTP's retry hint: whole seconds, at least one
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+    status = 413 if isinstance(error, TooLarge) else HTTP_STATUS.get(error.code, 500)
+    return web.json_response({"error": errors.client_message(error)}, status=status, headers=headers)
+
+
+@web.middleware
+async def _json_http_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own refusals (no such path, wrong method) in the protocol's error form too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exception:
+        if exception.status < 400:
+            raise
+        return web.json_response({"error": exception.reason}, status=exception.status)
+
+
+async def _without_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.pop("Server", None)  # no library and version for a scanner to match
+
+
+def _ssl_context(tls: ServerTls | None) -> ssl.SSLContext | None:
+    """The gRPC port's certificate on the HTTP port too (read at start), with client certificates required when
+    the gateway requires them."""
+    if tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file is not None and tls.require_client_cert:
+        context.load_verify_locations(tls.ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

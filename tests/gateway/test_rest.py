@@ -1,0 +1,183 @@
+"""The HTTP/REST front in-process, on a stub core: its own bounds (connections, silent connections, the JSON
+part), the mapping of domain errors to HTTP statuses, and draining. (tests/e2e/test_rest.py runs it on a real
+mesh.)"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+
+from gateway.rest import HttpLimits, RestFront
+from infermesh import errors
+from infermesh.dataplane import Call, InferRequest, InferResponse, ServerInfo
+from infermesh.tensors import Tensor
+
+
+class StubCore:
+    """Answers `infer` with the first input doubled, or raises what a test sets."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.release = asyncio.Event()
+        self.release.set()
+
+    def authenticate(self, call: Call) -> Call:
+        if call.authorization != "Bearer good":
+            raise errors.Unauthenticated("missing or unknown credentials")
+        return call
+
+    def authorized_model(self, call: Call, name: str, version: str = "") -> None:
+        if name != "m":
+            raise errors.PermissionDenied(f"tenant may not use model '{name}'")
+
+    async def server_live(self, call: Call) -> bool:
+        return True
+
+    async def server_ready(self, call: Call) -> bool:
+        return True
+
+    async def server_metadata(self, call: Call) -> ServerInfo:
+        return ServerInfo("stub", "0", ())
+
+    async def infer(self, call: Call, request: InferRequest) -> InferResponse:
+        await self.release.wait()
+        if self.error is not None:
+            raise self.error
+        (tensor,) = request.inputs.tensors().values()
+        return InferResponse("m", "1", [Tensor("y", tensor.datatype, tensor.shape, tensor.data * 2)])
+
+
+LIMITS = HttpLimits(max_body_bytes=64 * 1024, max_json_bytes=4096, max_connections=4, first_request_timeout_s=0.2)
+
+
+@pytest.fixture
+async def front() -> AsyncIterator[tuple[RestFront, StubCore]]:
+    core = StubCore()
+    rest = RestFront(core, lambda data: pytest.fail("only domain answers here"), 5.0, LIMITS)
+    await rest.start("127.0.0.1", 0, None, grace_s=5.0)
+    yield rest, core
+    await rest.stop()
+
+
+def infer_body(values: list[float]) -> dict[str, Any]:
+    return {"inputs": [{"name": "x", "datatype": "FP32", "shape": [len(values)], "data": values}]}
+
+
+async def post(rest: RestFront, document: Any, **headers: str) -> tuple[int, Any, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{rest.port}/v2/models/m/infer",
+            json=document,
+            headers={"Authorization": "Bearer good", **headers},
+        ) as reply,
+    ):
+        return reply.status, await reply.json(), reply.headers
+
+
+async def test_inference_round_trip(front: tuple[RestFront, StubCore]) -> None:
+    rest, _ = front
+    status, document, _ = await post(rest, infer_body([1.0, 2.5]))
+    assert status == 200
+    assert document["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [2], "data": [2.0, 5.0]}]
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (errors.InvalidInput("input 'x': bad"), 400),
+        (errors.NotFound("unknown model"), 404),
+        (errors.Unavailable("no replica"), 503),
+        (errors.DeadlineExceeded("deadline passed"), 504),
+        (errors.FailedPrecondition("version failed to load"), 400),
+    ],
+)
+async def test_domain_errors_become_http_statuses(
+    front: tuple[RestFront, StubCore], error: errors.DomainError, status: int
+) -> None:
+    rest, core = front
+    core.error = error
+    answered, document, _ = await post(rest, infer_body([1.0]))
+    assert (answered, document) == (status, {"error": str(error)})
+
+
+async def test_a_refusal_with_a_retry_hint_says_when_in_retry_after(front: tuple[RestFront, StubCore]) -> None:
+    rest, core = front
+    core.error = errors.Overloaded("tenant 'flood' is over its rate", retry_after_s=2.2)
+    status, _, headers = await post(rest, infer_body([1.0]))
+    assert status == 429 and headers["Retry-After"] == "3"
+
+
+async def test_an_unexpected_error_is_500_without_its_text(front: tuple[RestFront, StubCore]) -> None:
+    rest, core = front
+    core.error = RuntimeError("secret internal detail")
+    status, document, _ = await post(rest, infer_body([1.0]))
+    assert (status, document) == (500, {"error": "internal error"})
+
+
+async def test_a_json_part_over_its_limit_is_413_before_it_is_parsed(front: tuple[RestFront, StubCore]) -> None:
+    rest, _ = front
+    status, document, _ = await post(rest, infer_body([1.0] * 2000))
+    assert status == 413 and "binary data" in document["error"]
+    status, document, _ = await post(rest, "x" * 70_000)  # over the body limit
+    assert status == 413 and "65536 bytes limit" in document["error"]
+
+
+async def wait_for(condition: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def open_connections(rest: RestFront) -> int:
+    assert rest._runner is not None and rest._runner.server is not None
+    return len(rest._runner.server.connections)
+
+
+async def test_connections_past_the_limit_are_closed_at_once(front: tuple[RestFront, StubCore]) -> None:
+    rest, _ = front
+    held = [await asyncio.open_connection("127.0.0.1", rest.port) for _ in range(LIMITS.max_connections)]
+    await wait_for(lambda: open_connections(rest) == LIMITS.max_connections)
+    reader, writer = await asyncio.open_connection("127.0.0.1", rest.port)
+    writer.write(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await asyncio.wait_for(reader.read(), timeout=5) == b""  # closed, unanswered
+    for _, held_writer in held:
+        held_writer.close()
+    await wait_for(lambda: open_connections(rest) == 0)
+    status, _, _ = await post(rest, infer_body([1.0]))  # room again
+    assert status == 200
+
+
+async def test_a_connection_that_sends_no_whole_request_is_closed(front: tuple[RestFront, StubCore]) -> None:
+    rest, _ = front
+    reader, writer = await asyncio.open_connection("127.0.0.1", rest.port)
+    writer.write(b"GET /v2/health/live HT")  # a request head that never ends
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), timeout=5) == b""
+    assert time.monotonic() - started >= LIMITS.first_request_timeout_s
+    writer.close()
+
+
+async def test_stop_lets_requests_in_flight_finish_and_refuses_new_connections(
+    front: tuple[RestFront, StubCore],
+) -> None:
+    rest, core = front
+    core.release.clear()
+    in_flight = asyncio.create_task(post(rest, infer_body([4.0])))
+    await wait_for(lambda: open_connections(rest) == 1)
+    port = rest.port
+    stopping = asyncio.create_task(rest.stop())
+    await asyncio.sleep(0)  # the listener closes first
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+    core.release.set()
+    status, document, _ = await in_flight
+    await stopping
+    assert status == 200 and np.allclose(document["outputs"][0]["data"], [8.0])
