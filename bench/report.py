@@ -1115,6 +1115,17 @@ SPEED_CHANGES = (
         "back-to-back pairs alternating the two trees on a machine busier than on other days (every "
         "figure ~1.5x slower than this morning's): no change beyond this machine's noise",
     ),
+    (
+        "the gateway also serves HTTP/REST (`GATEWAY_HTTP_PORT`, aiohttp on the gateway's event loop; `make run` "
+        "turns it on at 8000)",
+        "port off: gRPC c=1 p50 4.19 / 4.16 ms, c=64 2,233 / 2,539 req/s (p99 52.6 / 46.2 ms)",
+        "port on: 4.18 / 4.15 ms, 2,602 / 2,291 req/s (46.2 / 51.6 ms); over REST itself (aiohttp client, "
+        "JSON): c=1 p50 3.74 ms, c=64 3,140 / 2,973 req/s, p99 33 ms, against Triton's HTTP port 2.78 / 2.58 ms "
+        "and 3,022 / 3,278 req/s",
+        "`make run` with the port off and on, alternating (off, on, off, on), tritonclient.grpc.aio closed loop "
+        "(`v2load.py`) 6 s at c=1 and 8 s at c=64: no change to gRPC clients beyond noise. REST figures and the "
+        "method: docs/performance.md",
+    ),
 )
 FIXED_DEFECTS = (
     "Overload at 3x capacity: accepted requests waited 5-8 s in gRPC core's backlog of calls the saturated event "
