@@ -13,9 +13,9 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -25,6 +25,9 @@ from gateway.rest_codec import TooLarge
 from infermesh import errors, metrics, telemetry
 from infermesh.dataplane import Call, EncodedInferResponse, InferResponse
 from infermesh.deadline import Deadline
+from infermesh.model_config import ModelConfig
+from infermesh.repository import REPOSITORY_TIMEOUT_S, load_config_of
+from infermesh.statistics import ModelStatistics
 from infermesh.tls import ServerTls
 
 log = logging.getLogger(__name__)
@@ -77,17 +80,28 @@ async def _close_silent_connections(server: web.Server, interval_s: float) -> No
         silent = now_silent - silent
 
 
+class WireForms(Protocol):
+    """What the front needs of the protocol's protobuf forms (infermesh.oip, passed in as a module)."""
+
+    def decoded_response(self, encoded: bytes) -> InferResponse:
+        """A hop's answer in wire form → the domain response."""
+        ...
+
+    def model_config_json(self, config: ModelConfig) -> dict[str, Any]: ...
+
+    def model_statistics_json(self, entries: Iterable[ModelStatistics]) -> dict[str, Any]: ...
+
+
 class RestFront:
     def __init__(
         self,
         core: Any,
-        decode_response: Callable[[bytes], InferResponse],
+        wire: WireForms,
         default_timeout_s: float,
         limits: HttpLimits,
     ) -> None:
         self.core = core  # the gateway's dataplane (GatewayCore)
-        # A hop's answer in wire form → the domain response (infermesh.oip: no protobuf imported here).
-        self.decode_response = decode_response
+        self.wire = wire  # the protocol's protobuf forms (infermesh.oip): no protobuf imported here
         self.default_timeout_s = default_timeout_s
         self.limits = limits
         self.max_body_bytes = limits.max_body_bytes
@@ -105,11 +119,18 @@ class RestFront:
             get("/v2/health/live", self._route("ServerLive", self.server_live)),
             get("/v2/health/ready", self._route("ServerReady", self.server_ready)),
             get("/v2", self._route("ServerMetadata", self.server_metadata)),
+            # Triton's extensions: statistics of every model the caller may see, and the repository (admin).
+            get("/v2/models/stats", self._route("ModelStatistics", self.model_statistics)),
+            post("/v2/repository/index", self._route("RepositoryIndex", self.repository_index)),
+            post("/v2/repository/models/{model}/load", self._route("RepositoryModelLoad", self.repository_load)),
+            post("/v2/repository/models/{model}/unload", self._route("RepositoryModelUnload", self.repository_unload)),
         ]
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             routes += [
                 get(prefix, self._route("ModelMetadata", self.model_metadata)),
                 get(prefix + "/ready", self._route("ModelReady", self.model_ready)),
+                get(prefix + "/config", self._route("ModelConfig", self.model_config)),
+                get(prefix + "/stats", self._route("ModelStatistics", self.model_statistics)),
                 post(prefix + "/infer", self._route("ModelInfer", self.infer)),
             ]
         app.add_routes(routes)
@@ -205,6 +226,52 @@ class RestFront:
         model, version = _model_of(request)
         return _truth(await self.core.model_ready(call, model, version))
 
+    async def model_config(self, request: web.Request, call: Call) -> web.StreamResponse:
+        model, version = _model_of(request)
+        config = await self.core.model_config(call, model, version)
+        return web.json_response(self.wire.model_config_json(config))
+
+    async def model_statistics(self, request: web.Request, call: Call) -> web.StreamResponse:
+        model, version = request.match_info.get("model", ""), request.match_info.get("version", "")
+        entries = await self.core.model_statistics(call, model, version)
+        return web.json_response(self.wire.model_statistics_json(entries))
+
+    async def repository_index(self, request: web.Request, call: Call) -> web.StreamResponse:
+        document = await self._small_json(request, call)
+        ready = document.get("ready", False)
+        if not isinstance(ready, bool):
+            raise errors.InvalidInput("repository index: 'ready' must be a boolean")
+        entries = await self.core.repository_index(call, ready)
+        return web.json_response(rest_codec.repository_index(entries))
+
+    async def repository_load(self, request: web.Request, call: Call) -> web.StreamResponse:
+        call = replace(call, deadline=Deadline.from_remaining(None, REPOSITORY_TIMEOUT_S))
+        document = await self._small_json(request, call)
+        parameters = rest_codec.parameters_of(document.get("parameters"), "load")
+        await self.core.repository_load(call, request.match_info["model"], load_config_of(parameters))
+        return web.Response(status=200)
+
+    async def repository_unload(self, request: web.Request, call: Call) -> web.StreamResponse:
+        call = replace(call, deadline=Deadline.from_remaining(None, REPOSITORY_TIMEOUT_S))
+        await self._small_json(request, call)  # its parameters (unload_dependents) change nothing here
+        await self.core.repository_unload(call, request.match_info["model"])
+        return web.Response(status=200)
+
+    async def _small_json(self, request: web.Request, call: Call) -> dict[str, Any]:
+        """An administration call's JSON body (none: {}), read once the caller is known, within the JSON bound."""
+        self.core.authenticate(call)
+        length = request.content_length
+        if length is not None and length > self.max_json_bytes:
+            raise TooLarge(rest_codec.json_limit_message(length, self.max_json_bytes))
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > self.max_json_bytes:  # sent without a Content-Length: read no further than the bound
+                raise TooLarge(rest_codec.json_limit_message(size, self.max_json_bytes))
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        return rest_codec.json_object(body) if body.strip() else {}
+
     async def infer(self, request: web.Request, call: Call) -> web.StreamResponse:
         # Who asks, and whether they may use the model in the path, before a byte of the body is read.
         call = self.core.authenticate(call)
@@ -223,7 +290,7 @@ class RestFront:
         infer_request, form = rest_codec.infer_request(model, version, body, header_length, self.max_json_bytes)
         del body
         answer = await self.core.infer(call, infer_request)
-        response = self.decode_response(answer.data) if isinstance(answer, EncodedInferResponse) else answer
+        response = self.wire.decoded_response(answer.data) if isinstance(answer, EncodedInferResponse) else answer
         content, json_length = rest_codec.infer_response(response, form)
         if json_length is None:
             return web.Response(body=content, content_type="application/json")

@@ -11,13 +11,13 @@ BYTES data holds no more elements than its shape (so a made-up shape cannot make
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from infermesh.dataplane import InferRequest, InferResponse, ModelInfo, ParameterValue, ServerInfo
+from infermesh.dataplane import InferRequest, InferResponse, ModelIndexEntry, ModelInfo, ParameterValue, ServerInfo
 from infermesh.errors import InvalidInput
 from infermesh.model_config import TensorSpec
 from infermesh.tensors import (
@@ -71,7 +71,7 @@ def infer_request(
     json_part, binary = _split(body, header_length)
     if len(json_part) > max_json_bytes:
         raise TooLarge(json_limit_message(len(json_part), max_json_bytes))
-    document = _json_object(json_part)
+    document = json_object(json_part)
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("request: 'inputs' must be a non-empty list of tensors")
@@ -132,7 +132,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, 
     return view[:length], view[length:]
 
 
-def _json_object(data: bytes | memoryview) -> dict[str, Any]:
+def json_object(data: bytes | memoryview) -> dict[str, Any]:
     try:
         document = json.loads(bytes(data))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
@@ -294,6 +294,10 @@ def json_values(tensor: Tensor) -> list[Any]:
         flat = (flat.astype("<u4") << 16).view("<f4")
     values: list[Any] = flat.tolist()
     return values
+
+
+def repository_index(entries: Iterable[ModelIndexEntry]) -> list[dict[str, str]]:
+    return [{"name": e.name, "version": e.version, "state": e.state, "reason": e.reason} for e in entries]
 
 
 def server_metadata(info: ServerInfo) -> dict[str, Any]:

@@ -105,7 +105,7 @@ class GatewayService(Service):
                 settings.http_max_connections,
                 settings.http_first_request_timeout_s,
             )
-            self.rest = RestFront(self.core, oip.decoded_response, settings.default_timeout_s, limits)
+            self.rest = RestFront(self.core, oip, settings.default_timeout_s, limits)
             await self.rest.start(settings.host, settings.http_port, settings.server_tls(), settings.grace_period_s)
 
     def other_ports(self) -> dict[str, int]:

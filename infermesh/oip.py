@@ -4,9 +4,13 @@ the public protocol's protobuf is read and written."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from typing import Any
 
-from google.protobuf.message import DecodeError
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
+from infermesh import repository
 from infermesh.classification import requested_classes
 from infermesh.dataplane import (
     EncodedInferResponse,
@@ -247,27 +251,13 @@ def repository_index(entries: Iterable[ModelIndexEntry]) -> pb.RepositoryIndexRe
     )
 
 
-CONFIG_PARAMETER = "config"  # RepositoryModelLoad: a full model config (JSON) to apply instead of the repository's
-
-
 def load_config_of(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> str | None:
-    """The `config` override of a RepositoryModelLoad, if any. Triton's file overrides (`file:…`) are not taken:
-    model files come from the repository (see `infermesh models publish`)."""
-    for key in parameters:
-        if key.startswith("file:"):
-            raise InvalidInput(f"load parameter '{key[:64]}': model files are not taken over the API; publish them")
-    parameter = parameters.get(CONFIG_PARAMETER)
-    if parameter is None:
-        return None
-    kind = parameter.WhichOneof("parameter_choice")
-    if kind == "string_param":
-        return str(parameter.string_param)
-    if kind == "bytes_param":
-        try:
-            return bytes(parameter.bytes_param).decode()
-        except UnicodeDecodeError:
-            raise InvalidInput("load parameter 'config' is not UTF-8 text") from None
-    raise InvalidInput("load parameter 'config' must be a string holding the model config as JSON")
+    """The `config` override of a RepositoryModelLoad, if any (infermesh.repository.load_config_of)."""
+    values: dict[str, object] = {}
+    for key, parameter in parameters.items():
+        kind = parameter.WhichOneof("parameter_choice")
+        values[key] = getattr(parameter, kind) if kind is not None else None
+    return repository.load_config_of(values)
 
 
 def _duration(duration: Duration) -> pb.StatisticDuration:
@@ -341,3 +331,51 @@ def statistics_of(response: pb.ModelStatisticsResponse) -> list[ModelStatistics]
             )
         )
     return found
+
+
+# The HTTP/REST form of the messages Triton's HTTP API answers as JSON ------------------------------------
+
+_INT64_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def json_of(message: Message) -> dict[str, Any]:
+    """A message as Triton's HTTP API writes it: proto field names, every field, 64-bit integers as numbers
+    (protobuf's JSON mapping writes those as strings)."""
+    document = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return _numbers(document, message.DESCRIPTOR)
+
+
+def _numbers(document: dict[str, Any], descriptor: Any) -> dict[str, Any]:  # a message Descriptor
+    for field in descriptor.fields:
+        value = document.get(field.name)
+        if value is None:
+            continue
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            if value_field.message_type is not None:
+                for item in value.values():
+                    _numbers(item, value_field.message_type)
+        elif field.message_type is not None:
+            for item in value if isinstance(value, list) else [value]:
+                _numbers(item, field.message_type)
+        elif field.type in _INT64_TYPES:
+            document[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+    return document
+
+
+def model_config_json(config: ModelConfig) -> dict[str, Any]:
+    return json_of(model_config(config).config)
+
+
+def model_statistics_json(entries: Iterable[ModelStatistics]) -> dict[str, Any]:
+    return json_of(model_statistics(entries))

@@ -16,13 +16,9 @@ from infermesh.dataplane import Call, Dataplane, InferAnswer, InferRequest, Stre
 from infermesh.errors import InvalidInput
 from infermesh.method_handlers import call_of, deadline_of, stream_messages
 from infermesh.proto import inference_pb2 as pb
+from infermesh.repository import REPOSITORY_TIMEOUT_S
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-
-
-# A repository call without a deadline of its own gets this long: loading and warming a model takes far longer than
-# an inference, and a load cut short by the default inference timeout would be reported failed while it goes on.
-REPOSITORY_TIMEOUT_S = 300.0
 
 
 class OipServicer:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from infermesh.dataplane import ModelIndexEntry
+from infermesh.errors import InvalidInput
 from infermesh.model_config import (
     LOADING,
     READY,
@@ -134,3 +135,28 @@ def generation_of(parts: Iterable[str]) -> str:
 
 def _version_key(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (0, version)
+
+
+CONFIG_PARAMETER = "config"  # a load's full model config (JSON) to apply instead of the repository's
+# A repository call without a deadline of its own gets this long: loading and warming a model takes far longer than
+# an inference, and a load cut short by the default inference timeout would be reported failed while it goes on.
+REPOSITORY_TIMEOUT_S = 300.0
+
+
+def load_config_of(parameters: Mapping[str, object]) -> str | None:
+    """The `config` override among a load's parameters (gRPC's or HTTP's, as values), if any. Triton's file
+    overrides (`file:…`) are not taken: model files come from the repository (see `infermesh models publish`)."""
+    for key in parameters:
+        if key.startswith("file:"):
+            raise InvalidInput(f"load parameter '{key[:64]}': model files are not taken over the API; publish them")
+    value = parameters.get(CONFIG_PARAMETER)
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            raise InvalidInput("load parameter 'config' is not UTF-8 text") from None
+    if isinstance(value, str):
+        return value
+    raise InvalidInput("load parameter 'config' must be a string holding the model config as JSON")

@@ -13,7 +13,7 @@ from infermesh.deadline import Deadline
 from infermesh.method_handlers import error_from_rpc
 from infermesh.model_config import VersionStatus
 from infermesh.proto import inference_pb2, inference_pb2_grpc, repository_pb2, repository_pb2_grpc
-from infermesh.repository import ModelState, RepositoryState
+from infermesh.repository import CONFIG_PARAMETER, ModelState, RepositoryState
 from infermesh.statistics import ModelStatistics
 from infermesh.tls import ClientTls
 
@@ -98,7 +98,7 @@ class RepositoryClient:
     async def load(self, model: str, config_json: str | None, deadline: Deadline) -> None:
         request = inference_pb2.RepositoryModelLoadRequest(model_name=model)
         if config_json is not None:
-            request.parameters[oip.CONFIG_PARAMETER].string_param = config_json
+            request.parameters[CONFIG_PARAMETER].string_param = config_json
         await self._call(self._inference.RepositoryModelLoad, request, deadline)
 
     async def unload(self, model: str, deadline: Deadline) -> None:

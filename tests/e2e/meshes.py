@@ -20,6 +20,7 @@ DEMO_KEY = "test-demo-key-0123456789"
 LIMITED_KEY = "test-limited-key-0123456789"
 ALL_MODELS_KEY = "test-all-models-key-0123456789"
 FLOOD_KEY = "test-flood-key-0123456789"  # tenant "flood": 20 requests/s, burst 10, 4 in flight
+ADMIN_KEY = "test-admin-key-0123456789"  # tenant "admin", role admin: the repository API
 
 
 JWT_ISSUER = "https://issuer.infermesh.test"
@@ -89,6 +90,7 @@ def start_mesh(demo_dir: Path, run_dir: Path, **options: object) -> LocalMesh:
             ApiKey(LIMITED_KEY, "limited", ["bench_mlp"]),
             ApiKey(ALL_MODELS_KEY, "ops", ["*"]),
             ApiKey(FLOOD_KEY, "flood", ["fraud"]),
+            ApiKey(ADMIN_KEY, "admin", ["*"], role="admin"),
         ],
         tenants={"flood": {"rate_per_s": 20, "burst": 10, "max_inflight": 4}},
         model_repository=repository,

@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc.aio as aioclient
 
 from demo.mesh import LocalMesh
-from tests.e2e.meshes import ALL_MODELS_KEY, FLOOD_KEY, LIMITED_KEY, auth, fraud_inputs, metric
+from tests.e2e.meshes import ADMIN_KEY, ALL_MODELS_KEY, FLOOD_KEY, LIMITED_KEY, auth, fraud_inputs, metric
 
 
 def base_url(mesh: LocalMesh, scheme: str = "http") -> str:
@@ -249,3 +249,68 @@ async def test_the_http_front_serves_tls_with_the_grpc_ports_certificate(tls_mes
         with pytest.raises(aiohttp.ClientError):  # plaintext to the TLS port gets no answer
             async with session.get(f"{base_url(tls_mesh)}/v2/health/live") as reply:
                 await reply.read()
+
+
+async def test_model_config_as_tritons_http_api_writes_it(mesh: LocalMesh, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{base_url(mesh)}/v2/models/fraud/config", headers=auth()) as reply:
+        assert reply.status == 200
+        config = await reply.json()
+    async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+        over_grpc = (await client.get_model_config("fraud", headers=auth(), as_json=True))["config"]
+    assert config["name"] == "fraud" and config["max_batch_size"] == over_grpc["max_batch_size"]
+    assert [(i["name"], i["data_type"]) for i in config["input"]] == [
+        (i["name"], i["data_type"]) for i in over_grpc["input"]
+    ]
+    # 64-bit integers as JSON numbers (Triton's form), not protobuf JSON's strings.
+    assert all(isinstance(d, int) for i in config["input"] for d in i["dims"])
+    async with http.get(f"{base_url(mesh)}/v2/models/fraud/config", headers=auth(LIMITED_KEY)) as reply:
+        assert reply.status == 403
+
+
+async def test_statistics_per_model_and_for_every_model_the_tenant_sees(
+    mesh: LocalMesh, http: aiohttp.ClientSession
+) -> None:
+    url = base_url(mesh)
+    async with http.post(f"{url}/v2/models/fraud/infer", json=fraud_json(["u1"], ["m1"], [1.0]), headers=auth()):
+        pass
+    async with http.get(f"{url}/v2/models/fraud/stats", headers=auth()) as reply:
+        assert reply.status == 200
+        (fraud,) = (await reply.json())["model_stats"]
+    assert fraud["name"] == "fraud" and fraud["inference_count"] >= 1
+    assert fraud["inference_stats"]["success"]["count"] >= 1 and isinstance(
+        fraud["inference_stats"]["success"]["ns"], int
+    )
+    async with http.get(f"{url}/v2/models/stats", headers=auth(LIMITED_KEY)) as reply:
+        names = {entry["name"] for entry in (await reply.json())["model_stats"]}
+    assert names == {"bench_mlp"}  # only the tenant's own models
+
+
+async def test_the_repository_api_over_http_is_for_admins(mesh: LocalMesh, http: aiohttp.ClientSession) -> None:
+    url = base_url(mesh)
+    async with http.post(f"{url}/v2/repository/index", json={"ready": True}, headers=auth(ADMIN_KEY)) as reply:
+        assert reply.status == 200
+        index = await reply.json()
+    assert {"name": "fraud", "state": "READY"}.items() <= next(e for e in index if e["name"] == "fraud").items()
+    for key, status in ((None, 401), (ALL_MODELS_KEY, 403)):
+        headers = auth(key) if key else {}
+        async with http.post(f"{url}/v2/repository/index", headers=headers) as reply:
+            assert reply.status == status
+        async with http.post(f"{url}/v2/repository/models/fraud/unload", headers=headers) as reply:
+            assert reply.status == status
+    admin = auth(ADMIN_KEY)
+    async with http.post(f"{url}/v2/repository/models/fraud/load", headers=admin) as reply:
+        assert reply.status == 200  # loaded as it is: nothing changes
+    async with http.post(
+        f"{url}/v2/repository/models/fraud/load", json={"parameters": {"file:1/model.pt": "AAAA"}}, headers=admin
+    ) as reply:
+        assert reply.status == 400 and "publish" in (await reply.json())["error"]
+    async with http.post(
+        f"{url}/v2/repository/models/fraud/load", json={"parameters": {"config": '{"inputs": 3}'}}, headers=admin
+    ) as reply:
+        assert reply.status == 400
+    async with http.post(f"{url}/v2/repository/models/no_such_model/unload", headers=admin) as reply:
+        assert reply.status == 404
+    async with http.post(
+        f"{url}/v2/models/fraud/infer", json=fraud_json(["u1"], ["m1"], [1.0]), headers=auth()
+    ) as reply:
+        assert reply.status == 200  # still serving

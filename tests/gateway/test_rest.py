@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -59,7 +60,8 @@ LIMITS = HttpLimits(max_body_bytes=64 * 1024, max_json_bytes=4096, max_connectio
 @pytest.fixture
 async def front() -> AsyncIterator[tuple[RestFront, StubCore]]:
     core = StubCore()
-    rest = RestFront(core, lambda data: pytest.fail("only domain answers here"), 5.0, LIMITS)
+    wire = SimpleNamespace(decoded_response=lambda data: pytest.fail("only domain answers here"))
+    rest = RestFront(core, wire, 5.0, LIMITS)  # type: ignore[arg-type]  # the one form infer needs
     await rest.start("127.0.0.1", 0, None, grace_s=5.0)
     yield rest, core
     await rest.stop()
