@@ -23,7 +23,7 @@ from aiohttp.web_protocol import RequestHandler
 from gateway import rest_codec
 from gateway.rest_codec import TooLarge
 from infermesh import errors, metrics, telemetry
-from infermesh.dataplane import Call, EncodedInferResponse, InferResponse
+from infermesh.dataplane import Call, EncodedInferResponse, InferAnswer, InferResponse
 from infermesh.deadline import Deadline
 from infermesh.model_config import ModelConfig
 from infermesh.repository import REPOSITORY_TIMEOUT_S, load_config_of
@@ -58,6 +58,7 @@ class HttpLimits:
     max_connections: int = 1024
     first_request_timeout_s: float = 10.0  # a connection silent this long (at most twice) is closed
     keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
+    max_body_bytes_in_flight: int = 256 * 1024 * 1024  # request bodies held at once (more: 429 at once)
 
 
 class _Refused(asyncio.Protocol):
@@ -110,6 +111,7 @@ class RestFront:
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._body_bytes = 0  # bytes of request bodies read or being read, not yet answered
         self.port = 0
 
     def app(self) -> web.Application:
@@ -272,6 +274,17 @@ class RestFront:
         body = b"".join(chunks)
         return rest_codec.json_object(body) if body.strip() else {}
 
+    async def _infer_body(
+        self, request: web.Request, call: Call, model: str, version: str, header_length: str | None
+    ) -> tuple[InferAnswer, rest_codec.OutputForm]:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # sent without a Content-Length, and too long
+            raise TooLarge(f"request body exceeds the {self.max_body_bytes} bytes limit") from None
+        infer_request, form = rest_codec.infer_request(model, version, body, header_length, self.max_json_bytes)
+        del body
+        return await self.core.infer(call, infer_request), form
+
     async def infer(self, request: web.Request, call: Call) -> web.StreamResponse:
         # Who asks, and whether they may use the model in the path, before a byte of the body is read.
         call = self.core.authenticate(call)
@@ -283,13 +296,15 @@ class RestFront:
             raise TooLarge(f"request body of {length} bytes exceeds the {self.max_body_bytes} bytes limit")
         if length is not None and header_length is None and length > self.max_json_bytes:
             raise TooLarge(rest_codec.json_limit_message(length, self.max_json_bytes))
+        # The bodies held at once are bounded in bytes (a body without a length is counted at the largest).
+        reserved = length if length is not None else self.max_body_bytes
+        if self._body_bytes + reserved > self.limits.max_body_bytes_in_flight:
+            raise errors.Overloaded("the gateway holds too many request bytes now; retry shortly", retry_after_s=1.0)
+        self._body_bytes += reserved
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:  # sent without a Content-Length, and too long
-            raise TooLarge(f"request body exceeds the {self.max_body_bytes} bytes limit") from None
-        infer_request, form = rest_codec.infer_request(model, version, body, header_length, self.max_json_bytes)
-        del body
-        answer = await self.core.infer(call, infer_request)
+            answer, form = await self._infer_body(request, call, model, version, header_length)
+        finally:
+            self._body_bytes -= reserved
         response = self.wire.decoded_response(answer.data) if isinstance(answer, EncodedInferResponse) else answer
         content, json_length = rest_codec.infer_response(response, form)
         if json_length is None:

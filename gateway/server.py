@@ -104,6 +104,7 @@ class GatewayService(Service):
                 settings.http_max_json_bytes,
                 settings.http_max_connections,
                 settings.http_first_request_timeout_s,
+                max_body_bytes_in_flight=16 * settings.max_message_bytes,
             )
             self.rest = RestFront(self.core, oip, settings.default_timeout_s, limits)
             await self.rest.start(settings.host, settings.http_port, settings.server_tls(), settings.grace_period_s)

@@ -5,6 +5,7 @@ mesh.)"""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -54,7 +55,13 @@ class StubCore:
         return InferResponse("m", "1", [Tensor("y", tensor.datatype, tensor.shape, tensor.data * 2)])
 
 
-LIMITS = HttpLimits(max_body_bytes=64 * 1024, max_json_bytes=4096, max_connections=4, first_request_timeout_s=0.2)
+LIMITS = HttpLimits(
+    max_body_bytes=64 * 1024,
+    max_json_bytes=4096,
+    max_connections=4,
+    first_request_timeout_s=0.2,
+    max_body_bytes_in_flight=130_000,
+)
 
 
 @pytest.fixture
@@ -183,3 +190,31 @@ async def test_stop_lets_requests_in_flight_finish_and_refuses_new_connections(
     status, document, _ = await in_flight
     await stopping
     assert status == 200 and np.allclose(document["outputs"][0]["data"], [8.0])
+
+
+async def test_the_bodies_held_at_once_are_bounded_in_bytes(front: tuple[RestFront, StubCore]) -> None:
+    """Two 60 kB requests wait in the core; a third is refused at once (429, retry hint) until one is answered."""
+    rest, core = front
+    head = json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [15_000], "parameters": {"binary_data_size": 60_000}}]}
+    ).encode()
+    payload = head + np.ones(15_000, dtype="<f4").tobytes()
+
+    async def send(session: aiohttp.ClientSession) -> tuple[int, str | None]:
+        async with session.post(
+            f"http://127.0.0.1:{rest.port}/v2/models/m/infer",
+            data=payload,
+            headers={"Authorization": "Bearer good", "Inference-Header-Content-Length": str(len(head))},
+        ) as reply:
+            await reply.read()
+            return reply.status, reply.headers.get("Retry-After")
+
+    core.release.clear()
+    async with aiohttp.ClientSession() as session:
+        held = [asyncio.create_task(send(session)) for _ in range(2)]
+        await wait_for(lambda: rest._body_bytes == 2 * len(payload))
+        assert await send(session) == (429, "1")
+        core.release.set()
+        assert [status for status, _ in await asyncio.gather(*held)] == [200, 200]
+        assert (await send(session))[0] == 200
+    assert rest._body_bytes == 0
