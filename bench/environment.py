@@ -76,11 +76,13 @@ def start_mesh(
     repository = repository or bench_repository(demo_dir, run_dir)
     keys = [ApiKey(api_key, BENCH_TENANT, ["*"], role="admin")]  # admin: scenario 11 changes models
     keys += [ApiKey(key, tenant, ["fraud"]) for tenant, key in (tenant_keys or {}).items()]
+    gateway = {"http_port": 0, **options.pop("gateway", {})}  # the HTTP/REST front too, on a free port
     mesh_options = MeshOptions(
         demo_dir=demo_dir,
         run_dir=run_dir,
         api_keys=keys,
         model_repository=repository,
+        gateway=gateway,
         **options,
     )
     return LocalMesh(mesh_options).start()

@@ -523,6 +523,21 @@ def _priorities(s: dict[str, Any]) -> list[str]:
     ]
 
 
+def _http(s: dict[str, Any]) -> list[str]:
+    rows = [
+        [r["series"], f"c={r['concurrency']}", r["throughput_rps"], r["p50_ms"], r["p99_ms"], r["errors"]]
+        for r in s["summary"]["rows"]
+    ]
+    return [
+        "`fraud` through the gateway over each public protocol, closed loops: gRPC with tritonclient.grpc.aio, and "
+        "the HTTP/REST front (KServe v2 REST, Triton's HTTP API) with an aiohttp client on kept-alive connections, "
+        "JSON tensors or Triton's binary tensor extension (tritonclient.http's default). Past the gateway both take "
+        "the same path; the differences are the edge's and the client's.",
+        "",
+        *_table(["protocol", "load", "req/s", "p50 ms", "p99 ms", "failed"], rows),
+    ]
+
+
 RENDER = {
     "floor": _floor,
     "overhead": _overhead,
@@ -539,6 +554,7 @@ RENDER = {
     "stall": _stall,
     "rollouts": _rollouts,
     "priorities": _priorities,
+    "http": _http,
 }
 
 
@@ -811,6 +827,7 @@ def markdown(data: dict[str, Any], *, plot_path: str | None, full: bool, gpu: di
         "make bench BENCH_ARGS='--scenarios stall'                            # a 3 s Redis stall under load",
         "make bench BENCH_ARGS='--scenarios tenants,malformed'                 # fair share, malformed requests",
         "make bench BENCH_ARGS='--scenarios batching --device cuda'           # scenario 3 on a GPU",
+        "make bench BENCH_ARGS='--scenarios http --concurrency 1,64'          # gRPC against the HTTP/REST front",
         "```",
         "",
         "BENCHMARKS.md and bench/latency_vs_throughput.png are rewritten by a full run of every scenario "

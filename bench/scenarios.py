@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import redis
 import tritonclient.grpc.aio as aioclient
@@ -47,6 +48,7 @@ from bench.workloads import (
     FraudDirect,
     FraudViaGateway,
     FraudViaGatewayRaw,
+    FraudViaHttp,
     malformed_requests,
 )
 from demo.mesh import LocalMesh
@@ -1588,6 +1590,37 @@ async def priority_mix(ctx: Context) -> dict[str, Any]:
 
 
 Scenario = Callable[[Context], Awaitable[dict[str, Any]]]
+# 15. The HTTP/REST front -----------------------------------------------------------------------------------
+
+
+async def http_front(ctx: Context) -> dict[str, Any]:
+    """`fraud` through the gateway over gRPC (tritonclient) and over HTTP/REST (aiohttp; JSON tensors, and
+    Triton's binary tensor extension), closed loops at each concurrency: what each public protocol costs."""
+    mesh = await ctx.mesh()
+    assert mesh.gateway is not None and mesh.gateway.http_port > 0, "the gateway serves HTTP/REST"
+    base_url = f"http://127.0.0.1:{mesh.gateway.http_port}"
+    options = ctx.options
+    runs: list[dict[str, Any]] = []
+    connector = aiohttp.TCPConnector(limit=max(options.concurrency))
+    async with _client(mesh.gateway_address) as client, aiohttp.ClientSession(connector=connector) as session:
+        sends = {
+            "gRPC": FraudViaGateway(client, ctx.api_key),
+            "HTTP/REST, JSON": FraudViaHttp(session, base_url, ctx.api_key),
+            "HTTP/REST, binary tensors": FraudViaHttp(session, base_url, ctx.api_key, binary=True),
+        }
+        for concurrency in options.concurrency:
+            for series, send in sends.items():
+                recording = await ctx.closed(send, concurrency, f"http · {series} · c={concurrency}")
+                runs.append(_run(recording, series))
+    rows = [{"series": r["series"], "concurrency": r["concurrency"], **_point(r)} for r in runs]
+    unexpected = _unexpected_errors(runs)
+    return {
+        "runs": runs,
+        "summary": {"rows": rows},
+        "defects": [f"failed requests without any fault: {unexpected}"] if unexpected else [],
+    }
+
+
 SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "floor": ("0. Transport floor", transport_floor),
     "overhead": ("1. Mesh overhead", mesh_overhead),
@@ -1604,6 +1637,7 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "stall": ("12. Redis stall", feature_store_stall),
     "rollouts": ("13. Cost of shadowing and guarding", rollouts),
     "priorities": ("14. Priority mix", priority_mix),
+    "http": ("15. HTTP/REST front", http_front),
 }
 
 

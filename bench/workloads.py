@@ -7,10 +7,12 @@ Entity ids vary over the whole demo world (u0…u9999, m0…m999), so the featur
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import aiohttp
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as aioclient
@@ -83,6 +85,71 @@ class FraudViaGateway:
             self.model, self.pool[i % POOL], headers=self.headers, client_timeout=self.timeout_s, priority=self.priority
         )
         return response_tag(result)
+
+
+class HttpRefused(Exception):
+    """A non-200 answer of the HTTP/REST front; `status()` names it for the load generator's counts."""
+
+    def __init__(self, http_status: int, message: str) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+    def status(self) -> str:
+        return f"HTTP_{self.http_status}"
+
+
+class FraudViaHttp:
+    """`fraud` through the gateway's HTTP/REST front (aiohttp, kept-alive connections): JSON tensors, or Triton's
+    binary tensor extension as tritonclient.http sends it (inputs and the output as bytes after a JSON header)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        api_key: str,
+        *,
+        binary: bool = False,
+        seed: int = 0,
+        timeout_s: float = CLIENT_TIMEOUT_S,
+    ) -> None:
+        self.session = session
+        self.url = f"{base_url}/v2/models/fraud/infer"
+        self.headers = {"authorization": f"Bearer {api_key}"}
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        users, merchants, amounts = _entity_draws(POOL, seed)
+        self.pool = [
+            self._body(f"u{u}", f"m{m}", float(a), binary) for u, m, a in zip(users, merchants, amounts, strict=True)
+        ]
+
+    @staticmethod
+    def _body(user: str, merchant: str, amount: float, binary: bool) -> tuple[bytes, dict[str, str]]:
+        names = [("user_id", "BYTES"), ("merchant_id", "BYTES"), ("amount", "FP32")]
+        if not binary:
+            values: list[list[str] | list[float]] = [[user], [merchant], [amount]]
+            inputs = [
+                {"name": n, "datatype": d, "shape": [1], "data": v} for (n, d), v in zip(names, values, strict=True)
+            ]
+            return json.dumps({"inputs": inputs}).encode(), {"Content-Type": "application/json"}
+        blobs = [bytes_elements([user.encode()]), bytes_elements([merchant.encode()]), np.float32(amount).tobytes()]
+        header = {
+            "inputs": [
+                {"name": n, "datatype": d, "shape": [1], "parameters": {"binary_data_size": len(b)}}
+                for (n, d), b in zip(names, blobs, strict=True)
+            ],
+            "outputs": [{"name": "fraud_probability", "parameters": {"binary_data": True}}],
+        }
+        head = json.dumps(header).encode()
+        return head + b"".join(blobs), {"Inference-Header-Content-Length": str(len(head))}
+
+    async def __call__(self, i: int) -> str | None:
+        body, headers = self.pool[i % POOL]
+        async with self.session.post(
+            self.url, data=body, headers={**self.headers, **headers}, timeout=self.timeout
+        ) as reply:
+            content = await reply.read()
+            if reply.status != 200:
+                raise HttpRefused(reply.status, content[:200].decode(errors="replace"))
+        return None
 
 
 def bytes_elements(items: Sequence[bytes]) -> bytes:

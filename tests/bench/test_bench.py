@@ -141,6 +141,20 @@ async def test_floor_and_soak_scenarios(mesh: LocalMesh, demo_dir: Path, tmp_pat
     assert "RSS over 1 s at c=64" in text
 
 
+async def test_http_scenario(mesh: LocalMesh, demo_dir: Path, tmp_path: Path) -> None:
+    options = BenchOptions(duration_s=0.3, warmup_s=0.1, concurrency=(1, 4), mesh_warmup_s=0.0)
+    ctx = Context(demo_dir=demo_dir, run_dir=tmp_path, options=options, api_key=DEMO_KEY, shared_mesh=mesh)
+    outcome = await run_scenario(ctx, "http")
+    await ctx.close()
+    assert outcome["defects"] == []
+    rows = outcome["summary"]["rows"]
+    series = ["gRPC", "HTTP/REST, JSON", "HTTP/REST, binary tensors"]
+    assert [(r["series"], r["concurrency"]) for r in rows] == [(s, c) for c in (1, 4) for s in series]
+    assert all(r["throughput_rps"] > 0 and r["errors"] == 0 for r in rows)
+    text = "\n".join(report.RENDER["http"](outcome))
+    assert "| HTTP/REST, binary tensors | c=4 |" in text
+
+
 def test_malformed_requests_are_just_under_the_limit_and_malformed_as_declared() -> None:
     limit = 16 * 1024 * 1024
     requests = {r.kind: r for r in malformed_requests(limit)}
@@ -305,6 +319,7 @@ def test_cli_options() -> None:
         "stall",
         "rollouts",
         "priorities",
+        "http",
     ]
     with pytest.raises(SystemExit):
         parse_args(["--scenarios", "nope"])
