@@ -9,6 +9,7 @@ limit is refused from its Content-Length without being read; compressed bodies a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import ssl
@@ -202,7 +203,7 @@ class RestFront:
             except Exception:
                 code = "INTERNAL"
                 log.exception("unhandled error in %s", label)
-                return web.json_response({"error": "internal error"}, status=500)
+                return _json({"error": "internal error"}, status=500)
             finally:
                 self._inflight.dec()
                 metrics.REQUESTS.labels(SERVICE, label, labels.model, labels.version, code).inc()
@@ -211,32 +212,32 @@ class RestFront:
         return handle
 
     async def server_live(self, request: web.Request, call: Call) -> web.StreamResponse:
-        return _truth(await self.core.server_live(call))
+        return _truth("live", await self.core.server_live(call))
 
     async def server_ready(self, request: web.Request, call: Call) -> web.StreamResponse:
-        return _truth(await self.core.server_ready(call))
+        return _truth("ready", await self.core.server_ready(call))
 
     async def server_metadata(self, request: web.Request, call: Call) -> web.StreamResponse:
-        return web.json_response(rest_codec.server_metadata(await self.core.server_metadata(call)))
+        return _json(rest_codec.server_metadata(await self.core.server_metadata(call)))
 
     async def model_metadata(self, request: web.Request, call: Call) -> web.StreamResponse:
         model, version = _model_of(request)
         info = await self.core.model_metadata(call, model, version)
-        return web.json_response(rest_codec.model_metadata(info))
+        return _json(rest_codec.model_metadata(info))
 
     async def model_ready(self, request: web.Request, call: Call) -> web.StreamResponse:
         model, version = _model_of(request)
-        return _truth(await self.core.model_ready(call, model, version))
+        return _truth("ready", await self.core.model_ready(call, model, version))
 
     async def model_config(self, request: web.Request, call: Call) -> web.StreamResponse:
         model, version = _model_of(request)
         config = await self.core.model_config(call, model, version)
-        return web.json_response(self.wire.model_config_json(config))
+        return _json(self.wire.model_config_json(config))
 
     async def model_statistics(self, request: web.Request, call: Call) -> web.StreamResponse:
         model, version = request.match_info.get("model", ""), request.match_info.get("version", "")
         entries = await self.core.model_statistics(call, model, version)
-        return web.json_response(self.wire.model_statistics_json(entries))
+        return _json(self.wire.model_statistics_json(entries))
 
     async def repository_index(self, request: web.Request, call: Call) -> web.StreamResponse:
         document = await self._small_json(request, call)
@@ -244,7 +245,7 @@ class RestFront:
         if not isinstance(ready, bool):
             raise errors.InvalidInput("repository index: 'ready' must be a boolean")
         entries = await self.core.repository_index(call, ready)
-        return web.json_response(rest_codec.repository_index(entries))
+        return _json(rest_codec.repository_index(entries))
 
     async def repository_load(self, request: web.Request, call: Call) -> web.StreamResponse:
         call = replace(call, deadline=Deadline.from_remaining(None, REPOSITORY_TIMEOUT_S))
@@ -320,8 +321,16 @@ def _model_of(request: web.Request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
 
 
-def _truth(value: bool) -> web.StreamResponse:
-    return web.Response(status=200 if value else NOT_READY)
+def _json(document: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    # Exactly `application/json` (no charset parameter): KServe's REST client reads error bodies only then.
+    return web.Response(
+        body=json.dumps(document).encode(), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def _truth(name: str, value: bool) -> web.StreamResponse:
+    """Triton reads the status (200 true, 400 false), KServe's REST client the body ({"ready": true})."""
+    return _json({name: value}, status=200 if value else NOT_READY)
 
 
 def _error_response(error: errors.DomainError) -> web.Response:
@@ -330,7 +339,7 @@ def _error_response(error: errors.DomainError) -> web.Response:
     if retry_after_s is not None:  # HTTP's retry hint: whole seconds, at least one
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
     status = 413 if isinstance(error, TooLarge) else HTTP_STATUS.get(error.code, 500)
-    return web.json_response({"error": errors.client_message(error)}, status=status, headers=headers)
+    return _json({"error": errors.client_message(error)}, status=status, headers=headers)
 
 
 @web.middleware
@@ -343,7 +352,7 @@ async def _json_http_errors(
     except web.HTTPException as exception:
         if exception.status < 400:
             raise
-        return web.json_response({"error": exception.reason}, status=exception.status)
+        return _json({"error": exception.reason}, status=exception.status)
 
 
 async def _without_server_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -162,7 +162,7 @@ def _input_header(index: int, tensor: Any) -> tuple[InputHeader, int | None]:
         return InputHeader(name, datatype, dims), None
     if type(size) is not int or size < 0:
         raise InvalidInput(f"input '{name}': {BINARY_SIZE} must be a non-negative integer")
-    if "data" in tensor:
+    if tensor.get("data") is not None:
         raise InvalidInput(f"input '{name}': has both 'data' and {BINARY_SIZE}")
     return InputHeader(name, datatype, dims), size
 

@@ -102,11 +102,49 @@ async def test_binary_tensor_extension_as_tritonclient_http_sends_it(
     assert np.allclose(probabilities, expected, rtol=1e-6)
 
 
+async def test_a_request_as_kserves_rest_client_sends_it(mesh: LocalMesh, http: aiohttp.ClientSession) -> None:
+    """kserve.InferenceRESTClient (InferRequest.to_rest): the body names the model and an id, binary inputs
+    carry no `data`, and the content type is application/octet-stream."""
+    user, merchant = bytes_tensor([b"u8"]), bytes_tensor([b"m8"])
+    amount = np.array([77.0], dtype="<f4").tobytes()
+    header = {
+        "id": "3f1c2a8e-kserve",
+        "model_name": "fraud",
+        "inputs": [
+            {"name": "user_id", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(user)}},
+            {
+                "name": "merchant_id",
+                "shape": [1],
+                "datatype": "BYTES",
+                "data": None,
+                "parameters": {"binary_data_size": len(merchant)},
+            },
+            {"name": "amount", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": len(amount)}},
+        ],
+    }
+    head = json.dumps(header).encode()
+    async with http.post(
+        f"{base_url(mesh)}/v2/models/fraud/infer",
+        data=head + user + merchant + amount,
+        headers={
+            **auth(),
+            "inference-header-content-length": str(len(head)),
+            "content-type": "application/octet-stream",
+        },
+    ) as reply:
+        assert reply.status == 200
+        document = await reply.json()
+    assert document["id"] == "3f1c2a8e-kserve"
+    expected = await grpc_probabilities(mesh, ["u8"], ["m8"], [77.0])
+    assert np.allclose(document["outputs"][0]["data"], expected, rtol=1e-6)
+
+
 async def test_health_and_metadata(mesh: LocalMesh, http: aiohttp.ClientSession) -> None:
     url = base_url(mesh)
-    for path in ("/v2/health/live", "/v2/health/ready"):
+    # Triton's clients read the status, KServe's REST client the body.
+    for path, body in (("/v2/health/live", {"live": True}), ("/v2/health/ready", {"ready": True})):
         async with http.get(url + path) as reply:
-            assert reply.status == 200, path
+            assert reply.status == 200 and await reply.json() == body, path
     async with http.get(url + "/v2") as reply:
         server = await reply.json()
     assert server["name"] == "infermesh" and "classification" in server["extensions"]
@@ -139,6 +177,8 @@ async def test_refusals_before_the_body(
     headers = auth(key) if key else {}
     async with http.post(f"{base_url(mesh)}/v2/models/{model}/infer", data=b"{", headers=headers) as reply:
         assert reply.status == status
+        # Exactly this type: KServe's REST client reads the error text only then.
+        assert reply.headers["Content-Type"] == "application/json"
         assert (await reply.json())["error"]
 
 

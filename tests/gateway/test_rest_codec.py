@@ -68,7 +68,14 @@ def test_binary_extension_inputs_follow_the_json_part() -> None:
     head = body(
         [
             {"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": len(floats)}},
-            {"name": "s", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(strings)}},
+            # `data: null` beside binary data, as some clients write it, is no data
+            {
+                "name": "s",
+                "datatype": "BYTES",
+                "shape": [2],
+                "data": None,
+                "parameters": {"binary_data_size": len(strings)},
+            },
             {"name": "j", "datatype": "INT32", "shape": [1], "data": [7]},
         ],
         outputs=[{"name": "y", "parameters": {"binary_data": True}}],
@@ -103,6 +110,11 @@ def test_binary_extension_inputs_follow_the_json_part() -> None:
             body([{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 8}}]),
             None,
             "input 'x': binary_data_size 8 runs past",
+        ),
+        (
+            body([{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": {"binary_data_size": 4}}]),
+            None,
+            "input 'x': has both 'data' and binary_data_size",
         ),
         (b'{"inputs": [{"name": "x"}]}', "5000", "Inference-Header-Content-Length 5000"),
         (b'{"inputs": [{"name": "x"}]}', "ten", "Inference-Header-Content-Length is not a number"),
