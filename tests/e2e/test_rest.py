@@ -354,3 +354,47 @@ async def test_the_repository_api_over_http_is_for_admins(mesh: LocalMesh, http:
         f"{url}/v2/models/fraud/infer", json=fraud_json(["u1"], ["m1"], [1.0]), headers=auth()
     ) as reply:
         assert reply.status == 200  # still serving
+
+
+def test_tritonclient_http_unchanged(mesh: LocalMesh) -> None:
+    """Triton's own HTTP client, as a Triton user runs it: binary tensors by default, JSON on request,
+    metadata, config, statistics, classification and its error reporting."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    assert mesh.gateway is not None
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{mesh.gateway.http_port}")
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("fraud", headers=auth())
+        assert client.get_model_metadata("fraud", headers=auth())["name"] == "fraud"
+        assert client.get_model_config("fraud", headers=auth())["name"] == "fraud"
+        stats = client.get_inference_statistics("fraud", headers=auth())
+        assert [s["name"] for s in stats["model_stats"]] == ["fraud"]
+
+        users, merchants, amounts = ["u11", "u12"], ["m11", "m12"], [12.0, 3000.0]
+        expected = asyncio.run(grpc_probabilities(mesh, users, merchants, amounts))
+        for binary in (True, False):
+            inputs = [
+                httpclient.InferInput("user_id", [2], "BYTES"),
+                httpclient.InferInput("merchant_id", [2], "BYTES"),
+                httpclient.InferInput("amount", [2], "FP32"),
+            ]
+            inputs[0].set_data_from_numpy(np.array([u.encode() for u in users], dtype=object), binary_data=binary)
+            inputs[1].set_data_from_numpy(np.array([m.encode() for m in merchants], dtype=object), binary_data=binary)
+            inputs[2].set_data_from_numpy(np.array(amounts, dtype=np.float32), binary_data=binary)
+            outputs = [httpclient.InferRequestedOutput("fraud_probability", binary_data=binary)]
+            result = client.infer("fraud", inputs, outputs=outputs, request_id="r-9", headers=auth())
+            assert np.allclose(result.as_numpy("fraud_probability"), expected, rtol=1e-6), binary
+            assert result.get_response()["id"] == "r-9"
+
+        classes = [httpclient.InferRequestedOutput("fraud_probability", class_count=1)]
+        result = client.infer("fraud", inputs, outputs=classes, headers=auth())
+        top = result.as_numpy("fraud_probability")
+        assert top.shape == (2, 1) and float(top[1, 0].decode().split(":")[0]) == pytest.approx(expected[1], rel=1e-5)
+
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("fraud", inputs, headers=auth(LIMITED_KEY))
+        assert refused.value.status() == "403" and "fraud" in refused.value.message()
+    finally:
+        client.close()
