@@ -3,7 +3,7 @@ own port, serving the same core as the gRPC port (gateway.core). Thin like a ser
 (gateway.rest_codec), and the one place domain errors become HTTP statuses, answered as `{"error": "..."}`.
 
 The credentials are checked from the headers before the body is read; a body larger than the gateway's message
-limit is refused from its Content-Length without being read; compressed bodies are not inflated.
+limit is refused from its Content-Length without being read; compressed bodies are refused, never inflated.
 """
 
 from __future__ import annotations
@@ -293,6 +293,9 @@ class RestFront:
         self.core.authorized_model(call, model, version)
         length = request.content_length
         header_length = request.headers.get(rest_codec.HEADER_LENGTH)
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding != "identity":  # inflating is work (and size) the sender controls: not taken
+            raise errors.InvalidInput(f"compressed request bodies (Content-Encoding {encoding[:32]}) are not accepted")
         if length is not None and length > self.max_body_bytes:
             raise TooLarge(f"request body of {length} bytes exceeds the {self.max_body_bytes} bytes limit")
         if length is not None and header_length is None and length > self.max_json_bytes:

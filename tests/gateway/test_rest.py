@@ -138,6 +138,12 @@ async def test_a_json_part_over_its_limit_is_413_before_it_is_parsed(front: tupl
     assert status == 413 and "65536 bytes limit" in document["error"]
 
 
+async def test_a_compressed_body_is_refused_not_inflated(front: tuple[RestFront, StubCore]) -> None:
+    rest, _ = front
+    status, document, _ = await post(rest, infer_body([1.0]), **{"Content-Encoding": "gzip"})
+    assert status == 400 and "Content-Encoding gzip" in document["error"]
+
+
 async def wait_for(condition: Any, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
