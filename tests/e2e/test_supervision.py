@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ def make_run(demo_dir: Path, tmp_path: Path) -> Iterator[Run]:
     """`python -m demo.run` (what `make run` runs) on free ports, its output collected; Ctrl-C at the end."""
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "demo.run", "--demo-dir", str(demo_dir), "--run-dir", str(run_dir), "--port", "0"]
+    command += ["--http-port", "0"]
     env = {**os.environ, "INFERMESH_DEMO_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     env.pop("REDIS_URL", None)
     root = Path(__file__).resolve().parents[2]
@@ -71,6 +73,13 @@ async def test_a_killed_replica_is_restarted_and_no_request_fails(make_run: Run)
     banner = re.search(r"on (\S+)", next(line for line in lines if "serving the Open" in line))
     assert banner is not None
     endpoint = banner.group(1)
+    # The HTTP/REST front `make run` turns on, at the address its banner prints.
+    http = re.search(
+        r"over HTTP/REST .* on (http://[\d.]+:\d+):\s*$", next(line for line in lines if "HTTP/REST" in line)
+    )
+    assert http is not None
+    live = await asyncio.to_thread(urllib.request.urlopen, f"{http.group(1)}/v2/health/live", timeout=10)
+    assert live.status == 200
     port_file = run_dir / "model_service_0.port.json"
     killed_pid = json.loads(port_file.read_text())["pid"]
     ok, failed, stop = [0], [], asyncio.Event()
