@@ -200,6 +200,9 @@ class RestFront:
             except errors.DomainError as error:
                 code = error.code.name
                 return _error_response(error)
+            except asyncio.CancelledError:  # the client went away, or the server is stopping
+                code = "CANCELLED"
+                raise
             except Exception:
                 code = "INTERNAL"
                 log.exception("unhandled error in %s", label)
