@@ -1143,6 +1143,16 @@ SPEED_CHANGES = (
         "(`v2load.py`) 6 s at c=1 and 8 s at c=64: no change to gRPC clients beyond noise. REST figures and the "
         "method: docs/performance.md",
     ),
+    (
+        "the HTTP/REST front reads a body of known length into one buffer of that size (each chunk "
+        "copied once; aiohttp's `read()` grows a buffer and copies it again)",
+        "rejecting a 15.9 MiB malformed binary-tensor request over HTTP: 20.8 / 21.8 ms of gateway CPU; "
+        "`fraud` over HTTP/REST (JSON) c=1 p50 4.88 / 4.91 ms, c=64 2,188 / 2,107 req/s",
+        "11.5 / 11.5 / 12.0 ms (gRPC's, same runs: 10.0-11.0 ms); 4.71 / 4.74 ms, 2,095 / 2,252 req/s",
+        "40 refusals one at a time, gateway CPU from /proc; then two alternating pairs of a 6 s aiohttp "
+        "closed loop (before, after, before, after) in a slow phase of this machine: small requests "
+        "unchanged within noise",
+    ),
 )
 FIXED_DEFECTS = (
     "Overload at 3x capacity: accepted requests waited 5-8 s in gRPC core's backlog of calls the saturated event "

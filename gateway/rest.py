@@ -281,13 +281,29 @@ class RestFront:
     async def _infer_body(
         self, request: web.Request, call: Call, model: str, version: str, header_length: str | None
     ) -> tuple[InferAnswer, rest_codec.OutputForm]:
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:  # sent without a Content-Length, and too long
-            raise TooLarge(f"request body exceeds the {self.max_body_bytes} bytes limit") from None
+        body = await self._body(request)
         infer_request, form = rest_codec.infer_request(model, version, body, header_length, self.max_json_bytes)
         del body
         return await self.core.infer(call, infer_request), form
+
+    async def _body(self, request: web.Request) -> bytes | bytearray:
+        length = request.content_length
+        if length is None:  # chunked: aiohttp's reader, which stops past client_max_size
+            try:
+                return await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise TooLarge(f"request body exceeds the {self.max_body_bytes} bytes limit") from None
+        # Its length known: each chunk copied once, into a buffer of that size (aiohttp's read() grows a buffer and
+        # copies it again; readexactly() joins twice).
+        body = bytearray(length)
+        view, offset = memoryview(body), 0
+        while offset < length:
+            chunk = await request.content.readany()
+            if not chunk:
+                raise errors.InvalidInput(f"request body ended before its Content-Length of {length} bytes")
+            view[offset : offset + len(chunk)] = chunk
+            offset += len(chunk)
+        return body
 
     async def infer(self, request: web.Request, call: Call) -> web.StreamResponse:
         # Who asks, and whether they may use the model in the path, before a byte of the body is read.

@@ -63,7 +63,7 @@ class OutputForm:
 
 
 def infer_request(
-    model: str, version: str, body: bytes, header_length: str | None, max_json_bytes: int = 2**31
+    model: str, version: str, body: bytes | bytearray, header_length: str | None, max_json_bytes: int = 2**31
 ) -> tuple[InferRequest, OutputForm]:
     """An `infer` body → the domain request (its inputs raw, as every hop inside the mesh sends them), and the
     form its answer is wanted in. The JSON part is parsed only when it is at most `max_json_bytes`: parsing is
@@ -119,7 +119,9 @@ def json_limit_message(size: int, max_json_bytes: int) -> str:
     )
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, bytes | memoryview]:
+def _split(
+    body: bytes | bytearray, header_length: str | None
+) -> tuple[bytes | bytearray | memoryview, bytes | memoryview]:
     if header_length is None:
         return body, b""
     try:
@@ -132,7 +134,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, 
     return view[:length], view[length:]
 
 
-def json_object(data: bytes | memoryview) -> dict[str, Any]:
+def json_object(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
         document = json.loads(bytes(data))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too

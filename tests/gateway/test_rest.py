@@ -15,6 +15,7 @@ import aiohttp
 import numpy as np
 import pytest
 
+from gateway import rest_codec
 from gateway.rest import HttpLimits, RestFront
 from infermesh import errors
 from infermesh.dataplane import Call, InferRequest, InferResponse, ServerInfo
@@ -136,6 +137,28 @@ async def test_a_json_part_over_its_limit_is_413_before_it_is_parsed(front: tupl
     assert status == 413 and "binary data" in document["error"]
     status, document, _ = await post(rest, "x" * 70_000)  # over the body limit
     assert status == 413 and "65536 bytes limit" in document["error"]
+
+
+async def test_a_chunked_body_is_read_up_to_the_limit(front: tuple[RestFront, StubCore]) -> None:
+    """Without a Content-Length (chunked transfer) the body is read as it comes, and no further than the limit."""
+    rest, _ = front
+
+    async def chunks(data: bytes) -> Any:
+        for start in range(0, len(data), 1000):
+            yield data[start : start + 1000]
+
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{rest.port}/v2/models/m/infer"
+        headers = {"Authorization": "Bearer good"}
+        async with session.post(url, data=chunks(json.dumps(infer_body([3.0])).encode()), headers=headers) as reply:
+            assert reply.status == 200 and (await reply.json())["outputs"][0]["data"] == [6.0]
+        head = json.dumps(
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}}]}
+        ).encode()
+        oversized = head + bytes(LIMITS.max_body_bytes)
+        headers[rest_codec.HEADER_LENGTH] = str(len(head))
+        async with session.post(url, data=chunks(oversized), headers=headers) as reply:
+            assert reply.status == 413
 
 
 async def test_a_compressed_body_is_refused_not_inflated(front: tuple[RestFront, StubCore]) -> None:
