@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.web_protocol import RequestHandler
 
 from gateway import rest_codec
@@ -134,7 +134,9 @@ class RestFront:
                 get(prefix + "/ready", self._route("ModelReady", self.model_ready)),
                 get(prefix + "/config", self._route("ModelConfig", self.model_config)),
                 get(prefix + "/stats", self._route("ModelStatistics", self.model_statistics)),
-                post(prefix + "/infer", self._route("ModelInfer", self.infer)),
+                post(
+                    prefix + "/infer", self._route("ModelInfer", self.infer), expect_handler=self._continue_if_admitted
+                ),
             ]
         app.add_routes(routes)
         app.middlewares.append(_json_http_errors)
@@ -194,7 +196,7 @@ class RestFront:
             code = "OK"
             self._inflight.inc()
             try:
-                call = Call(Deadline.from_remaining(None, self.default_timeout_s), request.headers.get("Authorization"))
+                call = self._new_call(request)
                 with telemetry.server_span(label, request.headers):
                     return await behavior(request, call)
             except errors.DomainError as error:
@@ -213,6 +215,9 @@ class RestFront:
                 metrics.REQUEST_LATENCY.labels(SERVICE, label, labels.model).observe(time.perf_counter() - started)
 
         return handle
+
+    def _new_call(self, request: web.Request) -> Call:
+        return Call(Deadline.from_remaining(None, self.default_timeout_s), request.headers.get("Authorization"))
 
     async def server_live(self, request: web.Request, call: Call) -> web.StreamResponse:
         return _truth("live", await self.core.server_live(call))
@@ -305,24 +310,51 @@ class RestFront:
             offset += len(chunk)
         return body
 
-    async def infer(self, request: web.Request, call: Call) -> web.StreamResponse:
-        # Who asks, and whether they may use the model in the path, before a byte of the body is read.
+    def _check_head(self, request: web.Request, call: Call) -> Call:
+        """Everything an `infer` request's head decides, before a byte of its body is read: who asks, whether they
+        may use the model in the path, and whether its body is one this front takes. The caller back, known."""
         call = self.core.authenticate(call)
         model, version = _model_of(request)
         self.core.authorized_model(call, model, version)
         length = request.content_length
-        header_length = request.headers.get(rest_codec.HEADER_LENGTH)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding != "identity":  # inflating is work (and size) the sender controls: not taken
             raise errors.InvalidInput(f"compressed request bodies (Content-Encoding {encoding[:32]}) are not accepted")
         if length is not None and length > self.max_body_bytes:
             raise TooLarge(f"request body of {length} bytes exceeds the {self.max_body_bytes} bytes limit")
-        if length is not None and header_length is None and length > self.max_json_bytes:
+        if length is not None and rest_codec.HEADER_LENGTH not in request.headers and length > self.max_json_bytes:
             raise TooLarge(rest_codec.json_limit_message(length, self.max_json_bytes))
-        # The bodies held at once are bounded in bytes (a body without a length is counted at the largest).
-        reserved = length if length is not None else self.max_body_bytes
-        if self._body_bytes + reserved > self.limits.max_body_bytes_in_flight:
+        if self._body_bytes + self._reserved(request) > self.limits.max_body_bytes_in_flight:
             raise errors.Overloaded("the gateway holds too many request bytes now; retry shortly", retry_after_s=1.0)
+        return call
+
+    def _reserved(self, request: web.Request) -> int:
+        """What a body counts against the bytes held at once: its length, the largest when it has none."""
+        length = request.content_length
+        return length if length is not None else self.max_body_bytes
+
+    async def _continue_if_admitted(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue` (curl's habit for bodies over 1 MiB): the body is asked for only once its head
+        passed, so a refused body is never even sent. A refusal here is answered and counted as the route's."""
+        if request.version != HttpVersion11:
+            return None
+        expect = request.headers.get("Expect", "").lower()
+        if expect != "100-continue":
+            return _json({"error": f"unknown Expect: {expect[:32]}"}, status=417)
+        try:
+            self._check_head(request, self._new_call(request))
+        except errors.DomainError as error:
+            metrics.REQUESTS.labels(SERVICE, "HTTP ModelInfer", "", "", error.code.name).inc()
+            return _error_response(error)
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own handler: the answer's size starts after this line
+        return None
+
+    async def infer(self, request: web.Request, call: Call) -> web.StreamResponse:
+        call = self._check_head(request, call)
+        model, version = _model_of(request)
+        header_length = request.headers.get(rest_codec.HEADER_LENGTH)
+        reserved = self._reserved(request)  # checked against the bound with the head; held until answered
         self._body_bytes += reserved
         try:
             answer, form = await self._infer_body(request, call, model, version, header_length)

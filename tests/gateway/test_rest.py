@@ -161,6 +161,27 @@ async def test_a_chunked_body_is_read_up_to_the_limit(front: tuple[RestFront, St
             assert reply.status == 413
 
 
+@pytest.mark.parametrize(("authorization", "first_line"), [("Bearer bad", b"401"), ("Bearer good", b"100 Continue")])
+async def test_expect_100_continue_asks_for_the_body_only_once_its_head_passed(
+    front: tuple[RestFront, StubCore], authorization: str, first_line: bytes
+) -> None:
+    """curl sends `Expect: 100-continue` before a large body: a refused one is never sent at all."""
+    rest, _ = front
+    body = json.dumps(infer_body([2.0])).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", rest.port)
+    writer.write(
+        f"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\n"
+        f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    )
+    status = await asyncio.wait_for(reader.readline(), timeout=5)  # answered with no byte of the body sent
+    assert first_line in status
+    if first_line.startswith(b"100"):
+        await reader.readline()  # the blank line after 100 Continue
+        writer.write(body)
+        assert b"200" in await asyncio.wait_for(reader.readline(), timeout=5)
+    writer.close()
+
+
 async def test_a_compressed_body_is_refused_not_inflated(front: tuple[RestFront, StubCore]) -> None:
     rest, _ = front
     status, document, _ = await post(rest, infer_body([1.0]), **{"Content-Encoding": "gzip"})
