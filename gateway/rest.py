@@ -2,8 +2,10 @@
 own port, serving the same core as the gRPC port (gateway.core). Thin like a servicer: HTTP ↔ domain types
 (gateway.rest_codec), and the one place domain errors become HTTP statuses, answered as `{"error": "..."}`.
 
-The credentials are checked from the headers before the body is read; a body larger than the gateway's message
-limit is refused from its Content-Length without being read; compressed bodies are refused, never inflated.
+Everything a request's head decides is checked before its body is read (`_check_head`: the credentials, the
+model in the path, sizes, encoding, the bytes held at once), and answers `Expect: 100-continue` too, so a
+refused body need not even be sent; compressed bodies are refused, never inflated. The front runs its own
+listener on aiohttp's protocol factory to bound connections and the wait for a first request.
 """
 
 from __future__ import annotations
