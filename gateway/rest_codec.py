@@ -38,6 +38,7 @@ from infermesh.tensors import (
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor extension: the JSON part's length
 BINARY_SIZE = "binary_data_size"  # an input's or output's parameter: its bytes follow the JSON part
 MAX_PARAMETERS = MAX_INPUTS
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 
 # JSON numbers of each datatype: numpy's kinds a JSON array of them parses to (bool only for BOOL).
 _JSON_KINDS: dict[str, str] = {"BOOL": "b", "FP16": "biuf", "FP32": "biuf", "FP64": "biuf"}
@@ -152,7 +153,7 @@ def _input_header(index: int, tensor: Any) -> tuple[InputHeader, int | None]:
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"input {index}: 'name' must be a non-empty string")
     datatype = tensor.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:  # a list is not even hashable
         raise InvalidInput(f"input '{name}': unknown datatype {str(datatype)[:32]!r}")
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int for d in shape):
@@ -257,6 +258,8 @@ def parameters_of(parameters: Any, where: str) -> dict[str, ParameterValue]:
     for key, value in parameters.items():
         if not isinstance(value, bool | int | float | str):
             raise InvalidInput(f"{where}: parameter {key[:64]!r} must be a string, number or boolean")
+        if type(value) is int and not _INT64_MIN <= value <= _UINT64_MAX:  # the protocol's int64 or uint64_param
+            raise InvalidInput(f"{where}: parameter {key[:64]!r} is out of the 64-bit integer range")
     return parameters
 
 

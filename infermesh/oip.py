@@ -97,12 +97,18 @@ def parameters_of(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Para
     return values
 
 
+INT64_MAX = 2**63 - 1
+
+
 def set_parameters(target: MutableMapping[str, pb.InferParameter], values: Mapping[str, ParameterValue]) -> None:
     for key, value in values.items():
         if isinstance(value, bool):
             target[key].bool_param = value
         elif isinstance(value, int):
-            target[key].int64_param = value
+            if value > INT64_MAX:  # a client's uint64_param, passed on as it came (int64 cannot hold it)
+                target[key].uint64_param = value
+            else:
+                target[key].int64_param = value
         elif isinstance(value, float):
             target[key].double_param = value
         else:

@@ -113,6 +113,23 @@ async def test_malformed_requests_are_invalid_argument_and_harm_no_one(
     assert re.search(message, caught.value.details()), caught.value.details()
 
 
+async def test_a_64_bit_unsigned_parameter_fails_no_request_in_its_shared_batch(mesh: LocalMesh) -> None:
+    """Concurrent requests share a router call; one carrying a uint64 parameter above int64's range used to make
+    re-encoding the shared call fail (INTERNAL) for every request in it."""
+    marked = fraud_request([1], struct.pack("<I", 2) + b"u1")
+    marked.parameters["trace_tag"].uint64_param = 2**64 - 1
+    plain = fraud_request([1], struct.pack("<I", 2) + b"u2")
+    async with grpc.aio.insecure_channel(mesh.gateway_address) as channel:
+        infer = channel.unary_unary(INFER, request_serializer=service_pb2.ModelInferRequest.SerializeToString)
+        answers = await asyncio.gather(
+            *(infer(marked if i % 2 else plain, timeout=30, metadata=list(auth().items())) for i in range(48)),
+            return_exceptions=True,
+        )
+    assert not [a for a in answers if isinstance(a, BaseException)], [
+        a for a in answers if isinstance(a, BaseException)
+    ][:3]
+
+
 async def test_a_huge_model_name_is_refused_with_a_message_every_client_accepts(mesh: LocalMesh) -> None:
     """The refusal quotes the name; quoted whole (10 KB) its status header exceeded the client's 8 KiB limit and
     the client saw RESOURCE_EXHAUSTED "received metadata size exceeds soft limit" instead of the answer."""

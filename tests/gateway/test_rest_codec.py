@@ -95,6 +95,7 @@ def test_binary_extension_inputs_follow_the_json_part() -> None:
         (b"[1, 2]", None, "JSON object"),
         (b'{"inputs": []}', None, "non-empty list"),
         (body([{"name": "x", "datatype": "FP99", "shape": [1], "data": [1]}]), None, "input 'x': unknown datatype"),
+        (body([{"name": "x", "datatype": [0], "shape": [1], "data": [1]}]), None, "input 'x': unknown datatype"),
         (body([{"name": "x", "datatype": "FP32", "shape": [1.5], "data": [1]}]), None, "input 'x': 'shape'"),
         (body([{"name": "x", "datatype": "FP32", "shape": [2**62, 2**62, 0], "data": []}]), None, "input 'x'"),
         (body([{"name": "x", "datatype": "FP32", "shape": [1] * 9, "data": [1]}]), None, "input 'x': rank 9"),
@@ -124,6 +125,11 @@ def test_binary_extension_inputs_follow_the_json_part() -> None:
             "request: parameter 'p'",
         ),
         (body([{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}], outputs=[{}]), None, "output 0"),
+        (
+            body([{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}], parameters={"priority": 2**64}),
+            None,
+            "request: parameter 'priority' is out of the 64-bit integer range",
+        ),
     ],
 )
 def test_malformed_requests_are_invalid_input_naming_the_problem(
