@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -23,6 +24,21 @@ from demo.mesh import ApiKey, LocalMesh, MeshOptions
 from demo.redis_server import RedisServer
 from demo.supervisor import Supervisor
 from gateway.auth import new_api_key
+
+DEFAULT_HTTP_PORT = 8000  # Triton's HTTP port
+
+
+def _free_or_any(port: int) -> int:
+    """`port` when nothing on this machine holds it, else 0 (a free one): the HTTP/REST front is a convenience of
+    `make run`, which must not fail because another local server (a Triton, a dev server) has 8000."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no holder
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            print(f"port {port} is taken: the HTTP/REST front takes a free port instead", flush=True)
+            return 0
+    return port
 
 
 def main() -> None:
@@ -35,14 +51,18 @@ def main() -> None:
     parser.add_argument(
         "--http-port",
         type=int,
-        default=int(os.environ.get("GATEWAY_HTTP_PORT", "8000")),
-        help="gateway HTTP/REST port (Triton's 8000); 0: a free one; -1: gRPC only",
+        default=None,
+        help="gateway HTTP/REST port; 0: a free one; -1: gRPC only (default $GATEWAY_HTTP_PORT, else Triton's 8000, "
+        "or a free port when something else holds 8000)",
     )
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument(
         "--tls-dir", type=Path, default=None, help="TLS on every hop with the certificates here (made if missing)"
     )
     args = parser.parse_args()
+    if args.http_port is None:
+        chosen = os.environ.get("GATEWAY_HTTP_PORT")
+        args.http_port = int(chosen) if chosen else _free_or_any(DEFAULT_HTTP_PORT)
 
     api_key = os.environ.get("INFERMESH_DEMO_API_KEY") or new_api_key()
     admin_key = os.environ.get("INFERMESH_DEMO_ADMIN_KEY") or new_api_key()
