@@ -58,10 +58,10 @@ SERVICE = "gateway"
 class HttpLimits:
     max_body_bytes: int
     max_json_bytes: int
+    max_body_bytes_in_flight: int  # request bodies held at once (more: 429 at once)
     max_connections: int = 1024
     first_request_timeout_s: float = 10.0  # a connection silent this long (at most twice) is closed
     keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
-    max_body_bytes_in_flight: int = 256 * 1024 * 1024  # request bodies held at once (more: 429 at once)
 
 
 class _Refused(asyncio.Protocol):
@@ -108,9 +108,7 @@ class RestFront:
         self.wire = wire  # the protocol's protobuf forms (infermesh.oip): no protobuf imported here
         self.default_timeout_s = default_timeout_s
         self.limits = limits
-        self.max_body_bytes = limits.max_body_bytes
-        self.max_json_bytes = limits.max_json_bytes
-        self._inflight = metrics.INFLIGHT.labels(SERVICE)
+        self._counters = metrics.RequestCounters(SERVICE)
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -118,7 +116,7 @@ class RestFront:
         self.port = 0
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes)
+        app = web.Application(client_max_size=self.limits.max_body_bytes)
         get, post = web.get, web.post
         routes = [
             get("/v2/health/live", self._route("ServerLive", self.server_live)),
@@ -196,7 +194,7 @@ class RestFront:
             metrics.request_labels.set(labels)
             started = time.perf_counter()
             code = "OK"
-            self._inflight.inc()
+            self._counters.inflight.inc()
             try:
                 call = self._new_call(request)
                 with telemetry.server_span(label, request.headers):
@@ -212,9 +210,8 @@ class RestFront:
                 log.exception("unhandled error in %s", label)
                 return _json({"error": "internal error"}, status=500)
             finally:
-                self._inflight.dec()
-                metrics.REQUESTS.labels(SERVICE, label, labels.model, labels.version, code).inc()
-                metrics.REQUEST_LATENCY.labels(SERVICE, label, labels.model).observe(time.perf_counter() - started)
+                self._counters.inflight.dec()
+                self._counters.record(label, labels.model, labels.version, code, time.perf_counter() - started)
 
         return handle
 
@@ -274,13 +271,13 @@ class RestFront:
         """An administration call's JSON body (none: {}), read once the caller is known, within the JSON bound."""
         self.core.authenticate(call)
         length = request.content_length
-        if length is not None and length > self.max_json_bytes:
-            raise TooLarge(rest_codec.json_limit_message(length, self.max_json_bytes))
+        if length is not None and length > self.limits.max_json_bytes:
+            raise TooLarge(rest_codec.json_limit_message(length, self.limits.max_json_bytes))
         chunks, size = [], 0
         async for chunk in request.content.iter_chunked(64 * 1024):
             size += len(chunk)
-            if size > self.max_json_bytes:  # sent without a Content-Length: read no further than the bound
-                raise TooLarge(rest_codec.json_limit_message(size, self.max_json_bytes))
+            if size > self.limits.max_json_bytes:  # sent without a Content-Length: read no further than the bound
+                raise TooLarge(rest_codec.json_limit_message(size, self.limits.max_json_bytes))
             chunks.append(chunk)
         body = b"".join(chunks)
         return rest_codec.json_object(body) if body.strip() else {}
@@ -289,7 +286,7 @@ class RestFront:
         self, request: web.Request, call: Call, model: str, version: str, header_length: str | None
     ) -> tuple[InferAnswer, rest_codec.OutputForm]:
         body = await self._body(request)
-        infer_request, form = rest_codec.infer_request(model, version, body, header_length, self.max_json_bytes)
+        infer_request, form = rest_codec.infer_request(model, version, body, header_length, self.limits.max_json_bytes)
         del body
         return await self.core.infer(call, infer_request), form
 
@@ -299,7 +296,7 @@ class RestFront:
             try:
                 return await request.read()
             except web.HTTPRequestEntityTooLarge:
-                raise TooLarge(f"request body exceeds the {self.max_body_bytes} bytes limit") from None
+                raise TooLarge(f"request body exceeds the {self.limits.max_body_bytes} bytes limit") from None
         # Its length known: each chunk copied once, into a buffer of that size (aiohttp's read() grows a buffer and
         # copies it again; readexactly() joins twice).
         body = bytearray(length)
@@ -322,10 +319,14 @@ class RestFront:
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding != "identity":  # inflating is work (and size) the sender controls: not taken
             raise errors.InvalidInput(f"compressed request bodies (Content-Encoding {encoding[:32]}) are not accepted")
-        if length is not None and length > self.max_body_bytes:
-            raise TooLarge(f"request body of {length} bytes exceeds the {self.max_body_bytes} bytes limit")
-        if length is not None and rest_codec.HEADER_LENGTH not in request.headers and length > self.max_json_bytes:
-            raise TooLarge(rest_codec.json_limit_message(length, self.max_json_bytes))
+        if length is not None and length > self.limits.max_body_bytes:
+            raise TooLarge(f"request body of {length} bytes exceeds the {self.limits.max_body_bytes} bytes limit")
+        if (
+            length is not None
+            and rest_codec.HEADER_LENGTH not in request.headers
+            and length > self.limits.max_json_bytes
+        ):
+            raise TooLarge(rest_codec.json_limit_message(length, self.limits.max_json_bytes))
         if self._body_bytes + self._reserved(request) > self.limits.max_body_bytes_in_flight:
             raise errors.Overloaded("the gateway holds too many request bytes now; retry shortly", retry_after_s=1.0)
         return call
@@ -333,7 +334,7 @@ class RestFront:
     def _reserved(self, request: web.Request) -> int:
         """What a body counts against the bytes held at once: its length, the largest when it has none."""
         length = request.content_length
-        return length if length is not None else self.max_body_bytes
+        return length if length is not None else self.limits.max_body_bytes
 
     async def _continue_if_admitted(self, request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue` (curl's habit for bodies over 1 MiB): the body is asked for only once its head
@@ -343,10 +344,11 @@ class RestFront:
         expect = request.headers.get("Expect", "").lower()
         if expect != "100-continue":
             return _json({"error": f"unknown Expect: {expect[:32]}"}, status=417)
+        started = time.perf_counter()
         try:
             self._check_head(request, self._new_call(request))
         except errors.DomainError as error:
-            metrics.REQUESTS.labels(SERVICE, "HTTP ModelInfer", "", "", error.code.name).inc()
+            self._counters.record("HTTP ModelInfer", "", "", error.code.name, time.perf_counter() - started)
             return _error_response(error)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # as aiohttp's own handler: the answer's size starts after this line

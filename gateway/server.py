@@ -100,11 +100,11 @@ class GatewayService(Service):
         settings = self.settings
         if settings.http_port >= 0:
             limits = HttpLimits(
-                settings.max_message_bytes,
-                settings.http_max_json_bytes,
-                settings.http_max_connections,
-                settings.http_first_request_timeout_s,
+                max_body_bytes=settings.max_message_bytes,
+                max_json_bytes=settings.http_max_json_bytes,
                 max_body_bytes_in_flight=16 * settings.max_message_bytes,
+                max_connections=settings.http_max_connections,
+                first_request_timeout_s=settings.http_first_request_timeout_s,
             )
             self.rest = RestFront(self.core, oip, settings.default_timeout_s, limits)
             await self.rest.start(settings.host, settings.http_port, settings.server_tls(), settings.grace_period_s)

@@ -117,14 +117,9 @@ class ServiceHandlers:
     once, when it is registered (`registrar`). A grpc.aio server interceptor did the same per call and cost
     ~10 % of a trivial call's throughput here (docs/performance.md); health and reflection stay unwrapped."""
 
-    MAX_METRIC_CHILDREN = 10_000  # label sets cached (models and versions are validated before labelling)
-
     def __init__(self, service: str) -> None:
         self._service = service
-        self._inflight = metrics.INFLIGHT.labels(service)
-        # (method, model, version, code) → its request counter and latency histogram: `labels()` per request
-        # takes a lock and builds the label tuple every time.
-        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self.counters = metrics.RequestCounters(service)
         # Every wrapped handler by its full method name, and the wrapped generic handlers: what a call that
         # arrives as a hop-stream message runs (infermesh.hop_streams).
         self._methods: dict[str, grpc.RpcMethodHandler] = {}
@@ -139,18 +134,6 @@ class ServiceHandlers:
                 if handler is not None:
                     break
         return handler
-
-    def _metric_children(self, method: str, model: str, version: str, code: str) -> tuple[Any, Any]:
-        key = (method, model, version, code)
-        children = self._children.get(key)
-        if children is None:
-            children = (
-                metrics.REQUESTS.labels(self._service, method, model, version, code),
-                metrics.REQUEST_LATENCY.labels(self._service, method, model),
-            )
-            if len(self._children) < self.MAX_METRIC_CHILDREN:
-                self._children[key] = children
-        return children
 
     def registrar(self, server: grpc.aio.Server) -> _WrappingRegistrar:
         """What a service registers its servicers on: the server, with every handler added wrapped."""
@@ -176,8 +159,8 @@ class ServiceHandlers:
         return handler
 
     def _wrap_unary(self, behavior: Behavior, method: str) -> Behavior:
-        inflight = self._inflight
-        metric_children = self._metric_children
+        counters = self.counters
+        inflight = counters.inflight
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             labels = metrics.RequestLabels()
@@ -212,9 +195,7 @@ class ServiceHandlers:
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             finally:
                 inflight.dec()
-                requests, latency = metric_children(method, labels.model, labels.version, code)
-                requests.inc()
-                latency.observe(time.perf_counter() - start)
+                counters.record(method, labels.model, labels.version, code, time.perf_counter() - start)
 
         return wrapped
 
@@ -253,17 +234,14 @@ class StreamMessages:
         self._labels = labels
 
     def begin(self) -> float:
-        self._handlers._inflight.inc()
+        self._handlers.counters.inflight.inc()
         self._labels.model = self._labels.version = ""  # set again by the core for this message's model
         return time.perf_counter()
 
     def end(self, started: float, code: str) -> None:
-        self._handlers._inflight.dec()
-        requests, latency = self._handlers._metric_children(
-            self._method, self._labels.model, self._labels.version, code
-        )
-        requests.inc()
-        latency.observe(time.perf_counter() - started)
+        counters = self._handlers.counters
+        counters.inflight.dec()
+        counters.record(self._method, self._labels.model, self._labels.version, code, time.perf_counter() - started)
 
 
 stream_messages: ContextVar[StreamMessages | None] = ContextVar("infermesh_stream_messages", default=None)

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
@@ -268,3 +269,31 @@ def label_request(model: str, version: str = "") -> None:
     if labels is not None:
         labels.model = model
         labels.version = version
+
+
+class RequestCounters:
+    """One service's requests, counted by method, model, version and code and timed, with its in-flight gauge:
+    what every edge of a service records per request (the gRPC handler wrapper, the gateway's HTTP front)."""
+
+    MAX_CHILDREN = 10_000  # label sets cached (models and versions are validated before labelling)
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+        self.inflight = INFLIGHT.labels(service)
+        # (method, model, version, code) → its request counter and latency histogram: `labels()` per request
+        # takes a lock and builds the label tuple every time.
+        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+
+    def record(self, method: str, model: str, version: str, code: str, seconds: float) -> None:
+        key = (method, model, version, code)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                REQUESTS.labels(self._service, method, model, version, code),
+                REQUEST_LATENCY.labels(self._service, method, model),
+            )
+            if len(self._children) < self.MAX_CHILDREN:
+                self._children[key] = children
+        requests, latency = children
+        requests.inc()
+        latency.observe(seconds)
