@@ -1,6 +1,6 @@
 """The gateway's client of the router (the `RouterPort` of gateway.router_calls over gRPC): a request alone is
 forwarded as the client's ModelInfer bytes, a coalesced batch as the mesh's own `Router/InferBatch`;
-retried when the router is unavailable."""
+retried when the router is unavailable, and held while no router is reachable (one restarting)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ class RouterClient:
         tls: ClientTls | None = None,
         streams: int = 0,
         streams_only_when_idle: bool = False,
+        unreachable_wait_s: float = 0.0,
     ) -> None:
         self.hop = HopChannel(target, max_message_bytes, tls, streams, streams_only_when_idle)
         self.channel = self.hop.channel
@@ -70,6 +71,7 @@ class RouterClient:
         self._repository = RepositoryClient(self.channel, "router")
         self._attempts = attempts
         self._budget = RetryBudget("router", budget_tokens, budget_ratio)
+        self._unreachable_wait_s = unreachable_wait_s
         self._ready_at = 0.0
         self._ready = False
 
@@ -77,7 +79,9 @@ class RouterClient:
         """One retry layer in the mesh: the router retries replicas and the feature store itself, so its own
         answers (marked by the method handlers) are final here. Only a call that never got a router's answer
         (connection refused or lost, a router restarting: another router may take it) is sent again, within the
-        deadline and the router's retry budget."""
+        deadline and the router's retry budget. When that still finds no router, the call waits for a connection
+        (a router restarting, e.g. under make run's supervisor) and is sent once more: a restart costs latency,
+        not failures. The wait sends nothing, so it cannot storm a struggling router."""
 
         async def attempt() -> T:
             try:
@@ -88,9 +92,15 @@ class RouterClient:
                     raise RouterUnreachable(str(translated)) from None
                 raise translated from None
 
-        return await with_retries(
-            attempt, deadline, self._attempts, 0.002, 0.05, retry_on=(RouterUnreachable,), budget=self._budget
-        )
+        try:
+            return await with_retries(
+                attempt, deadline, self._attempts, 0.002, 0.05, retry_on=(RouterUnreachable,), budget=self._budget
+            )
+        except RouterUnreachable:
+            # Bounded: the waiting calls hold the gateway's admission slots meanwhile.
+            if not await self.hop.connected_within(min(self._unreachable_wait_s, deadline.remaining())):
+                raise
+        return await attempt()
 
     async def infer(self, encoded_request: bytes, deadline: Deadline, tenant: str = "") -> bytes:
         # The client's bytes go on unchanged: the tenant travels as internal metadata (the router's prediction

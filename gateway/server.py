@@ -47,6 +47,7 @@ class GatewayService(Service):
             settings.client_tls(),
             settings.hop_streams,
             not settings.hop_streams_under_load,
+            settings.router_unreachable_wait_s,
         )
         router_calls = RouterCalls(
             self.router,

@@ -81,6 +81,12 @@ class GatewaySettings(ServiceSettings):
         "(off: the public port takes any TLS client; callers authenticate with API keys or JWTs).",
     )
     router_attempts: int = Field(2, ge=1, description="Attempts per router call when the router is unavailable.")
+    router_unreachable_wait_s: float = Field(
+        5.0,
+        ge=0,
+        description="When no router is reachable (one restarting), how long a request waits for a connection, "
+        "within its deadline, before it fails UNAVAILABLE; 0: at once.",
+    )
     repository_refresh_s: float = Field(
         1.0, gt=0, description="How often the mesh's models (configs and version states) are read from the router."
     )

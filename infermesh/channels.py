@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -61,6 +63,20 @@ class HopChannel:
     ) -> None:
         self.channel = client_channel(target, max_message_bytes, tls)
         self.streams = HopStreams(self.channel, streams, calls_per_stream, only_when_idle) if streams else None
+        self._connecting: asyncio.Task[None] | None = None  # one wait for a connection, shared by every caller
+
+    async def connected_within(self, wait_s: float) -> bool:
+        """Whether the channel is connected to the next hop, or connects within `wait_s` (it reconnects with
+        backoff while the peer is down). Sends nothing; concurrent callers share one wait."""
+        if wait_s <= 0:
+            return False
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.get_running_loop().create_task(self.channel.channel_ready())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._connecting), wait_s)
+        except TimeoutError:
+            return False
+        return True
 
     def internal(
         self,
@@ -77,6 +93,10 @@ class HopChannel:
         return self.streams.unary_unary(method, request_serializer, response_deserializer)
 
     async def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
         if self.streams is not None:
             await self.streams.close()
         await self.channel.close()

@@ -1,6 +1,7 @@
-"""`make run` supervises its services: one of two model replicas SIGKILLed under load is restarted, and no
-request fails meanwhile (the router retries on the other replica). Through the real entry point,
-`python -m demo.run`, as a user runs it."""
+"""`make run` supervises its services: a service SIGKILLed under load is restarted, and no request fails
+meanwhile. One of two model replicas: the router retries on the other. The only router: the gateway holds
+requests until the restarted router is reachable. Through the real entry point, `python -m demo.run`, as a
+user runs it."""
 
 from __future__ import annotations
 
@@ -67,20 +68,18 @@ def make_run(demo_dir: Path, tmp_path: Path) -> Iterator[Run]:
             process.kill()
 
 
-async def test_a_killed_replica_is_restarted_and_no_request_fails(make_run: Run) -> None:
-    run_dir, lines = make_run.run_dir, make_run.lines
-    await wait_until(lambda: any("serving the Open Inference Protocol on" in line for line in lines), "make run")
-    banner = re.search(r"on (\S+)", next(line for line in lines if "serving the Open" in line))
+async def started(run: Run) -> str:
+    """The gateway's gRPC address, once `make run` says it serves."""
+    await wait_until(lambda: any("serving the Open Inference Protocol on" in line for line in run.lines), "make run")
+    banner = re.search(r"on (\S+)", next(line for line in run.lines if "serving the Open" in line))
     assert banner is not None
-    endpoint = banner.group(1)
-    # The HTTP/REST front `make run` turns on, at the address its banner prints.
-    http = re.search(
-        r"over HTTP/REST .* on (http://[\d.]+:\d+):\s*$", next(line for line in lines if "HTTP/REST" in line)
-    )
-    assert http is not None
-    live = await asyncio.to_thread(urllib.request.urlopen, f"{http.group(1)}/v2/health/live", timeout=10)
-    assert live.status == 200
-    port_file = run_dir / "model_service_0.port.json"
+    return banner.group(1)
+
+
+async def kill_under_load(run: Run, endpoint: str, service: str) -> tuple[int, int]:
+    """SIGKILL `service` while 8 clients send `fraud` without pause; wait for its restart and 100 answers after
+    it. (pid killed, pid restarted); asserts that no request failed."""
+    port_file = run.run_dir / f"{service}.port.json"
     killed_pid = json.loads(port_file.read_text())["pid"]
     ok, failed, stop = [0], [], asyncio.Event()
 
@@ -99,12 +98,33 @@ async def test_a_killed_replica_is_restarted_and_no_request_fails(make_run: Run)
         workers = [asyncio.create_task(load()) for _ in range(8)]
         await wait_until(lambda: ok[0] >= 100, "load before the kill")
         os.kill(killed_pid, signal.SIGKILL)
-        await wait_until(lambda: any("model_service_0 restarted" in line for line in lines), "the restart")
+        await wait_until(lambda: any(f"{service} restarted" in line for line in run.lines), "the restart")
         restarted_pid = json.loads(port_file.read_text())["pid"]
         before = ok[0]
         await wait_until(lambda: ok[0] >= before + 100, "load after the restart")
         stop.set()
         await asyncio.gather(*workers)
     assert failed == [], failed[:5]
-    assert restarted_pid != killed_pid
-    assert any("model_service_0 exited" in line and "restarting in" in line for line in lines), lines[-20:]
+    assert any(f"{service} exited" in line and "restarting in" in line for line in run.lines), run.lines[-20:]
+    return killed_pid, restarted_pid
+
+
+async def test_a_killed_replica_is_restarted_and_no_request_fails(make_run: Run) -> None:
+    endpoint = await started(make_run)
+    # The HTTP/REST front `make run` turns on, at the address its banner prints.
+    http = re.search(
+        r"over HTTP/REST .* on (http://[\d.]+:\d+):\s*$", next(line for line in make_run.lines if "HTTP/REST" in line)
+    )
+    assert http is not None
+    live = await asyncio.to_thread(urllib.request.urlopen, f"{http.group(1)}/v2/health/live", timeout=10)
+    assert live.status == 200
+    killed, restarted = await kill_under_load(make_run, endpoint, "model_service_0")
+    assert restarted != killed
+
+
+async def test_the_only_router_killed_costs_latency_not_failures(make_run: Run) -> None:
+    """While the router restarts, the gateway finds no router; it holds the requests (GATEWAY_ROUTER_UNREACHABLE_
+    WAIT_S, within their deadlines) and sends them once the restarted router accepts connections."""
+    endpoint = await started(make_run)
+    killed, restarted = await kill_under_load(make_run, endpoint, "router")
+    assert restarted != killed
