@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 from urllib.parse import quote
 
 from demo.certs import make_certs
@@ -123,6 +124,12 @@ class LocalMesh:
     def processes(self) -> list[ServiceProcess]:
         found = [self.gateway, self.router, *self.model_services, self.feature_service]
         return [p for p in found if p is not None]
+
+    def supervised(self) -> list[ServiceProcess | RedisServer]:
+        """What make run's supervisor restarts when it exits: the services, and the private Redis (a private Redis
+        Cluster's nodes are not restarted: their cluster state is tied to the run that made it)."""
+        private_redis = [self.redis] if isinstance(self.redis, RedisServer) else []
+        return [*self.processes(), *private_redis]
 
     def start(self) -> LocalMesh:
         options = self.options
@@ -267,9 +274,16 @@ class LocalMesh:
         """Start replica `index` again on its old port (after a kill), so the router finds it."""
         return self.restart(self.model_services[index])
 
-    def restart(self, old: ServiceProcess, timeout_s: float = 120.0) -> ServiceProcess:
-        """Start a service that exited again, on its old ports (the others know its address), and wait until
-        it is ready. Raises (and leaves nothing running) when it does not get ready."""
+    @overload
+    def restart(self, old: ServiceProcess, timeout_s: float = ...) -> ServiceProcess: ...
+    @overload
+    def restart(self, old: RedisServer, timeout_s: float = ...) -> RedisServer: ...
+    def restart(self, old: ServiceProcess | RedisServer, timeout_s: float = 120.0) -> ServiceProcess | RedisServer:
+        """Start a service (or the private Redis) that exited again, on its old ports (the others know its address),
+        and wait until it is ready. Raises (and leaves nothing running) when it does not get ready."""
+        if isinstance(old, RedisServer):
+            old.restart_same_port()  # same password, TLS and data folder: its append-only file is loaded again
+            return old
         settings = {**old.settings, "port": old.port, "metrics_port": old.metrics_port}
         if old.health_port > 0:
             settings["health_port"] = old.health_port

@@ -102,7 +102,13 @@ class RedisServer:
         raise RuntimeError("could not start a private redis-server on a free port")
 
     def _try_start(self, port: int, timeout_s: float) -> bool:
-        persistence = ["--save", "60 1", "--appendonly", "no"] if self.persist else ["--save", "", "--appendonly", "no"]
+        # Persisted: an append-only file synced every second, so a restart (make run's supervisor restarts a
+        # killed redis-server) loads what was written up to a second before, not the last 60 s snapshot.
+        persistence = (
+            ["--save", "60 1", "--appendonly", "yes", "--appendfsync", "everysec"]
+            if self.persist
+            else ["--save", "", "--appendonly", "no"]
+        )
         password = self._password()
         if self.tls_dir is None:
             listen = ["--port", str(port)]
@@ -174,6 +180,12 @@ class RedisServer:
         process.kill()
         process.wait()
         return False
+
+    name = "redis"  # as make run's supervisor names it
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
         if self.process is None:

@@ -1,6 +1,6 @@
-"""Keeps `make run`'s services running as a process supervisor does: a service that exits is started again on
-its old ports, after a backoff that doubles with each crash in a row (and resets once it has run for a while);
-every restart is logged and counted. Only Ctrl-C stops the mesh."""
+"""Keeps `make run`'s services (and its private Redis) running as a process supervisor does: one that exits is
+started again on its old ports, after a backoff that doubles with each crash in a row (and resets once it has run
+for a while); every restart is logged and counted. Only Ctrl-C stops the mesh."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from demo.mesh import LocalMesh
 from demo.processes import ServiceProcess
+from demo.redis_server import RedisServer
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Supervisor:
     def check(self) -> None:
         """Look at every service once: schedule a restart for one that exited, do the restarts that are due."""
         now = self._clock()
-        for process in self.mesh.processes():
+        for process in self.mesh.supervised():
             crashes = self._crashes.setdefault(process.name, _Crashes(started_at=now))
             if process.alive:
                 if crashes.in_a_row and now - crashes.started_at > self._stable_after:
@@ -58,7 +59,7 @@ class Supervisor:
             elif now >= crashes.restart_at:
                 self._restart(process, crashes)
 
-    def _restart(self, process: ServiceProcess, crashes: _Crashes) -> None:
+    def _restart(self, process: ServiceProcess | RedisServer, crashes: _Crashes) -> None:
         crashes.restart_at = 0.0
         try:
             self.mesh.restart(process)

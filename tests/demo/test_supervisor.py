@@ -21,7 +21,7 @@ class Mesh:
         self.refuse = 0  # restarts that fail before one works
         self.restarted: list[str] = []
 
-    def processes(self) -> list[Process]:
+    def supervised(self) -> list[Process]:
         return list(self.services.values())
 
     def restart(self, old: Process) -> Process:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 import tritonclient.grpc.aio as aioclient
 
 from tests.e2e.meshes import fraud_inputs
@@ -76,11 +77,29 @@ async def started(run: Run) -> str:
     return banner.group(1)
 
 
-async def kill_under_load(run: Run, endpoint: str, service: str) -> tuple[int, int]:
+def service_pid(run: Run, service: str) -> int:
+    pid: int = json.loads((run.run_dir / f"{service}.port.json").read_text())["pid"]
+    return pid
+
+
+def private_redis(run: Run) -> redis.Redis:
+    """A client of make run's private Redis, at the address its banner prints, with its password file."""
+    line = next(line for line in run.lines if "redis: redis://" in line)
+    port = re.search(r"redis://127\.0\.0\.1:(\d+)/", line)
+    assert port is not None
+    password = (run.run_dir / "redis" / "password").read_text().strip()
+    return redis.Redis(host="127.0.0.1", port=int(port.group(1)), password=password, socket_timeout=5)
+
+
+def redis_pid(run: Run) -> int:
+    with private_redis(run) as client:
+        return int(client.info("server")["process_id"])
+
+
+async def kill_under_load(run: Run, endpoint: str, service: str, pid: Callable[[], int]) -> tuple[int, int]:
     """SIGKILL `service` while 8 clients send `fraud` without pause; wait for its restart and 100 answers after
     it. (pid killed, pid restarted); asserts that no request failed."""
-    port_file = run.run_dir / f"{service}.port.json"
-    killed_pid = json.loads(port_file.read_text())["pid"]
+    killed_pid = pid()
     ok, failed, stop = [0], [], asyncio.Event()
 
     async with aioclient.InferenceServerClient(endpoint) as client:
@@ -99,7 +118,7 @@ async def kill_under_load(run: Run, endpoint: str, service: str) -> tuple[int, i
         await wait_until(lambda: ok[0] >= 100, "load before the kill")
         os.kill(killed_pid, signal.SIGKILL)
         await wait_until(lambda: any(f"{service} restarted" in line for line in run.lines), "the restart")
-        restarted_pid = json.loads(port_file.read_text())["pid"]
+        restarted_pid = pid()
         before = ok[0]
         await wait_until(lambda: ok[0] >= before + 100, "load after the restart")
         stop.set()
@@ -118,7 +137,9 @@ async def test_a_killed_replica_is_restarted_and_no_request_fails(make_run: Run)
     assert http is not None
     live = await asyncio.to_thread(urllib.request.urlopen, f"{http.group(1)}/v2/health/live", timeout=10)
     assert live.status == 200
-    killed, restarted = await kill_under_load(make_run, endpoint, "model_service_0")
+    killed, restarted = await kill_under_load(
+        make_run, endpoint, "model_service_0", lambda: service_pid(make_run, "model_service_0")
+    )
     assert restarted != killed
 
 
@@ -126,5 +147,18 @@ async def test_the_only_router_killed_costs_latency_not_failures(make_run: Run) 
     """While the router restarts, the gateway finds no router; it holds the requests (GATEWAY_ROUTER_UNREACHABLE_
     WAIT_S, within their deadlines) and sends them once the restarted router accepts connections."""
     endpoint = await started(make_run)
-    killed, restarted = await kill_under_load(make_run, endpoint, "router")
+    killed, restarted = await kill_under_load(make_run, endpoint, "router", lambda: service_pid(make_run, "router"))
     assert restarted != killed
+
+
+async def test_a_killed_redis_is_restarted_with_its_data_and_no_request_fails(make_run: Run) -> None:
+    """Meanwhile `fraud` answers from its feature defaults (its `default` policy); the restarted redis-server
+    loads its append-only file, so the features written before the kill are there again."""
+    endpoint = await started(make_run)
+    with private_redis(make_run) as client:
+        keys_before = client.dbsize()
+        assert keys_before > 1000  # the demo's features
+    killed, restarted = await kill_under_load(make_run, endpoint, "redis", lambda: redis_pid(make_run))
+    assert restarted != killed
+    with private_redis(make_run) as client:
+        assert client.dbsize() >= keys_before
