@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The health port's own bound on connections: probes (kubelet, a load balancer) need a few, and a flood of the
+# health port must not use up the process's file descriptors either.
+HEALTH_PORT_MAX_CONNECTIONS = 256
+
 
 class Service(ABC):
     """Subclasses register their servicers and own their resources; this class runs the server."""
@@ -149,7 +153,13 @@ class Service(ABC):
             # or flooded API port never makes a liveness probe fail (and Kubernetes restart a busy pod).
             # Plaintext even with TLS on: it answers only grpc.health.v1 statuses, and kubelet's gRPC probes
             # speak no TLS.
-            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            self.health_server = grpc.aio.server(
+                options=[
+                    ("grpc.so_reuseport", 0),
+                    ("grpc.max_allowed_incoming_connections", HEALTH_PORT_MAX_CONNECTIONS),
+                    ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
+                ]
+            )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = self.health_server.add_insecure_port(
                 f"{_host_for_bind(settings.host)}:{settings.health_port}"
@@ -249,6 +259,8 @@ def connection_options(settings: ServiceSettings) -> list[tuple[str, int]]:
         ("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_s)),
         ("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
         ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s)),
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        ("grpc.server_handshake_timeout_ms", ms(settings.handshake_timeout_s)),
     ]
 
 

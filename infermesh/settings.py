@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infermesh.tls import ClientTls, ServerTls
+
+
+def default_max_connections() -> int:
+    """4,096 connections, or a quarter of the process's file descriptor limit when that is lower: a flood of
+    connections is refused at the cap instead of using up the descriptors the process needs for everything else
+    (its own connections onward, its other ports)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(16, min(4096, soft // 4))
 
 
 class ServiceSettings(BaseSettings):
@@ -57,6 +68,18 @@ class ServiceSettings(BaseSettings):
     keepalive_timeout_s: float = Field(20.0, gt=0, description="How long a keepalive ping may go unanswered.")
     min_client_ping_interval_s: float = Field(
         5.0, gt=0, description="Clients pinging more often than this are told off, then disconnected."
+    )
+    max_connections: int = Field(
+        default_factory=default_max_connections,
+        ge=1,
+        description="Client connections the gRPC port holds at once; past it a new connection is closed as soon "
+        "as it is accepted (default: 4,096, or a quarter of the file descriptor limit when that is lower).",
+    )
+    handshake_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A connection that has not completed its handshake (TLS, HTTP/2 preface and settings) in this "
+        "long is closed, so silent connections do not hold slots (gRPC's own default is 120 s).",
     )
     max_connection_idle_s: float = Field(
         300.0, gt=0, description="A connection with no call for this long is closed (GOAWAY)."
