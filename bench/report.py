@@ -1156,10 +1156,8 @@ SPEED_CHANGES = (
     (
         "`make run`'s private Redis keeps an append-only file synced every second (it kept only a snapshot "
         "per 60 s), so that the supervisor's restart of a killed redis-server loses at most a second of writes",
-        "Redis CPU per request at c=64 0.019 / 0.017 ms; whole mesh with Redis 1.08 / 0.99 ms, 1,369 / 1,504 "
-        "req/s",
-        "0.024 / 0.025 and 0.025 / 0.026 ms; 1.02 / 1.12 and 1.14 / 1.19 ms, 1,437 / 1,317 and 1,293 / 1,243 "
-        "req/s",
+        "Redis CPU per request at c=64 0.019 / 0.017 ms; whole mesh with Redis 1.08 / 0.99 ms, 1,369 / 1,504 req/s",
+        "0.024 / 0.025 and 0.025 / 0.026 ms; 1.02 / 1.12 and 1.14 / 1.19 ms, 1,437 / 1,317 and 1,293 / 1,243 req/s",
         "`v2load.py` c=64, 8 s, CPU of each process from /proc, after, before, after (two runs each) on "
         "`make run`: Redis pays ~7 µs per request (the prediction log's stream writes); the mesh's totals "
         "moved more with this machine's noise than that. The bench's own meshes do not persist Redis",
