@@ -285,12 +285,21 @@ class RestFront:
     async def _infer_body(
         self, request: web.Request, call: Call, model: str, version: str, header_length: str | None
     ) -> tuple[InferAnswer, rest_codec.OutputForm]:
-        body = await self._body(request)
+        body = await self._body(request, call.deadline)
         infer_request, form = rest_codec.infer_request(model, version, body, header_length, self.limits.max_json_bytes)
         del body
         return await self.core.infer(call, infer_request), form
 
-    async def _body(self, request: web.Request) -> bytes | bytearray:
+    async def _body(self, request: web.Request, deadline: Deadline) -> bytes | bytearray:
+        """The request's body, read within the call's deadline: a body sent slower than that (or never) holds its
+        connection and its share of the bytes in flight no longer."""
+        try:
+            async with asyncio.timeout(deadline.remaining()):
+                return await self._read_body(request)
+        except TimeoutError:
+            raise errors.DeadlineExceeded("the request body did not arrive within the deadline") from None
+
+    async def _read_body(self, request: web.Request) -> bytes | bytearray:
         length = request.content_length
         if length is None:  # chunked: aiohttp's reader, which stops past client_max_size
             try:

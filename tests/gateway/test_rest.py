@@ -268,3 +268,24 @@ async def test_the_bodies_held_at_once_are_bounded_in_bytes(front: tuple[RestFro
         assert [status for status, _ in await asyncio.gather(*held)] == [200, 200]
         assert (await send(session))[0] == 200
     assert rest._body_bytes == 0
+
+
+async def test_a_body_that_does_not_arrive_within_the_deadline_is_refused_and_let_go() -> None:
+    """A client sending its body slower than the call's deadline (here 0.3 s, the front's default) gets 504 and
+    holds the bytes it claimed no longer; without the bound it would hold them for as long as it trickles."""
+    rest = RestFront(StubCore(), SimpleNamespace(), 0.3, LIMITS)  # type: ignore[arg-type]
+    await rest.start("127.0.0.1", 0, None, grace_s=1.0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", rest.port)
+        writer.write(
+            b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer good\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b'{"inputs": ['
+        )
+        status = await asyncio.wait_for(reader.readline(), timeout=5)
+        assert b" 504 " in status
+        await wait_for(lambda: rest._body_bytes == 0)
+        writer.close()
+        status_code, _, _ = await post(rest, infer_body([1.0]))
+        assert status_code == 200
+    finally:
+        await rest.stop()
