@@ -19,6 +19,7 @@ import math
 import os
 import re
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ Role = Literal["user", "admin"]
 # Asymmetric only: a symmetric algorithm (HS256) would let whoever reads the JWKS sign tokens, and mixing the
 # two kinds is the classic algorithm-confusion attack. Hard-coded, never taken from the token.
 ALGORITHMS: Final = ("RS256", "ES256")
+VERIFIED_TOKENS: Final = 4096  # tokens remembered as verified (the gate and the handler check each call's)
 # header.payload.signature, each base64url (the signature of an unsigned `alg: none` token is empty). API keys
 # (`im_` + base64url) hold no dot, so the two kinds of credential cannot be mistaken for one another.
 _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
@@ -225,6 +227,9 @@ class KeyStore:
         self.leeway_s = leeway_s
         self._keys = WatchedFile(path, _read_key_file)
         self._jwks = WatchedFile(jwks_path, _read_jwks) if jwks_path is not None else None
+        # Tokens verified already, with when they expire (exp + leeway): a client sends the same token with every
+        # call, and a signature check costs far more than the lookup. Bounded; emptied on every reload.
+        self._verified: dict[str, tuple[Tenant, float]] = {}
 
     @classmethod
     def load(
@@ -254,9 +259,11 @@ class KeyStore:
         again). True when something was reloaded."""
         reloaded = False
         if self._keys.refresh():
+            self._verified.clear()  # tenants' quotas may have changed
             reloaded = True
             log.info("reloaded %s: %d keys", self.path, len(self._keys.value.by_hash))
         if self._jwks is not None and self._jwks.refresh():
+            self._verified.clear()  # a signing key may be gone
             reloaded = True
             log.info("reloaded %s: signing keys %s", self._jwks.path, ", ".join(sorted(self._jwks.value)))
         return reloaded
@@ -283,6 +290,11 @@ class KeyStore:
     def _verify_token(self, token: str) -> Tenant:
         if self._jwks is None:
             raise Unauthenticated("tokens are not accepted here")
+        verified = self._verified.get(token)
+        if verified is not None:
+            if time.time() < verified[1]:
+                return verified[0]
+            del self._verified[token]  # expired since: verified again below, and refused
         keys = self._jwks.value
         try:
             header = jwt.get_unverified_header(token)
@@ -314,7 +326,11 @@ class KeyStore:
             claims = _Claims.model_validate(payload)
         except ValidationError:
             raise Unauthenticated("token claims are invalid") from None
-        return Tenant(claims.tenant, frozenset(claims.models), claims.role, self.quota(claims.tenant))
+        tenant = Tenant(claims.tenant, frozenset(claims.models), claims.role, self.quota(claims.tenant))
+        if len(self._verified) >= VERIFIED_TOKENS:
+            del self._verified[next(iter(self._verified))]  # the oldest
+        self._verified[token] = (tenant, float(payload["exp"]) + self.leeway_s)
+        return tenant
 
     @staticmethod
     def authorize(tenant: Tenant, model: str) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from gateway import feedback_servicer
@@ -18,15 +19,22 @@ from gateway.router_calls import RouterCalls
 from gateway.router_client import RouterClient
 from gateway.settings import GatewaySettings
 from infermesh import heap, oip, oip_servicer, prediction_index
-from infermesh.errors import DomainError
+from infermesh.errors import DomainError, Unauthenticated
+from infermesh.method_handlers import Gate
 from infermesh.service import Service
 
 log = logging.getLogger(__name__)
 
 
+# The gateway's gRPC methods that answer without credentials (as Triton's do); grpc.health.v1 never reaches the
+# gate (registered by name). Every other call is refused as it starts unless its credentials are good.
+OPEN_METHODS = frozenset(f"/{oip_servicer.SERVICE}/{name}" for name in ("ServerLive", "ServerReady", "ServerMetadata"))
+
+
 class GatewayService(Service):
     name = "gateway"
     serves_hop_streams = False  # the public edge: clients call it over the Open Inference Protocol
+    gates_calls = True
     settings: GatewaySettings
     _reload: asyncio.Task[None] | None = None
     _repository: asyncio.Task[None] | None = None
@@ -78,6 +86,28 @@ class GatewayService(Service):
             feedback_servicer.FeedbackServicer(self.feedback, settings.default_timeout_s), server
         )
         return [oip_servicer.SERVICE, feedback_servicer.SERVICE]
+
+    def call_gate(self) -> Gate:
+        """Credentials checked from the call's metadata as it starts, before gRPC reads its body: a call without
+        good ones is UNAUTHENTICATED at once and holds no call slot, whether or not it ever sends a message. The
+        handler checks them again: a dict lookup for a key; a token is verified once and remembered (gateway.auth)."""
+        keys = self.core.keys
+
+        def gate(method: str, metadata: Sequence[tuple[str, str | bytes]]) -> DomainError | None:
+            if method in OPEN_METHODS:
+                return None
+            authorization: str | None = None
+            for key, value in metadata or ():
+                if key == "authorization":
+                    authorization = value if isinstance(value, str) else value.decode(errors="replace")
+                    break
+            try:
+                keys.authenticate(authorization)
+            except Unauthenticated as error:
+                return error
+            return None
+
+        return gate
 
     def _feedback(self, settings: GatewaySettings) -> Feedback | None:
         """Label feedback when the prediction log's Redis is given (its password read here, never logged)."""

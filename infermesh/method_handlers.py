@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -110,6 +110,8 @@ def call_of(context: grpc.aio.ServicerContext, default_timeout_s: float) -> Call
 
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+# Decides from a call's method and metadata alone, as the call starts: the refusal to answer at once, or None.
+Gate = Callable[[str, Sequence[tuple[str, str | bytes]]], errors.DomainError | None]
 
 
 class ServiceHandlers:
@@ -117,9 +119,14 @@ class ServiceHandlers:
     once, when it is registered (`registrar`). A grpc.aio server interceptor did the same per call and cost
     ~10 % of a trivial call's throughput here (docs/performance.md); health and reflection stay unwrapped."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, gated: bool = False) -> None:
         self._service = service
         self.counters = metrics.RequestCounters(service)
+        # With `gated`, every call is looked up through the generic handlers (none is registered by name), so
+        # `gate` (set once the service has what it decides with) sees each call as it starts, before gRPC reads
+        # a message of it: a unary call otherwise reaches Python only with its body.
+        self.gated = gated
+        self.gate: Gate | None = None
         # Every wrapped handler by its full method name, and the wrapped generic handlers: what a call that
         # arrives as a hop-stream message runs (infermesh.hop_streams).
         self._methods: dict[str, grpc.RpcMethodHandler] = {}
@@ -134,6 +141,24 @@ class ServiceHandlers:
                 if handler is not None:
                     break
         return handler
+
+    def refusing(self, method: str, handler: grpc.RpcMethodHandler, error: errors.DomainError) -> grpc.RpcMethodHandler:
+        """A handler that ends the call with `error` as it starts. Request-streaming whatever the method, so that
+        gRPC runs it without waiting for a message (a unary method's body may never come); counted as the
+        method's request."""
+        code, message, trailers = _refusal(error, self._service)
+        self.counters.record(method.rsplit("/", 1)[-1], "", "", code.name, 0.0)
+
+        async def refuse(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(code, message, trailers)
+
+        async def refuse_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(code, message, trailers)
+            yield  # never reached: what makes this an async generator, as a streaming handler is
+
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(refuse_stream)
+        return grpc.stream_unary_rpc_method_handler(refuse)
 
     def registrar(self, server: grpc.aio.Server) -> _WrappingRegistrar:
         """What a service registers its servicers on: the server, with every handler added wrapped."""
@@ -258,8 +283,14 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]  # g
         wrapped = self._wrapped.get(method)
         if wrapped is None:
             wrapped = self._handlers.wrap(method, self._inner.service(handler_call_details))
-            if wrapped is not None:  # only methods that exist: clients choose the names
-                self._wrapped[method] = wrapped
+            if wrapped is None:
+                return None
+            self._wrapped[method] = wrapped  # only methods that exist: clients choose the names
+        gate = self._handlers.gate
+        if gate is not None:
+            refusal = gate(method, handler_call_details.invocation_metadata)
+            if refusal is not None:
+                return self._handlers.refusing(method, wrapped, refusal)
         return wrapped
 
 
@@ -278,6 +309,8 @@ class _WrappingRegistrar:
     def add_registered_method_handlers(self, service_name: str, method_handlers: dict[str, Any]) -> None:
         wrapped = {name: self._handlers.wrap(f"/{service_name}/{name}", h) for name, h in method_handlers.items()}
         self._handlers._methods.update({f"/{service_name}/{name}": h for name, h in wrapped.items() if h is not None})
+        if self._handlers.gated:
+            return  # the generated code adds the same methods as a generic handler too: calls take that way
         self._server.add_registered_method_handlers(service_name, wrapped)
 
     def __getattr__(self, name: str) -> Any:

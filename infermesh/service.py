@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 from prometheus_client import start_http_server
 
 from infermesh import __version__, metrics, telemetry
 from infermesh.hop_streams import HopStreamEndpoint
 from infermesh.logs import configure_logging
-from infermesh.method_handlers import ServiceHandlers
+from infermesh.method_handlers import Gate, ServiceHandlers
 from infermesh.settings import ServiceSettings
 from infermesh.tls import ReloadingServerCredentials
 
@@ -46,6 +47,9 @@ class Service(ABC):
     name: str = "service"
     # Whether the mesh's own callers reach this service over hop streams (all but the public gateway).
     serves_hop_streams: bool = True
+    # A service whose calls need credentials decides each call as it starts (call_gate), before gRPC reads a
+    # message of it: an unauthenticated call, its body never sent, would otherwise hold a call slot.
+    gates_calls: bool = False
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
@@ -66,6 +70,11 @@ class Service(ABC):
     async def register(self, server: grpc.aio.Server) -> list[str]:
         """Add servicers to `server` (a registrar that wraps every handler with the status mapping and metrics
         as it is added); return their full service names (for health and reflection)."""
+
+    def call_gate(self) -> Gate | None:
+        """With `gates_calls`: what decides each call from its method and metadata as it starts (after
+        register)."""
+        return None
 
     async def service_serving(self, service_name: str) -> bool:
         """Whether one of the registered services can serve now (its grpc.health.v1 status; the server's own
@@ -121,8 +130,10 @@ class Service(ABC):
             ],
         )
         self.server = server
-        handlers = ServiceHandlers(self.name)
-        service_names = await self.register(handlers.registrar(server))
+        handlers = ServiceHandlers(self.name, gated=self.gates_calls)
+        registrar = handlers.registrar(server)
+        service_names = await self.register(registrar)
+        handlers.gate = self.call_gate()
         if self.serves_hop_streams:
             # Registered unwrapped: each message runs its method's wrapped handler (counted, mapped) itself.
             self.hop_streams = HopStreamEndpoint(handlers.lookup, settings.hop_stream_max_inflight)
@@ -131,14 +142,11 @@ class Service(ABC):
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         for service_name in service_names:
             await self.health.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(
-            [
-                *service_names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflected = [*service_names, health_name, reflection.SERVICE_NAME]
+        # Through the registrar: gated too where calls are (an idle reflection stream would hold a call slot).
+        # enable_server_reflection() would pick its sync servicer for anything but a grpc.aio.Server itself.
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(ReflectionServicer(reflected), registrar)
         address = f"{_host_for_bind(settings.host)}:{settings.port}"
         server_tls = settings.server_tls()
         if server_tls is None:

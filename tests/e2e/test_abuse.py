@@ -1,5 +1,6 @@
 """Cheap attacks on the gateway, each answered with a clear status while a well-behaved client is unaffected:
-idle unauthenticated streams, amplification by a huge BYTES tensor, shapes that overflow or go too deep."""
+idle unauthenticated streams and unary calls whose body never comes, amplification by a huge BYTES tensor,
+shapes that overflow or go too deep."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import tritonclient.grpc.aio as aioclient
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
@@ -66,6 +68,49 @@ async def test_unauthenticated_streams_are_closed_at_once_and_take_nothing(mesh:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
             await asyncio.gather(*(good_request(client) for _ in range(8)))
+
+
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
+
+
+@pytest.mark.parametrize("method", [INFER, REFLECTION], ids=["ModelInfer-body-never-sent", "idle-reflection"])
+async def test_unauthenticated_calls_are_refused_before_their_body_and_hold_no_slot(
+    mesh: LocalMesh, method: str
+) -> None:
+    """400 calls without a key that never send a message: ModelInfer calls (a unary method's body reaches Python
+    only once it has arrived) and reflection streams. They used to hold every call slot, so that every other call,
+    the API port's health checks included, answered RESOURCE_EXHAUSTED. Now each is refused as it starts."""
+    async with grpc.aio.insecure_channel(mesh.gateway_address) as channel:
+        opened = channel.stream_stream(method)  # headers sent, and then no message at all
+        calls = [opened(timeout=30) for _ in range(400)]
+        codes = await asyncio.gather(*(call.code() for call in calls))
+        refused = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
+        assert set(codes) <= refused
+        assert codes.count(grpc.StatusCode.UNAUTHENTICATED) >= 100
+        hold = [opened(timeout=30) for _ in range(300)]  # and while such calls keep coming
+        live = await channel.unary_unary(SERVER_LIVE)(b"", timeout=5)  # an open method: no key needed
+        assert live == b"\x08\x01"  # ServerLiveResponse(live=True)
+        api_health = health_pb2_grpc.HealthStub(channel)
+        reply = await api_health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+            await asyncio.gather(*(good_request(client) for _ in range(8)))
+        for call in hold:
+            call.cancel()
+
+
+async def test_a_keyed_client_still_uses_reflection(mesh: LocalMesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.gateway_address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        answers = [answer async for answer in stub.ServerReflectionInfo(iter([request]), metadata=list(auth().items()))]
+        names = {service.name for service in answers[0].list_services_response.service}
+        assert "inference.GRPCInferenceService" in names
+        refused = stub.ServerReflectionInfo(iter([request]))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            [answer async for answer in refused]
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_a_keyed_stream_still_answers_and_a_wrong_key_is_refused(mesh: LocalMesh) -> None:

@@ -218,6 +218,39 @@ def test_leeway_tolerates_a_little_clock_skew(tmp_path: Path, mesh: Mesh) -> Non
     assert refusal(strict, soon_valid) == "token not yet valid"
 
 
+def test_a_token_is_verified_once_until_it_expires_and_the_memory_is_bounded(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate and the handler both authenticate each call: its token's signature is checked once, and the
+    memory of it ends at its expiry (+ leeway), at a reload, or when VERIFIED_TOKENS newer ones displace it."""
+    store = KeyStore.load(mesh.keys_path, mesh.jwks_path, issuer=ISSUER, audience=AUDIENCE, leeway_s=0)
+    decoded: list[str] = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda token, *a, **k: decoded.append(token) or real_decode(token, *a, **k))
+    now = time.time()
+    token = mesh.token(exp=int(now) + 2)
+    assert store.authenticate(f"Bearer {token}").name == "acme"
+    assert store.authenticate(f"Bearer {token}").name == "acme"
+    assert decoded == [token]  # verified once
+    monkeypatch.setattr(time, "time", lambda: now + 10)  # past its exp (PyJWT keeps the real clock)
+    store.authenticate(f"Bearer {token}")
+    assert decoded == [token, token]  # remembered no longer than it is valid: checked again
+    monkeypatch.setattr(time, "time", lambda: now)
+    monkeypatch.setattr(gateway.auth, "VERIFIED_TOKENS", 2)
+    tokens = [mesh.token(tenant=f"t{n}") for n in range(3)]
+    for each in tokens:
+        store.authenticate(f"Bearer {each}")
+    assert list(store._verified) == tokens[1:]  # the oldest gave way
+
+
+def test_a_remembered_token_is_refused_once_its_signing_key_is_rotated_out(mesh: Mesh) -> None:
+    token = mesh.token()
+    assert mesh.store.authenticate(f"Bearer {token}").name == "acme"
+    write_json(mesh.jwks_path, {"keys": [public_jwk(mesh.ec_key, "ec-1")]})
+    assert mesh.store.reload_if_changed()
+    assert refusal(mesh.store, token) == "unknown signing key"
+
+
 def test_tokens_are_refused_without_a_jwks_and_api_keys_still_work(mesh: Mesh) -> None:
     keys_only = KeyStore.load(mesh.keys_path)
     assert refusal(keys_only, mesh.token()) == "tokens are not accepted here"
