@@ -175,6 +175,12 @@ class ServiceHandlers:
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_unary is not None:  # a unary method read by its handler (first_message)
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, short_name),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
                 self._wrap_stream(handler.stream_stream, short_name),
@@ -245,6 +251,40 @@ class ServiceHandlers:
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
         return wrapped
+
+
+class BodyWaits:
+    """Calls of a few methods that answer without credentials, waiting for their (tiny) request: at most
+    `limit` at once, each for at most `timeout_s`. Such a call holds a gRPC call slot while it waits, and gRPC
+    itself would wait for a body for as long as its sender likes."""
+
+    def __init__(self, limit: int = 32, timeout_s: float = 2.0) -> None:
+        self.limit = limit
+        self.timeout_s = timeout_s
+        self.waiting = 0
+
+
+def first_message(behavior: Behavior, waits: BodyWaits) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """A unary method's behavior as a request-streaming handler: it runs as the call starts and reads the one
+    request itself, within `waits`' bounds (RESOURCE_EXHAUSTED past the number, DEADLINE_EXCEEDED past the time),
+    so a call whose body never comes holds its slot briefly instead of for as long as its sender likes."""
+
+    async def handle(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        if waits.waiting >= waits.limit:
+            raise errors.Overloaded("too many calls are waiting to send their request; try again")
+        waits.waiting += 1
+        try:
+            async with asyncio.timeout(waits.timeout_s):
+                request = await context.read()
+        except TimeoutError:
+            raise errors.DeadlineExceeded("the request message did not arrive in time") from None
+        finally:
+            waits.waiting -= 1
+        if request is grpc.aio.EOF or request is MALFORMED:
+            raise errors.InvalidInput("malformed request: the message could not be parsed")
+        return await behavior(request, context)
+
+    return handle
 
 
 class StreamMessages:

@@ -14,7 +14,7 @@ import grpc
 from infermesh import oip
 from infermesh.dataplane import Call, Dataplane, InferAnswer, InferRequest, StreamError
 from infermesh.errors import InvalidInput
-from infermesh.method_handlers import call_of, deadline_of, stream_messages
+from infermesh.method_handlers import BodyWaits, call_of, deadline_of, first_message, stream_messages
 from infermesh.proto import inference_pb2 as pb
 from infermesh.repository import REPOSITORY_TIMEOUT_S
 
@@ -125,11 +125,20 @@ def _serialize(message: Any) -> bytes:
     return message.SerializeToString()  # type: ignore[no-any-return]  # protobuf messages are untyped here
 
 
+def _open(behavior: Any, request_type: Any, waits: BodyWaits) -> grpc.RpcMethodHandler:
+    """A method that answers without credentials: its handler reads the request itself, bounded (first_message),
+    since no credential check can refuse a call of it before its body."""
+    return grpc.stream_unary_rpc_method_handler(
+        first_message(behavior, waits), request_deserializer=request_type.FromString, response_serializer=_serialize
+    )
+
+
 def add_to_server(servicer: OipServicer, server: Any) -> None:
+    waits = BodyWaits()
     handlers = {
-        "ServerLive": _unary(servicer.ServerLive, pb.ServerLiveRequest),
-        "ServerReady": _unary(servicer.ServerReady, pb.ServerReadyRequest),
-        "ServerMetadata": _unary(servicer.ServerMetadata, pb.ServerMetadataRequest),
+        "ServerLive": _open(servicer.ServerLive, pb.ServerLiveRequest, waits),
+        "ServerReady": _open(servicer.ServerReady, pb.ServerReadyRequest, waits),
+        "ServerMetadata": _open(servicer.ServerMetadata, pb.ServerMetadataRequest, waits),
         "ModelReady": _unary(servicer.ModelReady, pb.ModelReadyRequest),
         "ModelMetadata": _unary(servicer.ModelMetadata, pb.ModelMetadataRequest),
         "ModelConfig": _unary(servicer.ModelConfig, pb.ModelConfigRequest),

@@ -100,6 +100,24 @@ async def test_unauthenticated_calls_are_refused_before_their_body_and_hold_no_s
             call.cancel()
 
 
+async def test_calls_of_open_methods_whose_body_never_comes_hold_few_slots_briefly(mesh: LocalMesh) -> None:
+    """ServerLive answers without a key, so no check can refuse it before its body: its handler reads the request
+    itself, with at most 32 such calls waiting at once, for at most 2 s each. 400 body-less calls: the rest are
+    refused at once, the waiting ones end DEADLINE_EXCEEDED, and keyed inference is served throughout."""
+    async with grpc.aio.insecure_channel(mesh.gateway_address) as channel:
+        opened = channel.stream_unary(SERVER_LIVE)
+        calls = [opened(timeout=30) for _ in range(400)]
+        async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+            await asyncio.gather(*(good_request(client) for _ in range(8)))
+        codes = await asyncio.gather(*(call.code() for call in calls))
+        allowed = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+        assert set(codes) <= allowed | {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
+        assert 1 <= codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) <= 32
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 100
+        live = await channel.unary_unary(SERVER_LIVE)(b"", timeout=5)
+        assert live == b"\x08\x01"
+
+
 async def test_a_keyed_client_still_uses_reflection(mesh: LocalMesh) -> None:
     async with grpc.aio.insecure_channel(mesh.gateway_address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
