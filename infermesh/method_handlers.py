@@ -18,6 +18,7 @@ import grpc
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2
 
 from infermesh import errors, metrics
 from infermesh.dataplane import Call
@@ -270,21 +271,43 @@ def first_message(behavior: Behavior, waits: BodyWaits) -> Callable[[Any, grpc.a
     so a call whose body never comes holds its slot briefly instead of for as long as its sender likes."""
 
     async def handle(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        refusal: errors.DomainError | None = None
+        request: Any = None
         if waits.waiting >= waits.limit:
-            raise errors.Overloaded("too many calls are waiting to send their request; try again")
-        waits.waiting += 1
-        try:
-            async with asyncio.timeout(waits.timeout_s):
-                request = await context.read()
-        except TimeoutError:
-            raise errors.DeadlineExceeded("the request message did not arrive in time") from None
-        finally:
-            waits.waiting -= 1
-        if request is grpc.aio.EOF or request is MALFORMED:
-            raise errors.InvalidInput("malformed request: the message could not be parsed")
+            refusal = errors.Overloaded("too many calls are waiting to send their request; try again")
+        else:
+            waits.waiting += 1
+            try:
+                async with asyncio.timeout(waits.timeout_s):
+                    request = await context.read()
+            except TimeoutError:
+                refusal = errors.DeadlineExceeded("the request message did not arrive in time")
+            finally:
+                waits.waiting -= 1
+            if refusal is None and (request is grpc.aio.EOF or request is MALFORMED):
+                refusal = errors.InvalidInput("malformed request: the message could not be parsed")
+        if refusal is not None:  # answered here: the handler may be registered unwrapped (grpc.health.v1)
+            await context.abort(status_for(refusal), errors.client_message(refusal))
         return await behavior(request, context)
 
     return handle
+
+
+def bounded_health(health: Any, waits: BodyWaits) -> grpc.GenericRpcHandler:
+    """grpc.health.v1 for an API port: each call reads its request within `waits`, as the open methods do (a
+    health check's body can be withheld like any unary call's). A service's own health port serves it plain:
+    that server has no call limit to exhaust."""
+    request = _tolerant(health_pb2.HealthCheckRequest.FromString)
+    response = health_pb2.HealthCheckResponse.SerializeToString
+    handlers = {
+        "Check": grpc.stream_unary_rpc_method_handler(
+            first_message(health.Check, waits), request_deserializer=request, response_serializer=response
+        ),
+        "Watch": grpc.stream_stream_rpc_method_handler(
+            first_message(health.Watch, waits), request_deserializer=request, response_serializer=response
+        ),
+    }
+    return grpc.method_handlers_generic_handler(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, handlers)
 
 
 class StreamMessages:

@@ -27,7 +27,7 @@ from prometheus_client import start_http_server
 from infermesh import __version__, metrics, telemetry
 from infermesh.hop_streams import HopStreamEndpoint
 from infermesh.logs import configure_logging
-from infermesh.method_handlers import Gate, ServiceHandlers
+from infermesh.method_handlers import BodyWaits, Gate, ServiceHandlers, bounded_health
 from infermesh.settings import ServiceSettings
 from infermesh.tls import ReloadingServerCredentials
 
@@ -138,7 +138,7 @@ class Service(ABC):
             # Registered unwrapped: each message runs its method's wrapped handler (counted, mapped) itself.
             self.hop_streams = HopStreamEndpoint(handlers.lookup, settings.hop_stream_max_inflight)
             server.add_generic_rpc_handlers((self.hop_streams.generic_handler(),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_generic_rpc_handlers((bounded_health(self.health, BodyWaits()),))
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         for service_name in service_names:
             await self.health.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import struct
+import time
 
 import grpc
 import numpy as np
@@ -72,6 +73,7 @@ async def test_unauthenticated_streams_are_closed_at_once_and_take_nothing(mesh:
 
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 
 @pytest.mark.parametrize("method", [INFER, REFLECTION], ids=["ModelInfer-body-never-sent", "idle-reflection"])
@@ -100,22 +102,33 @@ async def test_unauthenticated_calls_are_refused_before_their_body_and_hold_no_s
             call.cancel()
 
 
-async def test_calls_of_open_methods_whose_body_never_comes_hold_few_slots_briefly(mesh: LocalMesh) -> None:
-    """ServerLive answers without a key, so no check can refuse it before its body: its handler reads the request
-    itself, with at most 32 such calls waiting at once, for at most 2 s each. 400 body-less calls: the rest are
-    refused at once, the waiting ones end DEADLINE_EXCEEDED, and keyed inference is served throughout."""
+@pytest.mark.parametrize("method", [SERVER_LIVE, HEALTH_CHECK], ids=["ServerLive", "health-Check"])
+async def test_calls_of_open_methods_whose_body_never_comes_hold_few_slots_briefly(
+    mesh: LocalMesh, method: str
+) -> None:
+    """ServerLive and the API port's health check answer without a key, so no check can refuse them before their
+    body: their handlers read the request themselves, at most 32 such calls waiting at once, for at most 2 s each.
+    400 body-less calls: the rest are refused at once, the waiting ones end DEADLINE_EXCEEDED, and keyed inference
+    is served throughout."""
     async with grpc.aio.insecure_channel(mesh.gateway_address) as channel:
-        opened = channel.stream_unary(SERVER_LIVE)
+        opened = channel.stream_unary(method)
         calls = [opened(timeout=30) for _ in range(400)]
-        async with aioclient.InferenceServerClient(mesh.gateway_address) as client:
+        ended = [asyncio.ensure_future(call.code()) for call in calls]
+        deadline = time.monotonic() + 10
+        while sum(task.done() for task in ended) < len(calls) - 32:  # the refused ones end at once
+            assert time.monotonic() < deadline, "the calls past the 32 waiting were not refused"
+            await asyncio.sleep(0.01)
+        async with aioclient.InferenceServerClient(mesh.gateway_address) as client:  # while those may still wait
             await asyncio.gather(*(good_request(client) for _ in range(8)))
-        codes = await asyncio.gather(*(call.code() for call in calls))
+        codes = await asyncio.gather(*ended)
         allowed = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
         assert set(codes) <= allowed | {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
         assert 1 <= codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) <= 32
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 100
         live = await channel.unary_unary(SERVER_LIVE)(b"", timeout=5)
         assert live == b"\x08\x01"
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_a_keyed_client_still_uses_reflection(mesh: LocalMesh) -> None:
