@@ -48,6 +48,8 @@ def supports_tls(binary: str | None = None) -> bool:
 
 
 class RedisServer:
+    name = "redis"  # as make run's supervisor names it
+
     def __init__(
         self,
         data_dir: Path,
@@ -180,8 +182,6 @@ class RedisServer:
         process.kill()
         process.wait()
         return False
-
-    name = "redis"  # as make run's supervisor names it
 
     @property
     def alive(self) -> bool:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from gateway import feedback_servicer
@@ -24,11 +23,6 @@ from infermesh.method_handlers import Gate
 from infermesh.service import Service
 
 log = logging.getLogger(__name__)
-
-
-# The gateway's gRPC methods that answer without credentials (as Triton's do); grpc.health.v1 never reaches the
-# gate (registered by name). Every other call is refused as it starts unless its credentials are good.
-OPEN_METHODS = frozenset(f"/{oip_servicer.SERVICE}/{name}" for name in ("ServerLive", "ServerReady", "ServerMetadata"))
 
 
 class GatewayService(Service):
@@ -93,14 +87,11 @@ class GatewayService(Service):
         handler checks them again: a dict lookup for a key; a token is verified once and remembered (gateway.auth)."""
         keys = self.core.keys
 
-        def gate(method: str, metadata: Sequence[tuple[str, str | bytes]]) -> DomainError | None:
-            if method in OPEN_METHODS:
+        # Open: oip_servicer.OPEN_METHODS; grpc.health.v1 never reaches the gate (added to the server itself, not
+        # through the registrar).
+        def gate(method: str, authorization: str | None) -> DomainError | None:
+            if method in oip_servicer.OPEN_METHODS:
                 return None
-            authorization: str | None = None
-            for key, value in metadata or ():
-                if key == "authorization":
-                    authorization = value if isinstance(value, str) else value.decode(errors="replace")
-                    break
             try:
                 keys.authenticate(authorization)
             except Unauthenticated as error:

@@ -87,10 +87,10 @@ def error_from_rpc(error: grpc.aio.AioRpcError, target: str) -> errors.DomainErr
 TENANT_METADATA = "infermesh-tenant"  # the gateway's authenticated tenant, on its calls to the router
 
 
-def _credentials(context: grpc.aio.ServicerContext) -> tuple[str | None, str]:
+def _credentials(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[str | None, str]:
     """The `authorization` metadata and the internal tenant metadata (one pass over the call's metadata)."""
     authorization, tenant = None, ""
-    for key, value in context.invocation_metadata() or ():
+    for key, value in metadata or ():
         if key == "authorization":
             authorization = value if isinstance(value, str) else value.decode(errors="replace")
         elif key == TENANT_METADATA:
@@ -106,13 +106,14 @@ def deadline_of(context: grpc.aio.ServicerContext, default_timeout_s: float) -> 
 def call_of(context: grpc.aio.ServicerContext, default_timeout_s: float) -> Call:
     """What a core is told of the call it serves: its deadline and the credentials. The one place a service's
     edge builds them."""
-    authorization, tenant = _credentials(context)
+    authorization, tenant = _credentials(context.invocation_metadata())
     return Call(deadline_of(context, default_timeout_s), authorization, tenant=tenant)
 
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-# Decides from a call's method and metadata alone, as the call starts: the refusal to answer at once, or None.
-Gate = Callable[[str, Sequence[tuple[str, str | bytes]]], errors.DomainError | None]
+# Decides from a call's method and `authorization` metadata alone, as the call starts: the refusal to answer at
+# once, or None.
+Gate = Callable[[str, str | None], errors.DomainError | None]
 
 
 class ServiceHandlers:
@@ -351,7 +352,7 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]  # g
             self._wrapped[method] = wrapped  # only methods that exist: clients choose the names
         gate = self._handlers.gate
         if gate is not None:
-            refusal = gate(method, handler_call_details.invocation_metadata)
+            refusal = gate(method, _credentials(handler_call_details.invocation_metadata)[0])
             if refusal is not None:
                 return self._handlers.refusing(method, wrapped, refusal)
         return wrapped
