@@ -33,7 +33,10 @@ class RouterSettings(ServiceSettings):
         5, ge=1, description="Consecutive failed or timed-out feature reads that open the feature store's breaker."
     )
     feature_breaker_open_s: float = Field(
-        1.0, gt=0, description="How long the breaker stays open before one read probes the feature store again."
+        0.25,
+        gt=0,
+        description="How long the breaker stays open before one read probes the feature store again (a probe is "
+        "one request's read, so probing often costs little and bounds how long a recovered store goes unused).",
     )
     hedge_max_ratio: float = Field(
         0.05,
