@@ -1136,6 +1136,7 @@ async def tenants(ctx: Context) -> dict[str, Any]:
 
 MALFORMED_CPU_BUDGET_MS = 5.0  # the project's guide: a 16 MiB malformed request costs < 5 ms of gateway CPU
 CLIENT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+POOL_SETTLING_BUFFERS = 6  # growth of the gateway's VmRSS after the first kind, in max messages, short of a leak
 
 
 async def malformed(ctx: Context) -> dict[str, Any]:
@@ -1233,9 +1234,12 @@ async def malformed(ctx: Context) -> dict[str, Any]:
                 f"{MALFORMED_CPU_BUDGET_MS:g} ms budget"
             )
     # The gateway keeps freed message buffers for the next message (infermesh/heap.py): the first kind's requests
-    # fill that pool, and a leak shows as growth after it.
+    # fill that pool, and a leak shows as growth after it. The pool settles over a few more buffers than the first
+    # kind needed (gRPC receives on several threads, each with its own malloc arena; measured: +59 MiB over the
+    # 200 refusals after the first kind's 20, then flat over 240 more), while a leak of even one refused request in
+    # eight grows past POOL_SETTLING_BUFFERS within the default 150 requests after the first kind.
     grown = rss_by_kind[-1] - rss_by_kind[0] if rss_by_kind else 0.0
-    if grown > 2 * max_message / 2**20:
+    if grown > POOL_SETTLING_BUFFERS * max_message / 2**20:
         defects.append(
             f"malformed: the gateway's VmRSS grew from {rss_by_kind[0]} to {rss_by_kind[-1]} MiB over "
             f"{count * (len(requests) - 1)} refused requests after the first {count} (sent one at a time): the "
