@@ -25,7 +25,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
 from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,6 +37,7 @@ from infermesh import metrics, telemetry
 from infermesh.deadline import Deadline
 from infermesh.errors import DeadlineExceeded, InvalidInput, NotFound, Unavailable
 from infermesh.features import FeatureBlock, FeatureQuery
+from infermesh.redis_packing import pack_with_hiredis, packed_by_hiredis
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def create_redis(url: str, timeout_s: float, max_connections: int = 64) -> aiore
         retry=Retry(NoBackoff(), 1),
         decode_responses=False,
     )
-    return aioredis.Redis.from_pool(pool)  # from_pool: closing the client closes the pool too
+    return aioredis.Redis.from_pool(pack_with_hiredis(pool))  # from_pool: closing the client closes the pool too
 
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -193,6 +194,7 @@ def create_sentinel_redis(url: str, timeout_s: float, max_connections: int = 64)
     sentinels, service, db, password = parse_sentinel_url(url)
     options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     sentinel = Sentinel(sentinels, sentinel_kwargs=options, **options)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    tls = urlsplit(url).scheme.startswith("rediss")
     return cast(
         "aioredis.Redis",
         sentinel.master_for(
@@ -201,7 +203,7 @@ def create_sentinel_redis(url: str, timeout_s: float, max_connections: int = 64)
             password=password,
             max_connections=max_connections,
             retry=Retry(NoBackoff(), 1),
-            ssl=urlsplit(url).scheme.startswith("rediss"),
+            connection_class=packed_by_hiredis(SentinelManagedSSLConnection if tls else SentinelManagedConnection),
             decode_responses=False,
         ),
     )

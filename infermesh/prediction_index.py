@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 
+from infermesh.redis_packing import pack_with_hiredis
+
 MAX_ID_CHARS = 256
 # The stream entry's fields copied into the index (the rest, features and outputs, stay in the stream only).
 INDEXED_FIELDS = ("tenant", "model", "version", "time_ms", "score", "rows")
@@ -103,4 +105,4 @@ def connect(url: str, password: str | None = None, timeout_s: float = 1.0) -> ai
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
     )
-    return aioredis.Redis.from_pool(pool)
+    return aioredis.Redis.from_pool(pack_with_hiredis(pool))
