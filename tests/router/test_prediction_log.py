@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ from demo.redis_server import RedisServer
 from infermesh import prediction_index
 from infermesh.model_config import ModelConfig
 from infermesh.tensors import Tensor
-from router.prediction_log import LoggedRequest, PredictionLog
+from router.prediction_log import LoggedRequest, PredictionLog, Record
 
 KEY = b"test-hash-key-0123456789abcdef"
 
@@ -87,6 +90,41 @@ async def test_raw_inputs_only_on_opt_in_and_sampling_follows_the_rate(redis_ser
     assert log.sample(model(0.0), 100) == []
     await log.close()
     admin.close()
+
+
+async def test_the_writer_lingers_so_that_one_round_trip_carries_records_that_arrive_together(
+    redis_server: RedisServer,
+) -> None:
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.flushall()
+    log = PredictionLog(prediction_index.connect(redis_server.url), KEY, stream="linger", linger_s=0.2)
+    round_trips: list[int] = []
+    write = log._write
+
+    async def counted(batch: list[Record]) -> None:
+        round_trips.append(len(batch))
+        await write(batch)
+
+    log._write = counted  # type: ignore[method-assign]
+    writer = asyncio.create_task(log.run())
+    try:
+        unflagged = [LoggedRequest(f"r-{i}", (i, i + 1), {}) for i in range(4)]
+        log.record(model(1.0), "1", unflagged[:1], outputs(4))
+        await asyncio.sleep(0.05)  # the writer has the first record and lingers
+        assert round_trips == []
+        log.record(model(1.0), "1", unflagged[1:], outputs(4))
+        deadline = time.monotonic() + 5
+        while admin.xlen("linger") < 4:
+            assert time.monotonic() < deadline, "the writer did not write the records"
+            await asyncio.sleep(0.02)
+        assert round_trips == [4]  # one pipeline for the four
+        assert {fields[b"flags"] for _, fields in admin.xrange("linger")} == {b"{}"}
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        await log.close()
+        admin.close()
 
 
 async def test_a_full_buffer_drops_and_counts_and_a_dead_redis_costs_records_not_requests(tmp_path: Path) -> None:
