@@ -77,6 +77,8 @@ def start_mesh(
     keys = [ApiKey(api_key, BENCH_TENANT, ["*"], role="admin")]  # admin: scenario 11 changes models
     keys += [ApiKey(key, tenant, ["fraud"]) for tenant, key in (tenant_keys or {}).items()]
     gateway = {"http_port": 0, **options.pop("gateway", {})}  # the HTTP/REST front too, on a free port
+    # The prediction log (and label feedback) on the mesh's Redis, as `make run` has it, except on a Redis Cluster.
+    options.setdefault("prediction_log", not options.get("redis_cluster_shards"))
     mesh_options = MeshOptions(
         demo_dir=demo_dir,
         run_dir=run_dir,

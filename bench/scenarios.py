@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -1473,8 +1474,12 @@ async def feature_store_stall(ctx: Context) -> dict[str, Any]:
 # 13. Cost of the rollout machinery ------------------------------------------------------------------------------
 
 
+# The baseline: neither a traffic section nor the demo config's monitoring (prediction log, drift windows), so
+# that "everything" below is measured against none of it.
+ROLLOUT_BARE = "none: no traffic section, no monitoring"
 ROLLOUT_SETUPS: tuple[tuple[str, dict[str, Any] | None], ...] = (
-    ("without", None),
+    (ROLLOUT_BARE, None),
+    ("monitoring only: prediction log (every request) and drift windows", None),
     ("shadow: every batch mirrored to version 2", {"baseline": "1", "shadow": ["2"]}),
     (
         "guarded canary: 90/10, 10 % of the canary compared",
@@ -1482,7 +1487,7 @@ ROLLOUT_SETUPS: tuple[tuple[str, dict[str, Any] | None], ...] = (
         {"baseline": "1", "split": {"1": 90, "2": 10}, "guard": {"min_requests": 50, "max_error_ratio": 0.5}},
     ),
     (
-        "both: canary 90/10 guarded, shadow of version 2 on the baseline",
+        "everything: monitoring, canary 90/10 guarded, shadow of version 2 on the baseline",
         {
             "baseline": "1",
             "split": {"1": 90, "3": 10},
@@ -1494,13 +1499,14 @@ ROLLOUT_SETUPS: tuple[tuple[str, dict[str, Any] | None], ...] = (
 
 
 async def rollouts(ctx: Context) -> dict[str, Any]:
-    """`fraud` through the gateway at the sweep's lowest and highest concurrency, without a traffic section and
-    with a shadow, a guarded canary and both: what mirroring and guarding cost on the request path (the mirrors
-    themselves take cores on this machine too)."""
+    """`fraud` through the gateway at the sweep's lowest and highest concurrency (at most 64): with none of the
+    machinery, with the demo's monitoring (prediction log, drift windows), then with a shadow, a guarded canary and
+    both on top: what it costs on the request path (the mirrors themselves take cores on this machine too)."""
     mesh = await ctx.mesh()
     options = ctx.options
     admin = {"authorization": f"Bearer {ctx.api_key}"}
     config = json.loads((mesh.repository / "fraud" / "config.json").read_text())
+    bare = {key: value for key, value in config.items() if key != "monitoring"}
     concurrencies = sorted({min(options.concurrency), max(c for c in options.concurrency if c <= 64)})
     runs: list[dict[str, Any]] = []
     measured: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -1511,7 +1517,9 @@ async def rollouts(ctx: Context) -> dict[str, Any]:
         send = FraudViaGateway(client, ctx.api_key)
         try:
             for what, traffic in order:
-                if traffic is None:
+                if what == ROLLOUT_BARE:
+                    await client.load_model("fraud", config=json.dumps(bare), headers=admin)
+                elif traffic is None:
                     await client.load_model("fraud", headers=admin)  # the folder's config: no traffic section
                 else:
                     versions = sorted({traffic["baseline"], *traffic.get("split", {}), *traffic.get("shadow", [])})
@@ -1521,14 +1529,24 @@ async def rollouts(ctx: Context) -> dict[str, Any]:
                     await client.load_model("fraud", config=json.dumps(override), headers=admin)
                 for concurrency in concurrencies:
                     pids = env.mesh_pids(mesh)
-                    cpu_before = sum(env.cpu_seconds(pid) for pid in pids.values())
+                    cpu_before = {name: env.cpu_seconds(pid) for name, pid in pids.items()}
                     recording = await ctx.closed(send, concurrency, f"rollouts · {what} · c={concurrency}")
-                    cpu_s = sum(env.cpu_seconds(pid) for pid in pids.values()) - cpu_before
+                    cpu_s = {name: env.cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
                     run = _run(recording, what)
                     runs.append(run)
-                    # CPU of every mesh process per request (warm-up included on both sides).
-                    cpu_ms = _per_request_ms(cpu_s, len(recording.samples))
-                    point = {"setup": what, "concurrency": concurrency, "cpu_ms": cpu_ms, **_point(run)}
+                    # CPU of every mesh process per request (warm-up included on both sides), and the same in
+                    # units of the gateway's CPU of this run: the gateway's work per request is the same in every
+                    # setup, so that ratio keeps this machine's changes of speed between runs out of the figure.
+                    cpu_ms = _per_request_ms(sum(cpu_s.values()), len(recording.samples))
+                    gateway_s = cpu_s.get("gateway", 0.0)
+                    in_gateway_units = round(sum(cpu_s.values()) / gateway_s, 3) if gateway_s > 0 else None
+                    point = {
+                        "setup": what,
+                        "concurrency": concurrency,
+                        "cpu_ms": cpu_ms,
+                        "cpu_in_gateway_units": in_gateway_units,
+                        **_point(run),
+                    }
                     measured.setdefault((what, concurrency), []).append(point)
         finally:
             await client.load_model("fraud", headers=admin)
@@ -1536,12 +1554,21 @@ async def rollouts(ctx: Context) -> dict[str, Any]:
     for points in measured.values():
         best = max(points, key=lambda p: p["throughput_rps"])
         cpus = [p["cpu_ms"] for p in points if p["cpu_ms"] is not None]
-        rows.append({**best, "cpu_ms": min(cpus) if cpus else None, "rounds": len(points)})
-    without = {r["concurrency"]: r for r in rows if r["setup"] == ROLLOUT_SETUPS[0][0]}
+        units = [p["cpu_in_gateway_units"] for p in points if p["cpu_in_gateway_units"] is not None]
+        rows.append(
+            {
+                **best,
+                "cpu_ms": min(cpus) if cpus else None,
+                "cpu_in_gateway_units": round(statistics.median(units), 3) if units else None,
+                "rounds": len(points),
+            }
+        )
+    base = {r["concurrency"]: r for r in rows if r["setup"] == ROLLOUT_BARE}
     for row in rows:
-        base = without[row["concurrency"]]
-        row["throughput_vs_without"] = _ratio(row["throughput_rps"], base["throughput_rps"])
-        row["cpu_vs_without"] = _ratio(row["cpu_ms"], base["cpu_ms"]) if row["cpu_ms"] and base["cpu_ms"] else None
+        first = base[row["concurrency"]]
+        row["throughput_vs_none"] = _ratio(row["throughput_rps"], first["throughput_rps"])
+        units, first_units = row["cpu_in_gateway_units"], first["cpu_in_gateway_units"]
+        row["cpu_vs_none"] = _ratio(units, first_units) if units and first_units else None
     unexpected = _unexpected_errors(runs)
     return {
         "runs": runs,

@@ -282,10 +282,13 @@ async def test_rollouts_scenario(demo_dir: Path, tmp_path: Path) -> None:
     finally:
         await ctx.close()
     rows = outcome["summary"]["rows"]
-    assert outcome["defects"] == [] and len(rows) == 8 and all(r["throughput_rps"] > 0 for r in rows)
+    assert outcome["defects"] == [] and len(rows) == 10 and all(r["throughput_rps"] > 0 for r in rows)
+    # Every process's CPU in units of the gateway's: more than the gateway alone, and 1.0 against itself for none.
+    assert all(r["cpu_in_gateway_units"] > 1 for r in rows)
+    assert {r["cpu_vs_none"] for r in rows if r["setup"].startswith("none")} == {1.0}
     assert mirrored > 0  # the shadow and the canary's comparisons really ran
     text = "\n".join(report.RENDER["rollouts"](outcome)) + "\n".join(report.targets({"scenarios": [outcome]}))
-    assert "shadowing and guarding together, throughput at c=4" in text
+    assert "shadowing, guards, drift windows and prediction logging together at c=4" in text
 
 
 async def test_priority_mix_scenario(demo_dir: Path, tmp_path: Path) -> None:
