@@ -65,6 +65,13 @@ class Admission:
             raise Overloaded("server is at capacity, retry later", retry_after_s=self.RETRY_AFTER_S)
         return started
 
+    def refusal(self) -> Overloaded | None:
+        """What `acquire` would refuse with now (counted), taking nothing: asked as a call starts."""
+        if self.limit.full():
+            self._refused.inc()
+            return Overloaded("server is at capacity, retry later", retry_after_s=self.RETRY_AFTER_S)
+        return None
+
     def release(self, token: float) -> None:
         self.limit.release(token)
 

@@ -58,9 +58,26 @@ class TenantQuotas:
         if quota.rate_per_s is None and quota.max_inflight is None:
             return _UNTRACKED
         usage = self._usage_of(tenant)
+        refusal = self._refusal(tenant, usage)
+        if refusal is not None:
+            raise refusal
+        if quota.rate_per_s is not None:
+            usage.tokens -= 1.0
+        return _InFlight(usage)
+
+    def refusal(self, tenant: Tenant) -> Overloaded | None:
+        """What `admit` would refuse the tenant's next request with now (counted), taking nothing: the gateway
+        asks as a call starts, so that a tenant past its quota costs no body read or parse."""
+        quota = tenant.quota
+        if quota.rate_per_s is None and quota.max_inflight is None:
+            return None
+        return self._refusal(tenant, self._usage_of(tenant))
+
+    def _refusal(self, tenant: Tenant, usage: _Usage) -> Overloaded | None:
+        quota = tenant.quota
         if quota.max_inflight is not None and usage.inflight >= quota.max_inflight:
             self._rejected_inflight.inc()
-            raise Overloaded(
+            return Overloaded(
                 f"tenant '{tenant.name}' has {usage.inflight} requests in flight, its quota", INFLIGHT_RETRY_S
             )
         if quota.rate_per_s is not None:
@@ -70,12 +87,11 @@ class TenantQuotas:
             usage.refilled_at = now
             if usage.tokens < 1.0 - 1e-9:  # a whole token, give or take float rounding
                 self._rejected_rate.inc()
-                raise Overloaded(
+                return Overloaded(
                     f"tenant '{tenant.name}' is over its rate of {quota.rate_per_s:g} requests/s",
                     (1.0 - usage.tokens) / quota.rate_per_s,
                 )
-            usage.tokens -= 1.0
-        return _InFlight(usage)
+        return None
 
     def _usage_of(self, tenant: Tenant) -> _Usage:
         usage = self._usage.get(tenant.name)

@@ -84,8 +84,11 @@ class GatewayService(Service):
     def call_gate(self) -> Gate:
         """Credentials checked from the call's metadata as it starts, before gRPC reads its body: a call without
         good ones is UNAUTHENTICATED at once and holds no call slot, whether or not it ever sends a message. The
-        handler checks them again: a dict lookup for a key; a token is verified once and remembered (gateway.auth)."""
-        keys = self.core.keys
+        handler checks them again: a dict lookup for a key; a token is verified once and remembered (gateway.auth).
+        A ModelInfer call its tenant's quota or the gateway's admission limit would refuse is refused here too
+        (RESOURCE_EXHAUSTED with its retry hint), so the excess costs no body read or parse; the handler admits
+        for real (a call the gate let through may still be refused there, when others took the room meanwhile)."""
+        core = self.core
 
         # Open: oip_servicer.OPEN_METHODS; grpc.health.v1 never reaches the gate (added to the server itself, not
         # through the registrar).
@@ -93,9 +96,11 @@ class GatewayService(Service):
             if method in oip_servicer.OPEN_METHODS:
                 return None
             try:
-                keys.authenticate(authorization)
+                tenant = core.keys.authenticate(authorization)
             except Unauthenticated as error:
                 return error
+            if method == oip_servicer.MODEL_INFER:
+                return core.quotas.refusal(tenant) or core.admission.refusal()
             return None
 
         return gate

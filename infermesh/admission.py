@@ -56,6 +56,13 @@ class AdaptiveLimit:
             self._held_back = True
         return self._clock()
 
+    def full(self) -> bool:
+        """Whether `try_acquire` would refuse now (taking nothing)."""
+        if self.inflight >= self.limit:
+            self._held_back = True
+            return True
+        return False
+
     def release(self, started: float) -> None:
         self.inflight -= 1
         if not self._adaptive:

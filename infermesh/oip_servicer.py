@@ -21,6 +21,7 @@ from infermesh.repository import REPOSITORY_TIMEOUT_S
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # The methods that answer without credentials (as Triton's do); their handlers read the request themselves.
 OPEN_METHODS = frozenset(f"/{SERVICE}/{name}" for name in ("ServerLive", "ServerReady", "ServerMetadata"))
+MODEL_INFER = f"/{SERVICE}/ModelInfer"
 
 
 class OipServicer:

@@ -249,6 +249,11 @@ async def test_a_tenant_past_its_quota_is_refused_with_a_retry_hint_while_anothe
                 break
         else:
             raise AssertionError("the flood tenant was never refused")
+        # Past its quota a call is refused as it starts, from its metadata, before gRPC reads the body: one whose
+        # body never comes gets the same answer at once instead of waiting for it (DEADLINE_EXCEEDED).
+        bodyless = channel.stream_unary(INFER)(timeout=5, metadata=(("authorization", f"Bearer {FLOOD_KEY}"),))
+        assert await bodyless.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "tenant 'flood'" in (await bodyless.details() or "")
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "tenant 'flood'" in (refused.details() or "")
     details = dict(refused.trailing_metadata() or ())["grpc-status-details-bin"]

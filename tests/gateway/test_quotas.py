@@ -50,6 +50,22 @@ def test_the_bucket_allows_its_burst_then_its_rate_and_says_when_to_come_back() 
         pass
 
 
+def test_asking_what_admit_would_refuse_takes_nothing() -> None:
+    clock = Clock()
+    quotas = TenantQuotas(clock)
+    acme = tenant(rate_per_s=10, burst=2, max_inflight=1)
+    assert quotas.refusal(acme) is None and quotas.refusal(acme) is None  # asked twice: both tokens still there
+    with quotas.admit(acme):
+        in_flight = quotas.refusal(acme)
+        assert in_flight is not None and "requests in flight" in str(in_flight)
+    take(quotas, acme)
+    rate = quotas.refusal(acme)
+    assert rate is not None and rate.retry_after_s == pytest.approx(0.1)
+    clock.now += 0.1
+    assert quotas.refusal(tenant("free")) is None and quotas.refusal(acme) is None
+    take(quotas, acme)
+
+
 def test_the_in_flight_quota_frees_as_requests_end() -> None:
     quotas = TenantQuotas(Clock())
     acme = tenant(max_inflight=2)

@@ -62,7 +62,8 @@ def test_an_infinite_target_is_a_static_cap() -> None:
     limit = AdaptiveLimit(3, target_s=float("inf"), window=1)
     tokens = [limit.try_acquire() for _ in range(3)]
     assert None not in tokens and limit.try_acquire() is None
+    assert limit.full() and limit.inflight == 3  # asked without taking
     for token in tokens:
         assert token is not None
         limit.release(token)
-    assert limit.limit == 3 and limit.inflight == 0
+    assert limit.limit == 3 and limit.inflight == 0 and not limit.full()
