@@ -1236,9 +1236,9 @@ async def malformed(ctx: Context) -> dict[str, Any]:
             )
     # The gateway keeps freed message buffers for the next message (infermesh/heap.py): the first kind's requests
     # fill that pool, and a leak shows as growth after it. The pool settles over a few more buffers than the first
-    # kind needed (gRPC receives on several threads, each with its own malloc arena; measured: +59 MiB over the
-    # 200 refusals after the first kind's 20, then flat over 240 more), while a leak of even one refused request in
-    # eight grows past POOL_SETTLING_BUFFERS within the default 150 requests after the first kind.
+    # kind needed (gRPC receives on several threads, each with its own malloc arena; measured: +57 MiB over the
+    # 160 refusals after the first kind's 20, then +3 MiB over 240 more), while a leak of even one refused request
+    # in eight grows past POOL_SETTLING_BUFFERS within the default 150 requests after the first kind.
     grown = rss_by_kind[-1] - rss_by_kind[0] if rss_by_kind else 0.0
     if grown > POOL_SETTLING_BUFFERS * max_message / 2**20:
         defects.append(

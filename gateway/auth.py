@@ -57,6 +57,10 @@ class Quota:
         if self.burst is None and self.rate_per_s is not None:
             object.__setattr__(self, "burst", max(1, math.ceil(self.rate_per_s)))
 
+    @property
+    def limited(self) -> bool:
+        return self.rate_per_s is not None or self.max_inflight is not None
+
 
 UNLIMITED: Final = Quota()
 

@@ -61,16 +61,16 @@ class Admission:
         """A token for `release`; Overloaded when the limit is reached."""
         started = self.limit.try_acquire()
         if started is None:
-            self._refused.inc()
-            raise Overloaded("server is at capacity, retry later", retry_after_s=self.RETRY_AFTER_S)
+            raise self._refused_now()
         return started
 
     def refusal(self) -> Overloaded | None:
         """What `acquire` would refuse with now (counted), taking nothing: asked as a call starts."""
-        if self.limit.full():
-            self._refused.inc()
-            return Overloaded("server is at capacity, retry later", retry_after_s=self.RETRY_AFTER_S)
-        return None
+        return self._refused_now() if self.limit.full() else None
+
+    def _refused_now(self) -> Overloaded:
+        self._refused.inc()
+        return Overloaded("server is at capacity, retry later", retry_after_s=self.RETRY_AFTER_S)
 
     def release(self, token: float) -> None:
         self.limit.release(token)

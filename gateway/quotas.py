@@ -54,24 +54,20 @@ class TenantQuotas:
     def admit(self, tenant: Tenant) -> AbstractContextManager[None]:
         """Admit one request of the tenant (RESOURCE_EXHAUSTED at once past its quota), for as long as the
         returned context is open. A tenant without a quota costs nothing here."""
-        quota = tenant.quota
-        if quota.rate_per_s is None and quota.max_inflight is None:
+        if not tenant.quota.limited:
             return _UNTRACKED
         usage = self._usage_of(tenant)
         refusal = self._refusal(tenant, usage)
         if refusal is not None:
             raise refusal
-        if quota.rate_per_s is not None:
+        if tenant.quota.rate_per_s is not None:
             usage.tokens -= 1.0
         return _InFlight(usage)
 
     def refusal(self, tenant: Tenant) -> Overloaded | None:
         """What `admit` would refuse the tenant's next request with now (counted), taking nothing: the gateway
         asks as a call starts, so that a tenant past its quota costs no body read or parse."""
-        quota = tenant.quota
-        if quota.rate_per_s is None and quota.max_inflight is None:
-            return None
-        return self._refusal(tenant, self._usage_of(tenant))
+        return self._refusal(tenant, self._usage_of(tenant)) if tenant.quota.limited else None
 
     def _refusal(self, tenant: Tenant, usage: _Usage) -> Overloaded | None:
         quota = tenant.quota

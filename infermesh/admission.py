@@ -46,8 +46,7 @@ class AdaptiveLimit:
 
     def try_acquire(self) -> float | None:
         """A start time to hand back to `release`, or None when the request must be refused."""
-        if self.inflight >= self.limit:
-            self._held_back = True
+        if self.full():
             return None
         self.inflight += 1
         if not self._adaptive:

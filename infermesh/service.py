@@ -165,7 +165,7 @@ class Service(ABC):
                 options=[
                     ("grpc.so_reuseport", 0),
                     ("grpc.max_allowed_incoming_connections", HEALTH_PORT_MAX_CONNECTIONS),
-                    ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
+                    ("grpc.server_handshake_timeout_ms", _ms(settings.handshake_timeout_s)),
                 ]
             )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
@@ -251,24 +251,24 @@ class Service(ABC):
         temporary.replace(path)  # atomic: readers never see a half-written file
 
 
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
 def connection_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     """gRPC server options that bound what one client connection may hold, and for how long."""
-
-    def ms(seconds: float) -> int:
-        return int(seconds * 1000)
-
     return [
         ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
-        ("grpc.keepalive_time_ms", ms(settings.keepalive_time_s)),
-        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_s)),
+        ("grpc.keepalive_time_ms", _ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.keepalive_timeout_s)),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(settings.min_client_ping_interval_s)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", _ms(settings.min_client_ping_interval_s)),
         ("grpc.http2.max_ping_strikes", 2),
-        ("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_s)),
-        ("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
-        ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s)),
+        ("grpc.max_connection_idle_ms", _ms(settings.max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", _ms(settings.max_connection_age_grace_s)),
         ("grpc.max_allowed_incoming_connections", settings.max_connections),
-        ("grpc.server_handshake_timeout_ms", ms(settings.handshake_timeout_s)),
+        ("grpc.server_handshake_timeout_ms", _ms(settings.handshake_timeout_s)),
     ]
 
 
