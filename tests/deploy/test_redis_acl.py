@@ -143,6 +143,8 @@ async def test_the_router_logs_and_the_gateway_joins_labels_as_their_users(
         max_len=settings.prediction_log_max_len,
         index_ttl_s=settings.prediction_log_index_ttl_s,
     )
+    with redis.Redis.from_url(acl_redis.client_url) as admin:
+        admin.config_resetstat()
     data = np.array([0.9, 0.1], dtype=np.float32)
     sampled = [LoggedRequest(f"acl-{i}", (i, i + 1), {}, {"user_id": [f"u{i}"]}, None, {}, "demo") for i in range(2)]
     log.record(FRAUD_LIKE, "1", sampled, {"p": Tensor("p", "FP32", data.shape, data)})
@@ -150,6 +152,10 @@ async def test_the_router_logs_and_the_gateway_joins_labels_as_their_users(
     await log.close()
     with redis.Redis.from_url(acl_redis.client_url) as admin:  # what the writes did, seen by the admin
         assert admin.xlen(stream) == 2, "XADD as prediction-log"
+        stats = admin.info("commandstats")
+        evalsha = stats["cmdstat_evalsha"]  # a first call may fail NOSCRIPT (the client then loads the script)
+        assert evalsha["calls"] - evalsha["failed_calls"] == 1, "the batch in one call of the log's script"
+        assert "cmdstat_hset" in stats and stats["cmdstat_hset"]["calls"] == 2
         ttl = admin.ttl(prediction_index.index_key(stream, "acl-0"))
         assert 0 < ttl <= int(router_env["ROUTER_PREDICTION_LOG_INDEX_TTL_S"]), "HSET + EXPIRE of the index"
     gateway = GatewaySettings(
@@ -176,6 +182,7 @@ def test_the_prediction_log_users_can_do_nothing_else(acl_redis: RedisServer, tm
     with redis.Redis.from_url(acl_redis.client_url) as admin:
         admin.hset(index, "model", "m")
         admin.set("im:fv:user:u1", b"x")
+        forging = admin.script_load("return redis.call('SET', KEYS[1], 'forged')")
     log_user = redis.Redis.from_url(user_url(acl_redis, PREDICTION_LOG_USER), password=PASSWORD + PREDICTION_LOG_USER)
     feedback_user = redis.Redis.from_url(user_url(acl_redis, FEEDBACK_USER), password=PASSWORD + FEEDBACK_USER)
     with log_user, feedback_user:
@@ -191,6 +198,9 @@ def test_the_prediction_log_users_can_do_nothing_else(acl_redis: RedisServer, tm
             lambda: log_user.keys("*"),
             lambda: log_user.flushall(),
             lambda: log_user.config_get("maxmemory"),
+            lambda: log_user.eval("return 1", 0),  # its own script by EVALSHA only
+            lambda: log_user.evalsha(forging, 1, "im:fv:user:u1"),  # a loaded script runs under its rules
+            lambda: log_user.evalsha(forging, 1, index),
             lambda: feedback_user.xadd(stream, {"forged": "1"}),  # no forged predictions
             lambda: feedback_user.hset(index, "score", "1"),
             lambda: feedback_user.xrange(stream),

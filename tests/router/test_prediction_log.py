@@ -127,6 +127,54 @@ async def test_the_writer_lingers_so_that_one_round_trip_carries_records_that_ar
         admin.close()
 
 
+async def test_a_batch_is_one_script_call_and_a_redis_refusing_scripts_gets_the_same_records(
+    redis_server: RedisServer,
+) -> None:
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.flushall()
+    admin.config_resetstat()
+    scripted = PredictionLog(prediction_index.connect(redis_server.url), KEY, stream="scripted", max_len=1000)
+    scripted.record(model(1.0), "1", requests(20), outputs(20))
+    await scripted.flush()
+    # Calls that ran (a first one may fail NOSCRIPT: the client then loads the script and calls again).
+    calls = {name: stat["calls"] - stat["failed_calls"] for name, stat in admin.info("commandstats").items()}
+    assert calls["cmdstat_evalsha"] == 1  # the batch's 20 XADDs, HSETs and EXPIREs in one call
+    assert calls["cmdstat_xadd"] == calls["cmdstat_hset"] == calls["cmdstat_expire"] == 20
+    # A user whose ACL forbids scripts: the log notices once and writes the same records in pipelines.
+    admin.acl_setuser(
+        "no-scripts",
+        enabled=True,
+        passwords=["+no-scripts-password"],
+        keys=["*"],
+        categories=["+@all"],
+        commands=["-evalsha", "-eval", "-script"],
+    )
+    try:
+        port = admin.connection_pool.connection_kwargs["port"]
+        url = f"redis://no-scripts:no-scripts-password@127.0.0.1:{port}/0"
+        pipelined = PredictionLog(prediction_index.connect(url), KEY, stream="pipelined", max_len=1000)
+        pipelined.record(model(1.0), "1", requests(20), outputs(20))
+        await pipelined.flush()
+        pipelined.record(model(1.0), "1", requests(20)[:5], outputs(5))
+        await pipelined.flush()
+        await pipelined.close()
+    finally:
+        admin.acl_deluser("no-scripts")
+
+    def entries(stream: str) -> list[dict[bytes, bytes]]:
+        return [{k: v for k, v in fields.items() if k != b"time_ms"} for _, fields in admin.xrange(stream)]
+
+    assert len(entries("scripted")) == 20 and entries("pipelined")[:20] == entries("scripted")
+    assert len(entries("pipelined")) == 25  # the fallback stays: later batches are written too
+    for stream in ("scripted", "pipelined"):
+        key = prediction_index.index_key(stream, "req-7")
+        indexed = admin.hgetall(key)
+        assert indexed[b"model"] == b"m" and indexed[b"version"] == b"1"
+        assert 0 < admin.ttl(key) <= scripted.index_ttl_s
+    await scripted.close()
+    admin.close()
+
+
 async def test_a_full_buffer_drops_and_counts_and_a_dead_redis_costs_records_not_requests(tmp_path: Path) -> None:
     from prometheus_client import REGISTRY
 
