@@ -151,7 +151,7 @@ class RouterCore(DataplaneBase):
         hedging: HedgePolicy | None = None,
         max_mirrors: int = 64,
         mirror_timeout_s: float = 1.0,
-        mirror_linger_s: float = 0.02,
+        mirror_linger_s: float = 0.1,
         drift: DriftSettings | None = None,
         prediction_log: PredictionLog | None = None,
     ) -> None:
@@ -428,9 +428,13 @@ class RouterCore(DataplaneBase):
         traffic = config.traffic
         assert traffic is not None
         routed = not requested
-        if routed:
+        if routed and traffic.sticky_input:
             sticky = traffic.sticky_input
-            arms = [self.traffic.choose(config, part.get(sticky) if sticky else None) for part in parts]
+            arms = [self.traffic.choose(config, part.get(sticky)) for part in parts]
+        elif routed:
+            # One draw for the whole batch: each request still lands on a version with that version's weight as its
+            # probability, and the batch stays one model call instead of one per version it would mix.
+            arms = [self.traffic.choose(config, None)] * len(parts)
         else:
             arms = [(requested, REQUESTED)] * len(parts)
         results = await self._answer_arms(work, parts, arms)

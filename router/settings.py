@@ -72,7 +72,7 @@ class RouterSettings(ServiceSettings):
     )
     mirror_timeout_ms: float = Field(1000.0, gt=0, description="Deadline of one mirrored call.")
     mirror_linger_ms: float = Field(
-        20.0,
+        100.0,
         ge=0,
         description="How long a mirror target waits for more served batches before each call (fewer, larger "
         "mirrored calls; the comparison is a moment later, never the answer).",

@@ -634,3 +634,23 @@ async def test_segments_split_between_versions_share_one_feature_read() -> None:
     assert len(features.calls) == 1  # one feature read for the whole batch
     assert sorted(model.calls) == sorted((v, versions.count(v)) for v in ("1", "2"))  # a model call per version
     assert [s.flags[ARM] for s in result.segments] == ["baseline" if v == "1" else "canary" for v in versions]
+
+
+async def test_a_split_without_sticky_input_sends_each_batch_whole_to_one_version_drawn_by_weight() -> None:
+    model, features = VersionedModel(), Features()
+    core = make_core({"a": model}, features)
+    split = config().model_copy(update={"traffic": Traffic(baseline="1", split={"1": 50, "2": 50})})
+    (replica,) = core.replicas.replicas.values()
+    core.replicas.set_repository(replica, serving(split, "1", "2"))
+    users = [f"u{i}" for i in range(8)]
+    drawn = []
+    for _ in range(40):
+        batch = InferBatch(
+            "fraud", "", DecodedInputs(request(users, ["m1"] * 8, [1.0] * 8)), [], [Segment(1, u) for u in users]
+        )
+        result = await core.infer_batch(Call(deadline()), batch)
+        versions = {segment.version for segment in result.segments}
+        assert len(versions) == 1 and all(segment.error is None for segment in result.segments)
+        drawn.append(versions.pop())
+    assert [rows for _, rows in model.calls] == [8] * 40  # one model call per batch, never one per version
+    assert 8 <= drawn.count("2") <= 32  # each batch drawn at 50 %: both versions serve (p of failing ~1e-4)
