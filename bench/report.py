@@ -1233,6 +1233,32 @@ SPEED_CHANGES = (
         "the quota whose body never comes is refused at once instead of waiting for it, and the excess costs no "
         "body read",
     ),
+    (
+        "the prediction log writes each batch of records with one Lua script call (each record's XADD, index "
+        "HSET and EXPIRE inside it) instead of a pipeline of three commands per record; a Redis that refuses "
+        "scripts (ACL) gets the pipeline",
+        "`fraud` via gateway c=64 (raw grpc.aio, 6 s, `make run`, demo monitoring): router CPU 0.448 / 0.465 / "
+        "0.439 / 0.450 of the gateway's in the same run, Redis 0.051 / 0.054 / 0.054 / 0.049; whole mesh 1.771 "
+        "/ 1.775 / 1.754 / 1.768",
+        "router 0.402 / 0.401 / 0.417 / 0.420, Redis 0.066 / 0.071 / 0.074 / 0.086; whole mesh 1.735 / 1.753 / "
+        "1.759 / 1.801",
+        "before, after, before, after, two runs each, the mesh restarted with each writer: the router spends ~9"
+        " % less (40 records written for 11-18 µs of router CPU each instead of 42-50 µs, in-process "
+        "micro-benchmark), Redis about half of that more; the mesh as a whole within noise",
+    ),
+    (
+        "a traffic split without `sticky_input` draws one version per gateway batch instead of one per request "
+        "(each request's chance of each version is unchanged); mirrored calls linger 100 ms instead of 20 ms "
+        "(`ROUTER_MIRROR_LINGER_MS`)",
+        "scenario 13 at c=64, mesh CPU per request vs none of the machinery (in gateway units): monitoring "
+        "1.04, shadow 1.10, guarded 90/10 canary 1.10, everything 1.13",
+        "monitoring 1.04 / 1.04, shadow 1.04 / 1.06, guarded canary 1.03 / 1.05, everything 1.07 / 1.07",
+        "after, before, after (`make bench BENCH_ARGS='--scenarios rollouts'`, the prediction log change in "
+        "both afters): with draws per request nearly every gateway batch of ~20 requests held a canary request "
+        "and became two model calls; a shadow made ~30 mirrored calls a second (v1: 68 model calls a second at "
+        "c=64), each costing several times its forward pass. Throughput ratios moved by more than this between "
+        "runs (0.68-1.01) and are not the measure",
+    ),
 )
 FIXED_DEFECTS = (
     "Overload at 3x capacity: accepted requests waited 5-8 s in gRPC core's backlog of calls the saturated event "
