@@ -428,15 +428,15 @@ class RouterCore(DataplaneBase):
         traffic = config.traffic
         assert traffic is not None
         routed = not requested
-        if routed and traffic.sticky_input:
-            sticky = traffic.sticky_input
+        sticky = traffic.sticky_input
+        if not routed:
+            arms = [(requested, REQUESTED)] * len(parts)
+        elif sticky:
             arms = [self.traffic.choose(config, part.get(sticky)) for part in parts]
-        elif routed:
+        else:
             # One draw for the whole batch: each request still lands on a version with that version's weight as its
             # probability, and the batch stays one model call instead of one per version it would mix.
             arms = [self.traffic.choose(config, None)] * len(parts)
-        else:
-            arms = [(requested, REQUESTED)] * len(parts)
         results = await self._answer_arms(work, parts, arms)
         baseline = traffic.baseline
         failed = [

@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -239,10 +240,8 @@ class PredictionLog:
             key = self._index_key(record)
             indexed = prediction_index.index_fields(record) if key is not None else {}
             args += (len(record), len(indexed))
-            for pair in record.items():
-                args += pair
-            for pair in indexed.items():
-                args += pair
+            args.extend(chain.from_iterable(record.items()))
+            args.extend(chain.from_iterable(indexed.items()))
             if key is not None:
                 keys.append(key)
         return keys, args
